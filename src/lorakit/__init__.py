@@ -1,0 +1,32 @@
+"""lorakit: the whole LoRA family of parameter-efficient fine-tuning, one API, PEFT-compatible files."""
+__version__ = "0.1.0"
+
+from .config import AttachConfig
+from .core import REGISTRY, Adapter, Adapted, LowRank, PeftSpec, register
+from .errors import AdapterFileError, AssetError, ConfigError, LorakitError, MergeError, TargetError
+from .inject import (active_names, adapter_stats, adapters, attach, attached, batch_context, calibrate, controllers,
+                     detach, disabled, extra_loss, hosts, init_adapters, set_active, summary)
+from .io import load_adapter, read_adapter_config, save_adapter
+from .merge import merge, merge_and_unload, merged, unmerge
+from .controllers import Controller
+
+
+def methods() -> list[dict]:
+    """Every registered method: name, family, paper, mergeable, PEFT type."""
+    import importlib
+
+    importlib.import_module("lorakit.methods")
+
+    return [{"name": n, "family": c.family, "paper": c.paper, "mergeable": c.mergeable,
+             "peft_type": c.peft.peft_type if c.peft else None, "init": c.init,
+             "layers": list(c.layers), "calibration": c.calibration}
+            for n, c in sorted(REGISTRY.items())]
+
+
+__all__ = [
+    "__version__", "attach", "detach", "set_active", "disabled", "summary", "merge_and_unload", "merged", "merge",
+    "unmerge", "save_adapter", "load_adapter", "read_adapter_config", "methods", "extra_loss", "adapter_stats",
+    "batch_context", "controllers", "calibrate", "init_adapters", "hosts", "adapters", "attached", "active_names",
+    "AttachConfig", "Adapter", "Adapted", "LowRank", "PeftSpec", "register", "REGISTRY", "Controller",
+    "LorakitError", "ConfigError", "TargetError", "AdapterFileError", "MergeError", "AssetError",
+]

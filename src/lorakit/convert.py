@@ -1,0 +1,56 @@
+"""Conversions between adapter forms.
+
+``residual_to_lora``: an adapter trained on a residual base (PiSSA, and any method exposing
+``initial_lowrank()``) becomes a plain LoRA of rank 2r on the *original* base, as PEFT's
+``path_initial_model_for_weight_conversion``: ``W_res + s·BA = W0 + s·[B | −B₀][A; A₀]``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError
+from .inject import attached, hosts
+
+PREFIX = "base_model.model."
+
+
+@torch.no_grad()
+def residual_to_lora(model: nn.Module, name: str) -> tuple[dict[str, Tensor], dict]:
+    info = attached(model)[name]
+    cfg = info["config"]
+    state: dict[str, Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    rslora = bool(cfg.options.get("rslora", False))
+    for path, h in hosts(model):
+        if name not in h.adapters:
+            continue
+        a = h.adapters[name]
+        init = getattr(a, "initial_lowrank", None)
+        lr = a.lowrank()
+        if init is None or lr is None or lr.magnitude is not None:
+            raise ConfigError(f"method '{a.name}' has no conversion to a plain LoRA on the original base")
+        lr0 = init()
+        A = torch.cat([lr.A, lr0.A], 0)
+        B = torch.cat([lr.B, -lr0.B], 1)
+        r = A.shape[0]
+        ranks[path] = r
+        alphas[path] = lr.scale * (math.sqrt(r) if rslora else r)
+        state[f"{PREFIX}{path}.lora_A.weight"] = A.contiguous().cpu()
+        state[f"{PREFIX}{path}.lora_B.weight"] = B.contiguous().cpu()
+    r0 = max(ranks.values())
+    alpha0 = alphas[next(p for p in ranks if ranks[p] == r0)]
+    conf = {"peft_type": "LORA", "r": r0, "lora_alpha": alpha0, "use_rslora": rslora, "lora_dropout": 0.0,
+            "target_modules": sorted(ranks), "init_lora_weights": True, "use_dora": False, "bias": "none",
+            "rank_pattern": {p: v for p, v in ranks.items() if v != r0},
+            "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha0},
+            "modules_to_save": None, "task_type": None, "inference_mode": True,
+            "lorakit": {"converted_from": cfg.method, "config": {"method": "lora", "targets": sorted(ranks),
+                                                                   "r": r0, "alpha": alpha0, "rslora": rslora,
+                                                                   "overrides": {p: {"r": ranks[p], "alpha": alphas[p]}
+                                                                                 for p in ranks}},
+                        "paths": sorted(ranks)}}
+    return state, conf

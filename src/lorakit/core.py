@@ -1,0 +1,465 @@
+"""The one abstraction: an :class:`Adapter` is a trainable change to ONE frozen module.
+
+Everything else in lorakit (injection, files, merging, training, the arena, serving) is written once against
+this interface, so a new method is one small file in ``lorakit/methods`` plus its test.
+
+Geometry. Every adaptable layer is seen as a matrix ``W`` of shape ``(d_out, d_in)`` (``nn.Linear`` layout), by
+:class:`LayerView`:
+
+======================  ====================  ==================================================
+layer                   ``W`` (d_out, d_in)   how an input reaches the rank space
+======================  ====================  ==================================================
+``nn.Linear``           ``weight``            ``x @ A.T``
+transformers ``Conv1D`` ``weight.T``          ``x @ A.T`` (the stored weight is transposed)
+``nn.Embedding``        ``weight.T``          ``embedding(ids, A.T)`` (``d_in`` = vocabulary)
+``nn.Conv2d``           ``weight.flatten(1)`` ``conv2d(x, A.view(r, c_in, kh, kw))``; up = 1x1 conv
+======================  ====================  ==================================================
+
+A method writes its maths with ``view.down(x, A)``, ``view.up(h, B)``, ``view.rank_scale(h, v)``,
+``view.rank_mix(h, M)`` and ``view.dense(x, M)``, and works on every layer type for free.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ConfigError, MergeError, TargetError
+
+__all__ = [
+    "LowRank", "PeftSpec", "LayerView", "Adapter", "Adapted", "ModulesToSave", "BatchContext",
+    "register", "REGISTRY", "get_method", "adaptable", "Factor",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small value types
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LowRank:
+    """A low-rank view ``ΔW = scale · B @ A`` used by optimisers, merging, serving and PEFT export.
+
+    ``A``: (r, d_in), ``B``: (d_out, r). ``magnitude`` is set for DoRA-like methods (then the served weight is
+    ``magnitude/‖W+ΔW‖_row ⊙ (W+ΔW)``).
+    """
+
+    A: Tensor
+    B: Tensor
+    scale: float
+    magnitude: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class PeftSpec:
+    """How a method maps onto a PEFT ``adapter_config.json``.
+
+    ``peft_type``: PEFT's type string ("LORA", "VERA", ...). ``fields``: lorakit config field -> PEFT key.
+    ``fixed``: PEFT keys whose value identifies this method (``{"use_dora": True}``); ``load_match`` tells which
+    of those a PEFT file must carry for this method to be chosen when loading. ``default``: PEFT key defaults used
+    when a PEFT file leaves a mapped key out.
+    """
+
+    peft_type: str
+    fields: dict[str, str] = field(default_factory=dict)
+    fixed: dict[str, Any] = field(default_factory=dict)
+    load_match: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+class BatchContext:
+    """Per-batch information shared by every adapter of one model (task ids for multi-task methods, ...).
+
+    The trainer (or a user) sets it with :func:`lorakit.batch_context`; adapters read ``self.ctx.get(key)``.
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layer geometry
+# ----------------------------------------------------------------------------------------------------------------
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "weight")
+
+
+def adaptable(m: nn.Module) -> str | None:
+    """The layer kind lorakit can host, or None."""
+    if isinstance(m, nn.Linear):
+        return "linear"
+    if _is_hf_conv1d(m):
+        return "conv1d"
+    if isinstance(m, nn.Embedding):
+        return "embedding"
+    if isinstance(m, nn.Conv2d):
+        return "conv2d"
+    return None
+
+
+class LayerView:
+    """The matrix view of one base layer (see the module docstring)."""
+
+    def __init__(self, base: nn.Module):
+        kind = adaptable(base)
+        if kind is None:
+            raise TargetError(f"cannot adapt a {type(base).__name__}: lorakit hosts nn.Linear, transformers Conv1D, "
+                              "nn.Embedding and nn.Conv2d")
+        self.kind = kind
+        w = base.weight
+        if kind == "linear":
+            self.d_out, self.d_in = w.shape
+        elif kind == "conv1d":
+            self.d_in, self.d_out = w.shape
+        elif kind == "embedding":
+            self.d_in, self.d_out = w.shape  # d_in = num_embeddings, d_out = embedding_dim
+            self.padding_idx = base.padding_idx
+        else:
+            if base.groups != 1:
+                raise TargetError(f"cannot adapt a grouped Conv2d (groups={base.groups})")
+            self.d_out = w.shape[0]
+            self.d_in = w[0].numel()
+            self.in_shape = tuple(w.shape[1:])
+            self.stride, self.padding, self.dilation = base.stride, base.padding, base.dilation
+            if isinstance(self.padding, str) or getattr(base, "padding_mode", "zeros") != "zeros":
+                self.padding_mode, self._conv = base.padding_mode, base
+            else:
+                self.padding_mode, self._conv = "zeros", None
+
+    # --- weight layout -------------------------------------------------------------------------------------------
+    def matrix(self, weight: Tensor) -> Tensor:
+        """Native weight -> (d_out, d_in) matrix."""
+        if self.kind in ("conv1d", "embedding"):
+            return weight.t()
+        if self.kind == "conv2d":
+            return weight.flatten(1)
+        return weight
+
+    def native(self, matrix: Tensor) -> Tensor:
+        """(d_out, d_in) matrix -> native weight layout (contiguous)."""
+        if self.kind in ("conv1d", "embedding"):
+            return matrix.t().contiguous()
+        if self.kind == "conv2d":
+            return matrix.reshape(self.d_out, *self.in_shape).contiguous()
+        return matrix.contiguous()
+
+    # --- applying factors --------------------------------------------------------------------------------------
+    def down(self, x: Tensor, A: Tensor) -> Tensor:
+        """Apply an (r, d_in) matrix to the layer input: linear (..., r); conv (N, r, H', W')."""
+        if self.kind == "embedding":
+            return F.embedding(x, A.t(), padding_idx=self.padding_idx)
+        if self.kind == "conv2d":
+            A4 = A.reshape(A.shape[0], *self.in_shape)
+            if self._conv is not None:  # non-zero padding modes: reuse the base layer's padding logic
+                return self._conv._conv_forward(x, A4, None)
+            return F.conv2d(x, A4, None, self.stride, self.padding, self.dilation)
+        return F.linear(x, A)
+
+    def up(self, h: Tensor, B: Tensor) -> Tensor:
+        """Apply a (d_out, r) matrix in rank space -> output space."""
+        if self.kind == "conv2d":
+            return F.conv2d(h, B.reshape(B.shape[0], B.shape[1], 1, 1))
+        return F.linear(h, B)
+
+    def rank_scale(self, h: Tensor, v: Tensor) -> Tensor:
+        """Multiply the rank dimension of ``h`` by a vector (diagonal core)."""
+        if self.kind == "conv2d":
+            return h * v.view(1, -1, 1, 1)
+        return h * v
+
+    def rank_mix(self, h: Tensor, M: Tensor) -> Tensor:
+        """Apply an (r_out, r_in) matrix in rank space."""
+        return self.up(h, M)
+
+    def out_scale(self, y: Tensor, v: Tensor) -> Tensor:
+        """Multiply the output-feature dimension of ``y`` by a (d_out,) vector."""
+        if self.kind == "conv2d":
+            return y * v.view(1, -1, 1, 1)
+        return y * v
+
+    def dense(self, x: Tensor, M: Tensor) -> Tensor:
+        """Apply a full (d_out, d_in) matrix exactly as the base layer would (no bias)."""
+        return self.down(x, M)  # (d_out, d_in) is just an "A" with d_out rows
+
+    def input_features(self, x: Tensor) -> Tensor:
+        """Layer input as rows of d_in features (for calibration statistics); embeddings give one-hot rows."""
+        if self.kind == "embedding":
+            return F.one_hot(x.reshape(-1), self.d_in).float()
+        if self.kind == "conv2d":
+            kh, kw = self.in_shape[1:]
+            cols = F.unfold(x, (kh, kw), dilation=self.dilation, padding=self.padding, stride=self.stride)
+            return cols.transpose(1, 2).reshape(-1, self.d_in)
+        return x.reshape(-1, self.d_in)
+
+
+class Factor(nn.Module):
+    """A bare parameter holder so a factor's file key is ``<name>.weight`` as in PEFT (``lora_A.weight``)."""
+
+    def __init__(self, *shape: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(*shape))
+
+    def extra_repr(self) -> str:
+        return "x".join(str(s) for s in self.weight.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The abstraction
+# ----------------------------------------------------------------------------------------------------------------
+class Adapter(nn.Module):
+    """A trainable change to ONE frozen module. Owns only its own parameters; the base layer is a reference.
+
+    Subclasses set the class attributes below and implement ``reset_parameters`` plus either ``delta`` (additive
+    methods) or ``forward`` (the rest), and ``delta_weight`` when ``mergeable``.
+    """
+
+    # --- declared structure (set by subclasses / @register) -----------------------------------------------------
+    Config: ClassVar[type] = None  # type: ignore[assignment]
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    peft: ClassVar[PeftSpec | None] = None
+    mergeable: ClassVar[bool] = True
+    roles: ClassVar[dict[str, str]] = {}  # parameter name -> role ("A", "B", "magnitude", "gate", ...)
+    layers: ClassVar[tuple[str, ...]] = ("linear", "conv1d")  # supported layer kinds
+    init: ClassVar[str] = "noop"  # what attach does to the output: "noop" | "residual" (base replaced) | "changes"
+    calibration: ClassVar[str | None] = None  # None | "activations" | "gradients": stats init_from needs
+    peft_keys: ClassVar[dict[str, dict[str, str]]] = {}  # layer kind -> {internal key: PEFT file key}
+
+    def __init__(self, base: nn.Module, cfg: Any, view: LayerView | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.view = view if view is not None else LayerView(base)
+        self._base = (base,)  # a reference, not a submodule: the adapter never owns the base
+        self.ctx: BatchContext | None = None
+
+    # The base layer (read its weight only in delta_weight/merge/init_from, never in forward paths under FSDP).
+    @property
+    def base(self) -> nn.Module:
+        return self._base[0]
+
+    def base_matrix(self) -> Tensor:
+        """The base weight as a (d_out, d_in) matrix (a view where possible)."""
+        return self.view.matrix(self.base.weight)
+
+    def base_bias(self) -> Tensor | None:
+        return getattr(self.base, "bias", None)
+
+    # --- lifecycle -----------------------------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """Data-free init."""
+
+    @torch.no_grad()
+    def init_from(self, weight: Tensor, stats: dict | None = None) -> Tensor | None:
+        """Data-dependent init from the fp32 (d_out, d_in) base matrix; may return a new base matrix."""
+        return None
+
+    def on_load(self, weight: Tensor, state: dict[str, Tensor]) -> Tensor | None:
+        """Called by ``load_adapter`` before the file's tensors are set. Residual inits rebuild the base they were
+        trained on (default: recompute ``init_from`` without data); data-driven ones override this."""
+        if self.init == "residual":
+            return self.init_from(weight, None)
+        return None
+
+    def clear_cache(self) -> None:
+        """Drop anything cached from the parameters (called after they are changed outside of training)."""
+
+    # --- compute ---------------------------------------------------------------------------------------------------
+    def delta(self, x: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} defines neither delta() nor forward()")
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:  # y = base(x)
+        return y + self.delta(x).to(y.dtype)
+
+    def delta_weight(self) -> Tensor:
+        raise MergeError(f"method '{self.name}' cannot be merged into one weight")
+
+    def merge(self, weight: Tensor) -> Tensor:
+        """Pure: the (d_out, d_in) merged matrix for a given base matrix."""
+        if not self.mergeable:
+            raise MergeError(f"method '{self.name}' is not mergeable: its output depends on the input "
+                             "(routing/gating), so it cannot be folded into one weight")
+        return weight + self.delta_weight().to(weight.dtype)
+
+    def lowrank(self) -> LowRank | None:
+        return None
+
+    # --- training-time extras ------------------------------------------------------------------------------------
+    def extra_loss(self) -> Tensor | None:
+        """A regulariser/aux loss for the current step (collected by :func:`lorakit.extra_loss`)."""
+        return None
+
+    def stats(self) -> dict[str, float]:
+        """Statistics for the metrics log (router load, entropy, current rank, ...)."""
+        return {}
+
+    @classmethod
+    def controller(cls, model: nn.Module, name: str) -> Any:
+        """A :class:`lorakit.controllers.Controller` this method needs during training, or None."""
+        return None
+
+    # --- file mapping ------------------------------------------------------------------------------------------
+    def to_file(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Internal state -> file tensors (PEFT key names and shapes). Default: rename by ``peft_keys``."""
+        ren = self.peft_keys.get(self.view.kind, {})
+        return {ren.get(k, k): v for k, v in state.items()}
+
+    def from_file(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        ren = {v: k for k, v in self.peft_keys.get(self.view.kind, {}).items()}
+        return {ren.get(k, k): v for k, v in state.items()}
+
+    def extra_repr(self) -> str:
+        return f"{self.view.kind} {self.view.d_in}->{self.view.d_out}"
+
+
+REGISTRY: dict[str, type[Adapter]] = {}
+
+
+def register(name: str, *, family: str, paper: str, peft: PeftSpec | None = None):
+    """Class decorator: ``@register("lora", family="core low-rank", paper="arXiv:2106.09685")``."""
+
+    def deco(cls: type[Adapter]) -> type[Adapter]:
+        if name in REGISTRY and REGISTRY[name] is not cls:
+            raise ValueError(f"method '{name}' registered twice ({REGISTRY[name].__qualname__}, {cls.__qualname__})")
+        if cls.Config is None or not dataclasses.is_dataclass(cls.Config):
+            raise TypeError(f"{cls.__qualname__} needs a nested @dataclass Config")
+        cls.name, cls.family, cls.paper, cls.peft = name, family, paper, peft
+        REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def get_method(name: str) -> type[Adapter]:
+    import importlib
+
+    importlib.import_module("lorakit.methods")  # registers every method
+
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown method '{name}'; registered: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hosts
+# ----------------------------------------------------------------------------------------------------------------
+class Adapted(nn.Module):
+    """Host: ``y = base_layer(x)``, then each active adapter in order (``y = adapter(x, y)``).
+
+    ``active`` is a tuple of names, so ``forward`` has no data-dependent branches (zero graph breaks).
+    While merged, the merged adapters are folded into ``base_layer.weight`` and removed from ``active``;
+    the original weight is stashed so unmerging is exact.
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.merged_names: tuple[str, ...] = ()
+        self._stash: Tensor | None = None
+        self._register_load_state_dict_pre_hook(_accept_unwrapped_keys)
+
+    @property
+    def weight(self) -> Tensor:  # transformers reads e.g. lm_head.weight / dtype checks through the wrapper
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def __getattr__(self, item: str) -> Any:
+        try:
+            return super().__getattr__(item)
+        except AttributeError:
+            if item == "base_layer":
+                raise
+            return getattr(self.base_layer, item)  # in_features, num_embeddings, padding_idx, ...
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        for name in self.active:
+            y = self.adapters[name](x, y)
+        return y
+
+    # --- merging (exact: the original weight is stashed, never recomputed) --------------------------------------
+    @torch.no_grad()
+    def merge(self, names: tuple[str, ...]) -> None:
+        names = tuple(n for n in names if n not in self.merged_names)
+        if not names:
+            return
+        for n in names:
+            a = self.adapters[n]
+            if not a.mergeable:
+                raise MergeError(f"adapter '{n}' ({a.name}) is not mergeable: its output depends on the input "
+                                 "(routing/gating), so it cannot be folded into one weight")
+        view = next(iter(self.adapters.values())).view
+        w = self.base_layer.weight
+        if self._stash is None:
+            self._stash = w.detach().clone()
+        m = view.matrix(w).float()
+        for n in names:
+            m = self.adapters[n].merge(m)
+        w.copy_(view.native(m).to(w.dtype))
+        self.merged_names = self.merged_names + names
+        self.active = tuple(n for n in self.active if n not in names)
+
+    @torch.no_grad()
+    def unmerge(self) -> tuple[str, ...]:
+        names = self.merged_names
+        if self._stash is not None:
+            self.base_layer.weight.copy_(self._stash)
+            self._stash = None
+        self.merged_names = ()
+        return names
+
+    def extra_repr(self) -> str:
+        return f"active={self.active}" + (f", merged={self.merged_names}" if self.merged_names else "")
+
+
+def _accept_unwrapped_keys(module, state_dict, prefix, *args, **kwargs):
+    """Let a plain base checkpoint (``q_proj.weight``) load into a host (``q_proj.base_layer.weight``)."""
+    for k in list(state_dict):
+        if k.startswith(prefix) and not k.startswith(prefix + "base_layer.") and not k.startswith(prefix + "adapters."):
+            rest = k[len(prefix):]
+            if "." not in rest:  # weight / bias of the base layer
+                state_dict[prefix + "base_layer." + rest] = state_dict.pop(k)
+
+
+class ModulesToSave(nn.Module):
+    """PEFT's ``modules_to_save``: a frozen original plus one trainable copy per adapter name.
+
+    The active adapter's copy is used; with no adapter active, the original. File keys are the original path
+    (``score.weight``), as in PEFT.
+    """
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original_module = original
+        self.copies = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+
+    def __getattr__(self, item: str) -> Any:
+        try:
+            return super().__getattr__(item)
+        except AttributeError:
+            if item == "original_module":
+                raise
+            return getattr(self.original_module, item)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.active:
+            return self.copies[self.active[-1]](*args, **kwargs)
+        return self.original_module(*args, **kwargs)
+
+
+def scale_of(alpha: float, r: int, rslora: bool = False) -> float:
+    """LoRA scaling ``α/r`` (rsLoRA: ``α/√r``)."""
+    return alpha / (math.sqrt(r) if rslora else r)

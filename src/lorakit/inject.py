@@ -1,0 +1,431 @@
+"""Putting adapters on a model and taking them off: attach, detach, set_active, disabled, summary, calibrate.
+
+The model is changed in place and stays the same object (an HF model keeps ``generate``/``save_pretrained``).
+Every check runs before the first change, so a failing ``attach`` leaves the model exactly as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import AttachConfig
+from .core import Adapted, Adapter, BatchContext, LayerView, ModulesToSave, get_method
+from .errors import ConfigError, TargetError
+from .targets import match
+
+log = logging.getLogger(__name__)
+
+__all__ = ["attach", "detach", "set_active", "disabled", "summary", "hosts", "adapters", "init_adapters",
+           "calibrate", "extra_loss", "adapter_stats", "batch_context", "controllers", "attached", "active_names"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Book-keeping stored on the model (plain attributes, not modules: invisible to state_dict / save_pretrained)
+# ----------------------------------------------------------------------------------------------------------------
+def _meta(model: nn.Module) -> dict:
+    d = model.__dict__.get("_lorakit")
+    if d is None:
+        d = {"adapters": {}, "ctx": BatchContext(), "bias_stash": {}}
+        model.__dict__["_lorakit"] = d
+    return d
+
+
+def attached(model: nn.Module) -> dict[str, dict]:
+    """``{name: {"config": AttachConfig, "paths": [...]}}`` for each adapter on the model."""
+    return model.__dict__.get("_lorakit", {}).get("adapters", {})
+
+
+def hosts(model: nn.Module) -> Iterator[tuple[str, Adapted]]:
+    for path, m in model.named_modules():
+        if isinstance(m, Adapted):
+            yield path, m
+
+
+def adapters(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, Adapter]]:
+    """``(path, adapter)`` for every adapter named ``name`` (all names if None)."""
+    for path, h in hosts(model):
+        for n, a in h.adapters.items():
+            if name is None or n == name:
+                yield path, a
+
+
+def active_names(model: nn.Module) -> tuple[str, ...]:
+    return tuple(_meta(model).get("active", ()))
+
+
+def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def _adapter_dtype(cfg: AttachConfig, base_w: Tensor) -> torch.dtype:
+    if cfg.dtype:
+        return _DTYPES[cfg.dtype]
+    return base_w.dtype if base_w.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "default", *, defer_init: bool = False,
+           calibration: Iterable | None = None, loss_fn: Callable | None = None, stats: dict | None = None
+           ) -> nn.Module:
+    """Add adapter ``name`` (method and targets from ``config``) to ``model`` in place, make it the active one,
+    freeze everything else, and run its init. Returns the same model.
+
+    ``calibration``: batches (dicts for ``model(**batch)``) for data-dependent inits (CorDA, LoRA-GA, ...);
+    ``loss_fn(model, batch) -> loss`` overrides ``model(**batch).loss`` for gradient-based inits.
+    ``defer_init=True`` builds shapes only (meta-device flow); call :func:`init_adapters` after loading weights.
+    """
+    cfg = AttachConfig.make(config)
+    method = get_method(cfg.method)
+    if not isinstance(name, str) or not name or "." in name or "/" in name:
+        raise ConfigError(f"adapter name {name!r} must be a non-empty string without '.' or '/'")
+    meta = _meta(model)
+    if name in meta["adapters"]:
+        raise ConfigError(f"an adapter named '{name}' is already attached; detach it first or pick another name "
+                          f"(attached: {sorted(meta['adapters'])})")
+    for t in cfg.trainable:
+        try:
+            model.get_submodule(t)
+        except AttributeError:
+            raise TargetError(f"trainable module '{t}' does not exist in {type(model).__name__}") from None
+    paths = match(model, cfg.targets, cfg.exclude, cfg.layers, cfg.layers_pattern, skip=cfg.trainable)
+
+    # 1) build every adapter (nothing on the model changes yet)
+    built: list[tuple[str, nn.Module, Adapter]] = []
+    rng = torch.random.fork_rng(devices=[]) if cfg.seed is not None else contextlib.nullcontext()
+    with rng:
+        if cfg.seed is not None:
+            torch.manual_seed(cfg.seed)
+        for path in paths:
+            mod = model.get_submodule(path)
+            base = mod.base_layer if isinstance(mod, Adapted) else mod
+            view = LayerView(base)
+            if view.kind not in method.layers:
+                raise TargetError(f"method '{method.name}' cannot adapt '{path}' ({type(base).__name__}); it supports "
+                                  f"{', '.join(method.layers)}. Narrow `targets` or add it to `exclude`.")
+            mcfg = cfg.method_config(path, method)
+            w = base.weight
+            with torch.device(w.device):
+                a = method(base, mcfg, view)
+            if w.device.type != "meta":
+                a.reset_parameters()
+            a.to(_adapter_dtype(cfg, w))
+            built.append((path, base, a))
+    if method.calibration and not defer_init and stats is None:
+        if calibration is None:
+            raise ConfigError(f"method '{method.name}' initialises from {method.calibration} of calibration data: "
+                              "pass calibration=<batches> to attach() (the CLI does this from the training set)")
+        stats = calibrate(model, paths, calibration, method.calibration, loss_fn=loss_fn)
+
+    # 2) install
+    ctx = meta["ctx"]
+    for path, base, a in built:
+        mod = model.get_submodule(path)
+        host = mod if isinstance(mod, Adapted) else Adapted(base)
+        if host is not mod:
+            _set_module(model, path, host)
+        a.ctx = ctx
+        host.adapters[name] = a
+    for t in cfg.trainable:
+        mod = model.get_submodule(t)
+        wrap = mod if isinstance(mod, ModulesToSave) else ModulesToSave(mod)
+        if wrap is not mod:
+            _set_module(model, t, wrap)
+        wrap.copies[name] = copy.deepcopy(wrap.original_module)
+    if cfg.bias != "none":
+        owners = [model.get_submodule(p).base_layer for p in paths] if cfg.bias == "lora_only" else \
+            [m for m in model.modules() if not isinstance(m, (Adapter, Adapted))]
+        for m in owners:
+            b = getattr(m, "bias", None)
+            if isinstance(b, nn.Parameter) and id(b) not in meta["bias_stash"]:
+                meta["bias_stash"][id(b)] = (b, b.detach().clone())
+    meta["adapters"][name] = {"config": cfg, "paths": paths}
+    set_active(model, name)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("attached '%s' (%s) to %d modules: %s trainable params (%.3f%%)", name, method.name, len(paths),
+             f"{n_train:,}", 100.0 * n_train / max(n_all, 1))
+    if not defer_init:
+        init_adapters(model, name, stats)
+    return model
+
+
+@torch.no_grad()
+def init_adapters(model: nn.Module, name: str = "default", stats: dict | None = None) -> None:
+    """Run each adapter's ``init_from`` on its fp32 base matrix; write back a returned base (PiSSA-like inits).
+
+    The original base weight is stashed on the host first, so :func:`detach` restores it bit-exactly.
+    """
+    for path, h in hosts(model):
+        if name not in h.adapters:
+            continue
+        a = h.adapters[name]
+        w = h.base_layer.weight
+        if w.device.type == "meta":
+            raise ConfigError(f"'{path}' still has meta weights: load the base weights before init_adapters()")
+        if any(p.device.type == "meta" for p in a.parameters()):
+            a.to_empty(device=w.device)
+            a.reset_parameters()
+        new = a.init_from(a.view.matrix(w).float(), (stats or {}).get(path))
+        if new is not None:
+            originals = h.__dict__.setdefault("_originals", {})
+            if not originals:
+                originals[name] = w.detach().clone()
+            else:
+                originals.setdefault(name, None)
+            w.copy_(a.view.native(new).to(w.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def set_active(model: nn.Module, names: str | Iterable[str], *, trainable: bool = True) -> None:
+    """Make exactly ``names`` active (their outputs add up, in order). Their parameters (and their
+    ``trainable`` module copies and biases) require grad; everything else is frozen when ``trainable``."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    meta = _meta(model)
+    unknown = [n for n in names if n not in meta["adapters"]]
+    if unknown:
+        raise ConfigError(f"no adapter named {unknown[0]!r}; attached: {sorted(meta['adapters'])}")
+    for _, h in hosts(model):
+        if h.merged_names:
+            raise ConfigError("unmerge the model before changing the active adapters")
+        h.active = tuple(n for n in names if n in h.adapters)
+    for m in model.modules():
+        if isinstance(m, ModulesToSave):
+            m.active = tuple(n for n in names if n in m.copies)
+    meta["active"] = names
+    if trainable:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for _, h in hosts(model):
+            for n in h.active:
+                for p in h.adapters[n].parameters():
+                    p.requires_grad_(True)
+        for m in model.modules():
+            if isinstance(m, ModulesToSave):
+                for n in m.active:
+                    m.copies[n].requires_grad_(True)
+        for p, _ in meta["bias_stash"].values():
+            p.requires_grad_(True)
+        _freeze_frozen_buffers(model)
+
+
+def _freeze_frozen_buffers(model: nn.Module) -> None:
+    """Adapters may hold frozen parameters (shared random bases, frozen SVD factors): keep them frozen."""
+    for _, a in adapters(model):
+        for pname in getattr(a, "frozen", ()):
+            a.get_parameter(pname).requires_grad_(False)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone inside the block (e.g. a DPO reference pass); restores the active set after."""
+    saved = [(h, h.active) for _, h in hosts(model)]
+    saved_m = [(m, m.active) for m in model.modules() if isinstance(m, ModulesToSave)]
+    try:
+        for h, _ in saved:
+            h.active = ()
+        for m, _ in saved_m:
+            m.active = ()
+        yield model
+    finally:
+        for h, act in saved:
+            h.active = act
+        for m, act in saved_m:
+            m.active = act
+
+
+@contextlib.contextmanager
+def batch_context(model: nn.Module, **values: Any) -> Iterator[None]:
+    """Per-batch values every adapter can read (``task_ids`` for multi-task methods, ...)."""
+    ctx: BatchContext = _meta(model)["ctx"]
+    old = dict(ctx.values)
+    ctx.values.update(values)
+    try:
+        yield
+    finally:
+        ctx.values = old
+
+
+def detach(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Remove adapter ``name`` (all if None) and restore the base bit-exactly (weights replaced by a
+    residual init, trainable copies and trained biases included)."""
+    meta = _meta(model)
+    names = list(meta["adapters"]) if name is None else [name]
+    for n in names:
+        if n not in meta["adapters"]:
+            raise ConfigError(f"no adapter named {n!r}; attached: {sorted(meta['adapters'])}")
+    for path, h in list(hosts(model)):
+        h.unmerge()
+        originals = h.__dict__.get("_originals", {})
+        for n in names:
+            if n in h.adapters:
+                del h.adapters[n]
+                if originals.get(n) is not None:
+                    with torch.no_grad():
+                        h.base_layer.weight.copy_(originals[n])
+                originals.pop(n, None)
+        h.active = tuple(a for a in h.active if a not in names)
+        if not h.adapters:
+            _set_module(model, path, h.base_layer)
+    for path, m in list(model.named_modules()):
+        if isinstance(m, ModulesToSave):
+            for n in names:
+                if n in m.copies:
+                    del m.copies[n]
+            m.active = tuple(a for a in m.active if a not in names)
+            if not len(m.copies):
+                _set_module(model, path, m.original_module)
+    for n in names:
+        del meta["adapters"][n]
+    if not meta["adapters"]:
+        with torch.no_grad():
+            for p, orig in meta["bias_stash"].values():
+                p.copy_(orig)
+        meta["bias_stash"].clear()
+        for p in model.parameters():
+            p.requires_grad_(True)
+    meta["active"] = tuple(a for a in meta.get("active", ()) if a not in names)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def summary(model: nn.Module) -> str:
+    """A table of trainable parameters per adapted module and in total."""
+    rows = []
+    for path, h in hosts(model):
+        for n, a in h.adapters.items():
+            cnt = sum(p.numel() for p in a.parameters() if p.requires_grad)
+            rows.append((path, n, a.name, f"{a.view.d_in}->{a.view.d_out}", cnt))
+    for path, m in model.named_modules():
+        if isinstance(m, ModulesToSave):
+            for n, c in m.copies.items():
+                rows.append((path, n, "trainable copy", "", sum(p.numel() for p in c.parameters() if p.requires_grad)))
+    total = sum(p.numel() for p in model.parameters())
+    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    w = max([len(r[0]) for r in rows] + [6])
+    lines = [f"{'module':<{w}}  {'adapter':<10} {'method':<14} {'shape':<14} {'trainable':>12}"]
+    lines += [f"{r[0]:<{w}}  {r[1]:<10} {r[2]:<14} {r[3]:<14} {r[4]:>12,}" for r in rows]
+    lines.append(f"trainable: {train:,} of {total:,} parameters ({100.0 * train / max(total, 1):.4f}%)")
+    return "\n".join(lines)
+
+
+def extra_loss(model: nn.Module) -> Tensor | None:
+    """The sum of every active adapter's extra loss (regularisers, load balancing), or None if there is none."""
+    total = None
+    for _, h in hosts(model):
+        for n in h.active:
+            loss = h.adapters[n].extra_loss()
+            if loss is not None:
+                total = loss if total is None else total + loss
+    return total
+
+
+def adapter_stats(model: nn.Module) -> dict[str, float]:
+    """Mean over modules of each statistic the active adapters report (router load, entropy, rank, ...)."""
+    acc: dict[str, list[float]] = {}
+    for _, h in hosts(model):
+        for n in h.active:
+            for k, v in h.adapters[n].stats().items():
+                acc.setdefault(k, []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def controllers(model: nn.Module) -> list:
+    """The Controllers the attached methods need during training (schedules run by themselves)."""
+    out = []
+    for n, info in attached(model).items():
+        c = get_method(info["config"].method).controller(model, n)
+        if c is not None:
+            out.append(c)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def calibrate(model: nn.Module, paths: list[str], batches: Iterable, kind: str,
+              loss_fn: Callable | None = None, max_batches: int | None = None) -> dict[str, dict[str, Tensor]]:
+    """Statistics of the target modules over calibration batches (one shared path for every data-driven init).
+
+    ``kind="activations"``: per module ``{"cov": XᵀX/n (d_in, d_in), "n": rows, "x_abs_mean": (d_in,)}``.
+    ``kind="gradients"``: per module ``{"grad": mean ∂L/∂W (d_out, d_in), "n": batches}`` (fp32).
+    The model's weights, modes and requires_grad flags are restored afterwards.
+    """
+    if kind not in ("activations", "gradients"):
+        raise ConfigError(f"unknown calibration kind {kind!r}")
+    mods = {}
+    for p in paths:
+        m = model.get_submodule(p)
+        mods[p] = m.base_layer if isinstance(m, Adapted) else m
+    stats: dict[str, dict[str, Any]] = {p: {} for p in paths}
+    was_training = model.training
+    model.eval()
+    handles = []
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    n_batches = 0
+    try:
+        if kind == "activations":
+            def hook(path):
+                view = LayerView(mods[path])
+
+                def fn(_m, inp, _out):
+                    x = view.input_features(inp[0].detach()).float()
+                    s = stats[path]
+                    s["cov"] = s.get("cov", 0) + x.t() @ x
+                    s["x_abs_sum"] = s.get("x_abs_sum", 0) + x.abs().sum(0)
+                    s["n"] = s.get("n", 0) + x.shape[0]
+                return fn
+
+            for p, m in mods.items():
+                handles.append(m.register_forward_hook(hook(p)))
+            with torch.no_grad():
+                for b in batches:
+                    _call(model, b)
+                    n_batches += 1
+                    if max_batches and n_batches >= max_batches:
+                        break
+            for s in stats.values():
+                if not s:
+                    continue
+                s["cov"] = s["cov"] / max(s["n"], 1)
+                s["x_abs_mean"] = s.pop("x_abs_sum") / max(s["n"], 1)
+        else:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for m in mods.values():
+                m.weight.requires_grad_(True)
+                m.weight.grad = None
+            for b in batches:
+                loss = loss_fn(model, b) if loss_fn else _call(model, b).loss
+                if loss is None:
+                    raise ConfigError("gradient calibration needs a loss: batches must carry labels or pass loss_fn")
+                loss.backward()
+                n_batches += 1
+                if max_batches and n_batches >= max_batches:
+                    break
+            for p, m in mods.items():
+                stats[p] = {"grad": LayerView(m).matrix(m.weight.grad.float()) / max(n_batches, 1), "n": n_batches}
+                m.weight.grad = None
+    finally:
+        for h in handles:
+            h.remove()
+        for p in model.parameters():
+            p.requires_grad_(flags.get(id(p), False))
+        model.train(was_training)
+    if n_batches == 0:
+        raise ConfigError("calibration got no batches (the calibration set is empty)")
+    return stats
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (list, tuple)):
+        return model(*batch)
+    return model(batch)

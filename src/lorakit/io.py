@@ -1,0 +1,363 @@
+"""Adapter files in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Tensor keys are ``base_model.model.<module path>.<param>`` with the adapter name removed, exactly as PEFT writes
+them, so a LoRA/DoRA/... trained here loads in PEFT, vLLM and the rest of the ecosystem, and PEFT adapters load
+here. Methods PEFT lacks are written with ``"peft_type": "LORAKIT"`` and are never labelled a PEFT type they are
+not; every file carries a ``"lorakit"`` block (method, full config, version) that makes the round trip exact.
+
+Loading validates everything (config, keys, shapes) and rolls back on any error, so a bad file leaves the model
+as it was. Nothing is ever unpickled: a ``.bin`` adapter is refused with the conversion to use.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import AttachConfig, to_dict
+from .core import REGISTRY, Adapted, Adapter, ModulesToSave, get_method
+from .errors import AdapterFileError, ConfigError, LorakitError
+from .inject import _meta, attach, attached, detach, hosts
+
+log = logging.getLogger(__name__)
+
+__all__ = ["save_adapter", "load_adapter", "read_adapter_config", "adapter_state", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+FORMAT_VERSION = 1
+
+# PEFT LoraConfig options that change the computed function and that lorakit does not implement: loading a file
+# that sets one of them to a non-default value is refused rather than silently computing something else.
+_UNSUPPORTED_PEFT = {
+    "use_qalora": False, "layer_replication": None, "trainable_token_indices": None, "alora_invocation_tokens": None,
+    "target_parameters": None, "use_bdlora": None, "arrow_config": None, "lora_bias": False, "megatron_config": None,
+    "fan_in_fan_out": False,
+}
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _base_name(model: nn.Module) -> str | None:
+    return getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def adapter_state(model: nn.Module, name: str = "default") -> dict[str, Tensor]:
+    """The tensors of adapter ``name`` under PEFT's file keys."""
+    if name not in attached(model):
+        raise ConfigError(f"no adapter named {name!r}; attached: {sorted(attached(model))}")
+    out: dict[str, Tensor] = {}
+    for path, h in hosts(model):
+        if name in h.adapters:
+            a = h.adapters[name]
+            for k, v in a.to_file(a.state_dict()).items():
+                out[f"{PREFIX}{path}.{k}"] = v
+    for path, m in model.named_modules():
+        if isinstance(m, ModulesToSave) and name in m.copies:
+            for k, v in m.copies[name].state_dict().items():
+                out[f"{PREFIX}{path}.{k}"] = v
+    pid = {id(p): n for n, p in model.named_parameters()}
+    for p, _ in _meta(model)["bias_stash"].values():
+        n = pid.get(id(p))
+        if n is not None:
+            out[PREFIX + n.replace(".base_layer.", ".")] = p
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def _peft_config(model: nn.Module, name: str, cfg: AttachConfig, paths: list[str]) -> dict[str, Any]:
+    method = get_method(cfg.method)
+    spec = method.peft
+    block = {"method": method.name, "version": _version(), "format": FORMAT_VERSION, "config": cfg.to_dict(),
+             "paths": paths}
+    base = {"base_model_name_or_path": _base_name(model), "task_type": None, "inference_mode": True,
+            "lorakit": block, "modules_to_save": cfg.trainable or None, "bias": cfg.bias}
+    representable = spec is not None
+    if spec is not None:
+        # per-module values become PEFT's rank_pattern / alpha_pattern (full paths, exact); other overridden
+        # options have no PEFT encoding, and then the file is written as lorakit-only.
+        default = cfg.method_config(None, method)
+        rank_pattern, alpha_pattern = {}, {}
+        for p in paths:
+            c = cfg.method_config(p, method)
+            for f in default.__dataclass_fields__:
+                if getattr(c, f) == getattr(default, f):
+                    continue
+                key = spec.fields.get(f)
+                if key == "r":
+                    rank_pattern[p] = getattr(c, f)
+                elif key == "lora_alpha":
+                    alpha_pattern[p] = getattr(c, f)
+                else:
+                    representable = False
+        if representable:
+            d = dict(base)
+            d["peft_type"] = spec.peft_type
+            for f, key in spec.fields.items():
+                d[key] = to_dict(getattr(default, f))
+            d.update(spec.fixed)
+            d.update(target_modules=sorted(paths), exclude_modules=None, layers_to_transform=None,
+                     layers_pattern=None, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                     peft_version=None, revision=None, auto_mapping=None)
+            return d
+        log.warning("'%s' uses per-module options PEFT cannot encode; writing a lorakit-only adapter file", name)
+    d = dict(base)
+    d["peft_type"] = "LORAKIT"
+    d["target_modules"] = sorted(paths)
+    return d
+
+
+def _atomic_dir_write(directory: Path, files: dict[str, Any]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for fname, writer in files.items():
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{fname}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            writer(tmp)
+            os.replace(tmp, directory / fname)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default", *,
+                 as_lora: bool = False) -> Path:
+    """Write adapter ``name`` as ``adapter_config.json`` + ``adapter_model.safetensors`` in PEFT's format.
+
+    ``as_lora=True`` (residual-init methods such as PiSSA): write a plain LoRA of rank 2r that applies to the
+    *original* base model, ``ΔW = [B | −B₀][A; A₀]`` (PEFT's ``path_initial_model_for_weight_conversion``).
+    Files are written to temporaries and renamed, so an interrupted save never leaves a half-written adapter.
+    """
+    info = attached(model).get(name)
+    if info is None:
+        raise ConfigError(f"no adapter named {name!r}; attached: {sorted(attached(model))}")
+    cfg, paths = info["config"], info["paths"]
+    directory = Path(directory)
+    if as_lora:
+        from .convert import residual_to_lora
+
+        state, conf = residual_to_lora(model, name)
+        conf["base_model_name_or_path"] = _base_name(model)
+    else:
+        state = adapter_state(model, name)
+        conf = _peft_config(model, name, cfg, paths)
+    # shared tensors (tied weights) must be cloned for safetensors
+    seen: set[int] = set()
+    for k, v in list(state.items()):
+        if v.data_ptr() in seen:
+            state[k] = v.clone()
+        seen.add(v.data_ptr())
+    try:
+        _atomic_dir_write(directory, {
+            WEIGHTS_NAME: lambda p: save_file(state, p, metadata={"format": "pt"}),
+            CONFIG_NAME: lambda p: Path(p).write_text(json.dumps(conf, indent=2, sort_keys=True, default=str)),
+        })
+    except OSError as e:
+        raise AdapterFileError(f"cannot write adapter to {directory}: {e}") from None
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def read_adapter_config(directory: str | os.PathLike) -> dict:
+    d = Path(directory)
+    if not d.is_dir():
+        raise AdapterFileError(f"adapter directory not found: {d}")
+    cp = d / CONFIG_NAME
+    if not cp.is_file():
+        raise AdapterFileError(f"{d} has no {CONFIG_NAME}: not an adapter directory")
+    try:
+        conf = json.loads(cp.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{cp} is not valid JSON: {e}") from None
+    if not isinstance(conf, dict) or "peft_type" not in conf:
+        raise AdapterFileError(f"{cp} has no 'peft_type': not a PEFT/lorakit adapter config")
+    return conf
+
+
+def _read_tensors(directory: Path) -> dict[str, Tensor]:
+    wp = directory / WEIGHTS_NAME
+    if not wp.is_file():
+        if (directory / "adapter_model.bin").is_file():
+            raise AdapterFileError(f"{directory} holds only adapter_model.bin (a pickle). lorakit never unpickles "
+                                   "files; convert it once, in a trusted environment, with PEFT's "
+                                   "save_pretrained(..., safe_serialization=True)")
+        raise AdapterFileError(f"{directory} has no {WEIGHTS_NAME}")
+    try:
+        return load_file(str(wp))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterFileError(f"{wp} is not a valid safetensors file: {e}") from None
+
+
+def _config_from_peft(model: nn.Module, conf: dict) -> AttachConfig:
+    """Map a PEFT adapter_config.json onto a lorakit AttachConfig."""
+    import importlib
+
+    importlib.import_module("lorakit.methods")
+
+    ptype = conf["peft_type"]
+    cands = [m for m in REGISTRY.values() if m.peft is not None and m.peft.peft_type == ptype]
+    if not cands:
+        supported = sorted({m.peft.peft_type for m in REGISTRY.values() if m.peft})
+        raise AdapterFileError(f"PEFT adapter type '{ptype}' is not supported by lorakit; supported PEFT types: "
+                               f"{', '.join(supported)}")
+
+    def matches(m) -> int:
+        for k, v in m.peft.load_match.items():
+            got = conf.get(k)
+            if callable(v) and not v(got):
+                return -1
+            if not callable(v) and got != v:
+                return -1
+        return len(m.peft.load_match)
+
+    scored = sorted(((matches(m), m) for m in cands), key=lambda t: -t[0])
+    if scored[0][0] < 0:
+        raise AdapterFileError(f"this {ptype} adapter uses options lorakit does not support "
+                               f"({ {k: conf.get(k) for m in cands for k in m.peft.load_match} })")
+    method = scored[0][1]
+    if ptype == "LORA":
+        for k, default in _UNSUPPORTED_PEFT.items():
+            if conf.get(k, default) not in (default, [], {}, None if default is None else default):
+                raise AdapterFileError(f"PEFT option {k}={conf.get(k)!r} is not supported by lorakit")
+    opts: dict[str, Any] = {}
+    for f, key in method.peft.fields.items():
+        if key in conf and conf[key] is not None:
+            opts[f] = conf[key]
+        elif key in method.peft.defaults:
+            opts[f] = method.peft.defaults[key]
+    rev = {v: k for k, v in method.peft.fields.items()}
+    overrides: dict[str, dict] = {}
+    for pat_key, field_key in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
+        for pat, v in (conf.get(pat_key) or {}).items():
+            if field_key in rev:
+                overrides.setdefault(pat, {})[rev[field_key]] = v
+    trainable = []
+    for t in conf.get("modules_to_save") or []:
+        trainable += [p for p, m in model.named_modules()
+                      if (p == t or p.endswith("." + t)) and not isinstance(m, (Adapted,)) and
+                      ".base_layer" not in p and ".adapters." not in p and ".copies." not in p
+                      and ".original_module" not in p]
+    targets = conf.get("target_modules")
+    if isinstance(targets, list):
+        targets = list(targets)
+    layers = conf.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
+    return AttachConfig.make({"method": method.name, "targets": targets, "exclude": conf.get("exclude_modules"),
+                              "layers": layers, "layers_pattern": conf.get("layers_pattern"),
+                              "overrides": overrides, "trainable": sorted(set(trainable)),
+                              "bias": conf.get("bias") or "none", **opts})
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default", *,
+                 trainable: bool = False) -> nn.Module:
+    """Load an adapter directory (written by lorakit or by PEFT) onto ``model`` as adapter ``name``.
+
+    Everything is validated (config, method, module paths, tensor names and shapes); on any error the model is
+    left exactly as it was. The loaded adapter becomes the active one (frozen unless ``trainable``).
+    """
+    directory = Path(directory)
+    conf = read_adapter_config(directory)
+    tensors = _read_tensors(directory)
+    block = conf.get("lorakit")
+    try:
+        if isinstance(block, dict) and "config" in block:
+            c = dict(block["config"])
+            if "paths" in block:  # exact module list of the saved adapter
+                c["targets"], c["exclude"], c["layers"] = list(block["paths"]), None, None
+            cfg = AttachConfig.make(c)
+        elif conf["peft_type"] == "LORAKIT":
+            raise AdapterFileError(f"{directory}: peft_type LORAKIT but no 'lorakit' block")
+        else:
+            cfg = _config_from_peft(model, conf)
+    except (ConfigError, KeyError, TypeError) as e:
+        raise AdapterFileError(f"{directory}/{CONFIG_NAME}: {e}") from None
+    want_base, have_base = conf.get("base_model_name_or_path"), _base_name(model)
+    if want_base and have_base and Path(str(want_base)).name != Path(str(have_base)).name:
+        log.warning("adapter was trained on %r, loading onto %r", want_base, have_base)
+
+    bad_prefix = [k for k in tensors if not k.startswith(PREFIX)]
+    if bad_prefix:
+        raise AdapterFileError(f"unexpected tensor key '{bad_prefix[0]}' (expected the '{PREFIX}' prefix)")
+    try:
+        attach(model, cfg, name, defer_init=True)
+    except LorakitError as e:
+        raise AdapterFileError(f"{directory}: cannot attach this adapter to {type(model).__name__}: {e}") from None
+    try:
+        _load_into(model, name, tensors)
+    except BaseException:
+        detach(model, name)
+        raise
+    from .inject import set_active
+
+    set_active(model, name, trainable=trainable)
+    if not trainable:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def _load_into(model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
+    expected: dict[str, tuple[nn.Module, str, Any]] = {}
+    plan = []
+    for path, h in hosts(model):
+        if name not in h.adapters:
+            continue
+        a = h.adapters[name]
+        own = a.state_dict()
+        file_keys = a.to_file({k: v for k, v in own.items()})
+        for fk, v in file_keys.items():
+            expected[f"{PREFIX}{path}.{fk}"] = (a, fk, v)
+        plan.append((path, h, a))
+    for path, m in model.named_modules():
+        if isinstance(m, ModulesToSave) and name in m.copies:
+            for k, v in m.copies[name].state_dict().items():
+                expected[f"{PREFIX}{path}.{k}"] = (m.copies[name], k, v)
+    pid = {id(p): n for n, p in model.named_parameters()}
+    for p, _ in _meta(model)["bias_stash"].values():
+        n = pid.get(id(p))
+        if n is not None:
+            expected[PREFIX + n.replace(".base_layer.", ".")] = (None, n, p)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        raise AdapterFileError(f"adapter file is missing {len(missing)} tensors, e.g. {missing[:3]}")
+    if unexpected:
+        raise AdapterFileError(f"adapter file has {len(unexpected)} tensors this model's adapter does not have, "
+                               f"e.g. {unexpected[:3]} (an adapter for another base model?)")
+    for k, (_, _, v) in expected.items():
+        if tuple(tensors[k].shape) != tuple(v.shape):
+            raise AdapterFileError(f"tensor '{k}' has shape {tuple(tensors[k].shape)}, expected {tuple(v.shape)} "
+                                   "(wrong rank, or an adapter for another base model?)")
+    # residual inits: rebuild the base the adapter was trained against
+    for path, h, a in plan:
+        w = h.base_layer.weight
+        if any(p.device.type == "meta" for p in a.parameters()):
+            a.to_empty(device=w.device)
+        file_part = {fk: tensors[f"{PREFIX}{path}.{fk}"] for fk in a.to_file(a.state_dict())}
+        own = a.from_file(file_part)
+        new = a.on_load(a.view.matrix(w).float(), own)
+        if new is not None:
+            originals = h.__dict__.setdefault("_originals", {})
+            originals.setdefault(name, w.detach().clone())
+            w.copy_(a.view.native(new).to(w.dtype))
+        sd = {k: v.to(a.state_dict()[k].dtype) for k, v in own.items()}
+        a.load_state_dict(sd, strict=True)
+        a.clear_cache()
+    for k, (mod, _key, v) in expected.items():
+        if not isinstance(mod, Adapter):  # trainable module copies and biases (state tensors share storage)
+            v.copy_(tensors[k].to(v.dtype))

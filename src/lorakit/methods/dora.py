@@ -1,0 +1,104 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, arXiv:2402.09353).
+
+``W' = m ⊙ (W0 + s·BA) / ‖W0 + s·BA‖_row`` with ``m ∈ R^{d_out}`` (PEFT key ``lora_magnitude_vector``), A (r, d_in),
+B (d_out, r). Trainable: m, A, B. Init: LoRA's, and ``m = ‖W0‖_row``, so W' = W0.
+
+Forward (bias ``b`` added unscaled, as PEFT and the paper's code do), with ``g = m / ‖W0 + s·BA‖_row``::
+
+    y' = y + (g − 1) ⊙ (y − b) + g ⊙ s·B(A x)
+
+The norm is treated as a constant in backward (paper §4.3): it is computed under ``no_grad``. Unlike PEFT, which
+materialises ``W0 + s·BA`` (a d_out×d_in temporary) every step, lorakit expands the squared row norm::
+
+    ‖W0 + s·BA‖²_row = ‖W0‖²_row + 2s·rowsum(B ⊙ (W0 Aᵀ)) + s²·rowsum((B AAᵀ) ⊙ B)
+
+which costs one (d_out×d_in×r) product and no large temporary (‖W0‖²_row is cached: W0 is frozen). In eval mode
+``g`` itself is cached and reused until the parameters change (``train()``, loading or merging clear it).
+Merge: ``W' = g ⊙ (W0 + s·BA)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..core import LowRank, PeftSpec, register
+from .lora import LoRA
+
+
+@register("dora", family="core low-rank", paper="Liu et al. 2024, DoRA, arXiv:2402.09353",
+          peft=PeftSpec("LORA", {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "rslora": "use_rslora"},
+                        fixed={"use_dora": True, "init_lora_weights": True},
+                        load_match={"use_dora": True},
+                        defaults={"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False}))
+class DoRA(LoRA):
+    __doc__ = __doc__
+
+    @dataclass
+    class Config:
+        r: int = 8
+        alpha: float = 16.0
+        dropout: float = 0.0
+        rslora: bool = False
+        init: str = "default"
+
+    roles = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "magnitude"}
+    layers = ("linear", "conv1d", "conv2d")
+
+    def __init__(self, base: nn.Module, cfg: Config, view=None):
+        cfg.lora_bias = False  # type: ignore[attr-defined]
+        super().__init__(base, cfg, view)
+        self.lora_magnitude_vector = nn.Parameter(torch.ones(self.view.d_out))
+        self._w_sq: Tensor | None = None  # ‖W0‖²_row (W0 frozen)
+        self._g: Tensor | None = None  # eval-mode cache of m / ‖W0 + s·BA‖
+
+    @torch.no_grad()
+    def init_from(self, weight: Tensor, stats=None) -> None:
+        self.clear_cache()
+        norm = (weight + self.delta_weight().to(weight.dtype)).norm(dim=1)
+        self.lora_magnitude_vector.copy_(norm.to(self.lora_magnitude_vector.dtype))
+        return None
+
+    def clear_cache(self) -> None:
+        self._w_sq = None
+        self._g = None
+
+    def train(self, mode: bool = True):
+        self._g = None
+        return super().train(mode)
+
+    @torch.no_grad()
+    def weight_norm(self) -> Tensor:
+        """‖W0 + s·BA‖_row, without forming the d_out×d_in sum."""
+        W = self.base_matrix()
+        A, B = self.A, self.B
+        if self._w_sq is None or self._w_sq.device != W.device:
+            self._w_sq = W.float().pow(2).sum(1)
+        Af, Bf = A.float(), B.float()
+        WAt = W.to(Af.dtype) @ Af.t()  # (d_out, r)
+        s = self.scale
+        sq = self._w_sq + 2 * s * (Bf * WAt).sum(1) + (s * s) * ((Bf @ (Af @ Af.t())) * Bf).sum(1)
+        return sq.clamp_min(0).sqrt()
+
+    def _gain(self) -> Tensor:
+        if not self.training and self._g is not None:
+            return self._g
+        g = self.lora_magnitude_vector / self.weight_norm().to(self.lora_magnitude_vector.dtype)
+        if not self.training and not torch.is_grad_enabled():
+            self._g = g.detach()
+        return g
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        g = self._gain()
+        b = self.base_bias()
+        y0 = y if b is None else y - (b.view(1, -1, 1, 1) if self.view.kind == "conv2d" else b)
+        lora = self.view.up(self.view.down(self.dropout(x.to(self.lora_A.weight.dtype)), self.A) * self.scale, self.B)
+        return y + (self.view.out_scale(y0, (g - 1).to(y.dtype)) + self.view.out_scale(lora, g).to(y.dtype))
+
+    def merge(self, weight: Tensor) -> Tensor:
+        V = weight + self.delta_weight().to(weight.dtype)
+        return V * (self.lora_magnitude_vector.to(V.dtype) / V.norm(dim=1)).unsqueeze(1)
+
+    def lowrank(self) -> LowRank:
+        return LowRank(self.A, self.B, self.scale, magnitude=self.lora_magnitude_vector)
