@@ -232,6 +232,8 @@ class Adapter(nn.Module):
     init: ClassVar[str] = "noop"  # what attach does to the output: "noop" | "residual" (base replaced) | "changes"
     calibration: ClassVar[str | None] = None  # None | "activations" | "gradients": stats init_from needs
     peft_keys: ClassVar[dict[str, dict[str, str]]] = {}  # layer kind -> {internal key: PEFT file key}
+    frozen: ClassVar[tuple[str, ...]] = ()  # own parameters that never train (frozen SVD factors, ...)
+    example: ClassVar[dict[str, Any]] = {}  # options for tiny test models (the contract suite uses them)
 
     def __init__(self, base: nn.Module, cfg: Any, view: LayerView | None = None):
         super().__init__()
@@ -248,6 +250,11 @@ class Adapter(nn.Module):
     def base_matrix(self) -> Tensor:
         """The base weight as a (d_out, d_in) matrix (a view where possible)."""
         return self.view.matrix(self.base.weight)
+
+    def cast_in(self, x: Tensor) -> Tensor:
+        """The layer input in the adapter's dtype (token ids pass through)."""
+        p = next(self.parameters(), None)
+        return x.to(p.dtype) if p is not None and x.is_floating_point() and x.dtype != p.dtype else x
 
     def base_bias(self) -> Tensor | None:
         return getattr(self.base, "bias", None)

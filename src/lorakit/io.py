@@ -41,8 +41,7 @@ FORMAT_VERSION = 1
 _UNSUPPORTED_PEFT = {
     "use_qalora": False, "layer_replication": None, "trainable_token_indices": None, "alora_invocation_tokens": None,
     "target_parameters": None, "use_bdlora": None, "arrow_config": None, "lora_bias": False, "megatron_config": None,
-    "fan_in_fan_out": False,
-}
+}  # fan_in_fan_out is not here: lorakit reads the layout from the layer type (transformers Conv1D)
 
 
 def _version() -> str:

@@ -93,8 +93,19 @@ class DoRA(LoRA):
         g = self._gain()
         b = self.base_bias()
         y0 = y if b is None else y - (b.view(1, -1, 1, 1) if self.view.kind == "conv2d" else b)
-        lora = self.view.up(self.view.down(self.dropout(x.to(self.lora_A.weight.dtype)), self.A) * self.scale, self.B)
+        lora = self.view.up(self.view.down(self.dropout(self.cast_in(x)), self.A) * self.scale, self.B)
         return y + (self.view.out_scale(y0, (g - 1).to(y.dtype)) + self.view.out_scale(lora, g).to(y.dtype))
+
+    def to_file(self, state):  # PEFT stores the conv magnitude as (1, d_out, 1, 1)
+        state = super().to_file(state)
+        if self.view.kind == "conv2d":
+            state["lora_magnitude_vector"] = state["lora_magnitude_vector"].reshape(1, -1, 1, 1)
+        return state
+
+    def from_file(self, state):
+        state = super().from_file(state)
+        state["lora_magnitude_vector"] = state["lora_magnitude_vector"].reshape(-1)
+        return state
 
     def merge(self, weight: Tensor) -> Tensor:
         V = weight + self.delta_weight().to(weight.dtype)

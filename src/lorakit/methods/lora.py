@@ -77,7 +77,7 @@ class LoRA(Adapter):
             nn.init.zeros_(self.lora_B.bias)
 
     def delta(self, x: Tensor) -> Tensor:
-        h = self.view.down(self.dropout(x.to(self.lora_A.weight.dtype)), self.A)
+        h = self.view.down(self.dropout(self.cast_in(x)), self.A)
         out = self.view.up(h * self.scale, self.B)
         if self.cfg.lora_bias:
             b = self.lora_B.bias
