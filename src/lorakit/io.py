@@ -73,7 +73,7 @@ def adapter_state(model: nn.Module, name: str = "default") -> dict[str, Tensor]:
     for p, _ in _meta(model)["bias_stash"].values():
         n = pid.get(id(p))
         if n is not None:
-            out[PREFIX + n.replace(".base_layer.", ".")] = p
+            out[PREFIX + n] = p
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
@@ -330,7 +330,7 @@ def _load_into(model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
     for p, _ in _meta(model)["bias_stash"].values():
         n = pid.get(id(p))
         if n is not None:
-            expected[PREFIX + n.replace(".base_layer.", ".")] = (None, n, p)
+            expected[PREFIX + n] = (None, n, p)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing:
