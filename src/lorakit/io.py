@@ -100,9 +100,7 @@ def _peft_config(model: nn.Module, name: str, cfg: AttachConfig, paths: list[str
                     rank_pattern[p] = getattr(c, f)
                 elif key == "lora_alpha":
                     alpha_pattern[p] = getattr(c, f)
-                elif f not in method.file_fields:  # per-module state the method's file_config hook encodes
-                    representable = False
-                else:
+                elif f not in method.file_fields:  # file_fields: per-module state the file_config hook encodes
                     representable = False
         if representable:
             d = dict(base)
