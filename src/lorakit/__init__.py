@@ -1,6 +1,7 @@
 """lorakit: the whole LoRA family of parameter-efficient fine-tuning, one API, PEFT-compatible files."""
 __version__ = "0.1.0"
 
+from .controllers import Controller  # first: the submodule must not shadow the function lorakit.controllers
 from .config import AttachConfig
 from .core import REGISTRY, Adapter, Adapted, LowRank, PeftSpec, register
 from .errors import AdapterFileError, AssetError, ConfigError, LorakitError, MergeError, TargetError
@@ -8,7 +9,7 @@ from .inject import (active_names, adapter_stats, adapters, attach, attached, ba
                      detach, disabled, extra_loss, hosts, init_adapters, set_active, summary)
 from .io import load_adapter, read_adapter_config, save_adapter
 from .merge import merge, merge_and_unload, merged, unmerge
-from .controllers import Controller
+from . import rank  # noqa: E402  (lorakit.rank.truncate / to_lora / prune_gates)
 
 
 def methods() -> list[dict]:

@@ -234,6 +234,7 @@ class Adapter(nn.Module):
     peft_keys: ClassVar[dict[str, dict[str, str]]] = {}  # layer kind -> {internal key: PEFT file key}
     frozen: ClassVar[tuple[str, ...]] = ()  # own parameters that never train (frozen SVD factors, ...)
     example: ClassVar[dict[str, Any]] = {}  # options for tiny test models (the contract suite uses them)
+    file_fields: ClassVar[tuple[str, ...]] = ()  # per-module Config fields that file_config encodes itself
 
     def __init__(self, base: nn.Module, cfg: Any, view: LayerView | None = None):
         super().__init__()
@@ -313,6 +314,17 @@ class Adapter(nn.Module):
         return None
 
     # --- file mapping ------------------------------------------------------------------------------------------
+    @classmethod
+    def file_config(cls, model: nn.Module, name: str, conf: dict) -> dict:
+        """Adjust the ``adapter_config.json`` about to be written from the trained state (e.g. AdaLoRA's
+        ``rank_pattern`` after pruning). Default: unchanged."""
+        return conf
+
+    @classmethod
+    def from_peft_config(cls, conf: dict, data: dict) -> dict:
+        """Adjust the lorakit config ``data`` read from a PEFT ``conf`` (e.g. AdaLoRA's ``rank_pattern``)."""
+        return data
+
     def to_file(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """Internal state -> file tensors (PEFT key names and shapes). Default: rename by ``peft_keys``."""
         ren = self.peft_keys.get(self.view.kind, {})

@@ -100,7 +100,7 @@ def _peft_config(model: nn.Module, name: str, cfg: AttachConfig, paths: list[str
                     rank_pattern[p] = getattr(c, f)
                 elif key == "lora_alpha":
                     alpha_pattern[p] = getattr(c, f)
-                else:
+                elif f not in method.file_fields:  # file_fields: per-module state the file_config hook encodes
                     representable = False
         if representable:
             d = dict(base)
@@ -111,12 +111,12 @@ def _peft_config(model: nn.Module, name: str, cfg: AttachConfig, paths: list[str
             d.update(target_modules=sorted(paths), exclude_modules=None, layers_to_transform=None,
                      layers_pattern=None, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                      peft_version=None, revision=None, auto_mapping=None)
-            return d
+            return method.file_config(model, name, d)
         log.warning("'%s' uses per-module options PEFT cannot encode; writing a lorakit-only adapter file", name)
     d = dict(base)
     d["peft_type"] = "LORAKIT"
     d["target_modules"] = sorted(paths)
-    return d
+    return method.file_config(model, name, d)
 
 
 def _atomic_dir_write(directory: Path, files: dict[str, Any]) -> None:
@@ -255,10 +255,10 @@ def _config_from_peft(model: nn.Module, conf: dict) -> AttachConfig:
     layers = conf.get("layers_to_transform")
     if isinstance(layers, int):
         layers = [layers]
-    return AttachConfig.make({"method": method.name, "targets": targets, "exclude": conf.get("exclude_modules"),
+    return AttachConfig.make(method.from_peft_config(conf, {"method": method.name, "targets": targets, "exclude": conf.get("exclude_modules"),
                               "layers": layers, "layers_pattern": conf.get("layers_pattern"),
                               "overrides": overrides, "trainable": sorted(set(trainable)),
-                              "bias": conf.get("bias") or "none", **opts})
+                              "bias": conf.get("bias") or "none", **opts}))
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default", *,
