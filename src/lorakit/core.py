@@ -313,6 +313,23 @@ class Adapter(nn.Module):
         """A :class:`lorakit.controllers.Controller` this method needs during training, or None."""
         return None
 
+    # --- state shared by all adapters of one attach (shared random bases, ...) -----------------------------------
+    @classmethod
+    def share(cls, adapters: list["Adapter"]) -> None:
+        """Called once by ``attach`` after every adapter of one name is built (before any init): set up state the
+        adapters share (e.g. one frozen random-basis module sized to the largest target). Default: nothing."""
+
+    @classmethod
+    def shared_to_file(cls, adapters: list["Adapter"]) -> dict[str, Tensor]:
+        """Model-level tensors for the adapter file under their full file keys (PEFT's ``base_model.vera_A``)."""
+        return {}
+
+    @classmethod
+    def shared_from_file(cls, adapters: list["Adapter"], tensors: dict[str, Tensor]) -> set[str]:
+        """Take the file tensors that no single adapter claimed (full keys); return the keys used. Runs after
+        the per-adapter tensors are validated and before they are set."""
+        return set()
+
     # --- file mapping ------------------------------------------------------------------------------------------
     @classmethod
     def file_config(cls, model: nn.Module, name: str, conf: dict) -> dict:

@@ -119,6 +119,7 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
                 a.reset_parameters()
             a.to(_adapter_dtype(cfg, w))
             built.append((path, base, a))
+        method.share([a for _, _, a in built])
     if method.calibration and not defer_init and stats is None:
         if calibration is None:
             raise ConfigError(f"method '{method.name}' initialises from {method.calibration} of calibration data: "

@@ -74,7 +74,14 @@ def adapter_state(model: nn.Module, name: str = "default") -> dict[str, Tensor]:
         n = pid.get(id(p))
         if n is not None:
             out[PREFIX + n] = p
+    mine = [a for _, a in _adapters_of(model, name)]
+    if mine:
+        out.update(type(mine[0]).shared_to_file(mine))
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def _adapters_of(model: nn.Module, name: str) -> list[tuple[str, Adapter]]:
+    return [(path, h.adapters[name]) for path, h in hosts(model) if name in h.adapters]
 
 
 def _peft_config(model: nn.Module, name: str, cfg: AttachConfig, paths: list[str]) -> dict[str, Any]:
@@ -288,9 +295,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     if want_base and have_base and Path(str(want_base)).name != Path(str(have_base)).name:
         log.warning("adapter was trained on %r, loading onto %r", want_base, have_base)
 
-    bad_prefix = [k for k in tensors if not k.startswith(PREFIX)]
-    if bad_prefix:
-        raise AdapterFileError(f"unexpected tensor key '{bad_prefix[0]}' (expected the '{PREFIX}' prefix)")
     try:
         attach(model, cfg, name, defer_init=True)
     except LorakitError as e:
@@ -333,6 +337,12 @@ def _load_into(model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
             expected[PREFIX + n] = (None, n, p)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
+    if plan and unexpected:  # model-level tensors (shared bases) belong to the method
+        used = type(plan[0][2]).shared_from_file([a for _, _, a in plan], {k: tensors[k] for k in unexpected})
+        unexpected = [k for k in unexpected if k not in used]
+    bad_prefix = [k for k in unexpected if not k.startswith(PREFIX)]
+    if bad_prefix:
+        raise AdapterFileError(f"unexpected tensor key '{bad_prefix[0]}' (expected the '{PREFIX}' prefix)")
     if missing:
         raise AdapterFileError(f"adapter file is missing {len(missing)} tensors, e.g. {missing[:3]}")
     if unexpected:
