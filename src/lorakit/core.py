@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import quant
 from .errors import ConfigError, MergeError, TargetError
 
 __all__ = [
@@ -400,7 +401,7 @@ class Adapted(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
         self.merged_names: tuple[str, ...] = ()
-        self._stash: Tensor | None = None
+        self._stash: Any = None
         self._register_load_state_dict_pre_hook(_accept_unwrapped_keys)
 
     @property
@@ -437,13 +438,13 @@ class Adapted(nn.Module):
                 raise MergeError(f"adapter '{n}' ({a.name}) is not mergeable: its output depends on the input "
                                  "(routing/gating), so it cannot be folded into one weight")
         view = next(iter(self.adapters.values())).view
-        w = self.base_layer.weight
+        w = quant.get_weight(self.base_layer)
         if self._stash is None:
-            self._stash = w.detach().clone()
+            self._stash = quant.snapshot(self.base_layer)  # quantised bases stash their packed storage
         m = view.matrix(w).float()
         for n in names:
             m = self.adapters[n].merge(m)
-        w.copy_(view.native(m).to(w.dtype))
+        quant.set_weight(self.base_layer, view.native(m).to(w.dtype))
         self.merged_names = self.merged_names + names
         self.active = tuple(n for n in self.active if n not in names)
 
@@ -451,7 +452,7 @@ class Adapted(nn.Module):
     def unmerge(self) -> tuple[str, ...]:
         names = self.merged_names
         if self._stash is not None:
-            self.base_layer.weight.copy_(self._stash)
+            quant.restore(self.base_layer, self._stash)
             self._stash = None
         self.merged_names = ()
         return names

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from . import quant
 from .config import AttachConfig, to_dict
 from .core import REGISTRY, Adapted, Adapter, ModulesToSave, get_method
 from .errors import AdapterFileError, ConfigError, LorakitError
@@ -362,8 +363,8 @@ def _load_into(model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
         new = a.on_load(a.view.matrix(w).float(), own)
         if new is not None:
             originals = h.__dict__.setdefault("_originals", {})
-            originals.setdefault(name, w.detach().clone())
-            w.copy_(a.view.native(new).to(w.dtype))
+            originals.setdefault(name, quant.snapshot(h.base_layer))
+            quant.set_weight(h.base_layer, a.view.native(new).to(w.dtype))
         sd = {k: v.to(a.state_dict()[k].dtype) for k, v in own.items()}
         a.load_state_dict(sd, strict=True)
         a.clear_cache()
