@@ -310,6 +310,12 @@ class Adapter(nn.Module):
         return {}
 
     @classmethod
+    def output_loss(cls, model: nn.Module, name: str, outputs: Any, batch: Any) -> Tensor | None:
+        """A loss on the model's outputs for the current batch (e.g. consistency with the pretrained model), once per
+        attached adapter ``name`` of this method; collected by :func:`lorakit.output_loss`. Default: none."""
+        return None
+
+    @classmethod
     def controller(cls, model: nn.Module, name: str) -> Any:
         """A :class:`lorakit.controllers.Controller` this method needs during training, or None."""
         return None

@@ -23,7 +23,7 @@ from .targets import match
 log = logging.getLogger(__name__)
 
 __all__ = ["attach", "detach", "set_active", "disabled", "summary", "hosts", "adapters", "init_adapters",
-           "calibrate", "extra_loss", "adapter_stats", "batch_context", "controllers", "attached", "active_names"]
+           "calibrate", "extra_loss", "output_loss", "adapter_stats", "batch_context", "controllers", "attached", "active_names"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -326,6 +326,22 @@ def extra_loss(model: nn.Module) -> Tensor | None:
             loss = h.adapters[n].extra_loss()
             if loss is not None:
                 total = loss if total is None else total + loss
+    return total
+
+
+def output_loss(model: nn.Module, outputs: Any, batch: Any) -> Tensor | None:
+    """The sum of every active method's loss on the model outputs of this batch (``Adapter.output_loss``), or None.
+
+    The trainer calls it after the forward pass: ``loss = task + extra_loss(model) + output_loss(model, out, batch)``.
+    """
+    total = None
+    for n in active_names(model):
+        info = attached(model).get(n)
+        if info is None:
+            continue
+        loss = get_method(info["config"].method).output_loss(model, n, outputs, batch)
+        if loss is not None:
+            total = loss if total is None else total + loss
     return total
 
 
