@@ -154,7 +154,7 @@ class Mixture(Adapter):
         load = w.sum(0) / w.sum().clamp_min(1e-12)
         p = self._probs.detach().reshape(-1, self.E).float()
         ent = -(p * p.clamp_min(1e-12).log()).sum(-1).mean() / math.log(max(self.E, 2))
-        out = {f"moe_load_e{i}": float(v) for i, v in enumerate(load.tolist())}
+        out = {f"moe_load_e{i}": float(v) for i, v in enumerate(load.tolist())} if self.E <= 16 else {}
         out.update(moe_load_max=float(load.max() * self.E), moe_router_entropy=float(ent))
         return out
 
