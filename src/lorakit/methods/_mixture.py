@@ -160,3 +160,80 @@ class Mixture(Adapter):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, experts={self.E}, r={self.r}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plain-LoRA export / import (freezing a mixture to one expert set, loading pretrained LoRAs as experts)
+# ----------------------------------------------------------------------------------------------------------------
+def write_lora(model: nn.Module, directory, factors: dict[str, tuple[Tensor, Tensor]], alpha: float | None = None):
+    """Write a normal ``lora`` adapter (PEFT format) from ``{module path: (A (r, d_in), B (d_out, r))}``.
+
+    Scales must already be folded into B; ``alpha`` defaults to r (LoRA scale 1)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from ..config import AttachConfig
+    from ..io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _atomic_dir_write, _peft_config
+    import json
+
+    ranks = {A.shape[0] for A, _ in factors.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"write_lora needs one rank for every module, got {sorted(ranks)}")
+    r = ranks.pop()
+    paths = sorted(factors)
+    cfg = AttachConfig.make({"method": "lora", "targets": paths, "r": r, "alpha": float(r if alpha is None else alpha)})
+    state = {}
+    for p, (A, B) in factors.items():
+        state[f"{PREFIX}{p}.lora_A.weight"] = A.detach().float().contiguous().cpu()
+        state[f"{PREFIX}{p}.lora_B.weight"] = B.detach().float().contiguous().cpu()
+    conf = _peft_config(model, "default", cfg, paths)
+    directory = Path(directory)
+    _atomic_dir_write(directory, {
+        WEIGHTS_NAME: lambda f: save_file(state, f, metadata={"format": "pt"}),
+        CONFIG_NAME: lambda f: Path(f).write_text(json.dumps(conf, indent=2, sort_keys=True, default=str)),
+    })
+    return directory
+
+
+def export_expert(model: nn.Module, directory, expert: int, name: str = "default"):
+    """Freeze a stacked mixture to ONE expert: a plain LoRA ``s·B_e A_e`` for every module (MeteoRA/X-LoRA)."""
+    from ..inject import adapters
+
+    out = {}
+    for path, a in adapters(model, name):
+        if not isinstance(a, Mixture) or not 0 <= expert < a.E:
+            raise ValueError(f"'{path}' has no expert {expert}")
+        s = a.expert_scale()
+        s = float(s[expert]) if isinstance(s, Tensor) else float(s)
+        out[path] = (a.experts_A[expert], a.experts_B[expert] * s)
+    return write_lora(model, directory, out)
+
+
+@torch.no_grad()
+def load_lora_experts(model: nn.Module, directories: list, name: str = "default") -> None:
+    """Fill the experts of mixture adapter ``name`` from saved plain LoRA adapters (expert i <- directories[i]);
+    each LoRA's own scale ``α/r`` is folded into its B (relative to the mixture's expert scale)."""
+    from ..errors import AdapterFileError
+    from ..inject import adapters
+    from ..io import PREFIX, _read_tensors, read_adapter_config
+    from pathlib import Path
+
+    mods = dict(adapters(model, name))
+    for i, d in enumerate(directories):
+        conf = read_adapter_config(d)
+        t = _read_tensors(Path(d))
+        lk = (conf.get("lorakit") or {}).get("config", {})
+        r, alpha = conf.get("r", lk.get("r")), conf.get("lora_alpha", lk.get("alpha"))
+        for path, a in mods.items():
+            try:
+                A, B = t[f"{PREFIX}{path}.lora_A.weight"], t[f"{PREFIX}{path}.lora_B.weight"]
+            except KeyError:
+                raise AdapterFileError(f"{d}: no LoRA factors for '{path}'") from None
+            if i >= a.E or A.shape != a.experts_A.shape[1:] or B.shape != a.experts_B.shape[1:]:
+                raise AdapterFileError(f"{d}: LoRA for '{path}' has shapes {tuple(A.shape)}/{tuple(B.shape)}, "
+                                       f"expert slots are {tuple(a.experts_A.shape[1:])}/{tuple(a.experts_B.shape[1:])}")
+            s = a.expert_scale()
+            s = float(s[i]) if isinstance(s, Tensor) else float(s)
+            a.experts_A[i] = A.to(a.experts_A.dtype)
+            a.experts_B[i] = (B.float() * (float(alpha) / float(r)) / s).to(a.experts_B.dtype)
