@@ -87,6 +87,7 @@ class Request:
     t_done: float | None = None
     done: threading.Event = field(default_factory=threading.Event)
     gen: torch.Generator | None = None
+    cancelled: bool = False
 
     def result(self, timeout: float | None = None) -> "Request":
         if not self.done.wait(timeout):
@@ -242,6 +243,14 @@ class Engine:
             self.m["prompt_tokens"] += len(ids)
             self.wake.notify_all()
         return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request (client went away); it leaves the batch at the next step."""
+        req.cancelled = True
+        with self.lock:
+            if req in self.waiting:
+                self.waiting.remove(req)
+                self._finish(req, "abort")
 
     def generate(self, prompts: list, adapters: list | None = None, params: SamplingParams | list | None = None
                  ) -> list[Request]:
@@ -486,6 +495,10 @@ class Engine:
             if r.t_first is None:
                 r.t_first = now
             finish = None
+            if r.cancelled:
+                done_idx.append(i)
+                self._finish(r, "abort")
+                continue
             if t in self.eos and not r.params.ignore_eos:
                 finish = "stop"
             else:
