@@ -31,7 +31,6 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Adapter, LowRank, PeftSpec, register
-from ..errors import ConfigError
 from ._adaptive import AdaLoRAController, adapters_of, orth_penalty
 
 _FIELDS = {k: k for k in ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
