@@ -30,10 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..controllers import Controller
 from ..core import Adapter, LowRank, PeftSpec, register
-from ..errors import ConfigError
-from ._adaptive import Sensitivity, adapters_of, orth_penalty, triplet_scores
+from ._adaptive import AdaLoRAController, adapters_of, orth_penalty
 
 _FIELDS = {k: k for k in ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
                           "total_step")}
@@ -153,89 +151,3 @@ class AdaLoRA(Adapter):
     @classmethod
     def controller(cls, model, name):
         return AdaLoRAController(model, name, cls)
-
-
-class AdaLoRAController(Controller):
-    """PEFT's RankAllocator as a Controller (see the AdaLoRA docstring for the schedule)."""
-
-    def __init__(self, model, name: str, cls=AdaLoRA):
-        self.model, self.name, self.cls = model, name, cls
-        mods = adapters_of(model, name, cls)
-        if not mods:
-            raise ConfigError(f"adapter {name!r} has no {cls.name} modules")
-        self.c = mods[0][1].cfg
-        self.total = self.c.total_step
-        self.sens = Sensitivity(self.c.beta1, self.c.beta2)
-        self.init_bgt = sum(a.rank_mask.numel() for _, a in mods)
-        self.target_bgt = self.c.target_r * len(mods)
-        for _, a in mods:
-            a.orth_modules = len(mods)
-
-    def mods(self):
-        return adapters_of(self.model, self.name, self.cls)
-
-    def on_train_begin(self, model, optimizer, total_steps: int) -> None:
-        if self.total is None:
-            self.total = total_steps
-        if self.c.tinit >= self.total - self.c.tfinal:
-            raise ConfigError(f"AdaLoRA schedule has no budgeting phase: tinit={self.c.tinit} must be < total_step "
-                              f"({self.total}) - tfinal ({self.c.tfinal})")
-
-    def budget(self, step: int) -> tuple[int, bool]:
-        c, T = self.c, self.total
-        if step <= c.tinit:
-            return self.init_bgt, False
-        if step > T - c.tfinal:
-            return self.target_bgt, True
-        mul = 1 - (step - c.tinit) / (T - c.tfinal - c.tinit)
-        return int((self.init_bgt - self.target_bgt) * mul ** 3 + self.target_bgt), step % c.deltaT == 0
-
-    def before_step(self, step: int, model, optimizer) -> None:
-        if self.total is None:
-            raise ConfigError("AdaLoRA needs the total number of steps: set total_step or call on_train_begin")
-        if step < self.total - self.c.tfinal:
-            for path, a in self.mods():
-                for k, p in (("A", a.lora_A), ("E", a.lora_E), ("B", a.lora_B)):
-                    self.sens.update(f"{path}.{k}", p, p.grad)
-
-    @torch.no_grad()
-    def mask_to_budget(self, budget: int) -> None:
-        mods = self.mods()
-        scores = [triplet_scores(self.sens, p, a.rank_mask.numel(), a.rank_mask.device) for p, a in mods]
-        flat = torch.cat([s.float().cpu() for s in scores]) if scores else torch.zeros(0)
-        k = min(max(self.init_bgt - budget, 0), flat.numel())
-        drop = torch.zeros(flat.numel(), dtype=torch.bool)
-        drop[torch.argsort(flat, stable=True)[:k]] = True
-        i = 0
-        for _, a in mods:
-            n = a.rank_mask.numel()
-            a.rank_mask.copy_((~drop[i:i + n]).to(a.rank_mask))
-            a.apply_mask()
-            i += n
-
-    def step(self, step: int, model, optimizer) -> None:
-        final = self.total - self.c.tfinal
-        if step < final:
-            budget, now = self.budget(step)
-            if now:
-                self.mask_to_budget(budget)
-        elif step == final:
-            self.mask_to_budget(self.target_bgt)
-            self.sens.reset()
-        else:
-            for _, a in self.mods():
-                a.apply_mask()
-
-    def active_ranks(self) -> int:
-        return int(sum(a.rank_mask.sum() for _, a in self.mods()))
-
-    def state_dict(self) -> dict:
-        return {"total": self.total, "sens": self.sens.state_dict(),
-                "masks": {p: a.rank_mask.clone() for p, a in self.mods()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.total = state["total"]
-        self.sens.load_state_dict(state["sens"])
-        for p, a in self.mods():
-            if p in state["masks"]:
-                a.rank_mask.copy_(state["masks"][p])
