@@ -75,3 +75,38 @@ def test_refusals(setup, tmp_path):
     other = make_adapter(load_base(make_base(tmp_path / "b2", hidden=48)), tmp_path / "other", "lora", r=2)
     with pytest.raises(AdapterFileError, match="another base"):
         read_served(bank, other, "other")
+
+
+def test_method_without_lowrank_is_refused(setup, tmp_path):
+    """A registered method whose lowrank() is None is refused with an error naming it."""
+    from dataclasses import dataclass
+
+    import lorakit
+    from lorakit.core import REGISTRY, Adapter, Factor, register
+
+    @register("_served_gate_test", family="test", paper="none")
+    class Gate(Adapter):
+        @dataclass
+        class Config:
+            r: int = 2
+
+        def __init__(self, base, cfg, view=None):
+            super().__init__(base, cfg, view)
+            self.g = Factor(self.view.d_out)
+
+        def reset_parameters(self):
+            torch.nn.init.ones_(self.g.weight)
+
+        def delta(self, x):
+            return torch.zeros(*x.shape[:-1], self.view.d_out)
+
+    try:
+        base, _ = setup
+        m = copy.deepcopy(base)
+        lorakit.attach(m, {"method": "_served_gate_test", "targets": ["q_proj"]}, "a")
+        lorakit.save_adapter(m, tmp_path / "g", "a")
+        bank = install(copy.deepcopy(base))
+        with pytest.raises(AdapterFileError, match="_served_gate_test"):
+            read_served(bank, tmp_path / "g", "g")
+    finally:
+        REGISTRY.pop("_served_gate_test", None)
