@@ -41,6 +41,7 @@ from .pissa import svd_top
 class LaMDA(ThreeFactor):
     __doc__ = __doc__
     train_A, train_N, train_B = False, True, True
+    example = {"r": 2, "freeze_steps": 4}
 
     @dataclass
     class Config:
