@@ -1,0 +1,64 @@
+"""Named training tasks: a model kind, a dataset, how rows become batches, the loss and the metrics.
+
+A task is defined once here and reused by ``lorakit train``, ``lorakit eval`` and the arena
+(through :func:`lorakit.train.run_training`). Kinds:
+
+* ``lm-classify``: a causal LM as a *generative classifier*: the prompt is followed by a label word; training is
+  the completion loss on the label word; prediction picks the label whose word has the highest log-likelihood.
+* ``encoder-classify``: an encoder with a new classification head (trained as ``AttachConfig.trainable``,
+  i.e. PEFT ``modules_to_save``); cross-entropy loss.
+* ``sft``: prompt/completion supervised fine-tuning, loss on the completion tokens only; eval is the completion
+  loss and (GSM8K) exact match of the final number under greedy decoding on a capped number of samples.
+
+Generic kinds (``classify-lm``, ``classify-encoder``, ``sft``) take their rows from ``data.path`` (JSONL/CSV).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from .base import Task, classification_metrics
+from .classify import EncoderClassification, LMClassification
+from .sft import SFT
+
+__all__ = ["TaskSpec", "TASKS", "get_task", "Task", "classification_metrics"]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    kind: str  # "lm-classify" | "encoder-classify" | "sft"
+    model: str | None
+    dataset: str | None  # a lorakit.assets dataset, or None: rows come from data.path
+    description: str
+    prompt: str | None = None  # template; {text} (classification) or {prompt} (sft)
+    label_words: tuple[str, ...] | None = None
+    gsm8k: bool = False  # exact-match of the final number
+
+
+_SENT_PROMPT = "Review: {text}\nSentiment (positive or negative):"
+TASKS: dict[str, TaskSpec] = {t.name: t for t in [
+    TaskSpec("sentiment-smollm2", "lm-classify", "smollm2-135m", "sentiment",
+             "movie-review polarity with SmolLM2 as a generative classifier (label words)",
+             prompt=_SENT_PROMPT, label_words=(" negative", " positive")),
+    TaskSpec("sentiment-minilm", "encoder-classify", "minilm-l6", "sentiment",
+             "movie-review polarity with MiniLM + a trained classification head"),
+    TaskSpec("bbc-minilm", "encoder-classify", "minilm-l6", "bbc-news",
+             "BBC News topic (5 classes) with MiniLM + a trained classification head"),
+    TaskSpec("gsm8k-smollm2", "sft", "smollm2-135m", "gsm8k",
+             "GSM8K prompt/completion SFT on SmolLM2; completion loss + greedy exact match",
+             prompt="Question: {prompt}\nAnswer:", gsm8k=True),
+    TaskSpec("classify-lm", "lm-classify", None, None, "your text/label file, causal LM + label words",
+             prompt="{text}\nLabel:"),
+    TaskSpec("classify-encoder", "encoder-classify", None, None, "your text/label file, encoder + head"),
+    TaskSpec("sft", "sft", None, None, "your prompt/completion file", prompt="{prompt}"),
+]}
+_KINDS = {"lm-classify": LMClassification, "encoder-classify": EncoderClassification, "sft": SFT}
+
+
+def get_task(name: str, data_cfg=None) -> Task:
+    """The task object for ``name`` configured by a ``DataSection`` (or defaults)."""
+    if name not in TASKS:
+        raise ConfigError(f"unknown task '{name}'; known tasks: {', '.join(TASKS)}")
+    spec = TASKS[name]
+    return _KINDS[spec.kind](spec, data_cfg)

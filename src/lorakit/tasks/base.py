@@ -1,0 +1,125 @@
+"""What every task shares: rows (named dataset or your file), label checks, padding, metrics."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import assets
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def classification_metrics(y_true: list[int], y_pred: list[int], n_labels: int) -> dict[str, float]:
+    """Accuracy and macro-F1 (F1 averaged over the labels present in ``y_true`` or ``y_pred``, as sklearn)."""
+    if not y_true:
+        return {"accuracy": float("nan"), "macro_f1": float("nan")}
+    acc = sum(int(a == b) for a, b in zip(y_true, y_pred)) / len(y_true)
+    f1s = []
+    for c in sorted(set(y_true) | set(y_pred)):
+        tp = sum(1 for a, b in zip(y_true, y_pred) if a == c and b == c)
+        fp = sum(1 for a, b in zip(y_true, y_pred) if a != c and b == c)
+        fn = sum(1 for a, b in zip(y_true, y_pred) if a == c and b != c)
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": acc, "macro_f1": sum(f1s) / len(f1s)}
+
+
+def pad(seqs: list[list[int]], value: int) -> Tensor:
+    n = max(len(s) for s in seqs)
+    return torch.tensor([s + [value] * (n - len(s)) for s in seqs], dtype=torch.long)
+
+
+class Task:
+    """Base class. Subclasses set ``columns`` and implement ``load_model``, ``encode``, ``collate``, ``evaluate``."""
+
+    columns: tuple[str, str] = ("text", "label")
+    is_classification = True
+
+    def __init__(self, spec, data_cfg=None):
+        if data_cfg is None:
+            from ..train.config import DataSection
+
+            data_cfg = DataSection(task=spec.name)
+        self.spec, self.cfg = spec, data_cfg
+        self.labels: list[str] = []
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def model_name(self, override: str | None) -> str:
+        name = override or self.spec.model
+        if not name:
+            raise ConfigError(f"task '{self.name}' has no default model: set model.name (a lorakit model such as "
+                              f"{', '.join(assets.MODELS)} or a local Hugging Face model directory)")
+        return name
+
+    # ---- rows ---------------------------------------------------------------------------------------------
+    def rows(self) -> dict[str, list[dict]]:
+        """``{"train": [...], "eval": [...]}`` after the size caps; labels checked against the label set."""
+        c = self.cfg
+        if c.path:
+            train = assets.load_user_data(c.path, self.columns)
+            if c.eval_path:
+                ev = assets.load_user_data(c.eval_path, self.columns)
+            else:
+                sp = assets.split_rows(train, fractions=(0.9, 0.1), seed=assets.SPLIT_SEED)
+                train, ev = sp["train"], sp["validation"] + sp["test"]
+        elif self.spec.dataset:
+            splits = assets.load_dataset(self.spec.dataset)
+            train, ev = splits["train"], splits[c.eval_split]
+        else:
+            raise ConfigError(f"task '{self.name}' reads your data: set data.path to a JSONL or CSV file with "
+                              f"columns {list(self.columns)}")
+        if c.train_size is not None:
+            train = train[:c.train_size]
+        if c.eval_size is not None:
+            ev = ev[:c.eval_size]
+        if not train:
+            raise ConfigError(f"task '{self.name}': the training set is empty")
+        if not ev:
+            raise ConfigError(f"task '{self.name}': the evaluation set is empty (set data.eval_path or use more rows)")
+        if self.is_classification:
+            self.labels = self._label_set(train)
+            for split, rows in (("train", train), ("eval", ev)):
+                for i, r in enumerate(rows):
+                    if r["label"] not in self.labels:
+                        raise ConfigError(f"{split} row {i + 1}: label {r['label']!r} is not in the label set "
+                                          f"{self.labels} (set data.labels to declare them)")
+        return {"train": train, "eval": ev}
+
+    def _label_set(self, train: list[dict]) -> list[str]:
+        if self.cfg.labels:
+            return list(self.cfg.labels)
+        if self.spec.dataset and not self.cfg.path:
+            return list(assets.DATASETS[self.spec.dataset].labels)
+        labels = sorted({r["label"] for r in train})
+        if len(labels) < 2:
+            raise ConfigError(f"classification needs at least 2 labels; the training data has only {labels}")
+        return labels
+
+    # ---- interface ----------------------------------------------------------------------------------------
+    def load_model(self, name: str, dtype: str = "float32") -> tuple[nn.Module, Any]:
+        raise NotImplementedError
+
+    def encode(self, rows: list[dict], tok) -> list[dict]:
+        raise NotImplementedError
+
+    def collate(self, examples: list[dict]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        return model(**batch).loss
+
+    def evaluate(self, model: nn.Module, tok, examples: list[dict], batch_size: int = 32) -> dict[str, float]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"task": self.name, "kind": self.spec.kind, "labels": self.labels}
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}

@@ -1,0 +1,100 @@
+"""Checkpoints: ``<out>/checkpoints/step-N/`` holds the adapter (PEFT format, usable as is) and
+``trainer_state.pt`` (adapter tensors, optimizer, scheduler, RNG states, controller states, loss curve).
+
+A checkpoint is written into a temporary directory and renamed into place, then ``checkpoints/latest`` is
+replaced atomically, so a crash mid-save never leaves a half-written "latest" checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import LorakitError
+from ..io import save_adapter
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = "trainer_state.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    py = st["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor the adapters own (parameters and buffers, frozen or not) plus trainable base parameters."""
+    grads = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()
+            if ".adapters." in f".{k}" or ".copies." in f".{k}" or k in grads}
+
+
+def save_checkpoint(out: Path, step: int, model: nn.Module, state: dict[str, Any], keep: int = 2) -> Path:
+    ckdir = out / "checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    final = ckdir / f"step-{step:06d}"
+    tmp = ckdir / f".step-{step:06d}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_adapter(model, tmp)
+        torch.save({"step": step, "model": adapter_tensors(model), **state}, tmp / STATE_NAME)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        latest_tmp = ckdir / f".latest.tmp{os.getpid()}"
+        latest_tmp.write_text(final.name)
+        os.replace(latest_tmp, ckdir / "latest")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    olds = sorted(p for p in ckdir.glob("step-*") if p.is_dir() and p != final)
+    for p in olds[:max(len(olds) - max(keep, 1) + 1, 0)]:
+        shutil.rmtree(p, ignore_errors=True)
+    log.info("checkpoint saved: %s", final)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckdir = out / "checkpoints"
+    pointer = ckdir / "latest"
+    if pointer.is_file():
+        p = ckdir / pointer.read_text().strip()
+        if (p / STATE_NAME).is_file():
+            return p
+    cands = sorted(p for p in ckdir.glob("step-*") if (p / STATE_NAME).is_file())
+    return cands[-1] if cands else None
+
+
+def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
+    """Restore the adapter tensors into ``model`` and return the rest of the trainer state."""
+    try:
+        st = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file
+        raise LorakitError(f"cannot read checkpoint {path / STATE_NAME}: {e}") from None
+    own = model.state_dict(keep_vars=True)  # the live parameters and buffers
+    saved = st.pop("model")
+    bad = [k for k, v in saved.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise LorakitError(f"checkpoint {path} does not fit this model/adapter (tensor {bad[0]!r}); was the "
+                           "config changed since it was written?")
+    with torch.no_grad():
+        for k, v in saved.items():
+            own[k].copy_(v)
+    return st

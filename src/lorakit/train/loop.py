@@ -1,0 +1,335 @@
+"""A plain PyTorch training loop that knows nothing about individual methods.
+
+Per step: ``grad_accum`` micro-batches (forward under autocast, inside ``lorakit.batch_context`` when a batch has
+``task_ids``; loss = task loss + ``lorakit.extra_loss(model)``), gradient clipping, controllers' ``before_step``,
+``optimizer.step()``, scheduler, controllers' ``step``. Data-dependent inits get calibration batches from the
+training set. Everything a resume needs (adapter tensors, optimizer, scheduler, RNG, controllers) is checkpointed;
+the data order is a pure function of (seed, step), so a resumed run repeats the uninterrupted loss curve exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .. import inject
+from ..config import AttachConfig
+from ..core import get_method
+from ..errors import ConfigError, LorakitError
+from ..io import save_adapter
+from ..tasks import get_task
+from ..tasks.base import to_device
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import RunConfig, resolve
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_training", "Callback", "TrainingError", "NonFiniteLossError", "TrainingInterrupted",
+           "lr_lambda", "seed_everything"]
+
+
+class TrainingError(LorakitError, RuntimeError):
+    """Training stopped (the message says why and where the last good checkpoint is)."""
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss or the gradient norm became NaN/inf."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C: a checkpoint was saved (``.checkpoint``); ``--resume`` continues from it."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        super().__init__(f"interrupted at step {step}; checkpoint: {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class Callback:
+    """Observe a run (progress bars, tests). Every hook is optional."""
+
+    def on_train_begin(self, info: dict) -> None: ...
+    def on_step(self, step: int, logs: dict) -> None: ...
+    def on_eval(self, phase: str, metrics: dict) -> None: ...
+    def on_train_end(self, result: dict) -> None: ...
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(total: int, warmup: float, schedule: str, min_ratio: float = 0.0):
+    warm = int(round(warmup * total)) if warmup < 1 else int(warmup)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if schedule == "constant":
+            return 1.0
+        prog = min((step - warm) / max(total - warm, 1), 1.0)
+        shape = 0.5 * (1 + math.cos(math.pi * prog)) if schedule == "cosine" else 1.0 - prog
+        return min_ratio + (1 - min_ratio) * shape
+    return f
+
+
+def _peak_rss_mb() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
+
+
+class _Log:
+    """metrics.jsonl writer (one JSON object per line, flushed)."""
+
+    def __init__(self, path: Path, keep_until: int | None):
+        if keep_until is not None and path.is_file():  # resume: drop what came after the checkpoint
+            kept = [ln for ln in path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= keep_until
+                    and json.loads(ln).get("event") not in ("end", "error", "interrupted")]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        self.f = path.open("a" if keep_until is not None else "w")
+
+    def __call__(self, **rec) -> None:
+        self.f.write(json.dumps(rec, default=float) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _prepare_out(out: Path, resume: bool) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".lorakit-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output.dir '{out}' is not writable ({e.strerror or e}); choose another with "
+                          "output.dir=PATH") from None
+    if not resume and (out / "checkpoints").exists():
+        log.warning("%s holds an earlier run; starting fresh (its checkpoints are removed)", out)
+        shutil.rmtree(out / "checkpoints")
+
+
+def _batch_indices(i: int, n: int, bs: int, seed: int) -> list[int]:
+    """Micro-batch ``i`` of an endless, epoch-wise reshuffled order: a pure function of (i, seed)."""
+    per_epoch = max(n // bs, 1)
+    epoch, k = divmod(i, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    return perm[k * bs:(k + 1) * bs]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run_training(config: RunConfig | dict | None = None, *, resume: bool = False,
+                 callbacks: list | tuple = ()) -> dict[str, Any]:
+    """Train an adapter as ``config`` says; returns the result dict (metrics before/after, trainable params,
+    wall time, time/step, tokens/s, peak RSS, loss curve, adapter dir). The arena calls this."""
+    cfg = config if isinstance(config, RunConfig) else resolve(base=config or {}) if isinstance(config, dict) \
+        else resolve()
+    t_start = time.perf_counter()
+    tc, dc = cfg.train, cfg.data
+    out = cfg.out_dir
+    _prepare_out(out, resume)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = _device(tc.device)
+    cbs = list(callbacks)
+
+    def emit(hook: str, *args) -> None:
+        for cb in cbs:
+            fn = getattr(cb, hook, None)
+            if fn:
+                fn(*args)
+
+    # ---- data and model (data first: bad files fail before the model loads) ------------------------------------
+    seed_everything(tc.seed)
+    task = get_task(dc.task, dc)
+    rows = task.rows()
+    model_name = task.model_name(cfg.model.name)
+    cfg.model.name = model_name
+    seed_everything(tc.seed)
+    model, tok = task.load_model(model_name, cfg.model.dtype)
+    model.to(device)
+    train_ex, eval_ex = task.encode(rows["train"], tok), task.encode(rows["eval"], tok)
+    bs, accum, total = dc.batch_size, tc.grad_accum, tc.steps
+    acfg = dict(cfg.adapter)
+    for k, v in (getattr(task, "adapter_defaults", lambda m: {})(model)).items():
+        if not acfg.get(k):
+            acfg[k] = v
+    cfg.adapter = AttachConfig.make(acfg).to_dict()
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    def batch(i: int) -> dict:
+        return task.collate([train_ex[j] for j in _batch_indices(i, len(train_ex), bs, tc.seed)])
+
+    ckpt = latest_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        log.warning("--resume: no checkpoint in %s; starting from scratch", out)
+    mlog = _Log(out / "metrics.jsonl", keep_until=None if ckpt is None else int(ckpt.name.split("-")[1]))
+    info = {"task": task.name, "model": model_name, "method": acfg.get("method"), "device": str(device),
+            "train_rows": len(train_ex), "eval_rows": len(eval_ex), "steps": total, "output_dir": str(out)}
+    try:
+        return _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, info, device, out,
+                      t_start)
+    finally:
+        mlog.close()
+
+
+def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, info, device, out, t_start):
+    tc, dc, oc = cfg.train, cfg.data, cfg.optim
+    total, accum = tc.steps, tc.grad_accum
+
+    def evaluate(phase: str, step: int) -> dict:
+        m = task.evaluate(model, tok, eval_ex, dc.eval_batch_size)
+        mlog(event="eval", phase=phase, step=step, **m)
+        emit("on_eval", phase, m)
+        return m
+
+    before = evaluate("before", 0) if (tc.eval_before and ckpt is None) else {}
+
+    # ---- adapter (calibration batches from the training set when the method initialises from data) ----------
+    method = get_method(cfg.adapter["method"])
+    calib = None
+    if method.calibration:
+        calib = [to_device(batch(i), device) for i in range(max(tc.calibration_batches, 1))]
+    seed_everything(tc.seed)
+    inject.attach(model, cfg.adapter, calibration=calib, loss_fn=task.loss if calib is not None else None)
+    if cfg.model.gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise ConfigError("model.gradient_checkpointing=true needs a Hugging Face model")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(model, "config", None) is not None:
+            model.config.use_cache = False
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    n_train = sum(p.numel() for p in params)
+    n_total = sum(p.numel() for p in model.parameters())
+    groups = [{"params": [p for n, p in named if p.ndim >= 2], "weight_decay": oc.weight_decay},
+              {"params": [p for n, p in named if p.ndim < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, oc.warmup, oc.schedule, oc.min_lr_ratio))
+    ctrls = inject.controllers(model)
+    for c in ctrls:
+        c.on_train_begin(model, opt, total)
+
+    step, loss_curve = 0, []
+    if ckpt is not None:
+        st = load_checkpoint(ckpt, model)
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        for c, s in zip(ctrls, st.get("controllers", [])):
+            c.load_state_dict(s)
+        step, loss_curve, before = st["step"], list(st["loss_curve"]), st.get("metrics_before", {})
+        set_rng_state(st["rng"])
+        log.info("resumed from %s (step %d)", ckpt, step)
+    info.update(trainable_params=n_train, total_params=n_total, start_step=step)
+    mlog(event="start", step=step, **info)
+    emit("on_train_begin", info)
+
+    use_bf16 = tc.precision == "bf16"
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    snap = rng_state()  # RNG at the start of the next step (what a checkpoint must restore)
+    last_ckpt = ckpt
+
+    def state() -> dict:
+        return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": snap,
+                "controllers": [c.state_dict() for c in ctrls], "loss_curve": loss_curve,
+                "metrics_before": before}
+
+    train_time, tokens, first_step = 0.0, 0, step
+    model.train()
+    try:
+        while step < total:
+            t0 = time.perf_counter()
+            loss_sum, ntok = 0.0, 0
+            for k in range(accum):
+                b = batch(step * accum + k)
+                task_ids = b.pop("task_ids", None)
+                ntok += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                b = to_device(b, device)
+                ctx = inject.batch_context(model, task_ids=task_ids.to(device)) if task_ids is not None \
+                    else contextlib.nullcontext()
+                with ctx, autocast():
+                    loss = task.loss(model, b)
+                    extra = inject.extra_loss(model)
+                    full = loss if extra is None else loss + extra
+                if not torch.isfinite(full.detach()):
+                    raise NonFiniteLossError(
+                        f"the loss became {float(full)} at step {step + 1} (micro-batch {k + 1}); training stopped. "
+                        f"Last good checkpoint: {last_ckpt or 'none (set train.save_every)'}. Try a lower optim.lr, "
+                        "optim.max_grad_norm, or train.precision=fp32.")
+                (full / accum).backward()
+                loss_sum += float(loss.detach()) / accum
+            if oc.max_grad_norm:
+                gn = float(torch.nn.utils.clip_grad_norm_(params, oc.max_grad_norm))
+            else:
+                gn = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            if not math.isfinite(gn):
+                raise NonFiniteLossError(f"the gradient norm became {gn} at step {step + 1}; training stopped. "
+                                         f"Last good checkpoint: {last_ckpt or 'none'}. Try a lower optim.lr.")
+            for c in ctrls:
+                c.before_step(step, model, opt)
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            sched.step()
+            for c in ctrls:
+                c.step(step, model, opt)
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            snap = rng_state()
+            dt = time.perf_counter() - t0
+            train_time += dt
+            tokens += ntok
+            loss_curve.append(loss_sum)
+            logs = {"loss": loss_sum, "lr": lr, "grad_norm": gn, "step_time_s": dt, "tokens_per_s": ntok / dt}
+            logs.update({f"adapter/{k}": v for k, v in inject.adapter_stats(model).items()})
+            if tc.log_every and (step % tc.log_every == 0 or step == total):
+                mlog(event="train", step=step, **logs)
+            emit("on_step", step, logs)
+            if tc.eval_every and step % tc.eval_every == 0 and step < total:
+                evaluate(f"step-{step}", step)
+                model.train()
+            if tc.save_every and step % tc.save_every == 0:
+                last_ckpt = save_checkpoint(out, step, model, state(), tc.keep_checkpoints)
+    except KeyboardInterrupt:
+        opt.zero_grad(set_to_none=True)
+        path = save_checkpoint(out, step, model, state(), tc.keep_checkpoints)
+        mlog(event="interrupted", step=step, checkpoint=str(path))
+        log.warning("interrupted at step %d; checkpoint saved to %s", step, path)
+        raise TrainingInterrupted(step, path) from None
+    except NonFiniteLossError as e:
+        mlog(event="error", step=step, message=str(e))
+        raise
+
+    model.eval()
+    after = evaluate("after", step)
+    adapter_dir = None
+    if cfg.output.save_adapter:
+        adapter_dir = str(save_adapter(model, out / "adapter"))
+    n_steps = step - first_step
+    result = {
+        **info, "status": "completed", "steps": step, "metrics_before": before, "metrics_after": after,
+        "wall_time_s": time.perf_counter() - t_start, "train_time_s": train_time,
+        "time_per_step_s": train_time / max(n_steps, 1), "tokens_per_s": tokens / max(train_time, 1e-9),
+        "peak_rss_mb": _peak_rss_mb(), "loss_curve": loss_curve, "adapter_dir": adapter_dir,
+        "output_dir": str(out), "config": cfg.to_dict(),
+    }
+    mlog(event="end", step=step, **{k: v for k, v in result.items() if k not in ("loss_curve", "config")})
+    (out / "result.json").write_text(json.dumps(result, indent=2, default=float))
+    emit("on_train_end", result)
+    return result
