@@ -19,7 +19,14 @@ from .errors import ConfigError
 __all__ = ["AttachConfig", "from_dict", "to_dict", "load_yaml", "apply_overrides", "parse_value", "check_type"]
 
 
+_ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "rslora",
+            "target_modules": "targets", "modules_to_save": "trainable", "exclude_modules": "exclude",
+            "layers_to_transform": "layers", "learning_rate": "lr"}
+
+
 def _suggest(key: str, valid: list[str]) -> str:
+    if _ALIASES.get(key) in valid:
+        return f" (did you mean '{_ALIASES[key]}'?)"
     close = difflib.get_close_matches(key, valid, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import quant
 from .errors import ConfigError, MergeError, TargetError
 
 __all__ = [
@@ -234,6 +235,7 @@ class Adapter(nn.Module):
     peft_keys: ClassVar[dict[str, dict[str, str]]] = {}  # layer kind -> {internal key: PEFT file key}
     frozen: ClassVar[tuple[str, ...]] = ()  # own parameters that never train (frozen SVD factors, ...)
     example: ClassVar[dict[str, Any]] = {}  # options for tiny test models (the contract suite uses them)
+    file_fields: ClassVar[tuple[str, ...]] = ()  # per-module Config fields that file_config encodes itself
 
     def __init__(self, base: nn.Module, cfg: Any, view: LayerView | None = None):
         super().__init__()
@@ -308,11 +310,45 @@ class Adapter(nn.Module):
         return {}
 
     @classmethod
+    def output_loss(cls, model: nn.Module, name: str, outputs: Any, batch: Any) -> Tensor | None:
+        """A loss on the model's outputs for the current batch (e.g. consistency with the pretrained model), once per
+        attached adapter ``name`` of this method; collected by :func:`lorakit.output_loss`. Default: none."""
+        return None
+
+    @classmethod
     def controller(cls, model: nn.Module, name: str) -> Any:
         """A :class:`lorakit.controllers.Controller` this method needs during training, or None."""
         return None
 
+    # --- state shared by all adapters of one attach (shared random bases, ...) -----------------------------------
+    @classmethod
+    def share(cls, adapters: list["Adapter"]) -> None:
+        """Called once by ``attach`` after every adapter of one name is built (before any init): set up state the
+        adapters share (e.g. one frozen random-basis module sized to the largest target). Default: nothing."""
+
+    @classmethod
+    def shared_to_file(cls, adapters: list["Adapter"]) -> dict[str, Tensor]:
+        """Model-level tensors for the adapter file under their full file keys (PEFT's ``base_model.vera_A``)."""
+        return {}
+
+    @classmethod
+    def shared_from_file(cls, adapters: list["Adapter"], tensors: dict[str, Tensor]) -> set[str]:
+        """Take the file tensors that no single adapter claimed (full keys); return the keys used. Runs after
+        the per-adapter tensors are validated and before they are set."""
+        return set()
+
     # --- file mapping ------------------------------------------------------------------------------------------
+    @classmethod
+    def file_config(cls, model: nn.Module, name: str, conf: dict) -> dict:
+        """Adjust the ``adapter_config.json`` about to be written from the trained state (e.g. AdaLoRA's
+        ``rank_pattern`` after pruning). Default: unchanged."""
+        return conf
+
+    @classmethod
+    def from_peft_config(cls, conf: dict, data: dict) -> dict:
+        """Adjust the lorakit config ``data`` read from a PEFT ``conf`` (e.g. AdaLoRA's ``rank_pattern``)."""
+        return data
+
     def to_file(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """Internal state -> file tensors (PEFT key names and shapes). Default: rename by ``peft_keys``."""
         ren = self.peft_keys.get(self.view.kind, {})
@@ -371,7 +407,7 @@ class Adapted(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
         self.merged_names: tuple[str, ...] = ()
-        self._stash: Tensor | None = None
+        self._stash: Any = None
         self._register_load_state_dict_pre_hook(_accept_unwrapped_keys)
 
     @property
@@ -408,13 +444,13 @@ class Adapted(nn.Module):
                 raise MergeError(f"adapter '{n}' ({a.name}) is not mergeable: its output depends on the input "
                                  "(routing/gating), so it cannot be folded into one weight")
         view = next(iter(self.adapters.values())).view
-        w = self.base_layer.weight
+        w = quant.get_weight(self.base_layer)
         if self._stash is None:
-            self._stash = w.detach().clone()
+            self._stash = quant.snapshot(self.base_layer)  # quantised bases stash their packed storage
         m = view.matrix(w).float()
         for n in names:
             m = self.adapters[n].merge(m)
-        w.copy_(view.native(m).to(w.dtype))
+        quant.set_weight(self.base_layer, view.native(m).to(w.dtype))
         self.merged_names = self.merged_names + names
         self.active = tuple(n for n in self.active if n not in names)
 
@@ -422,7 +458,7 @@ class Adapted(nn.Module):
     def unmerge(self) -> tuple[str, ...]:
         names = self.merged_names
         if self._stash is not None:
-            self.base_layer.weight.copy_(self._stash)
+            quant.restore(self.base_layer, self._stash)
             self._stash = None
         self.merged_names = ()
         return names

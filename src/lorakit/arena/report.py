@@ -1,0 +1,201 @@
+"""``lorakit arena report``: a Markdown table and a self-contained HTML page (plots embedded as PNG).
+
+Per (task, method variant): mean ± std of the task metric over seeds, trainable parameters, adapter size, time
+per step, peak memory. The untrained model and LoRA are marked as baselines. Sorted by the metric.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from .run import read_records
+
+LOWER_IS_BETTER = {"loss", "completion_loss", "eval_loss"}
+
+
+def _ms(vals: list[float]) -> tuple[float, float]:
+    vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def aggregate(records: list[dict]) -> dict[str, list[dict]]:
+    """task -> rows (one per method variant, plus the untrained baseline), sorted best first."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["task"], r["variant"])].append(r)
+    tasks: dict[str, list[dict]] = defaultdict(list)
+    for (task, variant), recs in groups.items():
+        ok = [r for r in recs if r.get("status") == "ok" and r.get("metric") is not None]
+        errs = [r for r in recs if r.get("status") != "ok"]
+        mean, std = _ms([r["metric"] for r in ok])
+        row = {"task": task, "variant": variant, "method": recs[0]["method"], "n": len(ok), "errors": len(errs),
+               "error": errs[0].get("error") if errs else None, "metric_name": ok[0]["metric_name"] if ok else None,
+               "mean": mean, "std": std, "params": _ms([r.get("trainable_params") for r in ok])[0],
+               "adapter_mb": _ms([(r.get("adapter_bytes") or 0) / 2**20 for r in ok])[0],
+               "step_s": _ms([r.get("time_per_step_s") for r in ok])[0],
+               "wall_s": _ms([r.get("wall_s") for r in ok])[0],
+               "rss_mb": _ms([r.get("peak_rss_mb") for r in ok])[0],
+               "matched": all((r.get("budget_info") or {}).get("matched", True) for r in ok),
+               "budget_note": next(((r.get("budget_info") or {}).get("reason") for r in ok
+                                    if (r.get("budget_info") or {}).get("reason")), None),
+               "curves": [r.get("loss_curve") or [] for r in ok],
+               "baseline": "LoRA" if recs[0]["method"] == "lora" else None}
+        tasks[task].append(row)
+        if recs[0]["method"] == "lora" and variant == "lora" and ok and ok[0].get("metric_before") is not None:
+            bm, bs = _ms([r.get("metric_before") for r in ok])
+            tasks[task].append({**row, "variant": "untrained model", "method": "(none)", "mean": bm, "std": bs,
+                                "params": 0, "adapter_mb": 0, "step_s": float("nan"), "wall_s": float("nan"),
+                                "rss_mb": float("nan"), "curves": [], "baseline": "untrained", "errors": 0})
+    for task, rows in tasks.items():
+        name = next((r["metric_name"] for r in rows if r["metric_name"]), "")
+        low = name in LOWER_IS_BETTER
+        rows.sort(key=lambda r: (math.isnan(r["mean"]), r["mean"] if low else -r["mean"]))
+    return dict(tasks)
+
+
+def _fmt(v, spec=".3f"):
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def markdown(tasks: dict[str, list[dict]]) -> str:
+    out = []
+    for task in sorted(tasks):
+        rows = tasks[task]
+        metric = next((r["metric_name"] for r in rows if r["metric_name"]), "metric")
+        out.append(f"### {task}  ({metric}, mean ± std over seeds; best first)\n")
+        out.append(f"| # | method | {metric} | seeds | trainable params | adapter MB | s/step | peak RSS MB | note |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        for i, r in enumerate(rows, 1):
+            name = f"**{r['variant']}** (baseline)" if r["baseline"] else r["variant"]
+            note = []
+            if r["errors"]:
+                note.append(f"{r['errors']} failed: {str(r['error'])[:80]}")
+            if not r["matched"]:
+                note.append(f"params not matched ({r['budget_note']})")
+            out.append(f"| {i} | {name} | {_fmt(r['mean'])} ± {_fmt(r['std'])} | {r['n']} | "
+                       f"{_fmt(r['params'], ',.0f')} | {_fmt(r['adapter_mb'], '.2f')} | {_fmt(r['step_s'], '.2f')} | "
+                       f"{_fmt(r['rss_mb'], ',.0f')} | {'; '.join(note)} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def plots(tasks: dict[str, list[dict]]) -> dict[str, list[tuple[str, str]]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs: dict[str, list[tuple[str, str]]] = {}
+    for task, rows in sorted(tasks.items()):
+        metric = next((r["metric_name"] for r in rows if r["metric_name"]), "metric")
+        trained = [r for r in rows if r["baseline"] != "untrained" and not math.isnan(r["mean"])]
+        untrained = next((r for r in rows if r["baseline"] == "untrained"), None)
+        items = []
+        for xkey, xlabel, logx in (("params", "trainable parameters", True), ("wall_s", "wall time per run (s)", False)):
+            fig, ax = plt.subplots(figsize=(7, 4.2))
+            for r in trained:
+                x = max(r[xkey], 1) if logx else r[xkey]
+                style = dict(marker="*", s=160, color="crimson", zorder=3) if r["baseline"] else dict(s=40)
+                ax.scatter([x], [r["mean"]], **style)
+                ax.errorbar([x], [r["mean"]], yerr=[r["std"]], fmt="none", ecolor="gray", alpha=0.6)
+                ax.annotate(r["variant"], (x, r["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            if untrained:
+                ax.axhline(untrained["mean"], ls="--", color="black", lw=1, label="untrained model")
+                ax.legend(loc="best", fontsize=8)
+            if logx:
+                ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(metric)
+            ax.set_title(f"{task}: {metric} vs {xlabel}  (★ = LoRA baseline)")
+            ax.grid(alpha=0.3)
+            items.append((f"{metric} vs {xlabel}", _png(fig)))
+        fig, ax = plt.subplots(figsize=(7, max(2.5, 0.28 * len(trained))))
+        names = [r["variant"] for r in trained]
+        ax.barh(names, [r["rss_mb"] for r in trained],
+                color=["crimson" if r["baseline"] else "steelblue" for r in trained])
+        ax.set_xlabel("peak RSS (MB)")
+        ax.set_title(f"{task}: peak memory per method")
+        ax.invert_yaxis()
+        items.append(("memory", _png(fig)))
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for r in trained:
+            if r["curves"] and r["curves"][0]:
+                curve = r["curves"][0]
+                ys = [c["loss"] if isinstance(c, dict) else c for c in curve]
+                ax.plot(range(1, len(ys) + 1), ys, lw=2.2 if r["baseline"] else 0.9,
+                        label=r["variant"] if r["baseline"] or len(trained) <= 12 else None)
+        ax.set_xlabel("logged step")
+        ax.set_ylabel("training loss")
+        ax.set_title(f"{task}: loss curves (seed of the first run; thick = LoRA)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, ncol=2)
+        items.append(("loss curves", _png(fig)))
+        figs[task] = items
+    return figs
+
+
+def write_report(results_dir: str | Path, out_dir: str | Path | None = None) -> tuple[Path, Path]:
+    results_dir = Path(results_dir)
+    out_dir = Path(out_dir) if out_dir else results_dir
+    recs = read_records(results_dir)
+    if not recs:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"no arena records in {results_dir}/runs.jsonl: run `lorakit arena run` first")
+    tasks = aggregate(recs)
+    md = markdown(tasks)
+    env = recs[-1]
+    head = (f"# lorakit arena\n\n{len(recs)} runs; lorakit {env.get('versions', {}).get('lorakit')} "
+            f"(git {env.get('git_rev')}), torch {env.get('versions', {}).get('torch')}, "
+            f"{env.get('hardware', {}).get('cpus')} CPUs"
+            f"{', ' + env['hardware']['gpu'] if env.get('hardware', {}).get('gpu') else ''}.\n\n")
+    md_path = out_dir / "report.md"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(head + md)
+    figs = plots(tasks)
+    parts = [f"<h1>lorakit arena</h1><p>{html.escape(head.splitlines()[2])}</p>"]
+    for task in sorted(tasks):
+        sect = markdown({task: tasks[task]})
+        parts.append(_md_table_to_html(sect))
+        for title, b64 in figs.get(task, []):
+            parts.append(f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,{b64}'/>"
+                         f"<figcaption>{html.escape(task)}: {html.escape(title)}</figcaption></figure>")
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>lorakit arena</title><style>"
+            "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+            "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px}"
+            "th{background:#f3f3f3}tr.base td{background:#fff3f3;font-weight:600}figure{display:inline-block;"
+            "margin:.5em}img{max-width:520px}</style></head><body>" + "\n".join(parts) + "</body></html>")
+    html_path = out_dir / "report.html"
+    html_path.write_text(page)
+    return md_path, html_path
+
+
+def _md_table_to_html(md: str) -> str:
+    lines = md.strip().splitlines()
+    title = lines[0].lstrip("# ").strip()
+    rows = [ln for ln in lines[1:] if ln.startswith("|")]
+    head = [c.strip() for c in rows[0].strip("|").split("|")]
+    body = []
+    for ln in rows[2:]:
+        cells = [c.strip().replace("**", "") for c in ln.strip("|").split("|")]
+        cls = " class='base'" if "(baseline)" in ln else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    return (f"<h2>{html.escape(title)}</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) +
+            "</tr>" + "".join(body) + "</table>")

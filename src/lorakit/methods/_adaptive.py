@@ -1,0 +1,163 @@
+"""Shared pieces of the adaptive-rank family (AdaLoRA, IncreLoRA, SoRA, DyLoRA).
+
+* :class:`Sensitivity`: AdaLoRA's smoothed importance ``Ī·Ū`` per parameter entry, where ``I = |p ⊙ ∇p|``,
+  ``Ī ← β1·Ī + (1−β1)·I`` (sensitivity) and ``Ū ← β2·Ū + (1−β2)·|I − Ī|`` (uncertainty).
+* :func:`triplet_scores`: AdaLoRA's score of each rank-1 triplet ``(a_i, e_i, b_i)``:
+  ``S_i = s(e_i) + mean_j s(A_ij) + mean_j s(B_ji)``.
+* :func:`orth_penalty`: ``‖AAᵀ − I‖_F + ‖BᵀB − I‖_F`` (AdaLoRA/IncreLoRA's orthogonality regulariser).
+* :func:`adapters_of`: the ``(path, adapter)`` pairs of one adapter name and class.
+
+Rank changes are masks over preallocated slots: parameter shapes never change during training, so optimisers,
+schedulers, checkpoints and ``torch.compile`` graphs stay valid. Physically smaller adapters are produced only
+after training (:mod:`lorakit.rank`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..controllers import Controller
+from ..errors import ConfigError
+
+
+def adapters_of(model: nn.Module, name: str, cls: type) -> list[tuple[str, nn.Module]]:
+    from ..inject import adapters
+
+    return [(p, a) for p, a in adapters(model, name) if isinstance(a, cls)]
+
+
+class Sensitivity:
+    """EMA sensitivity × uncertainty of ``|p ⊙ ∇p|`` for a set of named tensors (AdaLoRA eq. 8–10)."""
+
+    def __init__(self, beta1: float = 0.85, beta2: float = 0.85):
+        if not (0 < beta1 < 1 and 0 < beta2 < 1):
+            raise ValueError(f"beta1/beta2 must lie in (0, 1), got {beta1}, {beta2}")
+        self.beta1, self.beta2 = beta1, beta2
+        self.ipt: dict[str, Tensor] = {}
+        self.unc: dict[str, Tensor] = {}
+
+    @torch.no_grad()
+    def update(self, key: str, p: Tensor, grad: Tensor | None) -> None:
+        if grad is None:
+            return
+        i = (p.float() * grad.float()).abs()
+        if key not in self.ipt:
+            self.ipt[key], self.unc[key] = torch.zeros_like(i), torch.zeros_like(i)
+        self.ipt[key].mul_(self.beta1).add_(i, alpha=1 - self.beta1)
+        self.unc[key].mul_(self.beta2).add_((i - self.ipt[key]).abs(), alpha=1 - self.beta2)
+
+    def score(self, key: str) -> Tensor | None:
+        if key not in self.ipt:
+            return None
+        return self.ipt[key] * self.unc[key]
+
+    def reset(self) -> None:
+        self.ipt.clear()
+        self.unc.clear()
+
+    def state_dict(self) -> dict:
+        return {"ipt": dict(self.ipt), "unc": dict(self.unc)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ipt, self.unc = dict(state.get("ipt", {})), dict(state.get("unc", {}))
+
+
+def triplet_scores(sens: Sensitivity, key: str, r: int, device=None) -> Tensor:
+    """Score of each of the ``r`` triplets of the module ``key`` (zeros before the first update)."""
+    sA, sE, sB = (sens.score(f"{key}.{n}") for n in ("A", "E", "B"))
+    if sA is None:
+        return torch.zeros(r, device=device)
+    return sE.reshape(-1) + sA.mean(1) + sB.mean(0)
+
+
+def orth_penalty(A: Tensor, B: Tensor) -> Tensor:
+    """``‖AAᵀ − I‖_F + ‖BᵀB − I‖_F`` for A (r, d_in), B (d_out, r)."""
+    eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    return torch.linalg.matrix_norm(A @ A.t() - eye) + torch.linalg.matrix_norm(B.t() @ B - eye)
+
+
+class AdaLoRAController(Controller):
+    """PEFT's RankAllocator as a Controller (see the AdaLoRA docstring for the schedule). ``cls``: the adapter
+    class (needs ``cfg`` with the AdaLoRA schedule fields, ``rank_mask``, ``lora_A/E/B``, ``apply_mask``)."""
+
+    def __init__(self, model, name: str, cls):
+        self.model, self.name, self.cls = model, name, cls
+        mods = adapters_of(model, name, cls)
+        if not mods:
+            raise ConfigError(f"adapter {name!r} has no {cls.name} modules")
+        self.c = mods[0][1].cfg
+        self.total = self.c.total_step
+        self.sens = Sensitivity(self.c.beta1, self.c.beta2)
+        self.init_bgt = sum(a.rank_mask.numel() for _, a in mods)
+        self.target_bgt = self.c.target_r * len(mods)
+        for _, a in mods:
+            a.orth_modules = len(mods)
+
+    def mods(self):
+        return adapters_of(self.model, self.name, self.cls)
+
+    def on_train_begin(self, model, optimizer, total_steps: int) -> None:
+        if self.total is None:
+            self.total = total_steps
+        if self.c.tinit >= self.total - self.c.tfinal:
+            raise ConfigError(f"AdaLoRA schedule has no budgeting phase: tinit={self.c.tinit} must be < total_step "
+                              f"({self.total}) - tfinal ({self.c.tfinal})")
+
+    def budget(self, step: int) -> tuple[int, bool]:
+        c, T = self.c, self.total
+        if step <= c.tinit:
+            return self.init_bgt, False
+        if step > T - c.tfinal:
+            return self.target_bgt, True
+        mul = 1 - (step - c.tinit) / (T - c.tfinal - c.tinit)
+        return int((self.init_bgt - self.target_bgt) * mul ** 3 + self.target_bgt), step % c.deltaT == 0
+
+    def before_step(self, step: int, model, optimizer) -> None:
+        if self.total is None:
+            raise ConfigError("AdaLoRA needs the total number of steps: set total_step or call on_train_begin")
+        if step < self.total - self.c.tfinal:
+            for path, a in self.mods():
+                for k, p in (("A", a.lora_A), ("E", a.lora_E), ("B", a.lora_B)):
+                    self.sens.update(f"{path}.{k}", p, p.grad)
+
+    @torch.no_grad()
+    def mask_to_budget(self, budget: int) -> None:
+        mods = self.mods()
+        scores = [triplet_scores(self.sens, p, a.rank_mask.numel(), a.rank_mask.device) for p, a in mods]
+        flat = torch.cat([s.float().cpu() for s in scores]) if scores else torch.zeros(0)
+        k = min(max(self.init_bgt - budget, 0), flat.numel())
+        drop = torch.zeros(flat.numel(), dtype=torch.bool)
+        drop[torch.argsort(flat, stable=True)[:k]] = True
+        i = 0
+        for _, a in mods:
+            n = a.rank_mask.numel()
+            a.rank_mask.copy_((~drop[i:i + n]).to(a.rank_mask))
+            a.apply_mask()
+            i += n
+
+    def step(self, step: int, model, optimizer) -> None:
+        final = self.total - self.c.tfinal
+        if step < final:
+            budget, now = self.budget(step)
+            if now:
+                self.mask_to_budget(budget)
+        elif step == final:
+            self.mask_to_budget(self.target_bgt)
+            self.sens.reset()
+        else:
+            for _, a in self.mods():
+                a.apply_mask()
+
+    def active_ranks(self) -> int:
+        return int(sum(a.rank_mask.sum() for _, a in self.mods()))
+
+    def state_dict(self) -> dict:
+        return {"total": self.total, "sens": self.sens.state_dict(),
+                "masks": {p: a.rank_mask.clone() for p, a in self.mods()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total = state["total"]
+        self.sens.load_state_dict(state["sens"])
+        for p, a in self.mods():
+            if p in state["masks"]:
+                a.rank_mask.copy_(state["masks"][p])

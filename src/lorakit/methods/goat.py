@@ -1,0 +1,84 @@
+"""GOAT: Great LoRA Mixture-of-Experts (Fan et al. 2025, arXiv:2502.16894, ICML 2025).
+
+E experts of rank ``r_e = r/E``, router ``p = softmax(W_g x)`` (``W_g`` (E, d_in)), top-k renormalised:
+``h = W_res x + Σ_{i∈TopK} w_i · s · B_i A_i x``; ``A_i`` (r_e, d_in), ``B_i`` (d_out, r_e).
+Trains A, B, W_g; the base is replaced by the residual ``W_res`` (frozen).
+
+SVD-structured init (official ``goat/peta/src/goat/layer.py``, init "goat"): ``W0 = U diag(σ) Vᵀ`` (fp32), the index
+range ``[0, min(d_out, d_in))`` is cut into E segments of length ``L = ⌊k/E⌋``; expert i takes the FIRST ``r_e``
+components of segment i (``init="goat_mini"``: the last ``r_e``). With ``σ̃ = σ/(s·ρ)``: ``A_i = diag(√σ̃) V_segᵀ``,
+``B_i = U_seg diag(√σ̃)`` and ``W_res = W0 − c · s · Σ_i B_i A_i`` (``c = init_cof``, default 1/E as the
+released scripts pass). Theoretical scaling factor (``scaling="goat"``, used by the official "goat" init):
+``s = √(3 η d_in / r_e)``; ``scaling="lora"`` gives ``s = α/r_e``. ρ = 10, η = 1.
+Not output-preserving under top-k routing (init class "changes"); with a uniform router, ``top_k = E`` and
+``c = 1/E`` the init output equals the base (tested). Aux loss: Switch ``E·Σ f_i P_i`` with f the top-k
+selection fractions (Σf = k), coefficient ``aux_coef`` (scripts 1e-3). The residual is rebuilt from the base on load.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..core import register
+from ._mixture import MixConfig, Mixture
+
+
+@register("goat", family="mixture of LoRA experts", paper="Fan et al. 2025, Make LoRA Great Again: Boosting LoRA "
+          "with Adaptive Singular Values and Mixture-of-Experts Optimization Alignment (GOAT), arXiv:2502.16894")
+class GOAT(Mixture):
+    __doc__ = __doc__
+    init = "changes"
+    example = {"r": 4, "num_experts": 2, "top_k": 1, "aux_coef": 1e-3}
+
+    @dataclass
+    class Config(MixConfig):
+        r: int = 8  # TOTAL rank; each expert has r // num_experts
+        alpha: float = 16.0
+        num_experts: int = 8
+        top_k: int = 2
+        dropout: float = 0.05
+        aux_coef: float = 1e-3
+        scaling: str = "goat"  # "goat": √(3η d_in / r_e) | "lora": α / r_e
+        init: str = "goat"  # "goat" (first r_e of each segment) | "goat_mini" (last r_e)
+        rho: float = 10.0
+        eta: float = 1.0
+        init_cof: float | None = None  # c; None = 1/num_experts
+
+    def __init__(self, base, cfg: Config, view=None):
+        if cfg.r // cfg.num_experts <= 0:
+            raise ValueError(f"GOAT: r={cfg.r} must be >= num_experts={cfg.num_experts} (rank per expert r/E)")
+        if cfg.scaling not in ("goat", "lora") or cfg.init not in ("goat", "goat_mini"):
+            raise ValueError(f"GOAT: scaling must be 'goat'|'lora' and init 'goat'|'goat_mini', got "
+                             f"{cfg.scaling!r}, {cfg.init!r}")
+        super().__init__(base, cfg, view, rank=cfg.r // cfg.num_experts)
+
+    def expert_scale(self) -> float:
+        if self.cfg.scaling == "goat":
+            return math.sqrt(3 * self.cfg.eta * self.view.d_in / self.r)
+        return self.cfg.alpha / self.r
+
+    def segments(self, k: int) -> list[range]:
+        L = k // self.E
+        if L < self.r:
+            raise ValueError(f"GOAT: min(d_out, d_in)={k} gives segments of {L} < r/E={self.r} singular components")
+        off = 0 if self.cfg.init == "goat" else L - self.r
+        return [range(i * L + off, i * L + off + self.r) for i in range(self.E)]
+
+    @torch.no_grad()
+    def init_from(self, weight: Tensor, stats=None) -> Tensor:
+        U, S, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
+        idx = torch.tensor([i for seg in self.segments(S.numel()) for i in seg], device=S.device)
+        s = self.expert_scale()
+        root = (S[idx] / (s * self.cfg.rho)).sqrt().view(self.E, self.r)  # (E, r_e)
+        A = root[..., None] * Vh[idx].view(self.E, self.r, -1)  # (E, r_e, d_in)
+        B = U[:, idx].view(-1, self.E, self.r).permute(1, 0, 2) * root[:, None, :]  # (E, d_out, r_e)
+        self.experts_A.copy_(A.to(self.experts_A.dtype))
+        self.experts_B.copy_(B.to(self.experts_B.dtype))
+        c = 1.0 / self.E if self.cfg.init_cof is None else self.cfg.init_cof
+        return weight - c * s * torch.einsum("eor,eri->oi", self.experts_B.float(), self.experts_A.float())
+
+    def on_load(self, weight: Tensor, state) -> Tensor:
+        return self.init_from(weight)

@@ -1,0 +1,585 @@
+"""Generation engine: continuous batching over an :class:`AdapterBank`, adapters loaded on demand into an LRU.
+
+One engine thread owns the model. Each iteration it (1) installs adapters whose cold load finished (loaded by a
+worker thread, so loading never blocks decoding), (2) decodes one token for every running request (one batched
+forward, one adapter id per row), (3) prefills newly admitted requests as one left-padded batch and merges their KV
+cache into the running one. Requests join and leave between decode steps.
+
+KV cache: a transformers ``DynamicCache`` kept rectangular (batch, heads, L, dim) with left padding; each row has
+its own attention mask and position ids, so rows of different lengths decode together exactly. Rows that finish
+are dropped (``batch_select_indices``) and all-padding leading columns are trimmed.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import AdapterFileError, ConfigError, LorakitError
+from .bank import AdapterBank, ServedAdapter, install, read_served
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SamplingParams", "Request", "Engine", "EngineError", "AdapterNotFound", "valid_adapter_name"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
+
+
+class EngineError(LorakitError, ValueError):
+    """A request the engine cannot serve (too long, bad parameters, ...)."""
+
+
+class AdapterNotFound(EngineError):
+    """The requested adapter is neither loaded nor in the adapter directory."""
+
+
+def valid_adapter_name(name: str) -> bool:
+    return isinstance(name, str) and bool(_NAME.match(name)) and ".." not in name
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def check(self, limit: int) -> None:
+        if not (1 <= self.max_tokens <= limit):
+            raise EngineError(f"max_tokens must be in [1, {limit}], got {self.max_tokens}")
+        if not (0.0 <= self.temperature <= 10.0):
+            raise EngineError(f"temperature must be in [0, 10], got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise EngineError(f"top_p must be in (0, 1], got {self.top_p}")
+        if len(self.stop) > 8 or any(not isinstance(s, str) or not s or len(s) > 64 for s in self.stop):
+            raise EngineError("stop: at most 8 non-empty strings of at most 64 characters")
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    prompt_ids: list[int]
+    adapter: str | None
+    params: SamplingParams
+    callback: Callable[["Request", str, Any], None] | None = None  # (req, "delta"|"done", payload)
+    id: int = field(default_factory=lambda: next(_ids))
+    out_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters of text already streamed
+    finish_reason: str | None = None
+    error: str | None = None
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+    t_done: float | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    gen: torch.Generator | None = None
+    cancelled: bool = False
+
+    def result(self, timeout: float | None = None) -> "Request":
+        if not self.done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish in {timeout}s")
+        return self
+
+
+class Engine:
+    """Continuous-batching generation over many adapters on one base model.
+
+    ``adapter_dir``: a directory whose sub-directories are adapters (the name is the sub-directory name);
+    ``max_loras``: adapters resident in the bank at once (LRU; adapters used by running requests are pinned).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, adapter_dir: str | Path | None = None, *, max_loras: int = 8,
+                 max_batch: int = 64, base_name: str = "base", targets: Any = "all-linear",
+                 max_new_tokens: int = 512, max_prompt_tokens: int | None = None):
+        self.model = model.eval()
+        self.tok = tokenizer
+        self.bank: AdapterBank = install(model, targets)
+        self.adapter_dir = Path(adapter_dir).resolve() if adapter_dir is not None else None
+        self.max_loras, self.max_batch, self.base_name = max_loras, max_batch, base_name
+        self.max_new_tokens = max_new_tokens
+        ctx = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+        self.max_context = ctx
+        self.max_prompt_tokens = min(max_prompt_tokens or ctx, ctx)
+        eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
+        eos = eos if eos is not None else getattr(tokenizer, "eos_token_id", None)
+        self.eos = set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
+        self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+        self.registry: dict[str, Path] = {}  # explicitly loaded (load_lora_adapter) name -> path
+        self.lru: OrderedDict[str, None] = OrderedDict()
+        self.loading: dict[str, Future] = {}
+        self.unload_pending: set[str] = set()
+        self.waiting: list[Request] = []
+        self.rows: list[Request] = []  # running, in cache row order
+        self.cache = None
+        self.attn: Tensor | None = None
+        self.pos: Tensor | None = None
+        self.last: Tensor | None = None
+        self.lock = threading.RLock()
+        self.wake = threading.Condition(self.lock)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-adapter-load")
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+        self.m = {"requests": 0, "requests_failed": 0, "prompt_tokens": 0, "generated_tokens": 0,
+                  "adapter_hits": 0, "adapter_misses": 0, "adapter_loads": 0, "adapter_load_errors": 0,
+                  "adapter_evictions": 0, "adapter_load_ms_total": 0.0, "decode_steps": 0}
+        self.t0 = time.perf_counter()
+        self._tok_times: list[tuple[float, int]] = []
+
+    # --- adapters ------------------------------------------------------------------------------------------------
+    def resolve(self, name: str | None) -> str | None:
+        """Adapter name as requested -> bank name (None = base). Raises AdapterNotFound."""
+        if name is None or name == "" or name == self.base_name:
+            return None
+        if not valid_adapter_name(name):
+            raise AdapterNotFound(f"invalid adapter name {name!r} (letters, digits, '.', '_', '-'; no '..')")
+        with self.lock:
+            if name in self.registry or name in self.bank or name in self.loading:
+                return name
+        p = self._path_of(name)
+        if p is None:
+            raise AdapterNotFound(f"adapter {name!r} not found" + (f" in {self.adapter_dir}" if self.adapter_dir
+                                                                  else " (no adapter directory configured)"))
+        return name
+
+    def _path_of(self, name: str) -> Path | None:
+        if name in self.registry:
+            return self.registry[name]
+        if self.adapter_dir is None:
+            return None
+        p = (self.adapter_dir / name).resolve()
+        if not p.is_relative_to(self.adapter_dir) or not (p / "adapter_config.json").is_file():
+            return None
+        return p
+
+    def check_path(self, path: str | Path) -> Path:
+        """A path for ``load_lora_adapter``: must lie inside the adapter directory."""
+        p = Path(path)
+        if self.adapter_dir is None:
+            raise EngineError("loading adapters by path needs an adapter directory (--adapters DIR)")
+        p = (p if p.is_absolute() else self.adapter_dir / p).resolve()
+        if not p.is_relative_to(self.adapter_dir):
+            raise EngineError(f"lora_path {str(path)!r} is outside the adapter directory")
+        if not (p / "adapter_config.json").is_file():
+            raise AdapterNotFound(f"lora_path {str(path)!r} is not an adapter directory")
+        return p
+
+    def load_adapter(self, name: str, path: str | Path | None = None, wait: bool = True) -> None:
+        """Register ``name`` (at ``path``, inside the adapter dir) and load it now (vLLM ``load_lora_adapter``)."""
+        if not valid_adapter_name(name) or name == self.base_name:
+            raise EngineError(f"invalid adapter name {name!r}")
+        p = self.check_path(path if path is not None else name)
+        with self.lock:
+            if name in self.registry and self.registry[name] != p:
+                raise EngineError(f"adapter {name!r} is already registered with another path; unload it first")
+        sa = read_served(self.bank, p, name)  # validate now (clear error to the caller); cheap for LoRA
+        with self.lock:
+            self.registry[name] = p
+            self.unload_pending.discard(name)
+            if name not in self.bank and name not in self.loading:
+                f: Future = Future()
+                f.set_result((sa, 0.0))
+                self.loading[name] = f
+            self.wake.notify_all()
+
+    def unload_adapter(self, name: str) -> None:
+        with self.lock:
+            known = name in self.registry or name in self.bank or name in self.loading
+            if not known:
+                raise AdapterNotFound(f"adapter {name!r} is not loaded")
+            self.registry.pop(name, None)
+            self.unload_pending.add(name)
+            self.wake.notify_all()
+        if self.thread is None:
+            self._apply_unloads()
+
+    def models(self) -> list[str]:
+        with self.lock:
+            names = set(self.registry) | set(self.bank.slots)
+        if self.adapter_dir is not None:
+            names |= {p.name for p in self.adapter_dir.iterdir()
+                      if (p / "adapter_config.json").is_file() and valid_adapter_name(p.name)}
+        return sorted(names)
+
+    # --- requests --------------------------------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tok(prompt, add_special_tokens=True)["input_ids"])
+        return [int(t) for t in prompt]
+
+    def submit(self, prompt: str | list[int], adapter: str | None = None, params: SamplingParams | None = None,
+               callback=None) -> Request:
+        params = params or SamplingParams()
+        params.check(self.max_new_tokens)
+        ids = self.encode(prompt)
+        if not ids:
+            raise EngineError("empty prompt")
+        if len(ids) > self.max_prompt_tokens or len(ids) + params.max_tokens > self.max_context:
+            raise EngineError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} exceeds the limit "
+                              f"(prompt <= {self.max_prompt_tokens}, total <= {self.max_context})")
+        if any(t < 0 or t >= self.model.config.vocab_size for t in ids):
+            raise EngineError("prompt token id out of the vocabulary")
+        name = self.resolve(adapter)
+        req = Request(ids, name, params, callback)
+        if params.temperature > 0:
+            req.gen = torch.Generator().manual_seed(params.seed if params.seed is not None
+                                                    else int(torch.randint(0, 2**62, ()).item()))
+        with self.lock:
+            self.waiting.append(req)
+            self.m["requests"] += 1
+            self.m["prompt_tokens"] += len(ids)
+            self.wake.notify_all()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request (client went away); it leaves the batch at the next step."""
+        req.cancelled = True
+        with self.lock:
+            if req in self.waiting:
+                self.waiting.remove(req)
+                self._finish(req, "abort")
+
+    def generate(self, prompts: list, adapters: list | None = None, params: SamplingParams | list | None = None
+                 ) -> list[Request]:
+        """Submit several requests and wait (drives the loop itself when no engine thread runs)."""
+        adapters = adapters or [None] * len(prompts)
+        ps = params if isinstance(params, list) else [params] * len(prompts)
+        reqs = [self.submit(p, a, q) for p, a, q in zip(prompts, adapters, ps)]
+        if self.thread is None:
+            while not all(r.done.is_set() for r in reqs):
+                if not self.step():
+                    time.sleep(0.001)
+        for r in reqs:
+            r.result()
+        return reqs
+
+    # --- loop ------------------------------------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        if self.thread is None:
+            self.stopping = False
+            self.thread = threading.Thread(target=self._run, name="lorakit-engine", daemon=True)
+            self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping = True
+            self.wake.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+            self.thread = None
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self) -> None:
+        while not self.stopping:
+            try:
+                busy = self.step()
+            except Exception as e:  # never let the loop die: fail the running batch, keep serving
+                log.exception("engine step failed")
+                self._fail_all(f"internal error: {e}")
+                busy = False
+            if not busy:
+                with self.lock:
+                    if not self.stopping and not self.waiting and not self.rows:
+                        self.wake.wait(timeout=0.05)
+                    elif not self.rows:
+                        self.wake.wait(timeout=0.002)
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """One iteration; returns whether any model work was done."""
+        self._apply_unloads()
+        self._install_loaded()
+        worked = False
+        if self.rows:
+            self._decode()
+            worked = True
+        new = self._admit()
+        if new:
+            self._prefill(new)
+            worked = True
+        return worked
+
+    # --- adapter residency ---------------------------------------------------------------------------------------
+    def _in_use(self) -> set[str]:
+        return {r.adapter for r in self.rows if r.adapter} | {r.adapter for r in self.waiting if r.adapter}
+
+    def _apply_unloads(self) -> None:
+        with self.lock:
+            pending = list(self.unload_pending)
+            busy = {r.adapter for r in self.rows if r.adapter}
+        for n in pending:
+            if n in busy:
+                continue  # running requests finish with it; evicted afterwards
+            with self.lock:
+                self.unload_pending.discard(n)
+                f = self.loading.pop(n, None)
+                if f is not None:
+                    f.cancel()
+                if n in self.bank:
+                    self.bank.remove(n)
+                self.lru.pop(n, None)
+
+    def _start_load(self, name: str) -> None:
+        path = self._path_of(name)
+
+        def job():
+            t = time.perf_counter()
+            sa = read_served(self.bank, path, name)
+            return sa, (time.perf_counter() - t) * 1000
+
+        self.m["adapter_misses"] += 1
+        self.loading[name] = self.pool.submit(job)
+
+    def _install_loaded(self) -> None:
+        with self.lock:
+            done = [(n, f) for n, f in self.loading.items() if f.done()]
+        for n, f in done:
+            try:
+                sa, ms = f.result()
+            except Exception as e:  # a bad adapter fails only its own requests
+                with self.lock:
+                    self.loading.pop(n, None)
+                    self.m["adapter_load_errors"] += 1
+                    msg = str(e) if isinstance(e, LorakitError) else f"{type(e).__name__}: {e}"
+                    for r in [r for r in self.waiting if r.adapter == n]:
+                        self.waiting.remove(r)
+                        self._finish(r, "error", f"cannot load adapter {n!r}: {msg}")
+                log.warning("adapter %r failed to load: %s", n, e)
+                continue
+            if not self._make_room():
+                continue  # all resident adapters are busy; retry next step
+            with self.lock:
+                self.loading.pop(n, None)
+                if n in self.unload_pending:
+                    continue
+                self.bank.add(sa)
+                self.lru[n] = None
+                self.m["adapter_loads"] += 1
+                self.m["adapter_load_ms_total"] += ms
+                self.m["last_adapter_load_ms"] = round(ms, 3)
+
+    def _make_room(self) -> bool:
+        while len(self.bank) >= self.max_loras:
+            busy = {r.adapter for r in self.rows if r.adapter}
+            victim = next((n for n in self.lru if n not in busy), None)
+            if victim is None:
+                return False
+            self.bank.remove(victim)
+            self.lru.pop(victim)
+            self.m["adapter_evictions"] += 1
+        return True
+
+    def _admit(self) -> list[Request]:
+        out: list[Request] = []
+        with self.lock:
+            room = self.max_batch - len(self.rows)
+            for r in list(self.waiting):
+                if room <= 0:
+                    break
+                n = r.adapter
+                if n is not None and n not in self.bank:
+                    if n not in self.loading:
+                        if self._path_of(n) is None:
+                            self.waiting.remove(r)
+                            self._finish(r, "error", f"adapter {n!r} was unloaded")
+                            continue
+                        self._start_load(n)
+                    continue
+                if n is not None:
+                    self.lru.move_to_end(n)
+                    self.m["adapter_hits"] += 1
+                self.waiting.remove(r)
+                out.append(r)
+                room -= 1
+        return out
+
+    # --- model work ------------------------------------------------------------------------------------------------
+    def _slots(self, reqs: list[Request]) -> Tensor:
+        return torch.tensor([self.bank.slot(r.adapter) for r in reqs], dtype=torch.long)
+
+    def _prefill(self, reqs: list[Request]) -> None:
+        from transformers import DynamicCache
+
+        P = max(len(r.prompt_ids) for r in reqs)
+        ids = torch.full((len(reqs), P), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(reqs), P, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            n = len(r.prompt_ids)
+            ids[i, P - n:] = torch.tensor(r.prompt_ids)
+            mask[i, P - n:] = 1
+        pos = (mask.cumsum(1) - 1).clamp_min(0)
+        cache = DynamicCache()
+        self.bank.set_ids(self._slots(reqs))
+        try:
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                use_cache=True).logits[:, -1]
+        finally:
+            self.bank.set_ids(None)
+        nxt = self._sample(reqs, logits)
+        self._merge_cache(reqs, cache, mask, mask.sum(1), nxt)
+        self._emit(nxt, len(self.rows) - len(reqs))
+
+    def _decode(self) -> None:
+        mask = torch.cat([self.attn, torch.ones(len(self.rows), 1, dtype=torch.long)], 1)
+        self.bank.set_ids(self._slots(self.rows))
+        try:
+            logits = self.model(input_ids=self.last[:, None], attention_mask=mask, position_ids=self.pos[:, None],
+                                past_key_values=self.cache, use_cache=True).logits[:, -1]
+        finally:
+            self.bank.set_ids(None)
+        self.attn = mask
+        self.pos = self.pos + 1
+        self.m["decode_steps"] += 1
+        nxt = self._sample(self.rows, logits)
+        self.last = nxt
+        self._emit(nxt)
+
+    def _sample(self, reqs: list[Request], logits: Tensor) -> Tensor:
+        logits = logits.float()
+        nxt = logits.argmax(-1)
+        for i, r in enumerate(reqs):
+            p = r.params
+            if p.temperature <= 0:
+                continue
+            probs = torch.softmax(logits[i] / p.temperature, -1)
+            if p.top_p < 1.0:
+                sp, si = probs.sort(descending=True)
+                keep = sp.cumsum(0) - sp < p.top_p  # smallest set whose mass reaches top_p
+                probs = torch.zeros_like(probs).scatter_(0, si[keep], sp[keep])
+            nxt[i] = torch.multinomial(probs, 1, generator=r.gen)[0]
+        return nxt
+
+    def _merge_cache(self, reqs, cache, mask, lengths, nxt) -> None:
+        if not self.rows:
+            self.rows, self.cache, self.attn, self.pos, self.last = list(reqs), cache, mask, lengths.clone(), nxt
+            return
+        L, P = self.attn.shape[1], mask.shape[1]
+        T = max(L, P)
+
+        def padl(t: Tensor, n: int) -> Tensor:
+            if n == 0:
+                return t
+            z = torch.zeros(*t.shape[:-2], n, t.shape[-1], dtype=t.dtype, device=t.device)
+            return torch.cat([z, t], -2)
+
+        for a, b in zip(self.cache.layers, cache.layers):
+            a.keys = torch.cat([padl(a.keys, T - L), padl(b.keys, T - P)], 0)
+            a.values = torch.cat([padl(a.values, T - L), padl(b.values, T - P)], 0)
+        z = lambda m, n: torch.cat([torch.zeros(m.shape[0], n, dtype=m.dtype), m], 1)
+        self.attn = torch.cat([z(self.attn, T - L), z(mask, T - P)], 0)
+        self.pos = torch.cat([self.pos, lengths])
+        self.last = torch.cat([self.last, nxt])
+        self.rows += list(reqs)
+
+    def _emit(self, nxt: Tensor, start: int = 0) -> None:
+        """Hand out the sampled tokens of rows ``start:`` (the newly prefilled rows, or all after a decode)."""
+        now = time.perf_counter()
+        done_idx = []
+        toks = nxt.tolist()
+        for i, r in enumerate(self.rows[start:], start):
+            t = toks[i - start]
+            if r.t_first is None:
+                r.t_first = now
+            finish = None
+            if r.cancelled:
+                done_idx.append(i)
+                self._finish(r, "abort")
+                continue
+            if t in self.eos and not r.params.ignore_eos:
+                finish = "stop"
+            else:
+                r.out_ids.append(t)
+                self.m["generated_tokens"] += 1
+                r.text = self.tok.decode(r.out_ids, skip_special_tokens=True)
+                if r.params.stop:
+                    hits = [r.text.find(s) for s in r.params.stop if s in r.text]
+                    if hits:
+                        r.text = r.text[:min(hits)]
+                        finish = "stop"
+                if finish is None and len(r.out_ids) >= r.params.max_tokens:
+                    finish = "length"
+            if finish is None:
+                hold = max((len(s) for s in r.params.stop), default=1) - 1
+                upto = len(r.text) - hold
+                if r.text.endswith("\ufffd"):
+                    upto = min(upto, len(r.text) - 1)
+                if upto > r.sent:
+                    self._cb(r, "delta", r.text[r.sent:upto])
+                    r.sent = upto
+            else:
+                done_idx.append(i)
+                if len(r.text) > r.sent:
+                    self._cb(r, "delta", r.text[r.sent:])
+                    r.sent = len(r.text)
+                self._finish(r, finish)
+        self._tok_times.append((now, len(toks)))
+        if done_idx:
+            self._drop(done_idx)
+
+    def _drop(self, idx: list[int]) -> None:
+        drop = set(idx)
+        keep = [i for i in range(len(self.rows)) if i not in drop]
+        if not keep:
+            self.rows, self.cache, self.attn, self.pos, self.last = [], None, None, None, None
+            return
+        kt = torch.tensor(keep, dtype=torch.long)
+        self.rows = [self.rows[i] for i in keep]
+        self.attn, self.pos, self.last = self.attn[kt], self.pos[kt], self.last[kt]
+        used = self.attn.any(0).nonzero()
+        first = int(used[0]) if used.numel() else 0
+        for lay in self.cache.layers:
+            lay.keys = lay.keys[kt, :, first:]
+            lay.values = lay.values[kt, :, first:]
+        self.attn = self.attn[:, first:]
+
+    def _cb(self, r: Request, kind: str, payload: Any) -> None:
+        if r.callback is not None:
+            try:
+                r.callback(r, kind, payload)
+            except Exception:  # a client that went away must not hurt the others
+                log.debug("callback failed for request %s", r.id, exc_info=True)
+
+    def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
+        r.finish_reason, r.error, r.t_done = reason, error, time.perf_counter()
+        if error:
+            self.m["requests_failed"] += 1
+        self._cb(r, "done", None)
+        r.done.set()
+
+    def _fail_all(self, msg: str) -> None:
+        with self.lock:
+            for r in self.rows:
+                self._finish(r, "error", msg)
+            self.rows, self.cache, self.attn, self.pos, self.last = [], None, None, None, None
+
+    # --- metrics ---------------------------------------------------------------------------------------------------
+    def metrics(self) -> dict:
+        now = time.perf_counter()
+        self._tok_times = [(t, n) for t, n in self._tok_times if now - t < 10.0]
+        recent = sum(n for _, n in self._tok_times)
+        span = (now - self._tok_times[0][0]) if len(self._tok_times) > 1 else 0.0
+        with self.lock:
+            out = dict(self.m)
+            out.update(running=len(self.rows), waiting=len(self.waiting), resident_adapters=sorted(self.bank.slots),
+                       loading_adapters=sorted(self.loading), max_loras=self.max_loras,
+                       tokens_per_s=round(recent / span, 2) if span > 0 else 0.0,
+                       uptime_s=round(now - self.t0, 1))
+        loads = max(out["adapter_loads"], 1)
+        out["adapter_load_ms_avg"] = round(out.pop("adapter_load_ms_total") / loads, 3)
+        hm = out["adapter_hits"] + out["adapter_misses"]
+        out["adapter_hit_rate"] = round(out["adapter_hits"] / hm, 4) if hm else None
+        return out

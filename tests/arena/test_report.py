@@ -1,0 +1,37 @@
+"""The arena report from synthetic records: sorting, baselines, mean ± std, HTML with embedded plots."""
+from __future__ import annotations
+
+import json
+
+from lorakit.arena import aggregate, write_report
+
+
+def _rec(method, seed, metric, before=0.5, status="ok", variant=None, **kw):
+    return {"key": f"t|{variant or method}|{seed}", "task": "sentiment-minilm", "method": method,
+            "variant": variant or method, "seed": seed, "status": status, "metric_name": "accuracy",
+            "metric": metric, "metric_before": before, "trainable_params": 1000 if method == "lora" else 500,
+            "adapter_bytes": 4096, "time_per_step_s": 0.1, "wall_s": 10.0, "peak_rss_mb": 900.0,
+            "loss_curve": [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}],
+            "budget_info": {"matched": True}, "versions": {"lorakit": "0.1.0"}, "hardware": {"cpus": 2}, **kw}
+
+
+def test_aggregate_sorts_and_marks_baselines():
+    recs = [_rec("lora", 0, 0.80), _rec("lora", 1, 0.84), _rec("dora", 0, 0.90), _rec("dora", 1, 0.86),
+            _rec("vera", 0, None, status="error", error="boom")]
+    rows = aggregate(recs)["sentiment-minilm"]
+    names = [r["variant"] for r in rows]
+    assert names[:3] == ["dora", "lora", "untrained model"]
+    assert names[-1] == "vera" and rows[-1]["errors"] == 1
+    lora = rows[1]
+    assert abs(lora["mean"] - 0.82) < 1e-9 and abs(lora["std"] - 0.028284271) < 1e-6
+    assert lora["baseline"] == "LoRA" and rows[2]["baseline"] == "untrained" and rows[2]["mean"] == 0.5
+
+
+def test_write_report(tmp_path):
+    recs = [_rec("lora", 0, 0.8), _rec("dora", 0, 0.9), _rec("vera", 0, 0.7)]
+    (tmp_path / "runs.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    md, html = write_report(tmp_path)
+    text = md.read_text()
+    assert "| 1 | dora | 0.900" in text and "**lora** (baseline)" in text and "untrained model" in text
+    page = html.read_text()
+    assert page.count("data:image/png;base64,") == 4 and "class='base'" in page

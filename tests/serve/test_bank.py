@@ -1,0 +1,112 @@
+import copy
+
+import pytest
+import torch
+
+from helpers import load_base, make_adapter, make_base, merged_model
+from lorakit.errors import AdapterFileError
+from lorakit.serve.bank import install, read_served
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bank")
+    base = load_base(make_base(d / "base"))
+    ads = {
+        "lo4": make_adapter(base, d / "lo4", "lora", r=4, seed=1),
+        "lo8": make_adapter(base, d / "lo8", "lora", r=8, seed=2, rslora=True),
+        "do2": make_adapter(base, d / "do2", "dora", r=2, seed=3),
+        "pi3": make_adapter(base, d / "pi3", "pissa", r=3, seed=4),
+        "qv": make_adapter(base, d / "qv", "lora", r=4, seed=5, targets=["q_proj", "v_proj"]),
+    }
+    return base, ads
+
+
+def test_mixed_batch_equals_merged(setup):
+    base, ads = setup
+    served = copy.deepcopy(base)
+    bank = install(served)
+    for n, p in ads.items():
+        bank.add(read_served(bank, p, n))
+    ids = torch.randint(3, 250, (7, 6), generator=torch.Generator().manual_seed(0))
+    names = ["lo4", None, "do2", "pi3", "lo8", "qv", "lo4"]
+    bank.set_adapters(names)
+    with torch.no_grad():
+        out = served(ids).logits
+        for i, n in enumerate(names):
+            ref_m = base if n is None else merged_model(base, ads[n])
+            ref = ref_m(ids[i:i + 1]).logits[0]
+            torch.testing.assert_close(out[i], ref, atol=2e-4, rtol=1e-4, msg=f"row {i} ({n})")
+    # bank layout: one bucket per rank, no padding (pissa serves rank 2r = 6 on the original base)
+    lay = bank.layers["model.layers.0.self_attn.q_proj"]
+    assert sorted(lay.A) == [2, 4, 6, 8]
+    assert len(bank.layouts) == 2  # q/v layers (qv adapter present) vs the others
+
+
+def test_remove_and_reuse_slot(setup):
+    base, ads = setup
+    served = copy.deepcopy(base)
+    bank = install(served)
+    for n in ("lo4", "do2"):
+        bank.add(read_served(bank, ads[n], n))
+    bank.remove("lo4")
+    bank.add(read_served(bank, ads["lo8"], "lo8"))
+    ids = torch.randint(3, 250, (2, 5), generator=torch.Generator().manual_seed(1))
+    bank.set_adapters(["lo8", "do2"])
+    with torch.no_grad():
+        out = served(ids).logits
+        torch.testing.assert_close(out[0], merged_model(base, ads["lo8"])(ids[:1]).logits[0], atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(out[1], merged_model(base, ads["do2"])(ids[1:]).logits[0], atol=2e-4, rtol=1e-4)
+        bank.set_ids(None)
+        torch.testing.assert_close(served(ids).logits, base(ids).logits)
+
+
+def test_refusals(setup, tmp_path):
+    base, ads = setup
+    bank = install(copy.deepcopy(base))
+    with pytest.raises(AdapterFileError, match="not found"):
+        read_served(bank, tmp_path / "nope", "x")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((ads["lo4"] / "adapter_config.json").read_text())
+    (bad / "adapter_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(AdapterFileError, match="safetensors"):
+        read_served(bank, bad, "bad")
+    other = make_adapter(load_base(make_base(tmp_path / "b2", hidden=48)), tmp_path / "other", "lora", r=2)
+    with pytest.raises(AdapterFileError, match="another base"):
+        read_served(bank, other, "other")
+
+
+def test_method_without_lowrank_is_refused(setup, tmp_path):
+    """A registered method whose lowrank() is None is refused with an error naming it."""
+    from dataclasses import dataclass
+
+    import lorakit
+    from lorakit.core import REGISTRY, Adapter, Factor, register
+
+    @register("_served_gate_test", family="test", paper="none")
+    class Gate(Adapter):
+        @dataclass
+        class Config:
+            r: int = 2
+
+        def __init__(self, base, cfg, view=None):
+            super().__init__(base, cfg, view)
+            self.g = Factor(self.view.d_out)
+
+        def reset_parameters(self):
+            torch.nn.init.ones_(self.g.weight)
+
+        def delta(self, x):
+            return torch.zeros(*x.shape[:-1], self.view.d_out)
+
+    try:
+        base, _ = setup
+        m = copy.deepcopy(base)
+        lorakit.attach(m, {"method": "_served_gate_test", "targets": ["q_proj"]}, "a")
+        lorakit.save_adapter(m, tmp_path / "g", "a")
+        bank = install(copy.deepcopy(base))
+        with pytest.raises(AdapterFileError, match="_served_gate_test"):
+            read_served(bank, tmp_path / "g", "g")
+    finally:
+        REGISTRY.pop("_served_gate_test", None)
