@@ -181,19 +181,24 @@ def cmd_generate(a) -> int:
 
 # ---------------------------------------------------------------------------------------------------- methods
 def methods_markdown() -> str:
-    from . import methods
+    from .catalog import methods_markdown as md
 
-    lines = ["| method | family | paper | mergeable | PEFT type | init | layers | calibration |",
-             "|---|---|---|---|---|---|---|---|"]
-    for m in methods():
-        lines.append(f"| `{m['name']}` | {m['family']} | {m['paper']} | {'yes' if m['mergeable'] else 'no'} | "
-                     f"{m['peft_type'] or '-'} | {m['init']} | {', '.join(m['layers'])} | {m['calibration'] or '-'} |")
-    return "\n".join(lines) + "\n"
+    return md()
+
+
+def _method_rows() -> list[dict]:
+    # not `lorakit.methods()`: importing the `lorakit.methods` package shadows that function's name
+    import importlib
+
+    from .core import REGISTRY
+
+    importlib.import_module("lorakit.methods")
+    return [{"name": n, "family": c.family, "paper": c.paper, "mergeable": c.mergeable,
+             "peft_type": c.peft.peft_type if c.peft else None, "init": c.init, "layers": list(c.layers),
+             "calibration": c.calibration} for n, c in sorted(REGISTRY.items())]
 
 
 def cmd_methods(a) -> int:
-    from . import methods
-
     if a.markdown is not None:
         md = methods_markdown()
         if a.markdown == "-":
@@ -203,7 +208,7 @@ def cmd_methods(a) -> int:
             _out(f"wrote {a.markdown}")
         return 0
     rows = [[m["name"], m["family"], "yes" if m["mergeable"] else "no", m["peft_type"] or "-", m["init"],
-             ",".join(m["layers"]), m["calibration"] or "-", m["paper"][:60]] for m in methods()]
+             ",".join(m["layers"]), m["calibration"] or "-", m["paper"][:60]] for m in _method_rows()]
     _out(_table(rows, ["method", "family", "merge", "peft", "init", "layers", "calib", "paper"]))
     return 0
 
