@@ -102,7 +102,7 @@ DEFAULT: dict[str, Any] = {
     "optim": {"lr": 1e-3, "warmup": 0.1, "schedule": "cosine"},
     "data": {"task": "sentiment-smollm2", "max_length": 64, "batch_size": 8, "eval_size": 200,
              "eval_batch_size": 50},
-    "train": {"steps": 60, "seed": 0, "log_every": 1},
+    "train": {"steps": 40, "seed": 0, "log_every": 1},
     "output": {"dir": "runs/{task}-{method}"},
 }
 
