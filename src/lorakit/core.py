@@ -408,7 +408,7 @@ class Adapted(nn.Module):
         self.active: tuple[str, ...] = ()
         self.merged_names: tuple[str, ...] = ()
         self._stash: Any = None
-        self._register_load_state_dict_pre_hook(_accept_unwrapped_keys)
+        self._register_load_state_dict_pre_hook(_accept_unwrapped_keys, with_module=True)
 
     @property
     def weight(self) -> Tensor:  # transformers reads e.g. lm_head.weight / dtype checks through the wrapper

@@ -95,3 +95,9 @@ def tiny_cfg(model_dir, data, out, task="classify-lm", **train):
         "train": {"steps": 6, "seed": 0, **train},
         "output": {"dir": str(out)},
     }
+
+
+def tiny_llama_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)
