@@ -129,6 +129,19 @@ def _batch_indices(i: int, n: int, bs: int, seed: int) -> list[int]:
     return perm[k * bs:(k + 1) * bs]
 
 
+def _dist() -> tuple[int, int]:
+    """(rank, world size) when torch.distributed is initialised (data parallel), else (0, 1)."""
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        return d.get_rank(), d.get_world_size()
+    return 0, 1
+
+
+class _NoLog:
+    def __call__(self, **rec) -> None: ...
+    def close(self) -> None: ...
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -144,7 +157,13 @@ def run_training(config: RunConfig | dict | None = None, *, resume: bool = False
     t_start = time.perf_counter()
     tc, dc = cfg.train, cfg.data
     out = cfg.out_dir
-    _prepare_out(out, resume)
+    rank, world = _dist()
+    if dc.batch_size % world:
+        raise ConfigError(f"data.batch_size={dc.batch_size} must be divisible by the {world} data-parallel processes")
+    if rank == 0:
+        _prepare_out(out, resume)
+    if world > 1:
+        torch.distributed.barrier()
     if tc.threads:
         torch.set_num_threads(tc.threads)
     device = _device(tc.device)
@@ -172,15 +191,19 @@ def run_training(config: RunConfig | dict | None = None, *, resume: bool = False
         if not acfg.get(k):
             acfg[k] = v
     cfg.adapter = AttachConfig.make(acfg).to_dict()
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if rank == 0:
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     def batch(i: int) -> dict:
-        return task.collate([train_ex[j] for j in _batch_indices(i, len(train_ex), bs, tc.seed)])
+        idx = _batch_indices(i, len(train_ex), bs, tc.seed)  # the global batch; each process takes its share
+        share = max(len(idx) // world, 1)
+        return task.collate([train_ex[j] for j in idx[rank * share:(rank + 1) * share] or idx[:1]])
 
     ckpt = latest_checkpoint(out) if resume else None
     if resume and ckpt is None:
         log.warning("--resume: no checkpoint in %s; starting from scratch", out)
-    mlog = _Log(out / "metrics.jsonl", keep_until=None if ckpt is None else int(ckpt.name.split("-")[1]))
+    mlog = _Log(out / "metrics.jsonl", keep_until=None if ckpt is None else int(ckpt.name.split("-")[1])) \
+        if rank == 0 else _NoLog()
     info = {"task": task.name, "model": model_name, "method": acfg.get("method"), "device": str(device),
             "train_rows": len(train_ex), "eval_rows": len(eval_ex), "steps": total, "output_dir": str(out)}
     try:
@@ -193,6 +216,7 @@ def run_training(config: RunConfig | dict | None = None, *, resume: bool = False
 def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, info, device, out, t_start):
     tc, dc, oc = cfg.train, cfg.data, cfg.optim
     total, accum = tc.steps, tc.grad_accum
+    rank, world = _dist()
 
     def evaluate(phase: str, step: int) -> dict:
         m = task.evaluate(model, tok, eval_ex, dc.eval_batch_size)
@@ -275,6 +299,14 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
                         "optim.max_grad_norm, or train.precision=fp32.")
                 (full / accum).backward()
                 loss_sum += float(loss.detach()) / accum
+            if world > 1:  # data parallel: average gradients, loss and count tokens over the processes
+                for p in params:
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= world
+                red = torch.tensor([loss_sum, float(ntok)], dtype=torch.float64)
+                torch.distributed.all_reduce(red)
+                loss_sum, ntok = float(red[0]) / world, int(red[1])
             if oc.max_grad_norm:
                 gn = float(torch.nn.utils.clip_grad_norm_(params, oc.max_grad_norm))
             else:
@@ -305,10 +337,10 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
                 evaluate(f"step-{step}", step)
                 model.train()
             if tc.save_every and step % tc.save_every == 0:
-                last_ckpt = save_checkpoint(out, step, model, state(), tc.keep_checkpoints)
+                last_ckpt = save_checkpoint(out, step, model, state(), tc.keep_checkpoints) if rank == 0 else None
     except KeyboardInterrupt:
         opt.zero_grad(set_to_none=True)
-        path = save_checkpoint(out, step, model, state(), tc.keep_checkpoints)
+        path = save_checkpoint(out, step, model, state(), tc.keep_checkpoints) if rank == 0 else None
         mlog(event="interrupted", step=step, checkpoint=str(path))
         log.warning("interrupted at step %d; checkpoint saved to %s", step, path)
         raise TrainingInterrupted(step, path) from None
@@ -319,7 +351,7 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
     model.eval()
     after = evaluate("after", step)
     adapter_dir = None
-    if cfg.output.save_adapter:
+    if cfg.output.save_adapter and rank == 0:
         adapter_dir = str(save_adapter(model, out / "adapter"))
     n_steps = step - first_step
     result = {
@@ -330,6 +362,7 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
         "output_dir": str(out), "config": cfg.to_dict(),
     }
     mlog(event="end", step=step, **{k: v for k, v in result.items() if k not in ("loss_curve", "config")})
-    (out / "result.json").write_text(json.dumps(result, indent=2, default=float))
+    if rank == 0:
+        (out / "result.json").write_text(json.dumps(result, indent=2, default=float))
     emit("on_train_end", result)
     return result
