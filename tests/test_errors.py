@@ -151,3 +151,12 @@ def test_save_to_unwritable_dir_leaves_nothing(tmp_path):
     target.write_text("x")
     with pytest.raises(lorakit.AdapterFileError, match="cannot write"):
         lorakit.save_adapter(m, target / "sub")
+
+
+def test_methods_listing_stays_callable():
+    import importlib
+
+    first = lorakit.methods()
+    importlib.import_module("lorakit.methods")
+    assert callable(lorakit.methods) and lorakit.methods() == first
+    assert {"lora", "dora", "pissa"} <= {m["name"] for m in first}

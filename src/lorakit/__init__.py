@@ -10,6 +10,7 @@ from .inject import (active_names, adapter_stats, adapters, attach, attached, ba
 from .io import load_adapter, read_adapter_config, save_adapter
 from .merge import merge, merge_and_unload, merged, unmerge
 from . import rank  # noqa: E402  (lorakit.rank.truncate / to_lora / prune_gates)
+from . import methods as _methods_pkg  # noqa: E402,F401  register now, so `def methods` below is not shadowed
 
 
 def methods() -> list[dict]:
