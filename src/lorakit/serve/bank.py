@@ -102,6 +102,9 @@ class BankLinear(nn.Module):
         groups, drows, dslots = plan[self.layout]
         if not groups:
             return y
+        if x.shape[0] != self.bank.ids.shape[0]:
+            raise ConfigError(f"the bank has adapter ids for {self.bank.ids.shape[0]} rows but '{self.path}' got a "
+                              f"batch of {x.shape[0]}: call set_ids() with one id per batch row")
         xs = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() != 3 else x
         ys = y.reshape(y.shape[0], -1, y.shape[-1]) if y.dim() != 3 else y
         if xs.dtype != self.base_layer.weight.dtype:
