@@ -91,6 +91,7 @@ def main(argv=None):
     ap.add_argument("--many", type=int, default=1000)
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--stages", default="12345", help="which measurements to run (digits 1-5)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -110,46 +111,47 @@ def main(argv=None):
     for sa in ads:
         bank.add(sa)
     names = [f"a{i}" for i in range(B)]
-    with torch.no_grad():
-        def f_base():
-            plain(ids)
+    if "1" in a.stages:
+        with torch.no_grad():
+            def f_base():
+                plain(ids)
 
-        def f_bank():
-            bank.set_adapters(names)
-            served(ids)
-            bank.set_ids(None)
+            def f_bank():
+                bank.set_adapters(names)
+                served(ids)
+                bank.set_ids(None)
 
-        tb, tk = [], []
-        for _ in range(a.reps):  # interleaved: the machine is shared
-            tb.append(timeit(f_base, 1))
-            tk.append(timeit(f_bank, 1))
-        res["fwd_base_s"], res["fwd_bank_s"] = statistics.median(tb), statistics.median(tk)
-        res["fwd_bank_over_base"] = res["fwd_bank_s"] / res["fwd_base_s"]
-        print(f"[1] forward {B}x{T}, {B} adapters: bank {res['fwd_bank_s']*1e3:.1f} ms vs base "
-              f"{res['fwd_base_s']*1e3:.1f} ms -> {res['fwd_bank_over_base']:.3f}x (target <= 1.10x)", flush=True)
-        if not a.skip_peft:
-            pm = peft_mixed(model0, ads[:B], R, ids, names)
-            def f_peft():
-                pm(input_ids=ids, adapter_names=names)
-
-            tp = []
-            for _ in range(a.reps):
-                tp.append(timeit(f_peft, 1))
+            tb, tk = [], []
+            for _ in range(a.reps):  # interleaved: the machine is shared
+                tb.append(timeit(f_base, 1))
                 tk.append(timeit(f_bank, 1))
-            res["fwd_peft_mixed_s"] = statistics.median(tp)
-            res["fwd_bank_s2"] = statistics.median(tk[a.reps:])
-            res["fwd_bank_over_peft"] = res["fwd_bank_s2"] / res["fwd_peft_mixed_s"]
-            res["fwd_peft_over_base"] = res["fwd_peft_mixed_s"] / res["fwd_base_s"]
-            bank.set_adapters(names[:4])
-            out_bank = served(ids[:4]).logits
-            bank.set_ids(None)
-            out_peft = pm(input_ids=ids[:4], adapter_names=names[:4]).logits
-            res["bank_vs_peft_max_abs_diff"] = float((out_bank - out_peft).abs().max())
-            print(f"[2] same batch: bank {res['fwd_bank_s2']*1e3:.1f} ms vs PEFT adapter_names "
-                  f"{res['fwd_peft_mixed_s']*1e3:.1f} ms -> {res['fwd_bank_over_peft']:.3f}x of PEFT's time "
-                  f"(target <= 0.70x; PEFT/base {res['fwd_peft_over_base']:.2f}x; max |diff| "
-                  f"{res['bank_vs_peft_max_abs_diff']:.2e})", flush=True)
-            del pm
+            res["fwd_base_s"], res["fwd_bank_s"] = statistics.median(tb), statistics.median(tk)
+            res["fwd_bank_over_base"] = res["fwd_bank_s"] / res["fwd_base_s"]
+            print(f"[1] forward {B}x{T}, {B} adapters: bank {res['fwd_bank_s']*1e3:.1f} ms vs base "
+                  f"{res['fwd_base_s']*1e3:.1f} ms -> {res['fwd_bank_over_base']:.3f}x (target <= 1.10x)", flush=True)
+            if not a.skip_peft and "2" in a.stages:
+                pm = peft_mixed(model0, ads[:B], R, ids, names)
+                def f_peft():
+                    pm(input_ids=ids, adapter_names=names)
+
+                tp = []
+                for _ in range(a.reps):
+                    tp.append(timeit(f_peft, 1))
+                    tk.append(timeit(f_bank, 1))
+                res["fwd_peft_mixed_s"] = statistics.median(tp)
+                res["fwd_bank_s2"] = statistics.median(tk[a.reps:])
+                res["fwd_bank_over_peft"] = res["fwd_bank_s2"] / res["fwd_peft_mixed_s"]
+                res["fwd_peft_over_base"] = res["fwd_peft_mixed_s"] / res["fwd_base_s"]
+                bank.set_adapters(names[:4])
+                out_bank = served(ids[:4]).logits
+                bank.set_ids(None)
+                out_peft = pm(input_ids=ids[:4], adapter_names=names[:4]).logits
+                res["bank_vs_peft_max_abs_diff"] = float((out_bank - out_peft).abs().max())
+                print(f"[2] same batch: bank {res['fwd_bank_s2']*1e3:.1f} ms vs PEFT adapter_names "
+                      f"{res['fwd_peft_mixed_s']*1e3:.1f} ms -> {res['fwd_bank_over_peft']:.3f}x of PEFT's time "
+                      f"(target <= 0.70x; PEFT/base {res['fwd_peft_over_base']:.2f}x; max |diff| "
+                      f"{res['bank_vs_peft_max_abs_diff']:.2e})", flush=True)
+                del pm
 
     # ---- 3: generation throughput ----------------------------------------------------------------------------
     prompts = [torch.randint(0, model0.config.vocab_size, (16,), generator=g).tolist() for _ in range(64)]
