@@ -102,6 +102,9 @@ class BankLinear(nn.Module):
         groups, drows, dslots = plan[self.layout]
         if not groups:
             return y
+        if x.shape[0] != self.bank.ids.shape[0]:
+            raise ConfigError(f"the bank has adapter ids for {self.bank.ids.shape[0]} rows but '{self.path}' got a "
+                              f"batch of {x.shape[0]}: call set_ids() with one id per batch row")
         xs = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() != 3 else x
         ys = y.reshape(y.shape[0], -1, y.shape[-1]) if y.dim() != 3 else y
         if xs.dtype != self.base_layer.weight.dtype:
@@ -398,20 +401,21 @@ def read_served(bank: AdapterBank, directory: str | os.PathLike, name: str) -> S
     importlib.import_module("lorakit.methods")
     method = get_method(cfg.method)
     by_path: dict[str, dict[str, Tensor]] = {}
-    hosted = sorted(bank.layers, key=len, reverse=True)
     for k, v in tensors.items():
         if not k.startswith(PREFIX):
             raise AdapterFileError(f"{d}: unexpected tensor key '{k}'")
         rest = k[len(PREFIX):]
-        p = next((h for h in hosted if rest.startswith(h + ".")), None)
+        parts = rest.split(".")
+        p = next((c for c in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)) if c in bank.layers), None)
         if p is None:
             raise AdapterFileError(f"adapter {name!r} has weights for '{rest}', a module the bank does not serve "
                                    "(only nn.Linear layers of the targeted set; embeddings/heads are not served)")
         by_path.setdefault(p, {})[rest[len(p) + 1:]] = v
     out = ServedAdapter(name, method.name, source=str(d))
+    default_cfg = None if cfg.overrides else cfg.method_config(None, method)  # per-path configs only when needed
     for p, own_file in by_path.items():
         lay = bank.layers[p]
-        mcfg = cfg.method_config(p, method)
+        mcfg = default_cfg if default_cfg is not None else cfg.method_config(p, method)
         if method.name in _FAST and not getattr(mcfg, "lora_bias", False):
             try:
                 A, B = own_file["lora_A.weight"], own_file["lora_B.weight"]
@@ -433,11 +437,14 @@ def read_served(bank: AdapterBank, directory: str | os.PathLike, name: str) -> S
         A = A.to(W.dtype).contiguous()
         sB = (B.float() * s).to(W.dtype).contiguous()
         g = _gain(lay, A, sB, mag.reshape(-1)) if mag is not None else None
-        if not (torch.isfinite(A).all() and torch.isfinite(sB).all()):
-            raise AdapterFileError(f"adapter {name!r}: non-finite weights at '{p}'")
         out.layers[p] = (A, sB, g)
     if not out.layers:
         raise AdapterFileError(f"adapter {name!r} at {d} has no weights")
+    flat = [t for v in out.layers.values() for t in v if t is not None]
+    norms = torch._foreach_norm(flat) if hasattr(torch, "_foreach_norm") else [t.norm() for t in flat]
+    if not bool(torch.isfinite(torch.stack(list(norms))).all()):
+        bad = next(p for p, v in out.layers.items() if not all(bool(torch.isfinite(t).all()) for t in v if t is not None))
+        raise AdapterFileError(f"adapter {name!r}: non-finite weights at '{bad}'")
     return out
 
 

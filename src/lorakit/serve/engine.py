@@ -400,6 +400,7 @@ class Engine:
                         self._start_load(n)
                     continue
                 if n is not None:
+                    self.lru[n] = None  # adapters added to the bank directly are tracked from their first use
                     self.lru.move_to_end(n)
                     self.m["adapter_hits"] += 1
                 self.waiting.remove(r)
