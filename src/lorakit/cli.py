@@ -308,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     s = {name: sub.add_parser(name, help=h, description=h) for name, (_, h) in COMMANDS.items()}
+    for name, (_, _, h) in PASSTHROUGH.items():
+        sub.add_parser(name, help=h + f" (see `lorakit {name} --help`)", add_help=False)
     s["train"].add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value]",
                             help="a recipe (configs/*.yaml) and/or overrides such as adapter.r=16 optim.lr=1e-4")
     s["train"].add_argument("--method", help="swap in configs/methods/NAME.yaml (or just set adapter.method)")
@@ -333,9 +335,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+PASSTHROUGH = {  # subcommands with their own argument parsers
+    "serve": ("lorakit.serve.server", "serve_main", "OpenAI-compatible server: many adapters on one base model"),
+    "export": ("lorakit.serve.export", "export_main", "export an adapter for vLLM (PEFT) or llama.cpp (GGUF)"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import LorakitError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        import importlib
+
+        mod, fn, _ = PASSTHROUGH[argv[0]]
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            return getattr(importlib.import_module(mod), fn)(argv[1:])
+        except LorakitError as e:
+            print(f"lorakit {argv[0]}: error: {e}", file=sys.stderr)
+            return 2
     parser = build_parser()
     a = parser.parse_args(argv)
     if a.cmd is None:
