@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import PeftSpec, register
+from ..core import register
 from ..errors import ConfigError
+from .lora import lora_spec
 from .pissa import PiSSA
 
 
@@ -85,10 +86,8 @@ def initial_factors(model: nn.Module, name: str):
 
 
 @register("ba_lora", family="core low-rank", paper="Chang et al. 2024, BA-LoRA, arXiv:2408.04556",
-          peft=PeftSpec("LORA", {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "rslora": "use_rslora"},
-                        fixed={"use_dora": False, "init_lora_weights": "pissa"},
-                        load_match={"init_lora_weights": lambda v: False},  # PEFT files load as plain PiSSA
-                        defaults={"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False}))
+          peft=lora_spec({"use_dora": False, "init_lora_weights": "pissa"},
+                         {"init_lora_weights": lambda v: False}))  # PEFT files load as plain PiSSA
 class BALoRA(PiSSA):
     __doc__ = __doc__
 

@@ -23,15 +23,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..core import LowRank, PeftSpec, register
-from .lora import LoRA
+from ..core import LowRank, register
+from .lora import LoRA, lora_spec
 
 
 @register("dora", family="core low-rank", paper="Liu et al. 2024, DoRA, arXiv:2402.09353",
-          peft=PeftSpec("LORA", {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "rslora": "use_rslora"},
-                        fixed={"use_dora": True, "init_lora_weights": True},
-                        load_match={"use_dora": True},
-                        defaults={"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False}))
+          peft=lora_spec({"use_dora": True, "init_lora_weights": True}, {"use_dora": True}))
 class DoRA(LoRA):
     __doc__ = __doc__
 

@@ -18,14 +18,22 @@ from torch import Tensor, nn
 from ..core import Adapter, Factor, LowRank, PeftSpec, register, scale_of
 
 
+_LORA_FIELDS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "rslora": "use_rslora"}
+_LORA_DEFAULTS = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False}
+
+
+def lora_spec(fixed: dict, load_match: dict, **extra_fields: str) -> PeftSpec:
+    """PEFT's LoraConfig mapping shared by every method stored as peft_type LORA (LoRA, DoRA, PiSSA, ...)."""
+    fields = {**_LORA_FIELDS, **extra_fields}
+    defaults = {**_LORA_DEFAULTS, **({"lora_bias": False} if "lora_bias" in extra_fields else {})}
+    return PeftSpec("LORA", fields, fixed=fixed, load_match=load_match, defaults=defaults)
+
+
 @register("lora", family="core low-rank", paper="Hu et al. 2021, LoRA, arXiv:2106.09685",
-          peft=PeftSpec("LORA", {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "rslora": "use_rslora",
-                                 "lora_bias": "lora_bias"},
-                        fixed={"use_dora": False, "init_lora_weights": True},
-                        load_match={"use_dora": lambda v: not v,
-                                    "init_lora_weights": lambda v: v in (None, True, False, "gaussian")},
-                        defaults={"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False,
-                                  "lora_bias": False}))
+          peft=lora_spec({"use_dora": False, "init_lora_weights": True},
+                         {"use_dora": lambda v: not v,
+                          "init_lora_weights": lambda v: v in (None, True, False, "gaussian")},
+                         lora_bias="lora_bias"))
 class LoRA(Adapter):
     __doc__ = __doc__
 

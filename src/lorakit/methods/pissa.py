@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..core import LowRank, PeftSpec, register
-from .lora import LoRA
+from ..core import LowRank, register
+from .lora import LoRA, lora_spec
 
 
 def _niter_of(v) -> int:
@@ -39,10 +39,8 @@ def svd_top(weight: Tensor, r: int, niter: int = 0, seed: int = 0) -> tuple[Tens
 
 
 @register("pissa", family="core low-rank", paper="Meng et al. 2024, PiSSA, arXiv:2404.02948",
-          peft=PeftSpec("LORA", {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "rslora": "use_rslora"},
-                        fixed={"use_dora": False, "init_lora_weights": "pissa"},
-                        load_match={"init_lora_weights": lambda v: isinstance(v, str) and v.startswith("pissa")},
-                        defaults={"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False}))
+          peft=lora_spec({"use_dora": False, "init_lora_weights": "pissa"},
+                         {"init_lora_weights": lambda v: isinstance(v, str) and v.startswith("pissa")}))
 class PiSSA(LoRA):
     __doc__ = __doc__
     init = "residual"
