@@ -6,6 +6,8 @@
   methods   [--markdown [PATH]]                                         the registered methods
   inspect   MODEL [--targets SPEC] [--exclude SPEC] [--layers N ...]    which modules a target spec matches
   assets    [list | prepare [NAME ...]]                                 offline models and datasets
+  arena     run [--methods ..] [--tasks ..] [--seeds 0,1,2] [--budget ..] | report | plan
+                                                                        every method on the same tasks and budget
 
 With no arguments ``lorakit train`` fine-tunes SmolLM2-135M-Instruct with LoRA on movie-review sentiment and prints
 held-out accuracy before and after.
@@ -291,6 +293,65 @@ def cmd_assets(a) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------- arena
+def _csv(v: str | None) -> list[str] | None:
+    return [x.strip() for x in v.split(",") if x.strip()] if v else None
+
+
+def _arena_plan(a):
+    from .arena import DEFAULT_TASKS, ArenaPlan
+    from .core import REGISTRY
+    from .errors import ConfigError
+
+    methods = _csv(a.methods) or sorted(REGISTRY)
+    try:
+        seeds = [int(x) for x in _csv(a.seeds) or ["0", "1", "2"]]
+    except ValueError:
+        raise ConfigError(f"--seeds takes comma-separated integers, got {a.seeds!r}") from None
+    return ArenaPlan(methods=methods, tasks=_csv(a.tasks) or list(DEFAULT_TASKS), seeds=seeds, budget=a.budget,
+                     out=Path(a.out), match_params=not a.no_match, lr_sweep=not a.no_lr_sweep, extra=list(a.set),
+                     isolate=a.isolate, timeout_s=a.timeout)
+
+
+def cmd_arena(a) -> int:
+    from .arena import read_records, write_report
+
+    if a.action == "report":
+        md, page = write_report(a.out)
+        _out(f"wrote {md} and {page}")
+        return 0
+    plan = _arena_plan(a)
+    if a.action == "plan":
+        from .arena.run import budgets, expand, validate
+
+        validate(plan)
+        table = budgets(plan)
+        rows = []
+        for (task, method), (adapter, info) in sorted(table.items()):
+            knob = info.get("knob")
+            rows.append([task, method, f"{knob}={info['value']}" if info.get("matched") and knob else
+                         ("(recipe)" if method == "lora" else "-"), info.get("trainable"), info.get("target"),
+                         "yes" if info.get("matched") else "no", info.get("skip") or info.get("reason") or ""])
+        _out(_table(rows, ["task", "method", "knob", "trainable", "LoRA target", "matched", "note"]))
+        done = {r["key"] for r in read_records(plan.out)}
+        runs = expand(plan)
+        _out(f"\n{len(runs)} runs planned, {sum(r['key'] in done for r in runs)} already recorded in {plan.out}")
+        return 0
+    from .arena import run_arena
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    logging.getLogger("lorakit").setLevel(logging.WARNING)
+    new = run_arena(plan, progress=not a.quiet)
+    ok = sum(r["status"] == "ok" for r in new)
+    _out(f"{len(new)} runs recorded in {plan.out / 'runs.jsonl'} ({ok} ok, {len(new) - ok} failed or skipped)")
+    if new and not a.no_report:
+        md, page = write_report(plan.out)
+        _out(f"report: {md} and {page}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- main
 COMMANDS = {
     "train": (cmd_train, "fine-tune an adapter (no arguments: the SmolLM2 sentiment demo)"),
@@ -299,6 +360,7 @@ COMMANDS = {
     "methods": (cmd_methods, "list the registered PEFT methods"),
     "inspect": (cmd_inspect, "show which modules of a model a target spec matches"),
     "assets": (cmd_assets, "list / prepare the offline models and datasets"),
+    "arena": (cmd_arena, "compare every method on the same real tasks under the same budget"),
 }
 
 
@@ -332,6 +394,23 @@ def build_parser() -> argparse.ArgumentParser:
     s["inspect"].add_argument("--summary", action="store_true", help="counts only")
     s["assets"].add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
     s["assets"].add_argument("names", nargs="*")
+    ar = s["arena"]
+    ar.add_argument("action", choices=["run", "report", "plan"],
+                    help="run: train and record (resumes); report: Markdown + HTML; plan: the matched budgets")
+    ar.add_argument("--methods", help="comma-separated (default: every registered method)")
+    ar.add_argument("--tasks", help="comma-separated: sentiment-minilm, bbc-minilm, sentiment-smollm2, "
+                    "gsm8k-smollm2 (default: the first three)")
+    ar.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    ar.add_argument("--budget", default="default", help="default (recipe: ~1-3 min/run) | quick | smoke | N steps")
+    ar.add_argument("--out", default="arena/results", help="results directory (runs.jsonl, report.md, report.html)")
+    ar.add_argument("--no-match", action="store_true", help="run paper settings without matching the budget")
+    ar.add_argument("--no-lr-sweep", action="store_true", help="LoRA baseline at the recipe's rate only")
+    ar.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    ar.add_argument("--isolate", default="fork", choices=["fork", "spawn", "none"],
+                    help="each run in a forked (default) or fresh process, or in this one")
+    ar.add_argument("--timeout", type=float, default=3600.0, help="seconds per run before it is killed")
+    ar.add_argument("--no-report", action="store_true", help="do not write the report after running")
+    ar.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 
 

@@ -261,6 +261,11 @@ def probe_method():
             return {"b_norm": float(self.lora_B.weight.norm())}
 
         @classmethod
+        def output_loss(cls, model, name, outputs, batch):
+            seen.setdefault("outputs", []).append((tuple(outputs.logits.shape), sorted(batch)))
+            return outputs.logits.float().pow(2).mean() * 0.0
+
+        @classmethod
         def controller(cls, model, name):
             return Ctrl()
 
@@ -294,3 +299,58 @@ def test_loop_runs_calibration_extra_loss_controllers_stats_and_batch_context(ti
     ev = [json.loads(ln) for ln in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
     assert "adapter/b_norm" in [e for e in ev if e["event"] == "train"][0]
     assert r["loss_curve"][0] < 10  # the task loss is logged; extra loss only enters the gradient
+    # output_loss (BA-LoRA's regularisers) gets this forward's outputs and batch, once per micro-batch
+    assert len(seen["outputs"]) == 3 and seen["outputs"][0][0][0] == cfg["data"]["batch_size"]
+    assert "input_ids" in seen["outputs"][0][1]
+
+
+def test_quantize_nf4_base_trains_and_changes_the_base(tiny_lm_dir, cls_data, tmp_path):
+    plain = run_training(tiny_cfg(tiny_lm_dir, cls_data, tmp_path / "f", steps=4))
+    cfg = tiny_cfg(tiny_lm_dir, cls_data, tmp_path / "q", steps=4)
+    cfg["model"]["quantize"] = "nf4"
+    q = run_training(cfg)
+    b0, b1 = plain["metrics_before"]["loss"], q["metrics_before"]["loss"]
+    assert b0 != b1 and abs(b0 - b1) < 0.05 * abs(b0)  # the NF4 base is close to, not equal to, the float base
+    assert q["status"] == "completed" and all(x == x for x in q["loss_curve"])
+    from lorakit.quant import QuantLinear
+    from lorakit.tasks import get_task
+    from lorakit.train import resolve
+
+    c = resolve(tmp_path / "q" / "config.yaml")
+    assert c.model.quantize == "nf4"
+    t = get_task(c.data.task, c.data)
+    t.rows()
+    m, tok = t.load_model(c.model.name)
+    from lorakit.quant import quantize_model
+
+    quantize_model(m)
+    assert any(isinstance(x, QuantLinear) for x in m.modules())
+    lorakit.load_adapter(m, tmp_path / "q" / "adapter")  # the adapter reloads on the quantised base
+    assert t.evaluate(m, tok, t.encode(t.rows()["eval"], tok))["loss"] == pytest.approx(
+        q["metrics_after"]["loss"], rel=1e-5)
+
+
+def test_trainable_lr_is_the_heads_rate(tiny_bert_dir, cls_data, tmp_path):
+    from safetensors.torch import load_file
+
+    heads = {}
+    for lr in (0.0, 1e-2):
+        cfg = tiny_cfg(tiny_bert_dir, cls_data, tmp_path / f"h{lr}", task="classify-encoder", steps=3)
+        cfg["optim"]["trainable_lr"] = lr
+        run_training(cfg)
+        sd = load_file(str(tmp_path / f"h{lr}" / "adapter" / "adapter_model.safetensors"))
+        heads[lr] = {k: v for k, v in sd.items() if "classifier" in k and k.endswith("weight")}
+        lora = {k: v for k, v in sd.items() if "lora_B" in k}
+        assert lora and all(v.abs().sum() > 0 for v in lora.values())  # the adapter trained at optim.lr
+    from lorakit.tasks import get_task
+    from lorakit.train import resolve
+    from lorakit.train.loop import seed_everything
+
+    c = resolve(tmp_path / "h0.0" / "config.yaml")
+    t = get_task(c.data.task, c.data)
+    t.rows()
+    seed_everything(c.train.seed)
+    m, _ = t.load_model(c.model.name)
+    (k, frozen), = heads[0.0].items()
+    assert torch.equal(frozen, m.classifier.weight.detach())  # rate 0: the head kept its initial values
+    assert not torch.equal(heads[1e-2][k], frozen)

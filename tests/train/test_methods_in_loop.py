@@ -18,7 +18,7 @@ importlib.import_module("lorakit.methods")
 
 def _needs_hooks(c) -> bool:
     return bool(c.calibration) or c.controller.__func__ is not Adapter.controller.__func__ \
-        or c.extra_loss is not Adapter.extra_loss
+        or c.extra_loss is not Adapter.extra_loss or c.output_loss.__func__ is not Adapter.output_loss.__func__
 
 
 HOOKED = sorted(n for n, c in REGISTRY.items() if _needs_hooks(c) and "linear" in c.layers)

@@ -1,15 +1,18 @@
 """Fair budgets: match a method's trainable-parameter count to the LoRA baseline through its rank-like knob.
 
-The count is taken by attaching to the model built on the meta device (shapes only, no weights, no data), so
-matching costs milliseconds and works for every registered method with no per-method code.
+The count is taken by attaching to the task's model built on the meta device (shapes only, no weights, no data),
+so matching costs milliseconds and works for every registered method with no per-method code. The knob is the
+first of ``RANK_KNOBS`` that the method has *and* that moves its trainable count (NOLA's ``r`` does not: its count
+is set by its number of bases). A method whose count cannot come within 2x of the target keeps its paper settings
+and is reported as unmatched, with the reason.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable
 
-import torch
 from torch import nn
 
 from ..core import get_method
@@ -17,51 +20,106 @@ from ..inject import attach
 
 log = logging.getLogger(__name__)
 
-RANK_KNOBS = ("r", "rank", "init_r", "target_rank", "num_bases", "r_max")
+# a knob is a field, or a tuple of fields set together (NOLA's bases for A and B)
+RANK_KNOBS = ("r", "rank", "init_r", "target_rank", ("num_basis_A", "num_basis_B"), "num_bases", "r_max")
+CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
 def trainable_count(make_meta: Callable[[], nn.Module], adapter_cfg: dict) -> int:
     """Trainable parameters of ``adapter_cfg`` on a fresh meta-device model."""
-    with torch.device("meta"):
-        model = make_meta()
-    attach(model, adapter_cfg, defer_init=True)
+    model = make_meta()
+    quiet = logging.getLogger("lorakit.inject")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # one "attached ..." line per probe is noise
+    try:
+        attach(model, adapter_cfg, defer_init=True)
+    finally:
+        quiet.setLevel(level)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def rank_knob(method: str) -> str | None:
+def rank_knobs(method: str) -> list[str | tuple[str, ...]]:
     fields = {f.name for f in dataclasses.fields(get_method(method).Config)}
-    return next((k for k in RANK_KNOBS if k in fields), None)
+    return [k for k in RANK_KNOBS if (set(k) <= fields if isinstance(k, tuple) else k in fields)]
+
+
+def _set(cfg: dict, knob, v: int) -> dict:
+    return {**cfg, **({k: v for k in knob} if isinstance(knob, tuple) else {knob: v})}
+
+
+def _name(knob) -> str:
+    return "+".join(knob) if isinstance(knob, tuple) else knob
+
+
+RANK_LIKE = ("r", "rank", "init_r", "target_rank", "r_max")
+
+
+def full_rank(make_meta: Callable[[], nn.Module], adapter_cfg: dict) -> int | None:
+    """min(d_in, d_out) over the targeted modules: a rank-like knob above it is meaningless (and invalid for most)."""
+    from ..targets import match
+
+    model = make_meta()
+    dims = []
+    for path in match(model, adapter_cfg.get("targets"), adapter_cfg.get("exclude"), adapter_cfg.get("layers")):
+        w = getattr(model.get_submodule(path), "weight", None)
+        if w is not None and w.ndim >= 2:
+            dims.append(min(w.shape[0], w.shape[1]))
+    return min(dims) if dims else None
+
+
+def fit_targets(make_meta: Callable[[], nn.Module], adapter_cfg: dict, fallback) -> tuple[dict, str | None]:
+    """A method file written for another architecture (Llama names on a BERT task) gets the task's own targets:
+    the input embedding for an embedding-side method, else the recipe's. Returns (config, note or None)."""
+    from ..errors import TargetError
+    from ..targets import match
+
+    model = make_meta()
+    try:
+        match(model, adapter_cfg.get("targets"), adapter_cfg.get("exclude"), adapter_cfg.get("layers"))
+        return adapter_cfg, None
+    except TargetError:
+        pass
+    old = adapter_cfg.get("targets")
+    names = [old] if isinstance(old, str) else list(old or [])
+    new = fallback
+    if names and all("embed" in n for n in names):
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        new = next(([n] for n, m in model.named_modules() if m is emb and emb is not None), fallback)
+    return {**adapter_cfg, "targets": new}, f"targets {old} are not in this model: used {new}"
 
 
 def match_budget(make_meta: Callable[[], nn.Module], adapter_cfg: dict, target: int,
-                 candidates=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)) -> tuple[dict, dict]:
-    """Pick the rank-like value whose trainable count is closest to ``target`` (in log ratio).
+                 candidates=CANDIDATES) -> tuple[dict, dict]:
+    """Pick the knob value whose trainable count is closest to ``target`` (in log ratio).
 
-    Returns (adapter config, info) where info says which knob was used, the count, and whether matching was
-    possible (a method whose count does not move with its knob, or has no knob, is reported as unmatched).
+    Returns (adapter config, info): info says which knob was used, its value, the count and the target, and
+    ``matched`` (within 2x). Unmatched methods keep their own (paper) configuration.
     """
-    knob = rank_knob(adapter_cfg["method"])
-    if knob is None:
-        n = trainable_count(make_meta, adapter_cfg)
-        return adapter_cfg, {"matched": False, "reason": "no rank-like knob", "trainable": n, "target": target}
-    best = None
-    counts = {}
-    for v in candidates:
-        cfg = {**adapter_cfg, knob: v}
-        try:
-            n = trainable_count(make_meta, cfg)
-        except Exception as e:  # some values are invalid for a method (e.g. r > min(d_in, d_out))
-            log.debug("budget probe %s=%s failed: %s", knob, v, e)
+    own = trainable_count(make_meta, adapter_cfg)
+    knobs = rank_knobs(adapter_cfg["method"])
+    if not knobs:
+        return adapter_cfg, {"matched": False, "reason": "no rank-like knob", "trainable": own, "target": target}
+    tried = []
+    cap = full_rank(make_meta, adapter_cfg)
+    for knob in knobs:
+        counts: dict[int, int] = {}
+        for v in candidates:
+            if cap is not None and knob in RANK_LIKE and v > cap:
+                continue
+            try:
+                counts[v] = trainable_count(make_meta, _set(adapter_cfg, knob, v))
+            except Exception as e:  # some values are invalid for a method (e.g. r > min(d_in, d_out))
+                log.debug("budget probe %s=%s failed: %s", knob, v, e)
+        if len(set(counts.values())) <= 1:
+            tried.append(_name(knob))
             continue
-        counts[v] = n
-        score = abs(torch.log(torch.tensor(max(n, 1) / target)).item())
-        if best is None or score < best[0]:
-            best = (score, v, n)
-    if best is None or len(set(counts.values())) <= 1:
-        n = trainable_count(make_meta, adapter_cfg)
-        return adapter_cfg, {"matched": False, "reason": f"trainable count does not depend on '{knob}'",
-                             "trainable": n, "target": target}
-    _, v, n = best
-    ok = 0.5 <= n / target <= 2.0
-    return {**adapter_cfg, knob: v}, {"matched": ok, "knob": knob, "value": v, "trainable": n, "target": target,
-                                     **({} if ok else {"reason": "closest value is more than 2x off"})}
+        v, n = min(counts.items(), key=lambda kv: (abs(math.log(max(kv[1], 1) / target)), kv[0]))
+        if 0.5 <= n / target <= 2.0:
+            return _set(adapter_cfg, knob, v), {"matched": True, "knob": _name(knob), "value": v, "trainable": n,
+                                                "target": target}
+        k = _name(knob)
+        return adapter_cfg, {"matched": False, "knob": k, "trainable": own, "target": target,
+                             "reason": f"{k} cannot reach the budget (closest {k}={v}: {n:,} trainable, "
+                                       f"{n / target:.2g}x); paper settings kept"}
+    return adapter_cfg, {"matched": False, "trainable": own, "target": target,
+                         "reason": f"trainable count does not depend on {', '.join(tried)}; paper settings kept"}

@@ -46,11 +46,16 @@ def aggregate(records: list[dict]) -> dict[str, list[dict]]:
                "budget_note": next(((r.get("budget_info") or {}).get("reason") for r in ok
                                     if (r.get("budget_info") or {}).get("reason")), None),
                "curves": [r.get("loss_curve") or [] for r in ok],
+               "notes": sorted({n for r in recs for n in (r.get("budget_info") or {}).get("notes", [])}),
+               "knob": next((f"{(r.get('budget_info') or {}).get('knob')}={(r.get('budget_info') or {}).get('value')}"
+                             for r in ok if (r.get("budget_info") or {}).get("matched")
+                             and (r.get("budget_info") or {}).get("knob")), None),
                "baseline": "LoRA" if recs[0]["method"] == "lora" else None}
         tasks[task].append(row)
         if recs[0]["method"] == "lora" and variant == "lora" and ok and ok[0].get("metric_before") is not None:
             bm, bs = _ms([r.get("metric_before") for r in ok])
-            tasks[task].append({**row, "variant": "untrained model", "method": "(none)", "mean": bm, "std": bs,
+            tasks[task].append({**row, "variant": "untrained model", "method": "(none)", "knob": None, "notes": [],
+                                "mean": bm, "std": bs,
                                 "params": 0, "adapter_mb": 0, "step_s": float("nan"), "wall_s": float("nan"),
                                 "rss_mb": float("nan"), "curves": [], "baseline": "untrained", "errors": 0})
     for task, rows in tasks.items():
@@ -77,8 +82,11 @@ def markdown(tasks: dict[str, list[dict]]) -> str:
             note = []
             if r["errors"]:
                 note.append(f"{r['errors']} failed: {str(r['error'])[:80]}")
+            if r.get("knob"):
+                note.append(f"matched at {r['knob']}")
             if not r["matched"]:
                 note.append(f"params not matched ({r['budget_note']})")
+            note += r.get("notes") or []
             out.append(f"| {i} | {name} | {_fmt(r['mean'])} ± {_fmt(r['std'])} | {r['n']} | "
                        f"{_fmt(r['params'], ',.0f')} | {_fmt(r['adapter_mb'], '.2f')} | {_fmt(r['step_s'], '.2f')} | "
                        f"{_fmt(r['rss_mb'], ',.0f')} | {'; '.join(note)} |")

@@ -1,18 +1,24 @@
 """``lorakit arena run``: every (method, task, seed) trained through the same path as ``lorakit train``.
 
-Each run happens in its own subprocess (so peak RSS is the run's own and a crash cannot take the arena down) and
-is appended as one JSON object to ``<out>/runs.jsonl``. Runs already recorded are skipped, so an interrupted
+Order: seed-major (every method on every task for seed 0, then seed 1, ...), so an arena cut short still covers
+every method. Each run happens in its own process (forked from this one, so imports are paid once; or spawned
+fresh with ``isolate="spawn"``): its peak RSS is its own and a crash cannot take the arena down. Each record is
+appended as one JSON line to ``<out>/runs.jsonl`` (fsynced); runs already recorded are skipped, so an interrupted
 arena resumes where it stopped; failures are recorded with their error and the arena goes on.
+
+Budget matching happens here, once per (task, method), on the task's model built on the meta device.
 """
 from __future__ import annotations
 
 import json
 import logging
+import multiprocessing as mp
 import os
 import platform
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -24,7 +30,10 @@ log = logging.getLogger(__name__)
 
 TASKS = ("sentiment-minilm", "bbc-minilm", "sentiment-smollm2", "gsm8k-smollm2")
 DEFAULT_TASKS = ("sentiment-minilm", "bbc-minilm", "sentiment-smollm2")
-LORA_LR_SWEEP = (0.5, 1.0, 2.0)  # multiples of the recipe's learning rate, for the LoRA baseline
+LORA_LR_SWEEP = (0.3, 1.0, 3.0)  # multiples of the recipe's learning rate, for the LoRA baseline
+# Methods that need inputs the arena's tasks do not have (none today: multi-task methods run as task 0).
+NEEDS: dict[str, str] = {}
+NOTES = {"mhr": "single-task data: every example is task 0", "mtlora": "single-task data: every example is task 0"}
 
 
 @dataclass
@@ -32,17 +41,23 @@ class ArenaPlan:
     methods: list[str]
     tasks: list[str]
     seeds: list[int]
-    budget: str = "default"  # "default" | "smoke" | an integer number of optimiser steps
+    budget: str = "default"  # a key of worker.BUDGETS ("default", "quick", "smoke") or a number of steps
     out: Path = Path("arena/results")
     match_params: bool = True
     lr_sweep: bool = True
     extra: list[str] = field(default_factory=list)  # key=value overrides for every run
+    timeout_s: float = 3600.0
+    isolate: str = "fork"  # "fork" | "spawn" | "none" (in this process: tests)
 
 
 def git_revision() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parents[3], timeout=5).stdout.strip() or None
+        root = Path(__file__).resolve().parents[3]
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=root, timeout=5).stdout.strip()
+        return (rev + ("+dirty" if dirty else "")) or None
     except Exception:
         return None
 
@@ -54,8 +69,8 @@ def environment() -> dict:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
-    hw = {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
-          "python": platform.python_version()}
+    hw = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+          "cpus": os.cpu_count(), "python": platform.python_version()}
     try:
         import torch
 
@@ -63,6 +78,11 @@ def environment() -> dict:
         if torch.cuda.is_available():
             hw["gpu"] = torch.cuda.get_device_name(0)
     except Exception:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            hw["mem_gb"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except OSError:
         pass
     return {"git_rev": git_revision(), "versions": versions, "hardware": hw}
 
@@ -72,13 +92,13 @@ def read_records(out: Path) -> list[dict]:
     if not f.is_file():
         return []
     recs = []
-    for line in f.read_text().splitlines():
+    for i, line in enumerate(f.read_text().splitlines(), 1):
         line = line.strip()
         if line:
             try:
                 recs.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("skipping a corrupt line in %s", f)
+            except json.JSONDecodeError:  # a run killed mid-write: that run is simply redone
+                log.warning("%s line %d is not valid JSON (an interrupted write?); ignored", f, i)
     return recs
 
 
@@ -91,62 +111,177 @@ def _append(out: Path, rec: dict) -> None:
 
 
 def expand(plan: ArenaPlan) -> list[dict]:
-    """The list of runs: one per (task, method variant, seed). LoRA gets the learning-rate sweep."""
+    """The runs, seed-major: one per (seed, task, method variant). LoRA also gets the learning-rate sweep."""
     runs = []
-    for task in plan.tasks:
-        for method in plan.methods:
-            variants = [("", 1.0)]
-            if method == "lora" and plan.lr_sweep:
-                variants = [(f"lr x{m:g}" if m != 1.0 else "", m) for m in LORA_LR_SWEEP]
-            for vname, lr_mult in variants:
-                for seed in plan.seeds:
+    for seed in plan.seeds:
+        for task in plan.tasks:
+            for method in plan.methods:
+                variants = [("", 1.0)]
+                if method == "lora" and plan.lr_sweep:
+                    variants = [(f"lr x{m:g}" if m != 1.0 else "", m) for m in LORA_LR_SWEEP]
+                for vname, lr_mult in variants:
                     variant = method + (f" ({vname})" if vname else "")
                     runs.append({"key": f"{task}|{variant}|{seed}", "task": task, "method": method,
-                                 "variant": variant, "seed": seed, "lr_mult": lr_mult})
+                                 "variant": variant, "seed": seed, "lr_mult": lr_mult, "budget": plan.budget})
     return runs
 
 
-def run_arena(plan: ArenaPlan, *, inprocess: bool = False, progress=None) -> list[dict]:
+def validate(plan: ArenaPlan) -> None:
     unknown = [m for m in plan.methods if m not in REGISTRY]
     if unknown:
-        get_method(unknown[0])  # raises with the registered list
+        get_method(unknown[0])  # raises, naming the registered methods
     bad = [t for t in plan.tasks if t not in TASKS]
     if bad:
-        raise ConfigError(f"unknown arena task '{bad[0]}'; tasks: {', '.join(TASKS)}")
+        raise ConfigError(f"unknown arena task '{bad[0]}'; arena tasks: {', '.join(TASKS)}")
+    if not plan.methods or not plan.tasks or not plan.seeds:
+        raise ConfigError("the arena needs at least one method, one task and one seed")
+    if plan.isolate not in ("fork", "spawn", "none"):
+        raise ConfigError(f"isolate must be fork, spawn or none, not {plan.isolate!r}")
+    from .worker import budget_overrides
+
+    for t in plan.tasks:
+        budget_overrides(t, plan.budget)
+
+
+def budgets(plan: ArenaPlan) -> dict[tuple[str, str], tuple[dict, dict]]:
+    """(task, method) -> (adapter config to run, budget info), matched to LoRA's trainable count on the task."""
+    from ..tasks import get_task
+    from .budget import fit_targets, match_budget, trainable_count
+    from .worker import run_config
+
+    table: dict[tuple[str, str], tuple[dict, dict]] = {}
+    for task in plan.tasks:
+        spec0 = {"task": task, "method": "lora", "seed": 0, "budget": plan.budget, "extra": plan.extra}
+        cfg0 = run_config(spec0)
+        t = get_task(cfg0.data.task, cfg0.data)
+        make_meta = lambda t=t, name=cfg0.model.name: t.meta_model(name)  # noqa: E731
+        lora_ref = dict(cfg0.adapter)
+        target = trainable_count(make_meta, lora_ref)
+        for method in plan.methods:
+            cfg = run_config({**spec0, "method": method})
+            adapter, note = fit_targets(make_meta, dict(cfg.adapter), lora_ref.get("targets"))
+            notes = [x for x in (note, NOTES.get(method)) if x]
+            if method in NEEDS:
+                table[(task, method)] = (adapter, {"matched": False, "skip": f"needs {NEEDS[method]}",
+                                                   "target": target})
+                continue
+            if method == "lora" or not plan.match_params:
+                try:
+                    n = trainable_count(make_meta, adapter)
+                except Exception as e:
+                    n = None
+                    log.debug("count failed for %s: %s", method, e)
+                info = {"matched": method == "lora", "trainable": n, "target": target,
+                        **({"reason": "matching disabled"} if method != "lora" else {}),
+                        **({"notes": notes} if notes else {})}
+                table[(task, method)] = (adapter, info)
+                continue
+            try:
+                table[(task, method)] = match_budget(make_meta, adapter, target)
+            except Exception as e:  # recorded with the runs; the method still runs with its paper settings
+                table[(task, method)] = (adapter, {"matched": False, "target": target,
+                                                   "reason": f"could not probe: {type(e).__name__}: {e}"[:300]})
+            if notes:
+                table[(task, method)][1]["notes"] = notes
+    return table
+
+
+def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> list[dict]:
+    validate(plan)
     done = {r["key"] for r in read_records(plan.out)}
-    env = environment()
     todo = [r for r in expand(plan) if r["key"] not in done]
+    if not todo:
+        return []
+    env = environment()
+    table = budgets(plan)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="arena", unit="run", dynamic_ncols=True, file=sys.stderr)
     new = []
-    for i, run in enumerate(todo):
-        if progress:
-            progress(i, len(todo), run)
-        t0 = time.time()
-        spec = {**run, "budget": plan.budget, "match_params": plan.match_params, "extra": plan.extra,
-                "out": str(plan.out / "adapters" / run["key"].replace("|", "__").replace(" ", "_"))}
-        try:
-            res = _run_inprocess(spec) if inprocess else _run_subprocess(spec)
-            rec = {**run, "status": "ok", **res}
-        except Exception as e:  # recorded, the arena goes on
-            rec = {**run, "status": "error", "error": f"{type(e).__name__}: {e}"[:2000]}
-        rec.update(env)
-        rec["wall_s"] = rec.get("wall_s", time.time() - t0)
-        rec["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        _append(plan.out, rec)
-        new.append(rec)
+    baseline_seen: set[tuple[str, int]] = set()
+    try:
+        for run in todo:
+            adapter, info = table[(run["task"], run["method"])]
+            if bar is not None:
+                bar.set_postfix_str(f"{run['task']} | {run['variant']} | seed {run['seed']}")
+            t0 = time.time()
+            rec = {**run, "budget_info": info}
+            if info.get("skip"):
+                rec.update(status="skipped", error=f"not run: {info['skip']}")
+            else:
+                # the untrained metric is measured once per (task, seed): by the LoRA baseline's run
+                first = run["method"] == "lora" and run["lr_mult"] == 1.0 and (run["task"], run["seed"]) \
+                    not in baseline_seen
+                spec = {**run, "adapter": adapter, "extra": plan.extra, "eval_before": first}
+                try:
+                    res = _execute(spec, plan)
+                    rec.update(status="ok", **res)
+                    if first:
+                        baseline_seen.add((run["task"], run["seed"]))
+                except Exception as e:  # recorded, the arena goes on
+                    rec.update(status="error", error=f"{type(e).__name__}: {e}"[:2000])
+            rec.update(env)
+            rec.setdefault("wall_s", time.time() - t0)
+            rec["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+            _append(plan.out, rec)
+            new.append(rec)
+            if on_record:
+                on_record(rec)
+            if bar is not None:
+                bar.update(1)
+                if rec["status"] != "ok":
+                    bar.write(f"{run['key']}: {rec['status']}: {str(rec.get('error'))[:200]}")
+    finally:
+        if bar is not None:
+            bar.close()
     return new
 
 
-def _run_subprocess(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "lorakit.arena.worker"], input=json.dumps(spec), text=True,
-                          capture_output=True, timeout=3600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ARENA_RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
-        raise RuntimeError(f"run failed (exit {proc.returncode}): " + " | ".join(tail))
-    return json.loads(lines[-1][len("ARENA_RESULT "):])
+# ---- process isolation ------------------------------------------------------------------------------------------
+def _child(spec: dict, conn) -> None:
+    try:
+        from .worker import execute
+
+        conn.send(("ok", execute(spec)))
+    except BaseException as e:  # noqa: BLE001 - everything goes back to the parent as a record
+        conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"))
+    finally:
+        conn.close()
 
 
-def _run_inprocess(spec: dict) -> dict:
-    from .worker import execute
+def _execute(spec: dict, plan: ArenaPlan) -> dict:
+    if plan.isolate == "none":
+        from .worker import execute
 
-    return execute(spec)
+        return execute(spec)
+    if plan.isolate == "spawn":
+        proc = subprocess.run([sys.executable, "-m", "lorakit.arena.worker"], input=json.dumps(spec), text=True,
+                              capture_output=True, timeout=plan.timeout_s)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ARENA_RESULT ")]
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
+            raise RuntimeError(f"run failed (exit {proc.returncode}): " + " | ".join(tail))
+        return json.loads(lines[-1][len("ARENA_RESULT "):])
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_child, args=(spec, send), daemon=True)
+    p.start()
+    send.close()
+    try:
+        if not recv.poll(plan.timeout_s):
+            p.kill()
+            raise TimeoutError(f"run exceeded {plan.timeout_s:.0f} s")
+        status, payload = recv.recv()
+    except EOFError:
+        p.join(10)
+        raise RuntimeError(f"the run's process died (exit code {p.exitcode}; killed for memory?)") from None
+    finally:
+        p.join(30)
+        if p.is_alive():
+            p.kill()
+        recv.close()
+    if status != "ok":
+        raise RuntimeError(payload.strip() or "unknown error") from None
+    return payload

@@ -1,78 +1,127 @@
-"""One arena run, in its own process: ``python -m lorakit.arena.worker`` reads a JSON spec on stdin and prints
-``ARENA_RESULT {json}`` on its last line."""
+"""One arena run: the recipe of the task + the method's paper settings + the arena's budget, trained by
+:func:`lorakit.train.run_training` (exactly what ``lorakit train`` runs), measured and summarised as one record."""
 from __future__ import annotations
 
 import json
-import resource
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-BUDGETS = {"smoke": 4}  # optimiser steps; "default" keeps the recipe's own budget
+from ..errors import ConfigError
+
+# Per task: the step/data budget of an arena run, as `key=value` overrides of the task's recipe.
+#   default: the recipe's own budget (each run ~1-3 min on 2 CPU cores)
+#   quick:   the budget of the committed full arena (about 4x shorter: every method x 3 tasks x 3 seeds on 2 cores
+#            in a few hours; enough for the ranking, not the best attainable accuracy)
+#   smoke:   a handful of steps on a few rows (CI: checks that records and the report are produced)
+BUDGETS: dict[str, dict[str, list[str]]] = {
+    "sentiment-minilm": {"default": [], "quick": ["train.steps=40", "data.eval_size=300"],
+                         "smoke": ["train.steps=3", "data.train_size=96", "data.eval_size=24"]},
+    "bbc-minilm": {"default": [], "quick": ["train.steps=40", "data.max_length=128", "data.eval_size=200"],
+                   "smoke": ["train.steps=3", "data.train_size=96", "data.eval_size=24", "data.max_length=64"]},
+    "sentiment-smollm2": {"default": [], "quick": ["train.steps=24", "data.eval_size=120"],
+                          "smoke": ["train.steps=3", "data.train_size=48", "data.eval_size=16"]},
+    "gsm8k-smollm2": {"default": [], "quick": ["train.steps=24", "data.eval_size=60"],
+                      "smoke": ["train.steps=2", "data.train_size=16", "data.eval_size=8"]},
+}
+# The task metric the arena ranks by (the others are recorded too).
+PRIMARY = {"sentiment-minilm": "accuracy", "bbc-minilm": "macro_f1", "sentiment-smollm2": "accuracy",
+           "gsm8k-smollm2": "loss"}
 
 
-def _recipe(task: str) -> Path:
-    from ..train.config import recipe_path
+def recipe(task: str) -> Path:
+    from ..train.config import CONFIG_DIRS
 
-    return recipe_path(f"{task}-lora")
+    for d in CONFIG_DIRS:
+        p = d / f"{task}-lora.yaml"
+        if p.is_file():
+            return p
+    raise ConfigError(f"no recipe for arena task '{task}' (looked for {task}-lora.yaml in "
+                      f"{', '.join(str(d) for d in CONFIG_DIRS)})")
+
+
+def budget_overrides(task: str, budget: str) -> list[str]:
+    table = BUDGETS[task]
+    if budget in table:
+        return list(table[budget])
+    try:
+        steps = int(budget)
+    except ValueError:
+        raise ConfigError(f"unknown arena budget '{budget}'; use {', '.join(table)} or a number of steps") from None
+    if steps < 1:
+        raise ConfigError(f"arena budget must be >= 1 step, got {steps}")
+    return [f"train.steps={steps}"]
+
+
+def run_config(spec: dict):
+    """The :class:`RunConfig` of one arena run (recipe < method file < budget < arena overrides < matched adapter)."""
+    from ..train.config import resolve
+
+    overrides = [*budget_overrides(spec["task"], spec.get("budget", "default")), f"train.seed={spec['seed']}",
+                 f"adapter.seed={spec['seed']}", *spec.get("extra", [])]
+    cfg = resolve(recipe(spec["task"]), overrides, method=spec["method"])
+    if spec.get("adapter"):
+        cfg.adapter = dict(spec["adapter"])
+        cfg.adapter["seed"] = spec["seed"]
+    if spec.get("lr_mult", 1.0) != 1.0:
+        cfg.optim.lr *= spec["lr_mult"]
+    cfg.train.eval_before = bool(spec.get("eval_before", True))
+    cfg.train.save_every = 0
+    return cfg
+
+
+def _dir_bytes(path: str | None) -> int | None:
+    if not path or not Path(path).is_dir():
+        return None
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def execute(spec: dict) -> dict:
+    """Train one run and return its measurements (the record minus the run's identity and environment)."""
     import torch
 
-    from ..train.config import load_run_config
     from ..train.loop import run_training
 
-    overrides = [f"train.seed={spec['seed']}", f"output.dir={spec['out']}", *spec.get("extra", [])]
-    budget = spec.get("budget", "default")
-    if budget != "default":
-        steps = BUDGETS.get(budget, None) or int(budget)
-        overrides += [f"train.max_steps={steps}"]
-        if budget == "smoke":
-            overrides += ["data.max_eval=16", "train.eval_every=0"]
-    cfg = load_run_config(_recipe(spec["task"]), overrides, method=spec["method"])
-    info: dict = {}
-    if spec.get("lr_mult", 1.0) != 1.0:
-        cfg.optim.lr = cfg.optim.lr * spec["lr_mult"]
-    if spec.get("match_params") and spec["method"] != "lora":
-        from .budget import match_budget, trainable_count
-        from ..train.loop import meta_model_factory
-
-        make_meta = meta_model_factory(cfg)
-        lora_ref = {**cfg.adapter, "method": "lora"}
-        lora_ref = {k: v for k, v in lora_ref.items() if k in ("method", "targets", "exclude", "r", "alpha",
-                                                                   "layers", "trainable")}
-        try:
-            target = trainable_count(make_meta, lora_ref)
-            cfg.adapter, info = match_budget(make_meta, dict(cfg.adapter), target)
-        except Exception as e:
-            info = {"matched": False, "reason": f"could not probe: {type(e).__name__}: {e}"}
-    t0 = time.time()
-    res = run_training(cfg, quiet=True)
-    wall = time.time() - t0
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {
-        "metric_name": res.get("metric_name"),
-        "metric": res.get("metric"),
-        "metric_before": res.get("metric_before"),
-        "metrics": res.get("metrics_after", {}),
-        "metrics_before": res.get("metrics_before", {}),
+    cfg = run_config(spec)
+    keep = spec.get("keep_dir")
+    out = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="lorakit-arena-"))
+    cfg.output.dir = str(out)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    try:
+        res = run_training(cfg)
+        wall = time.perf_counter() - t0
+        size = _dir_bytes(res.get("adapter_dir"))
+    finally:
+        if not keep:
+            shutil.rmtree(out, ignore_errors=True)
+    metric = PRIMARY.get(spec["task"], "loss")
+    after, before = res.get("metrics_after") or {}, res.get("metrics_before") or {}
+    return {
+        "metric_name": metric,
+        "metric": after.get(metric),
+        "metric_before": before.get(metric),
+        "metrics": after,
+        "metrics_before": before,
         "trainable_params": res.get("trainable_params"),
-        "adapter_bytes": res.get("adapter_bytes"),
-        "time_per_step_s": res.get("time_per_step_s"),
-        "tokens_per_s": res.get("tokens_per_s"),
-        "loss_curve": res.get("loss_curve", []),
+        "total_params": res.get("total_params"),
+        "adapter_bytes": size,
         "steps": res.get("steps"),
         "wall_s": wall,
-        "peak_rss_mb": rss_kb / 1024.0,
+        "train_s": res.get("train_time_s"),
+        "time_per_step_s": res.get("time_per_step_s"),
+        "tokens_per_s": res.get("tokens_per_s"),
+        "peak_rss_mb": res.get("peak_rss_mb"),
         "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-        "budget_info": info,
+        "loss_curve": [round(float(x), 5) for x in res.get("loss_curve", [])],
         "config": res.get("config"),
     }
-    return out
 
 
-def main() -> None:
+def main() -> None:  # python -m lorakit.arena.worker < spec.json  (the --isolate spawn mode)
     spec = json.loads(sys.stdin.read())
     res = execute(spec)
     sys.stdout.write("ARENA_RESULT " + json.dumps(res, default=str) + "\n")

@@ -112,7 +112,26 @@ class Task:
         raise NotImplementedError
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        return model(**batch).loss
+        return self.forward(model, batch)[0]
+
+    def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Any]:
+        """``(task loss, model outputs)``: the trainer hands the outputs to ``lorakit.output_loss``."""
+        out = model(**batch)
+        return out.loss, out
+
+    auto_class = "AutoModelForCausalLM"
+
+    def meta_model(self, name: str | None = None) -> nn.Module:
+        """The task's model built on the meta device (shapes only: no weights read, no memory): for budget probes."""
+        import transformers
+
+        path = assets.model_path(self.model_name(name))
+        cfg = transformers.AutoConfig.from_pretrained(path)
+        if self.is_classification and self.auto_class != "AutoModelForCausalLM":
+            labels = self.labels or (list(assets.DATASETS[self.spec.dataset].labels) if self.spec.dataset else [])
+            cfg.num_labels = max(len(labels), 2)
+        with torch.device("meta"):
+            return getattr(transformers, self.auto_class).from_config(cfg)
 
     def evaluate(self, model: nn.Module, tok, examples: list[dict], batch_size: int = 32) -> dict[str, float]:
         raise NotImplementedError

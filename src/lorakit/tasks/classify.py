@@ -102,6 +102,8 @@ class LMClassification(Task):
 class EncoderClassification(Task):
     """Encoder + classification head; the head is trained as ``AttachConfig.trainable`` (PEFT modules_to_save)."""
 
+    auto_class = "AutoModelForSequenceClassification"
+
     def load_model(self, name, dtype="float32"):
         return assets.load_encoder_classifier(name, num_labels=len(self.labels), dtype=dtype)
 

