@@ -319,6 +319,16 @@ def cmd_arena(a) -> int:
     if a.action == "report":
         md, page = write_report(a.out)
         _out(f"wrote {md} and {page}")
+        if a.readme:
+            from .arena import aggregate
+            from .arena.report import update_readme
+
+            link = os.path.relpath(md, Path(a.readme).resolve().parent)
+            if not update_readme(a.readme, aggregate(read_records(a.out)), link):
+                from .errors import ConfigError
+
+                raise ConfigError(f"{a.readme} has no '<!-- arena:begin -->' ... '<!-- arena:end -->' markers")
+            _out(f"updated the arena table in {a.readme}")
         return 0
     plan = _arena_plan(a)
     if a.action == "plan":
@@ -410,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="each run in a forked (default) or fresh process, or in this one")
     ar.add_argument("--timeout", type=float, default=3600.0, help="seconds per run before it is killed")
     ar.add_argument("--no-report", action="store_true", help="do not write the report after running")
+    ar.add_argument("--readme", help="report: also put the overview table between the arena markers of this file")
     ar.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 

@@ -35,3 +35,24 @@ def test_write_report(tmp_path):
     assert "| 1 | dora | 0.900" in text and "**lora** (baseline)" in text and "untrained model" in text
     page = html.read_text()
     assert page.count("data:image/png;base64,") == 4 and "class='base'" in page
+
+
+def test_overview_ranks_methods_across_tasks_and_updates_readme(tmp_path):
+    from lorakit.arena.report import overview, update_readme
+
+    recs = [_rec("lora", 0, 0.8), _rec("dora", 0, 0.9), _rec("vera", 0, 0.7)]
+    recs += [{**_rec("lora", 0, 0.5), "task": "bbc-minilm", "metric_name": "macro_f1", "key": "b|lora|0"},
+             {**_rec("dora", 0, 0.6), "task": "bbc-minilm", "metric_name": "macro_f1", "key": "b|dora|0"},
+             {**_rec("vera", 0, None, status="error", error="x"), "task": "bbc-minilm", "key": "b|vera|0"}]
+    tasks = aggregate(recs)
+    table = overview(tasks)
+    body = [ln for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith("| method")]
+    assert body[0].startswith("| dora |") and "0.900" in body[0] and body[0].rstrip().endswith("| 0.00 |")
+    assert any(ln.startswith("| vera |") and "failed" in ln for ln in body)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- arena:begin -->\nold\n<!-- arena:end -->\nrest\n")
+    assert update_readme(readme, tasks, "arena/results/report.md")
+    text = readme.read_text()
+    assert "\nold\n" not in text and "| dora |" in text and text.endswith("<!-- arena:end -->\nrest\n")
+    readme.write_text("no markers")
+    assert not update_readme(readme, tasks, "x")

@@ -138,3 +138,26 @@ def test_multiple_adapters_disabled_and_set_active():
     assert "trainable:" in s and "q_proj" in s
     lorakit.detach(m, "a")
     assert torch.allclose(m(x).logits, only_b, atol=1e-6)
+
+
+def test_dora_fused_paths_match_the_formula_without_bias_and_under_no_grad():
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(16, 12, bias=False))
+    W = m[0].weight.detach().clone()
+    lorakit.attach(m, {"method": "dora", "targets": ["0"], "r": 4, "alpha": 8})
+    a = m[0].adapters["default"]
+    with torch.no_grad():
+        a.lora_B.weight.normal_(std=0.3)
+        a.lora_magnitude_vector.mul_(torch.linspace(0.5, 1.5, 12))
+    x = torch.randn(3, 5, 16)
+    V = W + a.scale * a.lora_B.weight @ a.lora_A.weight
+    ref = x @ (a.lora_magnitude_vector[:, None] * V / V.norm(dim=1, keepdim=True)).t()
+    out = m(x)  # train mode, grad enabled
+    assert torch.allclose(out, ref, atol=1e-5)
+    out.sum().backward()
+    mag = a.lora_magnitude_vector.detach().clone().requires_grad_()
+    (x @ (mag[:, None] * V.detach() / V.norm(dim=1, keepdim=True).detach()).t()).sum().backward()
+    assert torch.allclose(a.lora_magnitude_vector.grad, mag.grad, rtol=1e-4, atol=1e-6)
+    m.eval()
+    with torch.no_grad():
+        assert torch.allclose(m(x), ref, atol=1e-5) and torch.allclose(m(x), ref, atol=1e-5)  # cached gain

@@ -94,6 +94,44 @@ def markdown(tasks: dict[str, list[dict]]) -> str:
     return "\n".join(out)
 
 
+def overview(tasks: dict[str, list[dict]]) -> str:
+    """One row per method variant, one column per task (mean ± std), sorted by the mean rank across tasks."""
+    names = sorted(tasks)
+    cells: dict[str, dict[str, str]] = {}
+    ranks: dict[str, list[float]] = {}
+    for task in names:
+        rows = [r for r in tasks[task] if not math.isnan(r["mean"])]
+        for i, r in enumerate(rows):
+            ranks.setdefault(r["variant"], []).append(i / max(len(rows) - 1, 1))
+            cells.setdefault(r["variant"], {})[task] = f"{_fmt(r['mean'])} ± {_fmt(r['std'], '.3f')}"
+        for r in tasks[task]:
+            cells.setdefault(r["variant"], {}).setdefault(task, "failed" if r["errors"] else "—")
+            ranks.setdefault(r["variant"], [])
+    order = sorted(cells, key=lambda v: (sum(ranks[v]) / len(ranks[v]) if ranks[v] else 2.0, v))
+    metric = {t: next((r["metric_name"] for r in tasks[t] if r["metric_name"]), "") for t in names}
+    out = ["| method | " + " | ".join(f"{t} ({metric[t]})" for t in names) + " | mean rank |",
+           "|---|" + "---|" * len(names) + "---|"]
+    for v in order:
+        base = v in ("lora", "untrained model")
+        name = f"**{v}**" if base else v
+        rank = f"{sum(ranks[v]) / len(ranks[v]):.2f}" if ranks[v] else "—"
+        out.append(f"| {name} | " + " | ".join(cells[v].get(t, "—") for t in names) + f" | {rank} |")
+    return "\n".join(out) + "\n\nmean rank: 0 = best on every task, 1 = worst; bold = baselines.\n"
+
+
+def update_readme(readme: str | Path, tasks: dict[str, list[dict]], link: str) -> bool:
+    """Replace the text between ``<!-- arena:begin -->`` and ``<!-- arena:end -->`` with the overview table."""
+    p = Path(readme)
+    text = p.read_text()
+    a, b = "<!-- arena:begin -->", "<!-- arena:end -->"
+    if a not in text or b not in text:
+        return False
+    head, rest = text.split(a, 1)
+    _, tail = rest.split(b, 1)
+    p.write_text(head + a + "\n" + overview(tasks) + f"\nFull report with plots: [{link}]({link}).\n" + b + tail)
+    return True
+
+
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -176,9 +214,15 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
             f"{', ' + env['hardware']['gpu'] if env.get('hardware', {}).get('gpu') else ''}.\n\n")
     md_path = out_dir / "report.md"
     out_dir.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(head + md)
+    budgets = sorted({str(r.get("budget")) for r in recs if r.get("budget") is not None})
+    seeds = sorted({r.get("seed") for r in recs})
+    head += (f"Budget: {', '.join(budgets)} (see docs/arena.md); seeds {', '.join(map(str, seeds))}. "
+             "Metric: mean ± std over seeds, higher is better unless the metric is a loss.\n\n")
+    md_path.write_text(head + "## Overview\n\n" + overview(tasks) + "\n## Per task\n\n" + md)
     figs = plots(tasks)
-    parts = [f"<h1>lorakit arena</h1><p>{html.escape(head.splitlines()[2])}</p>"]
+    intro = " ".join(ln for ln in head.splitlines()[1:] if ln.strip())
+    parts = [f"<h1>lorakit arena</h1><p>{html.escape(intro)}</p>",
+             _md_table_to_html("### Overview: every method on every task, by mean rank\n" + overview(tasks))]
     for task in sorted(tasks):
         sect = markdown({task: tasks[task]})
         parts.append(_md_table_to_html(sect))
@@ -203,7 +247,7 @@ def _md_table_to_html(md: str) -> str:
     body = []
     for ln in rows[2:]:
         cells = [c.strip().replace("**", "") for c in ln.strip("|").split("|")]
-        cls = " class='base'" if "(baseline)" in ln else ""
+        cls = " class='base'" if "(baseline)" in ln or ln.startswith("| **") else ""
         body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     return (f"<h2>{html.escape(title)}</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) +
             "</tr>" + "".join(body) + "</table>")

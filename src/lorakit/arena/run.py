@@ -194,6 +194,15 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
         return []
     env = environment()
     table = budgets(plan)
+    if plan.isolate == "fork":  # import once here: every forked run starts with the code it needs already loaded
+        import importlib
+
+        for mod in ("lorakit.train.loop", "lorakit.tasks.classify", "lorakit.tasks.sft", "lorakit.methods",
+                    "transformers.models.bert.modeling_bert", "transformers.models.llama.modeling_llama"):
+            try:
+                importlib.import_module(mod)
+            except ImportError:
+                pass
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -13,15 +13,15 @@ from ..errors import ConfigError
 
 # Per task: the step/data budget of an arena run, as `key=value` overrides of the task's recipe.
 #   default: the recipe's own budget (each run ~1-3 min on 2 CPU cores)
-#   quick:   the budget of the committed full arena (about 4x shorter: every method x 3 tasks x 3 seeds on 2 cores
-#            in a few hours; enough for the ranking, not the best attainable accuracy)
+#   quick:   the budget of the committed arena (~4x shorter than default: ~15-40 s per run on 2 cores, so every
+#            method x 3 tasks x 3 seeds fits in a few hours; enough to rank methods, not their best accuracy)
 #   smoke:   a handful of steps on a few rows (CI: checks that records and the report are produced)
 BUDGETS: dict[str, dict[str, list[str]]] = {
-    "sentiment-minilm": {"default": [], "quick": ["train.steps=40", "data.eval_size=300"],
+    "sentiment-minilm": {"default": [], "quick": ["train.steps=24", "data.eval_size=300"],
                          "smoke": ["train.steps=3", "data.train_size=96", "data.eval_size=24"]},
-    "bbc-minilm": {"default": [], "quick": ["train.steps=40", "data.max_length=128", "data.eval_size=200"],
+    "bbc-minilm": {"default": [], "quick": ["train.steps=24", "data.max_length=128", "data.eval_size=200"],
                    "smoke": ["train.steps=3", "data.train_size=96", "data.eval_size=24", "data.max_length=64"]},
-    "sentiment-smollm2": {"default": [], "quick": ["train.steps=24", "data.eval_size=120"],
+    "sentiment-smollm2": {"default": [], "quick": ["train.steps=14", "data.eval_size=100"],
                           "smoke": ["train.steps=3", "data.train_size=48", "data.eval_size=16"]},
     "gsm8k-smollm2": {"default": [], "quick": ["train.steps=24", "data.eval_size=60"],
                       "smoke": ["train.steps=2", "data.train_size=16", "data.eval_size=8"]},
