@@ -40,7 +40,12 @@ class Sensitivity:
     def update(self, key: str, p: Tensor, grad: Tensor | None) -> None:
         if grad is None:
             return
-        i = (p.float() * grad.float()).abs()
+        self.update_value(key, (p.float() * grad.float()).abs())
+
+    @torch.no_grad()
+    def update_value(self, key: str, i: Tensor) -> None:
+        """Fold one raw importance ``I`` (any shape, e.g. a per-module scalar) into the EMAs of ``key``."""
+        i = i.float()
         if key not in self.ipt:
             self.ipt[key], self.unc[key] = torch.zeros_like(i), torch.zeros_like(i)
         self.ipt[key].mul_(self.beta1).add_(i, alpha=1 - self.beta1)
@@ -161,3 +166,101 @@ class AdaLoRAController(Controller):
         for p, a in self.mods():
             if p in state["masks"]:
                 a.rank_mask.copy_(state["masks"][p])
+
+
+def masked_orth_penalty(A: Tensor, B: Tensor, used: Tensor) -> Tensor:
+    """:func:`orth_penalty` restricted to the slots where ``used`` (R,) is true (shapes stay fixed)."""
+    m = used.to(A.dtype)
+    mm = m.unsqueeze(0) * m.unsqueeze(1)
+    eye = torch.diag(m)
+    return torch.linalg.matrix_norm((A @ A.t()) * mm - eye) + torch.linalg.matrix_norm((B.t() @ B) * mm - eye)
+
+
+class IncreLoRAController(Controller):
+    """IncreLoRA's RankAllocator as a Controller (see the IncreLoRA docstring). ``cls``: the adapter class (needs
+    ``cfg``, ``slots``, ``max_r``, ``add_r``, ``scoring``, ``take_score``, ``activate``, ``refill``,
+    ``drop_reserves``). Everything happens in ``before_step`` (after backward, before ``optimizer.step``) with the
+    0-based step, as the official ``update_and_increase``."""
+
+    def __init__(self, model, name: str, cls):
+        self.model, self.name, self.cls = model, name, cls
+        mods = adapters_of(model, name, cls)
+        if not mods:
+            raise ConfigError(f"adapter {name!r} has no {cls.name} modules")
+        self.c = mods[0][1].cfg
+        self.sens = Sensitivity(self.c.beta1, self.c.beta2)
+        self.budget = self.c.target_rank * len(mods)
+        self.started = False
+        self.gen = torch.Generator().manual_seed(0x1C7E)  # fresh reserves; its state is checkpointed
+        for _, a in mods:
+            a.orth_modules = len(mods)
+        self._scoring()
+
+    def mods(self):
+        return adapters_of(self.model, self.name, self.cls)
+
+    def total_rank(self) -> int:
+        return int(sum(int(a.slots[0]) for _, a in self.mods()))
+
+    def _scoring(self) -> None:
+        on = self.total_rank() < self.budget
+        for _, a in self.mods():
+            a.scoring = on
+
+    def before_step(self, step: int, model, optimizer) -> None:
+        mods = self.mods()
+        if not self.started:
+            self.started = True
+            if self.total_rank() < self.budget:
+                for _, a in mods:
+                    a.refill(self.gen)
+        if self.total_rank() >= self.budget:
+            return
+        for p, a in mods:
+            s = a.take_score()
+            if s is not None:
+                self.sens.update_value(p, s)
+        if step > self.c.init_warmup and step % self.c.incre_interval == 0:
+            self.grow(mods)
+
+    @torch.no_grad()
+    def grow(self, mods) -> list[str]:
+        """Give ``incre_rank_num`` ranks to each of the ``top_h`` most important modules (within the budget)."""
+        left = self.budget - self.total_rank()
+        scores = torch.stack([(self.sens.score(p) if self.sens.score(p) is not None else torch.zeros(()))
+                              .float().cpu() for p, _ in mods])
+        grown = []
+        for i in torch.argsort(-scores, stable=True).tolist():
+            p, a = mods[i]
+            room = a.max_r - int(a.slots[0])
+            if len(grown) == self.c.top_h or left <= 0:
+                break
+            if room <= 0:
+                continue
+            n = min(a.add_r, left, room)
+            a.activate(n, self.gen)
+            left -= n
+            grown.append(p)
+        if left <= 0:  # budget reached: drop the reserves, stop scoring (official: zero their e, remove hooks)
+            for _, a in mods:
+                a.drop_reserves()
+            self.sens.reset()
+        else:
+            for p, a in mods:
+                if p in grown:
+                    a.refill(self.gen)
+        self._scoring()
+        return grown
+
+    def state_dict(self) -> dict:
+        return {"started": self.started, "sens": self.sens.state_dict(), "gen": self.gen.get_state(),
+                "slots": {p: a.slots.clone() for p, a in self.mods()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.started = bool(state["started"])
+        self.sens.load_state_dict(state["sens"])
+        self.gen.set_state(state["gen"])
+        for p, a in self.mods():
+            if p in state["slots"]:
+                a.slots.copy_(state["slots"][p])
+        self._scoring()
