@@ -14,15 +14,14 @@ zeroes all but the k largest λ and ``enable_softmax_topk`` renormalises those k
 top-k, as PEFT. Every forward runs exactly two base passes. Trains the classifier (and the experts if
 ``use_trainable_adapters``). Not mergeable (the output depends on the input through λ).
 
-Mechanism in lorakit (generic hooks, no special case in the core): ``bind`` gives the FIRST adapter (the owner)
-the classifier ``xlora_classifier`` (so its file keys stay under that module's path; peft_type LORAKIT) and
-registers on the model a forward pre-hook that runs the scaling pass and the classifier, plus a forward hook on the
-output head that captures its input (= HF's ``hidden_states[-1]``); detach removes both. Decisions: ``hidden_size``
-0 = the output head's input size; the head is ``get_output_embeddings()`` or else the model's last linear layer;
-λ of shape (B,) from a pooled head broadcasts over a module's (B, T) tokens; called outside a model forward (or on
-inputs of another shape) the adapters use ``scaling_pass_value``; the last λ is kept (not cleared after the forward)
-so gradient checkpointing recomputes with it. ``past_key_values`` is refused: generate with ``use_cache=False``
-(as PEFT requires). Only linear / Conv1D experts (PEFT also has embedding and conv2d).
+Mechanism in lorakit (the generic ``Adapter.bind`` hook, no X-LoRA case in the core): ``bind`` gives the FIRST
+adapter (the owner) the classifier ``xlora_classifier`` (file keys stay under that module's path; peft_type LORAKIT),
+replaces the model's forward by the two passes (a hook calling forward breaks the torch.compile graph) and hooks the
+output head to capture its input (= HF's ``hidden_states[-1]``); detach puts both back. Decisions: ``hidden_size``
+0 = the head's input size (``_mixture.output_head``); λ (B,) from a pooled head broadcasts over (B, T) tokens;
+outside a model forward (or for inputs of another shape) adapters use ``scaling_pass_value``; the last λ is kept so
+gradient checkpointing recomputes with it; ``past_key_values`` is refused (generate with ``use_cache=False``, as
+PEFT). Linear / Conv1D experts only (PEFT also has embedding and conv2d).
 """
 from __future__ import annotations
 
@@ -30,40 +29,13 @@ import functools
 import inspect
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ..core import Adapted, LayerView, adaptable, register
-from ..errors import AdapterFileError, ConfigError
-from ._mixture import Mixture, topk_mask
-
-
-def _head(model: nn.Module) -> nn.Module:
-    """The output head, whose input is the last hidden state."""
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    if head is None:
-        cands = [m for p, m in model.named_modules() if ".adapters." not in f".{p}." and adaptable(m) in
-                 ("linear", "conv1d")]
-        if not cands:
-            raise ConfigError("X-LoRA needs an output head (a linear layer) whose input is the last hidden state")
-        head = cands[-1]
-    return head.base_layer if isinstance(head, Adapted) else head
-
-
-class _Restore:
-    """Handle that puts the model's own forward back (detach)."""
-
-    def __init__(self, model: nn.Module, prior):
-        self.model, self.prior = model, prior
-
-    def remove(self) -> None:
-        if self.prior is None:
-            self.model.__dict__.pop("forward", None)
-        else:
-            self.model.forward = self.prior
+from ..core import LayerView, register
+from ..errors import ConfigError
+from ._mixture import Mixture, RestoreForward, output_head, read_lora_factors, topk_mask
 
 
 @register("x_lora", family="mixture of LoRA experts", paper="Buehler & Buehler 2024, X-LoRA: Mixture of Low-Rank "
@@ -121,7 +93,7 @@ class XLoRA(Mixture):
         from ..inject import attached, hosts
 
         owner, c = adapters[0], adapters[0].cfg
-        head = _head(model)
+        head = output_head(model)
         hid = c.hidden_size or LayerView(head).d_in
         n_out = owner.E * (owner.n_layers if c.layerwise_scalings else 1)
         seed = attached(model)[name]["config"].seed
@@ -139,7 +111,7 @@ class XLoRA(Mixture):
         prior = model.__dict__.get("forward")  # the forward is replaced (not hooked): one graph under torch.compile
         fwd = functools.partial(cls._two_passes, owner, model, prior)
         model.forward = functools.update_wrapper(fwd, model.forward)  # keeps the signature for inspect
-        return [_Restore(model, prior), head.register_forward_hook(functools.partial(cls._grab, owner))]
+        return [RestoreForward(model, prior), head.register_forward_hook(functools.partial(cls._grab, owner))]
 
     @staticmethod
     def _grab(owner, _mod, args, _out) -> None:
@@ -214,23 +186,8 @@ def xlora_from_loras(model: nn.Module, directories: list, name: str = "default",
     as in the paper. Each LoRA's scale α_i/r_i is folded into its B; ranks may differ (zero-padded to the largest)
     and so may targets (the union is adapted; an expert absent from a module contributes zero there)."""
     from ..inject import adapters, attach
-    from ..io import PREFIX, _read_tensors, read_adapter_config
 
-    experts = []
-    for d in directories:
-        conf, t = read_adapter_config(d), _read_tensors(Path(d))
-        if conf.get("peft_type") != "LORA" or conf.get("use_dora"):
-            raise AdapterFileError(f"{d}: X-LoRA experts must be plain LoRA adapters (got {conf.get('peft_type')}"
-                                   f"{' with DoRA' if conf.get('use_dora') else ''})")
-        pats = lambda key, p, v: next((x for k, x in (conf.get(key) or {}).items() if p == k or p.endswith("." + k)), v)
-        fac = {}
-        for k, A in t.items():
-            if k.startswith(PREFIX) and k.endswith(".lora_A.weight"):
-                p = k[len(PREFIX):-len(".lora_A.weight")]
-                r, alpha = pats("rank_pattern", p, conf["r"]), pats("alpha_pattern", p, conf["lora_alpha"])
-                s = alpha / (math.sqrt(r) if conf.get("use_rslora") else r)
-                fac[p] = (A.float(), t[f"{PREFIX}{p}.lora_B.weight"].float() * s)
-        experts.append(fac)
+    experts = [read_lora_factors(d) for d in directories]
     paths = sorted({p for f in experts for p in f})
     r = max(A.shape[0] for f in experts for A, _ in f.values())
     attach(model, {**options, "method": "x_lora", "targets": paths, "r": r, "alpha": float(r),
