@@ -337,6 +337,13 @@ class Adapter(nn.Module):
         the per-adapter tensors are validated and before they are set."""
         return set()
 
+    @classmethod
+    def bind(cls, model: nn.Module, name: str, adapters: list["Adapter"]) -> list:
+        """Model-level setup, once per attach after every adapter of ``name`` is installed on ``model`` (e.g.
+        X-LoRA's classifier and two-pass forward): may add state to the adapters and register hooks on the model;
+        returns the hooks' handles, which ``detach`` removes (so the model is restored exactly). Default: none."""
+        return []
+
     # --- file mapping ------------------------------------------------------------------------------------------
     @classmethod
     def file_config(cls, model: nn.Module, name: str, conf: dict) -> dict:

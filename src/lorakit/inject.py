@@ -149,7 +149,12 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
             b = getattr(m, "bias", None)
             if isinstance(b, nn.Parameter) and id(b) not in meta["bias_stash"]:
                 meta["bias_stash"][id(b)] = (b, b.detach().clone())
-    meta["adapters"][name] = {"config": cfg, "paths": paths}
+    meta["adapters"][name] = {"config": cfg, "paths": paths, "handles": []}
+    try:
+        meta["adapters"][name]["handles"] = list(method.bind(model, name, [a for _, _, a in built]))
+    except BaseException:
+        detach(model, name)
+        raise
     set_active(model, name)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
@@ -264,6 +269,9 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
     for n in names:
         if n not in meta["adapters"]:
             raise ConfigError(f"no adapter named {n!r}; attached: {sorted(meta['adapters'])}")
+    for n in names:
+        for handle in meta["adapters"][n].get("handles", ()):
+            handle.remove()
     for path, h in list(hosts(model)):
         h.unmerge()
         originals = h.__dict__.get("_originals", {})

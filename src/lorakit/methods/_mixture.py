@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import Adapter, Factor
+from ..core import Adapted, Adapter, Factor, adaptable
+from ..errors import ConfigError
 
 
 @dataclass
@@ -237,3 +238,60 @@ def load_lora_experts(model: nn.Module, directories: list, name: str = "default"
             s = float(s[i]) if isinstance(s, Tensor) else float(s)
             a.experts_A[i] = A.to(a.experts_A.dtype)
             a.experts_B[i] = (B.float() * (float(alpha) / float(r)) / s).to(a.experts_B.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model-level helpers (routers that read the whole model: X-LoRA)
+# ----------------------------------------------------------------------------------------------------------------
+def output_head(model: nn.Module) -> nn.Module:
+    """The model's output head (``get_output_embeddings()``, else its last linear layer): its input is the last
+    hidden state (HF's ``hidden_states[-1]``). Used by model-level routers (X-LoRA)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        cands = [m for p, m in model.named_modules() if ".adapters." not in f".{p}." and adaptable(m) in
+                 ("linear", "conv1d")]
+        if not cands:
+            raise ConfigError("this method needs an output head (a linear layer) whose input is the last hidden state")
+        head = cands[-1]
+    return head.base_layer if isinstance(head, Adapted) else head
+
+
+class RestoreForward:
+    """A handle (for ``Adapter.bind``) that puts back the model's forward a method replaced: ``prior`` is what
+    ``model.__dict__["forward"]`` held before (None: the class's own forward)."""
+
+    def __init__(self, model: nn.Module, prior):
+        self.model, self.prior = model, prior
+
+    def remove(self) -> None:
+        if self.prior is None:
+            self.model.__dict__.pop("forward", None)
+        else:
+            self.model.forward = self.prior
+
+
+def read_lora_factors(directory) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{module path: (A (r, d_in), s·B (d_out, r))}`` of a plain LoRA adapter directory (PEFT format), each
+    module's scale ``s`` (α/r, rsLoRA α/√r, rank/alpha patterns) folded into B, fp32."""
+    from pathlib import Path
+
+    from ..errors import AdapterFileError
+    from ..io import PREFIX, _read_tensors, read_adapter_config
+
+    conf, t = read_adapter_config(directory), _read_tensors(Path(directory))
+    if conf.get("peft_type") != "LORA" or conf.get("use_dora"):
+        raise AdapterFileError(f"{directory}: expected a plain LoRA adapter (got {conf.get('peft_type')}"
+                               f"{' with DoRA' if conf.get('use_dora') else ''})")
+
+    def pattern(key: str, path: str, default):
+        return next((v for k, v in (conf.get(key) or {}).items() if path == k or path.endswith("." + k)), default)
+
+    out = {}
+    for k, A in t.items():
+        if k.startswith(PREFIX) and k.endswith(".lora_A.weight"):
+            p = k[len(PREFIX):-len(".lora_A.weight")]
+            r, alpha = pattern("rank_pattern", p, conf["r"]), pattern("alpha_pattern", p, conf["lora_alpha"])
+            s = alpha / (math.sqrt(r) if conf.get("use_rslora") else r)
+            out[p] = (A.float(), t[f"{PREFIX}{p}.lora_B.weight"].float() * s)
+    return out
