@@ -143,14 +143,26 @@ def validate(plan: ArenaPlan) -> None:
         budget_overrides(t, plan.budget)
 
 
-def budgets(plan: ArenaPlan) -> dict[tuple[str, str], tuple[dict, dict]]:
-    """(task, method) -> (adapter config to run, budget info), matched to LoRA's trainable count on the task."""
+def budgets(plan: ArenaPlan, pairs: set[tuple[str, str]] | None = None,
+            cache: Path | None = None) -> dict[tuple[str, str], tuple[dict, dict]]:
+    """(task, method) -> (adapter config to run, budget info), matched to LoRA's trainable count on the task.
+
+    ``pairs`` limits the work to the runs still to do; ``cache`` (a JSON file) keeps decisions between
+    invocations, keyed by everything that determines them (task, method, budget, overrides, method settings)."""
     from ..tasks import get_task
     from .budget import fit_targets, match_budget, trainable_count
     from .worker import run_config
 
     table: dict[tuple[str, str], tuple[dict, dict]] = {}
+    memo = {}
+    if cache is not None and cache.is_file():
+        try:
+            memo = json.loads(cache.read_text())
+        except json.JSONDecodeError:
+            log.warning("%s is not valid JSON; budgets are recomputed", cache)
     for task in plan.tasks:
+        if pairs is not None and not any(t == task for t, _ in pairs):
+            continue
         spec0 = {"task": task, "method": "lora", "seed": 0, "budget": plan.budget, "extra": plan.extra}
         cfg0 = run_config(spec0)
         t = get_task(cfg0.data.task, cfg0.data)
@@ -158,7 +170,14 @@ def budgets(plan: ArenaPlan) -> dict[tuple[str, str], tuple[dict, dict]]:
         lora_ref = dict(cfg0.adapter)
         target = trainable_count(make_meta, lora_ref)
         for method in plan.methods:
+            if pairs is not None and (task, method) not in pairs:
+                continue
             cfg = run_config({**spec0, "method": method})
+            key = json.dumps([task, method, plan.budget, plan.extra, plan.match_params, cfg.adapter, lora_ref],
+                             sort_keys=True, default=str)
+            if key in memo:
+                table[(task, method)] = tuple(memo[key])
+                continue
             adapter, note = fit_targets(make_meta, dict(cfg.adapter), lora_ref.get("targets"))
             notes = [x for x in (note, NOTES.get(method)) if x]
             if method in NEEDS:
@@ -183,6 +202,12 @@ def budgets(plan: ArenaPlan) -> dict[tuple[str, str], tuple[dict, dict]]:
                                                    "reason": f"could not probe: {type(e).__name__}: {e}"[:300]})
             if notes:
                 table[(task, method)][1]["notes"] = notes
+            memo[key] = list(table[(task, method)])
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(memo, indent=1, default=str))
+        tmp.replace(cache)
     return table
 
 
@@ -193,7 +218,7 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
     if not todo:
         return []
     env = environment()
-    table = budgets(plan)
+    table = budgets(plan, pairs={(r["task"], r["method"]) for r in todo}, cache=plan.out / "budgets.json")
     if plan.isolate == "fork":  # import once here: every forked run starts with the code it needs already loaded
         import importlib
 
