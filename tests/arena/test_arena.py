@@ -131,3 +131,17 @@ def test_unreachable_budget_keeps_paper_settings():
     own = {"method": "vera", "targets": ["q_proj", "v_proj"], "r": 16}
     cfg, info = match_budget(_tiny_meta, own, 10_000_000)
     assert not info["matched"] and cfg == own and "cannot reach" in info["reason"]
+
+
+def test_budget_matching_handles_a_count_that_falls_with_r_and_oversized_paper_ranks():
+    # RandLoRA: fewer, larger bases as r grows, so its trainable count falls with r
+    target = 3000
+    cfg, info = match_budget(_tiny_meta, {"method": "randlora", "targets": ["q_proj", "v_proj"], "r": 4}, target)
+    counts = {r: trainable_count(_tiny_meta, {"method": "randlora", "targets": ["q_proj", "v_proj"], "r": r})
+              for r in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)}
+    assert counts[1] > counts[8] > counts[32]
+    best = min(counts.values(), key=lambda n: abs(__import__("math").log(n / target)))
+    assert info["matched"] and info["trainable"] == best and cfg["r"] == 6
+    # a paper rank above the layers' full rank (64 here) is clamped to it before anything else
+    cfg, info = match_budget(_tiny_meta, {"method": "loldu", "targets": ["q_proj"], "r": 768}, 10)
+    assert cfg["r"] <= 64

@@ -109,6 +109,7 @@ def _search(make_meta, adapter_cfg: dict, knob, target: int, vals: list[int]) ->
     while hi >= lo and count(vals[hi]) is None:
         hi -= 1
     if lo < hi and count(vals[lo]) != count(vals[hi]):
+        up = count(vals[hi]) > count(vals[lo])  # RandLoRA's count falls as r grows (fewer, larger bases)
         a, b = lo, hi
         while a < b:
             c = count(vals[(a + b) // 2])
@@ -116,7 +117,8 @@ def _search(make_meta, adapter_cfg: dict, knob, target: int, vals: list[int]) ->
                 for v in vals[lo:hi + 1]:
                     count(v)
                 break
-            a, b = (a, (a + b) // 2) if c >= target else ((a + b) // 2 + 1, b)
+            past = c >= target if up else c <= target
+            a, b = (a, (a + b) // 2) if past else ((a + b) // 2 + 1, b)
         count(vals[a])
         if a > lo:
             count(vals[a - 1])
@@ -130,12 +132,16 @@ def match_budget(make_meta: Callable[[], nn.Module], adapter_cfg: dict, target: 
     Returns (adapter config, info): info says which knob was used, its value, the count and the target, and
     ``matched`` (within 2x). Unmatched methods keep their own (paper) configuration.
     """
-    own = trainable_count(make_meta, adapter_cfg)
     knobs = rank_knobs(adapter_cfg["method"])
+    cap = full_rank(make_meta, adapter_cfg)
+    clamped = [k for k in knobs if isinstance(k, str) and k in RANK_LIKE and cap is not None
+               and isinstance(adapter_cfg.get(k), int) and adapter_cfg[k] > cap]
+    if clamped:  # a paper rank larger than this model's layers (LoLDU's 768 on a 576-wide model): full rank
+        adapter_cfg = {**adapter_cfg, **{k: cap for k in clamped}}
+    own = trainable_count(make_meta, adapter_cfg)
     if not knobs:
         return adapter_cfg, {"matched": False, "reason": "no rank-like knob", "trainable": own, "target": target}
     tried = []
-    cap = full_rank(make_meta, adapter_cfg)
     for knob in knobs:
         counts = _search(make_meta, adapter_cfg, knob, target,
                          [v for v in candidates if not (cap is not None and knob in RANK_LIKE and v > cap)])

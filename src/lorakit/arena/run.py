@@ -197,6 +197,15 @@ def budgets(plan: ArenaPlan, pairs: set[tuple[str, str]] | None = None,
                 continue
             try:
                 table[(task, method)] = match_budget(make_meta, adapter, target)
+                same = {**adapter, "targets": lora_ref.get("targets"), "exclude": lora_ref.get("exclude")}
+                if not table[(task, method)][1]["matched"] and adapter.get("targets") != same["targets"]:
+                    # the method's own targets (all linear layers, several experts each) cannot come down to
+                    # the budget: try it on LoRA's targets before giving up on matching
+                    cfg2, info2 = match_budget(make_meta, same, target)
+                    if info2["matched"]:
+                        notes.append(f"on LoRA's targets {same['targets']} (its own {adapter.get('targets')} "
+                                     "cannot reach the budget)")
+                        table[(task, method)] = (cfg2, info2)
             except Exception as e:  # recorded with the runs; the method still runs with its paper settings
                 table[(task, method)] = (adapter, {"matched": False, "target": target,
                                                    "reason": f"could not probe: {type(e).__name__}: {e}"[:300]})
