@@ -11,8 +11,8 @@ block lower-triangular) and one COLUMN piece of U (its k_i columns, rows 0..end_
 the diagonal blocks are in both. All of A, B, L, U train. Shapes are fixed: ``R = max_r`` slots are preallocated and
 the persistent buffer ``pieces`` (R,) holds, per slot, the exclusive end of its piece (0 = unused), so
 ``ranknum = max(pieces)``, the masks are ``M_L[p, q] = q < pieces[p]``, ``M_U[p, q] = p < pieces[q]`` and
-``C = L ⊙ M_L + U ⊙ M_U`` (entries outside the masks are exactly 0 and get no gradient); files and checkpoints record
-the grown ranks. Mergeable (ΔW = s·B C A).
+``C = L ⊙ M_L + U ⊙ M_U`` (entries outside the masks are exactly 0 and get no gradient); files and checkpoints
+record the grown ranks. Mergeable (ΔW = s·B C A).
 
 Schedule (:class:`~lorakit.methods._adaptive.TriAdaptController`, run by the trainer after ``optimizer.step`` with
 the 0-based step): while the total rank is below the budget ``target_total_rank`` (default ``reference_rank ×
@@ -28,15 +28,19 @@ so short runs grow too), incre_rank_num reference_rank/2, orth_reg_weight 0.5, l
 the paper; 32 as in AdaLoRA/IncreLoRA scripts. ``total_step`` None = the trainer's planned step count.
 
 Decisions (lead, after comparing the author's versions, which disagree; see docs/notes/triadaptlora.md):
-* Init: A ~ N(0, 0.02²), B = 0, L = U = I on the initial block (C = 2I, ΔW = 0, B gets gradient at once).
+* Scale α/(ranknum + 1e-5) (as AdaLoRA/IncreLoRA; the author's two stored ``triadaptlora.py`` versions use a
+  constant factor 2 instead, with α unused).
+* Init (the newest author version): A ~ N(0, 0.02²), B = 0, L = U = I on the initial block (C = 2I, ΔW = 0, B
+  gets gradient at once).
 * Growth by k at rank n: new rows of A ~ N(0, 0.02²), new columns of B = 0, new row piece of L / column piece of U
   zero except I on the new diagonal block — so the new slots add nothing to ΔW. The author's ``eye_`` on a
   non-square piece couples new A rows to OLD B columns (ΔW jumps); and since s = α/ranknum drops at growth, the
   old columns of B are multiplied by (n+k+1e-5)/(n+1e-5): ΔW is continuous across a growth step (the author lets
-  it jump). Neither changes ‖C‖, so the importance is unaffected.
+  it jump). The rescaling leaves C alone; the new 2I block and the extra piece enter ‖C‖_F/#pieces at the next
+  allocation (as the author's identity pieces do).
 * Hard budget cap: modules grow in score order by at most the remaining budget and at most ``max_r`` (default
   ``max(r, 4·reference_rank)``); the author's threshold can overshoot on ties. New parameters need no new optimiser
-  group (the slots already exist; the author adds groups with weight_decay 0).
+  group (the slots already exist, so they share the group's weight decay; the author adds groups with decay 0).
 """
 from __future__ import annotations
 
