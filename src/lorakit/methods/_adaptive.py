@@ -1,4 +1,4 @@
-"""Shared pieces of the adaptive-rank family (AdaLoRA, IncreLoRA, SoRA, DyLoRA).
+"""Shared pieces of the adaptive-rank family (AdaLoRA, IncreLoRA, TriAdaptLoRA, SoRA, DyLoRA).
 
 * :class:`Sensitivity`: AdaLoRA's smoothed importance ``Ī·Ū`` per parameter entry, where ``I = |p ⊙ ∇p|``,
   ``Ī ← β1·Ī + (1−β1)·I`` (sensitivity) and ``Ū ← β2·Ū + (1−β2)·|I − Ī|`` (uncertainty).
@@ -12,6 +12,8 @@ schedulers, checkpoints and ``torch.compile`` graphs stay valid. Physically smal
 after training (:mod:`lorakit.rank`).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -264,3 +266,85 @@ class IncreLoRAController(Controller):
             if p in state["slots"]:
                 a.slots.copy_(state["slots"][p])
         self._scoring()
+
+
+class TriAdaptController(Controller):
+    """TriAdaptLoRA's RankAllocator as a Controller (see the TriAdaptLoRA docstring). ``cls``: the adapter class
+    (needs ``cfg``, ``rank``, ``max_r``, ``add_r``, ``norm_score``, ``grow``). Growth happens in ``step`` (after
+    ``optimizer.step``; the score needs no gradient) with the 0-based step."""
+
+    def __init__(self, model, name: str, cls):
+        self.model, self.name, self.cls = model, name, cls
+        mods = adapters_of(model, name, cls)
+        if not mods:
+            raise ConfigError(f"adapter {name!r} has no {cls.name} modules")
+        self.c = mods[0][1].cfg
+        self.total = self.c.total_step
+        self.budget = self.c.target_total_rank or self.c.reference_rank * len(mods)
+        self.prev = {p: a.norm_score() for p, a in mods}  # ‖C‖_F/#pieces at the last allocation
+        self.gen = torch.Generator().manual_seed(0x7A1D)  # new A rows; its state is checkpointed
+
+    def mods(self):
+        return adapters_of(self.model, self.name, self.cls)
+
+    def total_rank(self) -> int:
+        return int(sum(a.rank for _, a in self.mods()))
+
+    def on_train_begin(self, model, optimizer, total_steps: int) -> None:
+        if self.total is None:
+            self.total = total_steps
+        if self.total is not None and self.total <= self.c.init_warmup:
+            raise ConfigError(f"TriAdaptLoRA: total_step ({self.total}) must exceed init_warmup "
+                              f"({self.c.init_warmup})")
+
+    def n_grow(self, step: int, n_modules: int) -> int:
+        """How many modules grow at ``step`` (the dynamic threshold is the n-th largest score)."""
+        if self.total is None:
+            raise ConfigError("TriAdaptLoRA needs the total number of steps: set total_step or call on_train_begin")
+        m = (step - self.c.init_warmup) / (self.total - self.c.init_warmup)
+        left = self.budget - self.total_rank()
+        n = int(left * m) if self.c.rank_growth_model == "linear" else int(math.exp(m * math.log(max(left, 1))))
+        return min(max(n, 1), n_modules)
+
+    def step(self, step: int, model, optimizer) -> None:
+        if self.total_rank() < self.budget and step > self.c.init_warmup and step % self.c.incre_interval == 0:
+            self.grow(step)
+
+    def scores(self, mods) -> list[float]:
+        """Importance: the increase of ``‖C‖_F/#pieces`` since the last allocation (which this call becomes)."""
+        out = []
+        for p, a in mods:
+            s = a.norm_score()
+            out.append(s - self.prev.get(p, s))
+            self.prev[p] = s
+        return out
+
+    @torch.no_grad()
+    def grow(self, step: int) -> list[str]:
+        mods = self.mods()
+        scores = torch.tensor(self.scores(mods), dtype=torch.float64)
+        n = self.n_grow(step, len(mods))
+        thr = torch.topk(scores, n).values[-1]
+        left, grown = self.budget - self.total_rank(), []
+        for i in torch.argsort(-scores, stable=True).tolist():
+            p, a = mods[i]
+            k = min(a.add_r, left, a.max_r - a.rank)
+            if scores[i] < thr or left <= 0:
+                break
+            if k > 0:
+                a.grow(k, self.gen)
+                left -= k
+                grown.append(p)
+        return grown
+
+    def state_dict(self) -> dict:
+        return {"total": self.total, "prev": dict(self.prev), "gen": self.gen.get_state(),
+                "pieces": {p: a.pieces.clone() for p, a in self.mods()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total = state["total"]
+        self.prev = dict(state["prev"])
+        self.gen.set_state(state["gen"])
+        for p, a in self.mods():
+            if p in state["pieces"]:
+                a.pieces.copy_(state["pieces"][p])
