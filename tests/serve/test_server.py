@@ -106,3 +106,25 @@ def test_serve_main_clear_errors(tmp_path, capsys):
         assert "port in use" in capsys.readouterr().err
     finally:
         s.close()
+
+
+def test_the_official_openai_client_parses_every_endpoint(client):
+    """The real `openai` package (what users call) against the app: completions, chat, streaming, models."""
+    openai = pytest.importorskip("openai")
+    c, base, ad, d, eng = client
+    oc = openai.OpenAI(base_url="http://testserver/v1", api_key="sekret", http_client=c, max_retries=0)
+    r = oc.completions.create(model="lo4", prompt="hello", max_tokens=4, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 4 and r.model == "lo4"
+    ch = oc.chat.completions.create(model="do2", max_tokens=5, messages=[{"role": "user", "content": "hello"}],
+                                    extra_body={"ignore_eos": True})
+    assert ch.choices[0].message.role == "assistant" and ch.usage.completion_tokens == 5
+    parts = [p.choices[0].delta.content or "" for p in oc.chat.completions.create(
+        model="do2", max_tokens=5, stream=True, messages=[{"role": "user", "content": "hello"}],
+        extra_body={"ignore_eos": True}) if p.choices]
+    assert "".join(parts) == ch.choices[0].message.content
+    assert {"lo4", "do2"} <= {m.id for m in oc.models.list()}
+    with pytest.raises(openai.NotFoundError):
+        oc.completions.create(model="no-such-adapter", prompt="x", max_tokens=2)
+    bad = openai.OpenAI(base_url="http://testserver/v1", api_key="wrong", http_client=c, max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
