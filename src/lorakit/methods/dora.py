@@ -92,14 +92,14 @@ class DoRA(LoRA):
         if self.view.kind in ("linear", "conv1d") and y.dtype == self.A.dtype:
             # out = g·(y0 + s·BA·drop(x)) + b = g·t + (1-g)·b with t = y + s·BA·drop(x): one fused GEMM into y
             # (addmm) and one fused scale pass, instead of four elementwise passes over the (…, d_out) output
-            h = nn.functional.linear(self.dropout(self.cast_in(x)), self.A)
-            t = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.B.t(), alpha=self.scale)
+            h = nn.functional.linear(self.dropout(self.cast_in(x)), self.A).reshape(-1, self.A.shape[0])
+            y2 = y.reshape(-1, y.shape[-1])
             g = g.to(y.dtype)
-            if b is not None:
-                return torch.addcmul(b * (1 - g), t, g).view_as(y)
-            if not torch.is_grad_enabled():
-                return t.mul_(g).view_as(y)
-            return (t * g).view_as(y)
+            if not torch.is_grad_enabled() and y.is_contiguous():  # inference: everything in place in y
+                t = y2.addmm_(h, self.B.t(), alpha=self.scale).mul_(g)
+                return (t if b is None else t.add_(b * (1 - g))).view_as(y)
+            t = torch.addmm(y2, h, self.B.t(), alpha=self.scale)
+            return (t * g if b is None else torch.addcmul(b * (1 - g), t, g)).view_as(y)
         y0 = y if b is None else y - (b.view(1, -1, 1, 1) if self.view.kind == "conv2d" else b)
         lora = self.view.up(self.view.down(self.dropout(self.cast_in(x)), self.A) * self.scale, self.B)
         return y + (self.view.out_scale(y0, (g - 1).to(y.dtype)) + self.view.out_scale(lora, g).to(y.dtype))

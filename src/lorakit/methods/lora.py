@@ -97,6 +97,9 @@ class LoRA(Adapter):
             # fused: one GEMM with accumulate into y (no extra pass over the (…, d_out) output)
             h = nn.functional.linear(self.dropout(x), self.lora_A.weight)
             y2 = y.reshape(-1, y.shape[-1])
+            if not torch.is_grad_enabled() and y2.data_ptr() == y.data_ptr() and y.is_contiguous():
+                # inference: accumulate into the base output in place (no new (…, d_out) tensor)
+                return y2.addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.weight.t(), alpha=self.scale).view_as(y)
             return torch.addmm(y2, h.reshape(-1, h.shape[-1]), self.lora_B.weight.t(), alpha=self.scale).view_as(y)
         return y + self.delta(x).to(y.dtype)
 
