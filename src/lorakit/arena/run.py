@@ -28,10 +28,11 @@ from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-TASKS = ("sentiment-minilm", "bbc-minilm", "sentiment-smollm2", "gsm8k-smollm2")
+TASKS = ("sentiment-minilm", "bbc-minilm", "sentiment-smollm2", "gsm8k-smollm2", "multitask-smollm2")
 DEFAULT_TASKS = ("sentiment-minilm", "bbc-minilm", "sentiment-smollm2")
 LORA_LR_SWEEP = (0.3, 1.0, 3.0)  # multiples of the recipe's learning rate, for the LoRA baseline
-# Methods that need inputs the arena's tasks do not have (none today: multi-task methods run as task 0).
+# Methods that need inputs the arena's tasks do not have (none today: on the single-task sets the multi-task methods
+# run as task 0; multitask-smollm2 tags rows with task_ids 0/1/2).
 NEEDS: dict[str, str] = {}
 NOTES = {"mhr": "single-task data: every example is task 0", "mtlora": "single-task data: every example is task 0"}
 
@@ -179,7 +180,8 @@ def budgets(plan: ArenaPlan, pairs: set[tuple[str, str]] | None = None,
                 table[(task, method)] = tuple(memo[key])
                 continue
             adapter, note = fit_targets(make_meta, dict(cfg.adapter), lora_ref.get("targets"))
-            notes = [x for x in (note, NOTES.get(method)) if x]
+            single = t.spec.kind != "multitask"  # the multi-task set gives the task-routed methods real task_ids
+            notes = [x for x in (note, NOTES.get(method) if single else None) if x]
             if method in NEEDS:
                 table[(task, method)] = (adapter, {"matched": False, "skip": f"needs {NEEDS[method]}",
                                                    "target": target})

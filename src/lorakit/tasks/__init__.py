@@ -9,6 +9,9 @@ A task is defined once here and reused by ``lorakit train``, ``lorakit eval`` an
   i.e. PEFT ``modules_to_save``); cross-entropy loss.
 * ``sft``: prompt/completion supervised fine-tuning, loss on the completion tokens only; eval is the completion
   loss and (GSM8K) exact match of the final number under greedy decoding on a capped number of samples.
+* ``multitask``: one causal LM over a mixture of ``lm-classify``/``sft`` parts, each example tagged with its task
+  index (``task_ids``, for the task-routed methods), balanced batches, per-part metrics (``<part>/<metric>``) and
+  ``mean_accuracy`` (see :mod:`.multitask`).
 
 Generic kinds (``classify-lm``, ``classify-encoder``, ``sft``) take their rows from ``data.path`` (JSONL/CSV).
 """
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 from .base import Task, classification_metrics
 from .classify import EncoderClassification, LMClassification
+from .multitask import MultiTask
 from .sft import SFT
 
 __all__ = ["TaskSpec", "TASKS", "get_task", "Task", "classification_metrics"]
@@ -27,33 +31,44 @@ __all__ = ["TaskSpec", "TASKS", "get_task", "Task", "classification_metrics"]
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    kind: str  # "lm-classify" | "encoder-classify" | "sft"
+    kind: str  # "lm-classify" | "encoder-classify" | "sft" | "multitask"
     model: str | None
     dataset: str | None  # a lorakit.assets dataset, or None: rows come from data.path
     description: str
     prompt: str | None = None  # template; {text} (classification) or {prompt} (sft)
     label_words: tuple[str, ...] | None = None
     gsm8k: bool = False  # exact-match of the final number
+    parts: tuple[tuple[str, TaskSpec], ...] = ()  # multitask: (key, part spec); task_ids = position
 
 
 _SENT_PROMPT = "Review: {text}\nSentiment (positive or negative):"
+_SENT_LM = TaskSpec("sentiment-smollm2", "lm-classify", "smollm2-135m", "sentiment",
+                    "movie-review polarity with SmolLM2 as a generative classifier (label words)",
+                    prompt=_SENT_PROMPT, label_words=(" negative", " positive"))
+_GSM8K = TaskSpec("gsm8k-smollm2", "sft", "smollm2-135m", "gsm8k",
+                  "GSM8K prompt/completion SFT on SmolLM2; completion loss + greedy exact match",
+                  prompt="Question: {prompt}\nAnswer:", gsm8k=True)
+_BBC_LM = TaskSpec("bbc-smollm2", "lm-classify", "smollm2-135m", "bbc-news",
+                   "BBC News topic with SmolLM2 as a generative classifier (5 one-token label words)",
+                   prompt="Article: {text}\nTopic (business, entertainment, politics, sport or tech):",
+                   label_words=(" business", " entertainment", " politics", " sport", " tech"))
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [
-    TaskSpec("sentiment-smollm2", "lm-classify", "smollm2-135m", "sentiment",
-             "movie-review polarity with SmolLM2 as a generative classifier (label words)",
-             prompt=_SENT_PROMPT, label_words=(" negative", " positive")),
+    _SENT_LM,
     TaskSpec("sentiment-minilm", "encoder-classify", "minilm-l6", "sentiment",
              "movie-review polarity with MiniLM + a trained classification head"),
     TaskSpec("bbc-minilm", "encoder-classify", "minilm-l6", "bbc-news",
              "BBC News topic (5 classes) with MiniLM + a trained classification head"),
-    TaskSpec("gsm8k-smollm2", "sft", "smollm2-135m", "gsm8k",
-             "GSM8K prompt/completion SFT on SmolLM2; completion loss + greedy exact match",
-             prompt="Question: {prompt}\nAnswer:", gsm8k=True),
+    _GSM8K,
+    TaskSpec("multitask-smollm2", "multitask", "smollm2-135m", None,
+             "SmolLM2 on sentiment + BBC News topic (label words) + GSM8K (SFT), rows tagged task_ids 0/1/2",
+             parts=(("sentiment", _SENT_LM), ("bbc", _BBC_LM), ("gsm8k", _GSM8K))),
     TaskSpec("classify-lm", "lm-classify", None, None, "your text/label file, causal LM + label words",
              prompt="{text}\nLabel:"),
     TaskSpec("classify-encoder", "encoder-classify", None, None, "your text/label file, encoder + head"),
     TaskSpec("sft", "sft", None, None, "your prompt/completion file", prompt="{prompt}"),
 ]}
-_KINDS = {"lm-classify": LMClassification, "encoder-classify": EncoderClassification, "sft": SFT}
+_KINDS = {"lm-classify": LMClassification, "encoder-classify": EncoderClassification, "sft": SFT,
+          "multitask": MultiTask}
 
 
 def get_task(name: str, data_cfg=None) -> Task:

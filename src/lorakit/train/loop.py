@@ -200,7 +200,8 @@ def run_training(config: RunConfig | dict | None = None, *, resume: bool = False
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     def batch(i: int) -> dict:
-        idx = _batch_indices(i, len(train_ex), bs, tc.seed)  # the global batch; each process takes its share
+        order = getattr(task, "batch_indices", _batch_indices)  # a task may sample its own (e.g. balanced) order
+        idx = order(i, len(train_ex), bs, tc.seed)  # the global batch; each process takes its share
         share = max(len(idx) // world, 1)
         return task.collate([train_ex[j] for j in idx[rank * share:(rank + 1) * share] or idx[:1]])
 
@@ -235,7 +236,8 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
     method = get_method(cfg.adapter["method"])
     calib = None
     if method.calibration:
-        calib = [to_device(batch(i), device) for i in range(max(tc.calibration_batches, 1))]
+        calib = [to_device({k: v for k, v in batch(i).items() if k != "task_ids"}, device)  # no adapters yet
+                 for i in range(max(tc.calibration_batches, 1))]
     seed_everything(tc.seed)
     inject.attach(model, cfg.adapter, calibration=calib, loss_fn=task.loss if calib is not None else None)
     if cfg.model.gradient_checkpointing:
