@@ -303,6 +303,9 @@ def _arena_plan(a):
     from .core import REGISTRY
     from .errors import ConfigError
 
+    from .arena.run import _import_plugins
+
+    _import_plugins(_csv(a.plugins) or [])  # before listing the registry: plugin methods join the default set
     methods = _csv(a.methods) or sorted(REGISTRY)
     try:
         seeds = [int(x) for x in _csv(a.seeds) or ["0", "1", "2"]]
@@ -310,7 +313,7 @@ def _arena_plan(a):
         raise ConfigError(f"--seeds takes comma-separated integers, got {a.seeds!r}") from None
     return ArenaPlan(methods=methods, tasks=_csv(a.tasks) or list(DEFAULT_TASKS), seeds=seeds, budget=a.budget,
                      out=Path(a.out), match_params=not a.no_match, lr_sweep=not a.no_lr_sweep, extra=list(a.set),
-                     isolate=a.isolate, timeout_s=a.timeout)
+                     isolate=a.isolate, timeout_s=a.timeout, plugins=_csv(a.plugins) or [])
 
 
 def cmd_arena(a) -> int:
@@ -418,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     ar.add_argument("--isolate", default="fork", choices=["fork", "spawn", "none"],
                     help="each run in a forked (default) or fresh process, or in this one")
+    ar.add_argument("--plugins", help="comma-separated modules to import first (they register your own methods)")
     ar.add_argument("--timeout", type=float, default=3600.0, help="seconds per run before it is killed")
     ar.add_argument("--no-report", action="store_true", help="do not write the report after running")
     ar.add_argument("--readme", help="report: also put the overview table between the arena markers of this file")

@@ -3,17 +3,14 @@ budget matching on tiny meta models."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-
 import pytest
 import torch
 
 from lorakit import cli
 from lorakit.arena import ArenaPlan, read_records, run_arena
 from lorakit.arena.budget import match_budget, trainable_count
-from lorakit.core import REGISTRY, register
+from lorakit.core import REGISTRY
 from lorakit.errors import ConfigError
-from lorakit.methods.lora import LoRA
 
 REQUIRED = {"key", "task", "method", "variant", "seed", "status", "metric_name", "metric", "trainable_params",
             "adapter_bytes", "peak_rss_mb", "wall_s", "time_per_step_s", "tokens_per_s", "loss_curve", "config",
@@ -65,25 +62,17 @@ def test_resume_skips_recorded_runs(smoke):
 
 @pytest.fixture
 def broken_method():
-    @dataclass
-    class Cfg(LoRA.Config):
-        pass
+    """A method that fails in its forward, registered by a plugin module (imported by the arena and every run)."""
+    import sys
 
-    class Broken(LoRA):
-        Config = Cfg
-
-        def forward(self, x, y):
-            raise RuntimeError("deliberately broken")
-
-    register("broken_test", family="test", paper="none")(Broken)
-    Broken.peft = None
-    yield "broken_test"
+    yield "arena_plugin"
     REGISTRY.pop("broken_test", None)
+    sys.modules.pop("arena_plugin", None)
 
 
 def test_a_failing_run_is_recorded_and_the_arena_goes_on(smoke, tmp_path, broken_method):
-    plan = ArenaPlan(methods=[broken_method, "lora"], tasks=["sentiment-minilm"], seeds=[0], budget="smoke",
-                     out=tmp_path, lr_sweep=False, extra=["adapter.targets=[query]"])
+    plan = ArenaPlan(methods=["broken_test", "lora"], tasks=["sentiment-minilm"], seeds=[0], budget="smoke",
+                     out=tmp_path, lr_sweep=False, extra=["adapter.targets=[query]"], plugins=[broken_method])
     recs = run_arena(plan)
     assert [r["status"] for r in recs] == ["error", "ok"]
     assert "deliberately broken" in recs[0]["error"]
@@ -100,6 +89,9 @@ def test_bad_plans_name_the_problem(tmp_path):
         run_arena(ArenaPlan(methods=["lora"], tasks=["nope"], seeds=[0], out=tmp_path))
     with pytest.raises(Exception, match="registered"):
         run_arena(ArenaPlan(methods=["not_a_method"], tasks=["sentiment-minilm"], seeds=[0], out=tmp_path))
+    with pytest.raises(ConfigError, match="plugin 'no_such_module'"):
+        run_arena(ArenaPlan(methods=["lora"], tasks=["sentiment-minilm"], seeds=[0], out=tmp_path,
+                            plugins=["no_such_module"]))
     with pytest.raises(ConfigError, match="unknown arena budget"):
         run_arena(ArenaPlan(methods=["lora"], tasks=["sentiment-minilm"], seeds=[0], out=tmp_path, budget="huge"))
     assert cli.main(["arena", "report", "--out", str(tmp_path / "empty")]) == 2  # no records: a clear error

@@ -1,8 +1,10 @@
 """``lorakit arena run``: every (method, task, seed) trained through the same path as ``lorakit train``.
 
 Order: seed-major (every method on every task for seed 0, then seed 1, ...), so an arena cut short still covers
-every method. Each run happens in its own process (forked from this one, so imports are paid once; or spawned
-fresh with ``isolate="spawn"``): its peak RSS is its own and a crash cannot take the arena down. Each record is
+every method. Each run happens in its own process: forked from a clean fork server that has the imports loaded
+(``isolate="fork"``: imports paid once, and no OpenMP state inherited from a parent that already computed, which
+can deadlock a plain fork), or a fresh interpreter (``"spawn"``). Its peak RSS is its own and a crash cannot take
+the arena down. ``plugins`` are modules imported by the arena and every run (your own registered methods). Each record is
 appended as one JSON line to ``<out>/runs.jsonl`` (fsynced); runs already recorded are skipped, so an interrupted
 arena resumes where it stopped; failures are recorded with their error and the arena goes on.
 
@@ -48,7 +50,8 @@ class ArenaPlan:
     lr_sweep: bool = True
     extra: list[str] = field(default_factory=list)  # key=value overrides for every run
     timeout_s: float = 3600.0
-    isolate: str = "fork"  # "fork" | "spawn" | "none" (in this process: tests)
+    isolate: str = "fork"  # "fork" (from a clean fork server) | "spawn" | "none" (in this process: tests)
+    plugins: list[str] = field(default_factory=list)  # modules that register extra methods (imported everywhere)
 
 
 def git_revision() -> str | None:
@@ -127,7 +130,18 @@ def expand(plan: ArenaPlan) -> list[dict]:
     return runs
 
 
+def _import_plugins(names) -> None:
+    import importlib
+
+    for mod in names:
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:
+            raise ConfigError(f"arena plugin '{mod}' cannot be imported: {e}") from None
+
+
 def validate(plan: ArenaPlan) -> None:
+    _import_plugins(plan.plugins)
     unknown = [m for m in plan.methods if m not in REGISTRY]
     if unknown:
         get_method(unknown[0])  # raises, naming the registered methods
@@ -173,7 +187,12 @@ def budgets(plan: ArenaPlan, pairs: set[tuple[str, str]] | None = None,
         for method in plan.methods:
             if pairs is not None and (task, method) not in pairs:
                 continue
-            cfg = run_config({**spec0, "method": method})
+            try:
+                cfg = run_config({**spec0, "method": method})
+            except Exception as e:  # e.g. a method file that does not validate: its runs are recorded as errors
+                table[(task, method)] = ({"method": method}, {"matched": False, "target": target,
+                                                              "skip": f"its config does not resolve: {e}"[:500]})
+                continue
             key = json.dumps([task, method, plan.budget, plan.extra, plan.match_params, cfg.adapter, lora_ref],
                              sort_keys=True, default=str)
             if key in memo:
@@ -230,15 +249,6 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
         return []
     env = environment()
     table = budgets(plan, pairs={(r["task"], r["method"]) for r in todo}, cache=plan.out / "budgets.json")
-    if plan.isolate == "fork":  # import once here: every forked run starts with the code it needs already loaded
-        import importlib
-
-        for mod in ("lorakit.train.loop", "lorakit.tasks.classify", "lorakit.tasks.sft", "lorakit.methods",
-                    "transformers.models.bert.modeling_bert", "transformers.models.llama.modeling_llama"):
-            try:
-                importlib.import_module(mod)
-            except ImportError:
-                pass
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -256,10 +266,12 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
             if info.get("skip"):
                 rec.update(status="skipped", error=f"not run: {info['skip']}")
             else:
+                spec_plugins = list(plan.plugins)
                 # the untrained metric is measured once per (task, seed): by the LoRA baseline's run
                 first = run["method"] == "lora" and run["lr_mult"] == 1.0 and (run["task"], run["seed"]) \
                     not in baseline_seen
-                spec = {**run, "adapter": adapter, "extra": plan.extra, "eval_before": first}
+                spec = {**run, "adapter": adapter, "extra": plan.extra, "eval_before": first,
+                        "plugins": spec_plugins}
                 try:
                     res = _execute(spec, plan)
                     rec.update(status="ok", **res)
@@ -285,10 +297,15 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
 
 
 # ---- process isolation ------------------------------------------------------------------------------------------
+PRELOAD = ["lorakit", "lorakit.methods", "lorakit.arena.worker", "lorakit.train.loop", "lorakit.tasks",
+           "transformers.models.bert.modeling_bert", "transformers.models.llama.modeling_llama"]
+
+
 def _child(spec: dict, conn) -> None:
     try:
         from .worker import execute
 
+        _import_plugins(spec.get("plugins") or [])
         conn.send(("ok", execute(spec)))
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent as a record
         conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"))
@@ -309,7 +326,8 @@ def _execute(spec: dict, plan: ArenaPlan) -> dict:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
             raise RuntimeError(f"run failed (exit {proc.returncode}): " + " | ".join(tail))
         return json.loads(lines[-1][len("ARENA_RESULT "):])
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD + list(plan.plugins))  # used when the server first starts
     recv, send = ctx.Pipe(duplex=False)
     p = ctx.Process(target=_child, args=(spec, send), daemon=True)
     p.start()

@@ -125,7 +125,11 @@ def execute(spec: dict) -> dict:
 
 
 def main() -> None:  # python -m lorakit.arena.worker < spec.json  (the --isolate spawn mode)
+    import importlib
+
     spec = json.loads(sys.stdin.read())
+    for mod in spec.get("plugins") or []:
+        importlib.import_module(mod)
     res = execute(spec)
     sys.stdout.write("ARENA_RESULT " + json.dumps(res, default=str) + "\n")
 
