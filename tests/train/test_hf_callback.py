@@ -72,3 +72,29 @@ def test_load_state_dict_on_an_adapted_model(tiny_lm_dir):
     m.load_state_dict(m.state_dict())  # own keys
     res = m.load_state_dict(plain, strict=False)  # a plain base checkpoint maps onto base_layer
     assert not res.unexpected_keys
+
+
+def test_callback_adds_the_adapters_losses_to_the_trainers_loss(tiny_lm_dir):
+    """SoRA's L1 on its gate (an extra_loss) reaches the HF Trainer's loss through the callback's hook."""
+    from types import SimpleNamespace
+
+    model = tiny_llama_model(tiny_lm_dir)
+    lorakit.attach(model, {"method": "sora", "targets": ["q_proj", "v_proj"], "r": 2, "l1": 0.5})
+    batch = DS()[0]
+    batch = {k: v[None] for k, v in batch.items()}
+    model.train()
+    plain = model(**batch).loss
+    extra = lorakit.extra_loss(model)
+    assert extra is not None and float(extra) > 0
+    cb = AdapterCallback()
+    args = SimpleNamespace(output_dir="/nonexistent")
+    cb.on_train_begin(args, SimpleNamespace(global_step=0, max_steps=3), None, model=model, optimizer=None)
+    hooked = model(**batch).loss
+    assert torch.allclose(hooked, plain + extra)
+    with torch.no_grad():  # evaluation is left alone
+        assert torch.allclose(model(**batch).loss, plain)
+    model.eval()
+    assert torch.allclose(model(**batch).loss, plain)
+    cb.on_train_end(args, None, None)
+    model.train()
+    assert torch.allclose(model(**batch).loss, plain)  # the hook is removed at the end of training
