@@ -338,6 +338,21 @@ class Adapter(nn.Module):
         return set()
 
     @classmethod
+    def check_context(cls, cfg: Any, values: dict) -> None:
+        """Validate per-batch context values this method reads (``batch_context``), e.g. task ids < n_tasks;
+        raise a :class:`lorakit.errors.ConfigError` naming the problem. Default: nothing to check."""
+
+    @classmethod
+    def _check_ids(cls, values: dict, key: str, n: int, what: str) -> None:
+        t = values.get(key)
+        if t is None:
+            return
+        t = torch.as_tensor(t)
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
+            raise ConfigError(f"{cls.name}: batch {key} must lie in [0, {n}) ({what}), got values "
+                              f"{sorted(set(t.reshape(-1).tolist()))[:8]}")
+
+    @classmethod
     def bind(cls, model: nn.Module, name: str, adapters: list["Adapter"]) -> list:
         """Model-level setup, once per attach after every adapter of ``name`` is installed on ``model`` (e.g.
         X-LoRA's classifier and two-pass forward): may add state to the adapters and register hooks on the model;

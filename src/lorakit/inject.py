@@ -252,7 +252,13 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 @contextlib.contextmanager
 def batch_context(model: nn.Module, **values: Any) -> Iterator[None]:
     """Per-batch values every adapter can read (``task_ids`` for multi-task methods, ...)."""
-    ctx: BatchContext = _meta(model)["ctx"]
+    meta = _meta(model)
+    ctx: BatchContext = meta["ctx"]
+    for n in active_names(model):  # each method checks the values it reads, once per batch (not per module)
+        info = meta["adapters"].get(n)
+        if info is not None:
+            method = get_method(info["config"].method)
+            method.check_context(info["config"].method_config(None, method), values)
     old = dict(ctx.values)
     ctx.values.update(values)
     try:

@@ -37,3 +37,17 @@ def test_make_multitask_tags_examples():
 
     rows = make_multitask({"a": [{"x": 1}, {"x": 2}], "b": [{"x": 3}]})
     assert [r["task_ids"] for r in rows] == [0, 0, 1]
+
+
+def test_task_ids_out_of_range_are_a_clear_error():
+    import pytest
+
+    from lorakit.errors import ConfigError
+
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    lorakit.attach(m, {"method": "mtlora", "targets": ["0"], "r": 2, "r_task": 2, "n_tasks": 3})
+    with lorakit.batch_context(m, task_ids=torch.tensor([0, 2])):
+        m(torch.randn(2, 8))
+    with pytest.raises(ConfigError, match=r"task_ids must lie in \[0, 3\).*got values \[0, 3\]"):
+        with lorakit.batch_context(m, task_ids=torch.tensor([0, 3])):
+            m(torch.randn(2, 8))

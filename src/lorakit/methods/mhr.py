@@ -26,6 +26,10 @@ from ..core import Adapter, register
 
 
 class _Router(nn.Module):
+    @classmethod
+    def check_context(cls, cfg, values: dict) -> None:
+        cls._check_ids(values, "task_ids", cfg.n_tasks, "one task per row, n_tasks=" + str(cfg.n_tasks))
+
     def __init__(self, n_tasks: int, width: int):
         super().__init__()
         self.module_logits = nn.Parameter(torch.empty(n_tasks, width))

@@ -42,6 +42,10 @@ class MTLoRA(Adapter):
         alpha: float = 16.0
         dropout: float = 0.05
 
+    @classmethod
+    def check_context(cls, cfg, values: dict) -> None:
+        cls._check_ids(values, "task_ids", cfg.n_tasks, "one task per row, n_tasks=" + str(cfg.n_tasks))
+
     def __init__(self, base, cfg: Config, view=None):
         super().__init__(base, cfg, view)
         if min(cfg.r, cfg.r_task, cfg.n_tasks) <= 0:
