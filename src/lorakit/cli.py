@@ -313,7 +313,8 @@ def _arena_plan(a):
         raise ConfigError(f"--seeds takes comma-separated integers, got {a.seeds!r}") from None
     return ArenaPlan(methods=methods, tasks=_csv(a.tasks) or list(DEFAULT_TASKS), seeds=seeds, budget=a.budget,
                      out=Path(a.out), match_params=not a.no_match, lr_sweep=not a.no_lr_sweep, extra=list(a.set),
-                     isolate=a.isolate, timeout_s=a.timeout, plugins=_csv(a.plugins) or [])
+                     isolate=a.isolate, timeout_s=a.timeout, plugins=_csv(a.plugins) or [],
+                     lr_policy=a.lr)
 
 
 def cmd_arena(a) -> int:
@@ -421,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     ar.add_argument("--isolate", default="fork", choices=["fork", "spawn", "none"],
                     help="each run in a forked (default) or fresh process, or in this one")
+    ar.add_argument("--lr", default="paper", choices=["paper", "recipe"],
+                    help="paper: each method's rate from configs/methods (default); recipe: the task's rate for all")
     ar.add_argument("--plugins", help="comma-separated modules to import first (they register your own methods)")
     ar.add_argument("--timeout", type=float, default=3600.0, help="seconds per run before it is killed")
     ar.add_argument("--no-report", action="store_true", help="do not write the report after running")

@@ -137,3 +137,14 @@ def test_budget_matching_handles_a_count_that_falls_with_r_and_oversized_paper_r
     # a paper rank above the layers' full rank (64 here) is clamped to it before anything else
     cfg, info = match_budget(_tiny_meta, {"method": "loldu", "targets": ["q_proj"], "r": 768}, 10)
     assert cfg["r"] <= 64
+
+
+def test_learning_rate_policy_and_mixed_results_are_refused(smoke):
+    from lorakit.arena.worker import run_config
+
+    spec = {"task": "sentiment-minilm", "method": "vera", "seed": 0, "budget": "smoke"}
+    assert run_config(spec).optim.lr == 4e-3  # VeRA's paper rate (configs/methods/vera.yaml)
+    assert run_config({**spec, "lr_policy": "recipe"}).optim.lr == 3e-3  # the task's LoRA-tuned rate
+    assert run_config({**spec, "lr_policy": "recipe"}).optim.trainable_lr == 3e-3
+    with pytest.raises(ConfigError, match="choose another --out"):  # smoke results exist there
+        run_arena(ArenaPlan(methods=["lora"], tasks=["sentiment-minilm"], seeds=[1], budget="quick", out=smoke))

@@ -42,6 +42,7 @@ def aggregate(records: list[dict]) -> dict[str, list[dict]]:
                "step_s": _ms([r.get("time_per_step_s") for r in ok])[0],
                "wall_s": _ms([r.get("wall_s") for r in ok])[0],
                "rss_mb": _ms([r.get("peak_rss_mb") for r in ok])[0],
+               "lr": next(((r.get("config") or {}).get("optim", {}).get("lr") for r in ok if r.get("config")), None),
                "matched": all((r.get("budget_info") or {}).get("matched", True) for r in ok),
                "budget_note": next(((r.get("budget_info") or {}).get("reason") for r in ok
                                     if (r.get("budget_info") or {}).get("reason")), None),
@@ -57,7 +58,7 @@ def aggregate(records: list[dict]) -> dict[str, list[dict]]:
             tasks[task].append({**row, "variant": "untrained model", "method": "(none)", "knob": None, "notes": [],
                                 "mean": bm, "std": bs,
                                 "params": 0, "adapter_mb": 0, "step_s": float("nan"), "wall_s": float("nan"),
-                                "rss_mb": float("nan"), "curves": [], "baseline": "untrained", "errors": 0})
+                                "rss_mb": float("nan"), "curves": [], "baseline": "untrained", "errors": 0, "lr": None})
     for task, rows in tasks.items():
         name = next((r["metric_name"] for r in rows if r["metric_name"]), "")
         low = name in LOWER_IS_BETTER
@@ -75,8 +76,8 @@ def markdown(tasks: dict[str, list[dict]]) -> str:
         rows = tasks[task]
         metric = next((r["metric_name"] for r in rows if r["metric_name"]), "metric")
         out.append(f"### {task}  ({metric}, mean ± std over seeds; best first)\n")
-        out.append(f"| # | method | {metric} | seeds | trainable params | adapter MB | s/step | peak RSS MB | note |")
-        out.append("|---|---|---|---|---|---|---|---|---|")
+        out.append(f"| # | method | {metric} | seeds | trainable params | lr | adapter MB | s/step | peak RSS MB | note |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
         for i, r in enumerate(rows, 1):
             name = f"**{r['variant']}** (baseline)" if r["baseline"] else r["variant"]
             note = []
@@ -88,7 +89,8 @@ def markdown(tasks: dict[str, list[dict]]) -> str:
                 note.append(f"params not matched ({r['budget_note']})")
             note += r.get("notes") or []
             out.append(f"| {i} | {name} | {_fmt(r['mean'])} ± {_fmt(r['std'])} | {r['n']} | "
-                       f"{_fmt(r['params'], ',.0f')} | {_fmt(r['adapter_mb'], '.2f')} | {_fmt(r['step_s'], '.2f')} | "
+                       f"{_fmt(r['params'], ',.0f')} | {_fmt(r.get('lr'), '.0e')} | {_fmt(r['adapter_mb'], '.2f')} | "
+                       f"{_fmt(r['step_s'], '.2f')} | "
                        f"{_fmt(r['rss_mb'], ',.0f')} | {'; '.join(note)} |")
         out.append("")
     return "\n".join(out)

@@ -52,6 +52,7 @@ class ArenaPlan:
     timeout_s: float = 3600.0
     isolate: str = "fork"  # "fork" (from a clean fork server) | "spawn" | "none" (in this process: tests)
     plugins: list[str] = field(default_factory=list)  # modules that register extra methods (imported everywhere)
+    lr_policy: str = "paper"  # "paper": configs/methods/<m>.yaml's rate; "recipe": the task's LoRA-tuned rate for all
 
 
 def git_revision() -> str | None:
@@ -126,7 +127,8 @@ def expand(plan: ArenaPlan) -> list[dict]:
                 for vname, lr_mult in variants:
                     variant = method + (f" ({vname})" if vname else "")
                     runs.append({"key": f"{task}|{variant}|{seed}", "task": task, "method": method,
-                                 "variant": variant, "seed": seed, "lr_mult": lr_mult, "budget": plan.budget})
+                                 "variant": variant, "seed": seed, "lr_mult": lr_mult, "budget": plan.budget,
+                                 "lr_policy": plan.lr_policy})
     return runs
 
 
@@ -150,6 +152,8 @@ def validate(plan: ArenaPlan) -> None:
         raise ConfigError(f"unknown arena task '{bad[0]}'; arena tasks: {', '.join(TASKS)}")
     if not plan.methods or not plan.tasks or not plan.seeds:
         raise ConfigError("the arena needs at least one method, one task and one seed")
+    if plan.lr_policy not in ("paper", "recipe"):
+        raise ConfigError(f"lr_policy must be paper or recipe, not {plan.lr_policy!r}")
     if plan.isolate not in ("fork", "spawn", "none"):
         raise ConfigError(f"isolate must be fork, spawn or none, not {plan.isolate!r}")
     from .worker import budget_overrides
@@ -243,7 +247,14 @@ def budgets(plan: ArenaPlan, pairs: set[tuple[str, str]] | None = None,
 
 def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> list[dict]:
     validate(plan)
-    done = {r["key"] for r in read_records(plan.out)}
+    old = read_records(plan.out)
+    clash = next((r for r in old if r.get("budget", plan.budget) != plan.budget
+                  or r.get("lr_policy", "paper") != plan.lr_policy), None)
+    if clash is not None:
+        raise ConfigError(f"{plan.out} holds runs made with budget={clash.get('budget')} "
+                          f"lr={clash.get('lr_policy', 'paper')}; this arena uses budget={plan.budget} "
+                          f"lr={plan.lr_policy}: choose another --out so results stay comparable")
+    done = {r["key"] for r in old}
     todo = [r for r in expand(plan) if r["key"] not in done]
     if not todo:
         return []

@@ -65,6 +65,8 @@ def run_config(spec: dict):
     overrides = [*budget_overrides(spec["task"], spec.get("budget", "default")), f"train.seed={spec['seed']}",
                  f"adapter.seed={spec['seed']}", *spec.get("extra", [])]
     cfg = resolve(recipe(spec["task"]), overrides, method=spec["method"])
+    if spec.get("lr_policy", "paper") == "recipe":  # every method at the task's (LoRA-tuned) rate
+        cfg.optim.lr = resolve(recipe(spec["task"]), overrides).optim.lr
     if spec.get("adapter"):
         cfg.adapter = dict(spec["adapter"])
         cfg.adapter["seed"] = spec["seed"]
