@@ -317,6 +317,9 @@ def _child(spec: dict, conn) -> None:
         from .worker import execute
 
         _import_plugins(spec.get("plugins") or [])
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one bar (the arena's) is enough
         conn.send(("ok", execute(spec)))
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent as a record
         conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"))
