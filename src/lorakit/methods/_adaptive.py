@@ -83,9 +83,8 @@ def orth_penalty(A: Tensor, B: Tensor) -> Tensor:
     return torch.linalg.matrix_norm(A @ A.t() - eye) + torch.linalg.matrix_norm(B.t() @ B - eye)
 
 
-class AdaLoRAController(Controller):
-    """PEFT's RankAllocator as a Controller (see the AdaLoRA docstring for the schedule). ``cls``: the adapter
-    class (needs ``cfg`` with the AdaLoRA schedule fields, ``rank_mask``, ``lora_A/E/B``, ``apply_mask``)."""
+class _RankController(Controller):
+    """What the rank schedules share: the adapter modules of ``name`` of class ``cls`` and their config ``c``."""
 
     def __init__(self, model, name: str, cls):
         self.model, self.name, self.cls = model, name, cls
@@ -93,15 +92,24 @@ class AdaLoRAController(Controller):
         if not mods:
             raise ConfigError(f"adapter {name!r} has no {cls.name} modules")
         self.c = mods[0][1].cfg
+
+    def mods(self):
+        return adapters_of(self.model, self.name, self.cls)
+
+
+class AdaLoRAController(_RankController):
+    """PEFT's RankAllocator as a Controller (see the AdaLoRA docstring for the schedule). ``cls``: the adapter
+    class (needs ``cfg`` with the AdaLoRA schedule fields, ``rank_mask``, ``lora_A/E/B``, ``apply_mask``)."""
+
+    def __init__(self, model, name: str, cls):
+        super().__init__(model, name, cls)
+        mods = self.mods()
         self.total = self.c.total_step
         self.sens = Sensitivity(self.c.beta1, self.c.beta2)
         self.init_bgt = sum(a.rank_mask.numel() for _, a in mods)
         self.target_bgt = self.c.target_r * len(mods)
         for _, a in mods:
             a.orth_modules = len(mods)
-
-    def mods(self):
-        return adapters_of(self.model, self.name, self.cls)
 
     def on_train_begin(self, model, optimizer, total_steps: int) -> None:
         if self.total is None:
@@ -178,18 +186,15 @@ def masked_orth_penalty(A: Tensor, B: Tensor, used: Tensor) -> Tensor:
     return torch.linalg.matrix_norm((A @ A.t()) * mm - eye) + torch.linalg.matrix_norm((B.t() @ B) * mm - eye)
 
 
-class IncreLoRAController(Controller):
+class IncreLoRAController(_RankController):
     """IncreLoRA's RankAllocator as a Controller (see the IncreLoRA docstring). ``cls``: the adapter class (needs
     ``cfg``, ``slots``, ``max_r``, ``add_r``, ``scoring``, ``take_score``, ``activate``, ``refill``,
     ``drop_reserves``). Everything happens in ``before_step`` (after backward, before ``optimizer.step``) with the
     0-based step, as the official ``update_and_increase``."""
 
     def __init__(self, model, name: str, cls):
-        self.model, self.name, self.cls = model, name, cls
-        mods = adapters_of(model, name, cls)
-        if not mods:
-            raise ConfigError(f"adapter {name!r} has no {cls.name} modules")
-        self.c = mods[0][1].cfg
+        super().__init__(model, name, cls)
+        mods = self.mods()
         self.sens = Sensitivity(self.c.beta1, self.c.beta2)
         self.budget = self.c.target_rank * len(mods)
         self.started = False
@@ -197,9 +202,6 @@ class IncreLoRAController(Controller):
         for _, a in mods:
             a.orth_modules = len(mods)
         self._scoring()
-
-    def mods(self):
-        return adapters_of(self.model, self.name, self.cls)
 
     def total_rank(self) -> int:
         return int(sum(int(a.slots[0]) for _, a in self.mods()))
@@ -268,24 +270,18 @@ class IncreLoRAController(Controller):
         self._scoring()
 
 
-class TriAdaptController(Controller):
+class TriAdaptController(_RankController):
     """TriAdaptLoRA's RankAllocator as a Controller (see the TriAdaptLoRA docstring). ``cls``: the adapter class
     (needs ``cfg``, ``rank``, ``max_r``, ``add_r``, ``norm_score``, ``grow``). Growth happens in ``step`` (after
     ``optimizer.step``; the score needs no gradient) with the 0-based step."""
 
     def __init__(self, model, name: str, cls):
-        self.model, self.name, self.cls = model, name, cls
-        mods = adapters_of(model, name, cls)
-        if not mods:
-            raise ConfigError(f"adapter {name!r} has no {cls.name} modules")
-        self.c = mods[0][1].cfg
+        super().__init__(model, name, cls)
+        mods = self.mods()
         self.total = self.c.total_step
         self.budget = self.c.target_total_rank or self.c.reference_rank * len(mods)
         self.prev = {p: a.norm_score() for p, a in mods}  # ‖C‖_F/#pieces at the last allocation
         self.gen = torch.Generator().manual_seed(0x7A1D)  # new A rows; its state is checkpointed
-
-    def mods(self):
-        return adapters_of(self.model, self.name, self.cls)
 
     def total_rank(self) -> int:
         return int(sum(a.rank for _, a in self.mods()))

@@ -194,8 +194,7 @@ def run_training(config: RunConfig | dict | None = None, *, resume: bool = False
     if cfg.model.quantize == "nf4":  # QLoRA's 4-bit base: every linear but the output head and trained modules
         from ..quant import quantize_model
 
-        keep = [t for t in (cfg.adapter.get("trainable") or [])]
-        quantize_model(model, exclude=keep or None)
+        quantize_model(model, exclude=cfg.adapter.get("trainable") or None)
     if rank == 0:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
