@@ -110,3 +110,66 @@ def test_method_without_lowrank_is_refused(setup, tmp_path):
             read_served(bank, tmp_path / "g", "g")
     finally:
         REGISTRY.pop("_served_gate_test", None)
+
+
+def test_reused_plan_keeps_gathered_weights_and_add_remove_invalidate(setup):
+    """Decode steps of an unchanged batch reuse the plan and its gathered per-row weights (no copy per step);
+    changing the adapters in the bank drops every stale copy, and the outputs stay those of the merged models."""
+    base, ads = setup
+    served = copy.deepcopy(base)
+    bank = install(served)
+    for n in ("lo4", "lo8", "do2"):
+        bank.add(read_served(bank, ads[n], n))
+    lay = bank.layers["model.layers.0.self_attn.q_proj"]
+    ids = torch.randint(3, 250, (3, 4), generator=torch.Generator().manual_seed(2))
+    names = ["lo4", "lo8", "do2"]
+
+    def check(out, names):
+        for i, n in enumerate(names):
+            ref = merged_model(base, ads[n])(ids[i:i + 1]).logits[0]
+            torch.testing.assert_close(out[i], ref, atol=2e-4, rtol=1e-4, msg=f"row {i} ({n})")
+
+    with torch.no_grad():
+        bank.set_adapters(names)
+        first = bank.plan
+        served(ids)
+        assert lay._gcache is None  # used once: nothing kept
+        bank.set_adapters(names)
+        assert bank.plan is first  # same ids: the plan is reused
+        out = served(ids).logits
+        assert lay._gcache is not None and lay._gcache[0] is first
+        kept = {r: a.data_ptr() for r, (a, _) in lay._gcache[1].items()}
+        served(ids)
+        assert {r: a.data_ptr() for r, (a, _) in lay._gcache[1].items()} == kept  # no new gather
+        check(out, names)
+        # a different id vector: a new plan, the old copies are freed at the first forward
+        bank.set_adapters(["lo8", "lo4", "do2"])
+        assert bank.plan is not first
+        served(ids)
+        assert lay._gcache is None
+        # replacing an adapter in place (same slot) must not serve its stale gathered weights
+        bank.set_adapters(names)
+        served(ids)
+        old = bank.plan
+        assert lay._gcache[0] is old
+        bank.remove("lo4")
+        assert lay._gcache is None and old not in bank._plans
+        bank.add(read_served(bank, ads["pi3"], "lo4"))  # another adapter under the freed slot and name
+        bank.set_adapters(names)
+        served(ids)
+        out = served(ids).logits
+        ref = merged_model(base, ads["pi3"])(ids[:1]).logits[0]
+        torch.testing.assert_close(out[0], ref, atol=2e-4, rtol=1e-4)
+
+
+def test_gather_cache_budget_zero_never_keeps_copies(setup):
+    base, ads = setup
+    served = copy.deepcopy(base)
+    bank = install(served, gather_cache_mb=0)
+    bank.add(read_served(bank, ads["lo4"], "lo4"))
+    ids = torch.randint(3, 250, (2, 4), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for _ in range(3):
+            bank.set_adapters(["lo4", None])
+            served(ids)
+    assert all(lay._gcache is None for lay in bank.layers.values())

@@ -77,6 +77,7 @@ class BankLinear(nn.Module):
         self.rank_of = torch.zeros(0, dtype=torch.long)  # global slot -> rank at this layer (0 = absent)
         self.layout = 0
         self._w_sq: Tensor | None = None
+        self._gcache: tuple | None = None  # (plan, {rank: gathered (A, sBᵀ)}) of the last reused plan
 
     @property
     def weight(self) -> Tensor:
@@ -99,7 +100,7 @@ class BankLinear(nn.Module):
         plan = self.bank.plan
         if plan is None:
             return y
-        groups, drows, dslots = plan[self.layout]
+        groups, drows, dslots = plan.layers[self.layout]
         if not groups:
             return y
         if x.shape[0] != self.bank.ids.shape[0]:
@@ -110,13 +111,13 @@ class BankLinear(nn.Module):
         if xs.dtype != self.base_layer.weight.dtype:
             xs = xs.to(self.base_layer.weight.dtype)
         for r, rows, bslots in groups:
-            A, Bt = self.A[r], self.Bt[r]
+            Ag, Bg = self._gathered(plan, r, bslots)
             if rows is None:
-                h = torch.bmm(xs, A[bslots].transpose(1, 2))
-                ys.baddbmm_(h, Bt[bslots]) if ys.is_contiguous() else ys.add_(torch.bmm(h, Bt[bslots]))
+                h = torch.bmm(xs, Ag.transpose(1, 2))
+                ys.baddbmm_(h, Bg) if ys.is_contiguous() else ys.add_(torch.bmm(h, Bg))
             else:
-                h = torch.bmm(xs[rows], A[bslots].transpose(1, 2))
-                ys.index_add_(0, rows, torch.bmm(h, Bt[bslots]).to(ys.dtype))
+                h = torch.bmm(xs[rows], Ag.transpose(1, 2))
+                ys.index_add_(0, rows, torch.bmm(h, Bg).to(ys.dtype))
         if drows is not None and self.gain is not None:
             b = self.base_layer.bias
             g = self.gain[dslots].unsqueeze(1)
@@ -124,6 +125,23 @@ class BankLinear(nn.Module):
             yd = (yd - b) * g + b if b is not None else yd * g
             ys[drows] = yd
         return y
+
+    def _gathered(self, plan: "_Plan", r: int, bslots: Tensor) -> tuple[Tensor, Tensor]:
+        """Each row's (A, sBᵀ) at rank ``r``. Gathering copies them; a plan that is used again (the decode steps of
+        an unchanged batch) keeps its gathered copies, so the copy is paid once per batch membership, not per step."""
+        if self._gcache is not None:
+            if self._gcache[0] is plan:
+                hit = self._gcache[1].get(r)
+                if hit is not None:
+                    return hit
+            else:
+                self._gcache = None  # a new batch: free the old copies first
+        got = self.A[r][bslots], self.Bt[r][bslots]
+        if plan.cache:
+            if self._gcache is None or self._gcache[0] is not plan:
+                self._gcache = (plan, {})
+            self._gcache[1][r] = got
+        return got
 
     # --- storage (engine thread only) ------------------------------------------------------------------------
     def _ensure(self, r: int, cap_bucket: int, cap_global: int) -> None:
@@ -156,11 +174,21 @@ class BankLinear(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+class _Plan:
+    """The gather plan of one id vector: per layer layout, ``(groups, dora_rows, dora_slots)``."""
+
+    __slots__ = ("ids", "layers", "fits", "cache")
+
+    def __init__(self, ids: Tensor, layers: list, fits: bool):
+        self.ids, self.layers, self.fits = ids, layers, fits
+        self.cache = False  # set once the plan is reused (and its gathered weights fit the budget)
+
+
 class AdapterBank:
     """Adapters resident on one base model. ``add``/``remove``/``set_ids`` must not run concurrently with a forward
     (the engine calls them between steps); :func:`read_served` (file reading, DoRA norms) is thread-safe."""
 
-    def __init__(self, model: nn.Module, layers: dict[str, BankLinear]):
+    def __init__(self, model: nn.Module, layers: dict[str, BankLinear], gather_cache_mb: float = 2048):
         self.model = model
         self.layers = layers
         self.slots: dict[str, int] = {}  # adapter name -> global slot
@@ -173,7 +201,9 @@ class AdapterBank:
         self.bslot_of: dict[int, Tensor] = {}  # rank -> (cap,) bucket slot per global slot
         self.is_dora = torch.zeros(0, dtype=torch.bool)
         self.layouts: list[Tensor] = []
-        self.plan: list | None = None
+        self.plan: _Plan | None = None
+        self._plans: list[_Plan] = []  # the last few plans, newest first
+        self.gather_cache_mb = gather_cache_mb
         self.ids: Tensor | None = None
         self.lock = threading.RLock()
 
@@ -277,21 +307,36 @@ class AdapterBank:
                 keys[k] = len(self.layouts)
                 self.layouts.append(lay.rank_of.clone())
             lay.layout = keys[k]
+        self._plans = []  # the storage moved: every plan and gathered copy is stale
+        for lay in self.layers.values():
+            lay._gcache = None
         if self.ids is not None:
             self.set_ids(self.ids)
 
     # --- per batch ---------------------------------------------------------------------------------------------
     def set_ids(self, ids: Tensor | list[int] | None) -> None:
-        """Per-row global slots (``-1`` = base only). ``None`` turns the bank off (base model)."""
+        """Per-row global slots (``-1`` = base only). ``None`` turns the bank off (base model).
+
+        The plan (which rows use which rank bucket and slot, per layer layout) is kept for the last few id vectors:
+        the decode steps of an unchanged batch reuse it, and with it the gathered per-row weights (see
+        ``gather_cache_mb``)."""
         if ids is None:
             self.ids, self.plan = None, None
             return
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
         self.ids = ids
+        for pl in self._plans:
+            if pl.ids.shape == ids.shape and torch.equal(pl.ids, ids):
+                pl.cache = pl.fits  # used again: worth keeping its gathered weights
+                self.plan = pl
+                return
         valid = ids >= 0
         g = ids.clamp_min(0)
         if bool((g >= self.cap).any()) if self.cap else bool(valid.any()):
             raise ConfigError(f"adapter id out of range (bank capacity {self.cap})")
+        if not self.layouts:
+            self.plan = None
+            return
         plans = []
         n = ids.shape[0]
         for ro in self.layouts:
@@ -307,7 +352,13 @@ class AdapterBank:
         dmask = valid & self.is_dora[g] if self.cap else torch.zeros(n, dtype=torch.bool)
         drows = dmask.nonzero().squeeze(1) if bool(dmask.any()) else None
         dslots = g[drows] if drows is not None else None
-        self.plan = [(grp, drows, dslots) for grp in plans] if self.layouts else None
+        layers = [(grp, drows, dslots) for grp in plans]
+        nbytes = 0
+        for lay in self.layers.values():
+            for r, _, bsl in layers[lay.layout][0]:
+                nbytes += bsl.numel() * r * sum(lay.base_layer.weight.shape) * lay.A[r].element_size()
+        self.plan = _Plan(ids.clone(), layers, fits=nbytes <= self.gather_cache_mb * 2**20)
+        self._plans = [self.plan] + self._plans[:3]
 
     def set_adapters(self, names: list[str | None]) -> None:
         """Per-row adapter names (None = base only)."""
@@ -326,15 +377,18 @@ def _cap_for(n: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def install(model: nn.Module, targets="all-linear", exclude=None) -> AdapterBank:
-    """Put a bank on ``model`` (in place): every targeted ``nn.Linear`` becomes a :class:`BankLinear`."""
+def install(model: nn.Module, targets="all-linear", exclude=None, gather_cache_mb: float = 2048) -> AdapterBank:
+    """Put a bank on ``model`` (in place): every targeted ``nn.Linear`` becomes a :class:`BankLinear`.
+
+    ``gather_cache_mb``: memory the decode loop may spend keeping the current batch's gathered per-row adapter
+    weights between steps (0 = gather every step)."""
     if getattr(model, "_lorakit_bank", None) is not None:
         return model._lorakit_bank
     if any(isinstance(m, Adapted) for m in model.modules()):
         raise ConfigError("the model has lorakit adapters attached: serve a plain base model (adapters go in the bank)")
     paths = match(model, targets, exclude)
     layers: dict[str, BankLinear] = {}
-    bank = AdapterBank(model, layers)
+    bank = AdapterBank(model, layers, gather_cache_mb)
     for p in paths:
         m = model.get_submodule(p)
         if type(m) is not nn.Linear:

@@ -100,14 +100,15 @@ class Engine:
 
     ``adapter_dir``: a directory whose sub-directories are adapters (the name is the sub-directory name);
     ``max_loras``: adapters resident in the bank at once (LRU; adapters used by running requests are pinned).
+    ``gather_cache_mb``: memory for keeping the running batch's gathered adapter weights across decode steps.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, adapter_dir: str | Path | None = None, *, max_loras: int = 8,
                  max_batch: int = 64, base_name: str = "base", targets: Any = "all-linear",
-                 max_new_tokens: int = 512, max_prompt_tokens: int | None = None):
+                 max_new_tokens: int = 512, max_prompt_tokens: int | None = None, gather_cache_mb: float = 2048):
         self.model = model.eval()
         self.tok = tokenizer
-        self.bank: AdapterBank = install(model, targets)
+        self.bank: AdapterBank = install(model, targets, gather_cache_mb=gather_cache_mb)
         self.adapter_dir = Path(adapter_dir).resolve() if adapter_dir is not None else None
         self.max_loras, self.max_batch, self.base_name = max_loras, max_batch, base_name
         self.max_new_tokens = max_new_tokens

@@ -323,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $LORAKIT_API_KEY)")
     p.add_argument("--served-name", help="name of the base model in `model` (default: the --base name)")
     p.add_argument("--max-loras", type=int, default=8, help="adapters resident in memory at once (LRU)")
+    p.add_argument("--gather-cache-mb", type=float, default=2048,
+                   help="memory for the running batch's gathered adapter weights, reused across decode steps (0 = off)")
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
     p.add_argument("--max-tokens", type=int, default=512, help="upper bound on a request's max_tokens")
     p.add_argument("--max-prompt-tokens", type=int, default=None)
@@ -358,6 +360,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         return 2
     name = args.served_name or Path(args.base.rstrip("/")).name
     engine = Engine(model, tok, args.adapters, max_loras=args.max_loras, max_batch=args.max_batch, base_name=name,
+                    gather_cache_mb=args.gather_cache_mb,
                     targets=args.targets, max_new_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens)
     for n in args.preload:
         try:
