@@ -106,7 +106,8 @@ def main(argv=None):
     # ---- 1 + 2: forward over a mixed batch ------------------------------------------------------------------
     plain = copy.deepcopy(model0)
     served = copy.deepcopy(model0)
-    bank = install(served)
+    # no gathered-weight cache here: every forward of stages 1-2 pays the gather, as a new prefill batch does
+    bank = install(served, gather_cache_mb=0)
     ads = [rand_adapter(bank, f"a{i}", R, g) for i in range(64)]
     for sa in ads:
         bank.add(sa)
