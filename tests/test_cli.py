@@ -116,3 +116,11 @@ def test_sigint_saves_checkpoint_and_exits_cleanly(tiny_lm_dir, cls_data, tmp_pa
     ck = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
     assert (ck / "trainer_state.pt").is_file() and (ck / "adapter_model.safetensors").is_file()
     assert json.loads(metrics.read_text().splitlines()[-1])["event"] == "interrupted"
+
+
+def test_python_dash_m_lorakit_is_the_command():
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    r = subprocess.run([sys.executable, "-m", "lorakit", "methods"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "dora" in r.stdout and "pissa" in r.stdout
