@@ -56,3 +56,14 @@ def test_overview_ranks_methods_across_tasks_and_updates_readme(tmp_path):
     assert "\nold\n" not in text and "| dora |" in text and text.endswith("<!-- arena:end -->\nrest\n")
     readme.write_text("no markers")
     assert not update_readme(readme, tasks, "x")
+
+
+def test_header_names_revisions_and_thread_counts_per_seed(tmp_path):
+    recs = [_rec("lora", 0, 0.8, git_rev="aaa", hardware={"cpus": 2, "torch_threads": 2}),
+            _rec("lora", 1, 0.8, git_rev="bbb", hardware={"cpus": 2, "torch_threads": 1}),
+            _rec("lora", 2, 0.8, git_rev="bbb", hardware={"cpus": 2, "torch_threads": 1})]
+    (tmp_path / "runs.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    md, _ = write_report(tmp_path)
+    head = md.read_text().split("## Overview")[0]
+    assert "git aaa (seed 0), bbb (seeds 1, 2)" in head
+    assert "torch threads per run: 2 (seed 0), 1 (seeds 1, 2)" in head

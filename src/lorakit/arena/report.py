@@ -210,10 +210,22 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
     tasks = aggregate(recs)
     md = markdown(tasks)
     env = recs[-1]
+
+    def by_seed(get) -> str:
+        """``v (seeds 0, 1)`` per distinct value, so runs made on other revisions or thread counts are visible."""
+        groups: dict = {}
+        for r in recs:
+            groups.setdefault(get(r), set()).add(r.get("seed"))
+        if len(groups) == 1:
+            return str(next(iter(groups)))
+        return ", ".join(f"{v} (seed{'s' if len(sd) > 1 else ''} {', '.join(map(str, sorted(sd)))})"
+                         for v, sd in sorted(groups.items(), key=lambda kv: min(kv[1])))
+
     head = (f"# lorakit arena\n\n{len(recs)} runs; lorakit {env.get('versions', {}).get('lorakit')} "
-            f"(git {env.get('git_rev')}), torch {env.get('versions', {}).get('torch')}, "
+            f"(git {by_seed(lambda r: r.get('git_rev'))}), torch {env.get('versions', {}).get('torch')}, "
             f"{env.get('hardware', {}).get('cpus')} CPUs"
-            f"{', ' + env['hardware']['gpu'] if env.get('hardware', {}).get('gpu') else ''}.\n\n")
+            f"{', ' + env['hardware']['gpu'] if env.get('hardware', {}).get('gpu') else ''}, "
+            f"torch threads per run: {by_seed(lambda r: r.get('hardware', {}).get('torch_threads'))}.\n\n")
     md_path = out_dir / "report.md"
     out_dir.mkdir(parents=True, exist_ok=True)
     budgets = sorted({str(r.get("budget")) for r in recs if r.get("budget") is not None})
