@@ -228,6 +228,8 @@ class Adapter(nn.Module):
     paper: ClassVar[str] = ""
     peft: ClassVar[PeftSpec | None] = None
     mergeable: ClassVar[bool] = True
+    # why the arena must not shrink/grow this method's rank-like knob to a shared trainable budget (None: it may)
+    budget_exempt: ClassVar[str | None] = None
     roles: ClassVar[dict[str, str]] = {}  # parameter name -> role ("A", "B", "magnitude", "gate", ...)
     layers: ClassVar[tuple[str, ...]] = ("linear", "conv1d")  # supported layer kinds
     init: ClassVar[str] = "noop"  # what attach does to the output: "noop" | "residual" (base replaced) | "changes"

@@ -148,3 +148,11 @@ def test_learning_rate_policy_and_mixed_results_are_refused(smoke):
     assert run_config({**spec, "lr_policy": "recipe"}).optim.trainable_lr == 3e-3
     with pytest.raises(ConfigError, match="choose another --out"):  # smoke results exist there
         run_arena(ArenaPlan(methods=["lora"], tasks=["sentiment-minilm"], seeds=[1], budget="quick", out=smoke))
+
+
+def test_compression_method_is_exempt_from_budget_matching():
+    """PELA replaces each weight by R·L: its rank is the model's capacity, so the arena keeps the paper's ratio."""
+    own = {"method": "pela", "targets": ["q_proj", "v_proj"]}
+    cfg, info = match_budget(_tiny_meta, own, 500)
+    assert cfg == own and not info["matched"] and "compression" in info["reason"]
+    assert info["trainable"] == trainable_count(_tiny_meta, own) > 500

@@ -4,7 +4,8 @@ The count is taken by attaching to the task's model built on the meta device (sh
 so matching costs milliseconds and works for every registered method with no per-method code. The knob is the
 first of ``RANK_KNOBS`` that the method has *and* that moves its trainable count (NOLA's ``r`` does not: its count
 is set by its number of bases). A method whose count cannot come within 2x of the target keeps its paper settings
-and is reported as unmatched, with the reason.
+and is reported as unmatched, with the reason. A method whose rank is not an adapter size but the model's own
+capacity (PELA: compression) declares ``budget_exempt`` and keeps its paper settings, reported as unmatched.
 """
 from __future__ import annotations
 
@@ -139,6 +140,9 @@ def match_budget(make_meta: Callable[[], nn.Module], adapter_cfg: dict, target: 
     if clamped:  # a paper rank larger than this model's layers (LoLDU's 768 on a 576-wide model): full rank
         adapter_cfg = {**adapter_cfg, **{k: cap for k in clamped}}
     own = trainable_count(make_meta, adapter_cfg)
+    exempt = get_method(adapter_cfg["method"]).budget_exempt
+    if exempt:
+        return adapter_cfg, {"matched": False, "reason": exempt, "trainable": own, "target": target}
     if not knobs:
         return adapter_cfg, {"matched": False, "reason": "no rank-like knob", "trainable": own, "target": target}
     tried = []

@@ -41,6 +41,8 @@ class PELA(Adapter):
 
     roles = {"pela_L.weight": "A", "pela_R.weight": "B"}
     layers = ("linear", "conv1d")
+    budget_exempt = ("compression: the rank is the compressed model's capacity (every adapted weight is replaced by "
+                     "R·L), so matching LoRA's budget would leave rank 2-3 weights; the paper's ratio c=3 is kept")
 
     def __init__(self, base: nn.Module, cfg: Config, view=None):
         super().__init__(base, cfg, view)
