@@ -138,7 +138,7 @@ class BankLinear(nn.Module):
                 self._gcache = None  # a new batch: free the old copies first
         got = self.A[r][bslots], self.Bt[r][bslots]
         if plan.cache:
-            if self._gcache is None or self._gcache[0] is not plan:
+            if self._gcache is None:  # (a cache of another plan was dropped above)
                 self._gcache = (plan, {})
             self._gcache[1][r] = got
         return got
@@ -353,11 +353,12 @@ class AdapterBank:
         drows = dmask.nonzero().squeeze(1) if bool(dmask.any()) else None
         dslots = g[drows] if drows is not None else None
         layers = [(grp, drows, dslots) for grp in plans]
-        nbytes = 0
-        for lay in self.layers.values():
-            for r, _, bsl in layers[lay.layout][0]:
-                nbytes += bsl.numel() * r * sum(lay.base_layer.weight.shape) * lay.A[r].element_size()
-        self.plan = _Plan(ids.clone(), layers, fits=nbytes <= self.gather_cache_mb * 2**20)
+        fits = False
+        if self.gather_cache_mb > 0:  # bytes the gathered copies of this plan would take
+            nbytes = sum(bsl.numel() * r * sum(lay.base_layer.weight.shape) * lay.A[r].element_size()
+                         for lay in self.layers.values() for r, _, bsl in layers[lay.layout][0])
+            fits = nbytes <= self.gather_cache_mb * 2**20
+        self.plan = _Plan(ids.clone(), layers, fits=fits)
         self._plans = [self.plan] + self._plans[:3]
 
     def set_adapters(self, names: list[str | None]) -> None:
