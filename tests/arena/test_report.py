@@ -67,3 +67,25 @@ def test_header_names_revisions_and_thread_counts_per_seed(tmp_path):
     head = md.read_text().split("## Overview")[0]
     assert "git aaa (seed 0), bbb (seeds 1, 2)" in head
     assert "torch threads per run: 2 (seed 0), 1 (seeds 1, 2)" in head
+
+
+def test_scatter_labels_skip_overlaps_and_keep_the_baseline():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lorakit.arena.report import _label_points
+
+    # rows come sorted best first; two methods sit exactly on the LoRA baseline, one far away
+    rows = [{"variant": "dora", "mean": 0.8, "baseline": None}, {"variant": "pissa", "mean": 0.8, "baseline": None},
+            {"variant": "lora", "mean": 0.8, "baseline": "LoRA"}, {"variant": "vera", "mean": 0.2, "baseline": None}]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    points = [(r, 1000.0 if r["variant"] != "vera" else 10.0) for r in rows]
+    for r, x in points:
+        ax.scatter([x], [r["mean"]])
+    ax.set_xscale("log")
+    assert _label_points(fig, ax, points) == 2
+    shown = sorted(t.get_text() for t in ax.texts)
+    plt.close(fig)
+    assert shown == ["lora", "vera"]  # the baseline wins its spot; the far point keeps its label

@@ -143,6 +143,23 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _label_points(fig, ax, points: list[tuple[dict, float]]) -> int:
+    """Name each point, LoRA baselines first, then best first, leaving off a label that would overlap
+    one already placed, so a dense cluster stays readable. Returns how many labels were left off."""
+    renderer = fig.canvas.get_renderer()
+    order = sorted(points, key=lambda p: not p[0]["baseline"])  # stable: rows come sorted best first
+    placed, hidden = [], 0
+    for r, x in order:
+        label = ax.annotate(r["variant"], (x, r["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        box = label.get_window_extent(renderer).expanded(1.05, 1.15)
+        if any(box.overlaps(b) for b in placed):
+            label.remove()
+            hidden += 1
+        else:
+            placed.append(box)
+    return hidden
+
+
 def plots(tasks: dict[str, list[dict]]) -> dict[str, list[tuple[str, str]]]:
     import matplotlib
 
@@ -157,12 +174,13 @@ def plots(tasks: dict[str, list[dict]]) -> dict[str, list[tuple[str, str]]]:
         items = []
         for xkey, xlabel, logx in (("params", "trainable parameters", True), ("wall_s", "wall time per run (s)", False)):
             fig, ax = plt.subplots(figsize=(7, 4.2))
+            points = []
             for r in trained:
                 x = max(r[xkey], 1) if logx else r[xkey]
                 style = dict(marker="*", s=160, color="crimson", zorder=3) if r["baseline"] else dict(s=40)
                 ax.scatter([x], [r["mean"]], **style)
                 ax.errorbar([x], [r["mean"]], yerr=[r["std"]], fmt="none", ecolor="gray", alpha=0.6)
-                ax.annotate(r["variant"], (x, r["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                points.append((r, x))
             if untrained:
                 ax.axhline(untrained["mean"], ls="--", color="black", lw=1, label="untrained model")
                 ax.legend(loc="best", fontsize=8)
@@ -170,7 +188,10 @@ def plots(tasks: dict[str, list[dict]]) -> dict[str, list[tuple[str, str]]]:
                 ax.set_xscale("log")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(metric)
-            ax.set_title(f"{task}: {metric} vs {xlabel}  (★ = LoRA baseline)")
+            hidden = _label_points(fig, ax, points)
+            ax.set_title(f"{task}: {metric} vs {xlabel}  (★ = LoRA baseline)"
+                         + (f"\n{hidden} labels left off where they would overlap: see the table" if hidden else ""),
+                         fontsize=10)
             ax.grid(alpha=0.3)
             items.append((f"{metric} vs {xlabel}", _png(fig)))
         fig, ax = plt.subplots(figsize=(7, max(2.5, 0.28 * len(trained))))
