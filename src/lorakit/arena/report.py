@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .run import read_records
 
+TOP_CURVES = 6  # loss-curve plot: how many methods besides the baselines get a colour and a legend entry
 LOWER_IS_BETTER = {"loss", "completion_loss", "eval_loss"}
 
 
@@ -198,20 +199,34 @@ def plots(tasks: dict[str, list[dict]]) -> dict[str, list[tuple[str, str]]]:
         names = [r["variant"] for r in trained]
         ax.barh(names, [r["rss_mb"] for r in trained],
                 color=["crimson" if r["baseline"] else "steelblue" for r in trained])
+        base_rss = next((r["rss_mb"] for r in trained if r["baseline"] and math.isfinite(r["rss_mb"] or math.nan)), None)
+        if base_rss:
+            ax.axvline(base_rss, ls=":", color="crimson", lw=1)
         ax.set_xlabel("peak RSS (MB)")
-        ax.set_title(f"{task}: peak memory per method")
+        ax.set_title(f"{task}: peak memory per method (best metric first; red = LoRA)", fontsize=10)
         ax.invert_yaxis()
         items.append(("memory", _png(fig)))
         fig, ax = plt.subplots(figsize=(7, 4.2))
+        # rows come best first: the LoRA baselines thick, the best TOP_CURVES others in colour, the rest grey
+        top = {r["variant"] for r in [r for r in trained if not r["baseline"]][:TOP_CURVES]}
+        every: list[float] = []
         for r in trained:
             if r["curves"] and r["curves"][0]:
                 curve = r["curves"][0]
                 ys = [c["loss"] if isinstance(c, dict) else c for c in curve]
-                ax.plot(range(1, len(ys) + 1), ys, lw=2.2 if r["baseline"] else 0.9,
-                        label=r["variant"] if r["baseline"] or len(trained) <= 12 else None)
+                every += [y for y in ys if y is not None and math.isfinite(y)]
+                named = r["baseline"] or r["variant"] in top
+                ax.plot(range(1, len(ys) + 1), ys, lw=2.2 if r["baseline"] else 1.1 if named else 0.7,
+                        label=r["variant"] if named else None, **({} if named else dict(color="gray", alpha=0.35)),
+                        zorder=3 if named else 2)
         ax.set_xlabel("logged step")
         ax.set_ylabel("training loss")
-        ax.set_title(f"{task}: loss curves (seed of the first run; thick = LoRA)")
+        if every and min(every) > 0 and max(every) / min(every) > 10:  # a few diverging runs would flatten the rest
+            ax.set_yscale("log")
+            ax.set_ylabel("training loss (log scale)")
+        ax.set_title(f"{task}: loss curves (first seed; thick = LoRA"
+                     + (f"; colour: the {len(top)} best others; grey: the rest)"
+                        if len(trained) - len(top) > TOP_CURVES else ")"), fontsize=10)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, ncol=2)
