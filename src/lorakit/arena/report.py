@@ -199,7 +199,8 @@ def plots(tasks: dict[str, list[dict]]) -> dict[str, list[tuple[str, str]]]:
         names = [r["variant"] for r in trained]
         ax.barh(names, [r["rss_mb"] for r in trained],
                 color=["crimson" if r["baseline"] else "steelblue" for r in trained])
-        base_rss = next((r["rss_mb"] for r in trained if r["baseline"] and math.isfinite(r["rss_mb"] or math.nan)), None)
+        base_rss = next((r["rss_mb"] for r in trained
+                         if r["baseline"] and math.isfinite(r["rss_mb"] or math.nan)), None)
         if base_rss:
             ax.axvline(base_rss, ls=":", color="crimson", lw=1)
         ax.set_xlabel("peak RSS (MB)")
