@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..errors import AdapterFileError, ConfigError, LorakitError
 from .bank import AdapterBank, ServedAdapter, install, read_served
+from .detok import Detokenizer
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class Request:
     out_ids: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of text already streamed
+    detok: Detokenizer | None = None  # the output's incremental detokenizer (settled text = ``text``)
     finish_reason: str | None = None
     error: str | None = None
     t_submit: float = field(default_factory=time.perf_counter)
@@ -501,18 +503,23 @@ class Engine:
                 done_idx.append(i)
                 self._finish(r, "abort")
                 continue
+            if r.detok is None:
+                r.detok = Detokenizer(self.tok)
             if t in self.eos and not r.params.ignore_eos:
                 finish = "stop"
+                r.text = r.detok.final()
             else:
                 r.out_ids.append(t)
                 self.m["generated_tokens"] += 1
-                r.text = self.tok.decode(r.out_ids, skip_special_tokens=True)
+                r.detok.add(t)  # incremental: O(1) tokenizer work per token, not a decode of the whole output
+                last = len(r.out_ids) >= r.params.max_tokens
+                r.text = r.detok.final() if last else r.detok.text
                 if r.params.stop:
                     hits = [r.text.find(s) for s in r.params.stop if s in r.text]
                     if hits:
                         r.text = r.text[:min(hits)]
                         finish = "stop"
-                if finish is None and len(r.out_ids) >= r.params.max_tokens:
+                if finish is None and last:
                     finish = "length"
             if finish is None:
                 hold = max((len(s) for s in r.params.stop), default=1) - 1
