@@ -127,6 +127,48 @@ def test_ctrl_c_saves_checkpoint_and_resume_finishes(tiny_lm_dir, cls_data, tmp_
     assert r["steps"] == 5 and len(r["loss_curve"]) == 5
 
 
+def test_sigint_mid_step_stops_at_the_step_boundary_and_resume_is_exact(tiny_lm_dir, cls_data, tmp_path):
+    """A real SIGINT landing inside a step (here: inside the optimizer's step, after the parameters moved) only
+    asks the loop to stop; the step completes, the checkpoint is consistent and resuming repeats the
+    uninterrupted run exactly. A second SIGINT interrupts at once."""
+    import os
+    import signal
+
+    base = tiny_cfg(tiny_lm_dir, cls_data, tmp_path / "full", steps=6)
+    full = run_training(base)
+    cut = dict(base, output={"dir": str(tmp_path / "cut")})
+    calls = {"n": 0}
+    orig_step = torch.optim.AdamW.step
+
+    def step_then_sigint(self, *a, **k):
+        out = orig_step(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered right here, before the loop counts the step
+        return out
+
+    torch.optim.AdamW.step = step_then_sigint
+    try:
+        with pytest.raises(TrainingInterrupted) as ei:
+            run_training(cut)
+    finally:
+        torch.optim.AdamW.step = orig_step
+    assert ei.value.step == 3 and ei.value.checkpoint.name == "step-000003"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    resumed = run_training(cut, resume=True)
+    assert resumed["loss_curve"] == full["loss_curve"]
+
+    class TwiceAt2:
+        def on_step(self, step, logs):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)  # the second one raises inside this callback
+
+    with pytest.raises(TrainingInterrupted) as ei:
+        run_training(dict(base, output={"dir": str(tmp_path / "twice")}), callbacks=[TwiceAt2()])
+    assert ei.value.step == 2
+
+
 @pytest.mark.parametrize("rows,match", [
     ([{"text": "good movie"}], "no column 'label'"),
     ([], "empty"),

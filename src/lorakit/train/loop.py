@@ -15,7 +15,9 @@ import math
 import random
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -146,6 +148,41 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+class _GracefulStop:
+    """The first Ctrl-C (SIGINT) only asks the loop to stop at the next step boundary, so the checkpoint never
+    holds a half-applied step (parameters updated, step counter not) and a signal landing in a finaliser, where
+    Python would swallow the KeyboardInterrupt, is not lost; a second Ctrl-C interrupts at once. Installed only in
+    the main thread (signal handlers cannot be set elsewhere); in data-parallel runs the ranks agree on the step."""
+
+    def __init__(self):
+        self.hits = 0
+        self._prev = None
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self._prev = signal.signal(signal.SIGINT, self._on_sigint)
+            except ValueError:  # not the main interpreter
+                self._prev = None
+
+    def _on_sigint(self, signum, frame):
+        self.hits += 1
+        if self.hits > 1:
+            raise KeyboardInterrupt
+        sys.stderr.write("\nstopping after this step and saving a checkpoint (Ctrl-C again to stop now)\n")
+        sys.stderr.flush()
+
+    def requested(self, world: int = 1) -> bool:
+        if world > 1:
+            flag = torch.tensor([float(self.hits > 0)])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            return bool(flag.item())
+        return self.hits > 0
+
+    def restore(self) -> None:
+        if self._prev is not None:
+            signal.signal(signal.SIGINT, self._prev)
+            self._prev = None
 
 
 def run_training(config: RunConfig | dict | None = None, *, resume: bool = False,
@@ -288,8 +325,11 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
 
     train_time, tokens, first_step = 0.0, 0, step
     model.train()
+    stop = _GracefulStop()
     try:
         while step < total:
+            if stop.requested(world):  # Ctrl-C: leave between steps, so the checkpoint is a consistent state
+                raise KeyboardInterrupt
             t0 = time.perf_counter()
             loss_sum, ntok = 0.0, 0
             for k in range(accum):
@@ -353,6 +393,7 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
             if tc.save_every and step % tc.save_every == 0:
                 last_ckpt = save_checkpoint(out, step, model, state(), tc.keep_checkpoints) if rank == 0 else None
     except KeyboardInterrupt:
+        stop.restore()
         opt.zero_grad(set_to_none=True)
         path = save_checkpoint(out, step, model, state(), tc.keep_checkpoints) if rank == 0 else None
         mlog(event="interrupted", step=step, checkpoint=str(path))
@@ -361,6 +402,8 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
     except NonFiniteLossError as e:
         mlog(event="error", step=step, message=str(e))
         raise
+    finally:
+        stop.restore()
 
     model.eval()
     after = evaluate("after", step)
