@@ -60,9 +60,10 @@ def test_sampling_seed_stop_and_errors(env):
     a, b = eng.generate(["hello", "hello"], ["lo4", "lo4"], [sp, sp])
     assert a.out_ids == b.out_ids and len(a.out_ids) == 12  # same seed, same tokens
     (g,) = eng.generate(["hello"], ["lo4"], SamplingParams(max_tokens=12, ignore_eos=True))
-    stop = g.text[3:5]
-    (s,) = eng.generate(["hello"], ["lo4"], SamplingParams(max_tokens=12, ignore_eos=True, stop=[stop]))
-    assert s.finish_reason == "stop" and s.text == g.text[:g.text.find(stop)]
+    for stop in (g.text[3:5], g.text[6:10]):  # stop strings spanning 2 and 4 tokens (one byte per token here)
+        (s,) = eng.generate(["hello"], ["lo4"], SamplingParams(max_tokens=12, ignore_eos=True,
+                                                                stop=["\x00never", stop]))
+        assert s.finish_reason == "stop" and s.text == g.text[:g.text.find(stop)]
     with pytest.raises(AdapterNotFound):
         eng.submit("x", "nope")
     with pytest.raises(AdapterNotFound):

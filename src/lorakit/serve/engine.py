@@ -513,9 +513,10 @@ class Engine:
                 self.m["generated_tokens"] += 1
                 r.detok.add(t)  # incremental: O(1) tokenizer work per token, not a decode of the whole output
                 last = len(r.out_ids) >= r.params.max_tokens
+                prev = len(r.text)  # the text only grows: search for stop strings in the new tail only
                 r.text = r.detok.final() if last else r.detok.text
-                if r.params.stop:
-                    hits = [r.text.find(s) for s in r.params.stop if s in r.text]
+                if r.params.stop and len(r.text) > prev:
+                    hits = [i for i in (r.text.find(s, max(0, prev - len(s) + 1)) for s in r.params.stop) if i >= 0]
                     if hits:
                         r.text = r.text[:min(hits)]
                         finish = "stop"
