@@ -321,7 +321,7 @@ def cmd_arena(a) -> int:
     from .arena import read_records, write_report
 
     if a.action == "report":
-        md, page = write_report(a.out)
+        md, page = write_report(a.out, compare=a.compare)
         _out(f"wrote {md} and {page}")
         if a.readme:
             from .arena import aggregate
@@ -427,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--plugins", help="comma-separated modules to import first (they register your own methods)")
     ar.add_argument("--timeout", type=float, default=3600.0, help="seconds per run before it is killed")
     ar.add_argument("--no-report", action="store_true", help="do not write the report after running")
+    ar.add_argument("--compare", metavar="DIR", help="report: also set each method against its runs in another "
+                    "results directory on the same seeds (e.g. --lr recipe against the paper rates)")
     ar.add_argument("--readme", help="report: also put the overview table between the arena markers of this file")
     ar.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p

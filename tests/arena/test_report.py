@@ -89,3 +89,26 @@ def test_scatter_labels_skip_overlaps_and_keep_the_baseline():
     shown = sorted(t.get_text() for t in ax.texts)
     plt.close(fig)
     assert shown == ["lora", "vera"]  # the baseline wins its spot; the far point keeps its label
+
+
+def test_compare_sets_each_method_against_another_directory_on_the_same_seeds(tmp_path):
+    import pytest
+
+    from lorakit.errors import ConfigError
+
+    here, there = tmp_path / "recipe", tmp_path / "paper"
+    here.mkdir(), there.mkdir()
+    (here / "runs.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        _rec("lora", 0, 0.80), _rec("dora", 0, 0.90), _rec("vera", 0, 0.70)]) + "\n")
+    (there / "runs.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        _rec("lora", 0, 0.80), _rec("dora", 0, 0.60), _rec("dora", 1, 0.99)]) + "\n")  # seed 1: not in `here`
+    md, html = write_report(here, compare=there)
+    text = md.read_text()
+    sect = text.split("## Against paper (seeds 0 there too)", 1)[1]
+    assert "| 1 | dora | 0.900 | 0.600 | +0.300 |" in sect  # seed 1's 0.99 is left out: same seeds only
+    assert "| 2 | **lora** (baseline) | 0.800 | 0.800 | +0.000 |" in sect
+    assert "vera" not in sect  # no runs there to compare with
+    assert "Against paper" in html.read_text()
+    (there / "runs.jsonl").write_text(json.dumps(_rec("lora", 5, 0.8)) + "\n")
+    with pytest.raises(ConfigError, match="no arena records there for seeds"):
+        write_report(here, compare=there)

@@ -122,6 +122,31 @@ def overview(tasks: dict[str, list[dict]]) -> str:
     return "\n".join(out) + "\n\nmean rank: 0 = best on every task, 1 = worst; bold = baselines.\n"
 
 
+def comparison(tasks: dict[str, list[dict]], other: dict[str, list[dict]], label: str) -> str:
+    """Per task, this arena's rows next to another results directory's (aggregated over the same seeds): the
+    metric both ways, the difference and both learning rates. For reading one policy or budget against another
+    (e.g. ``--lr recipe`` against the paper rates)."""
+    out = []
+    for task in sorted(tasks):
+        theirs = {r["variant"]: r for r in other.get(task, [])}
+        rows = [r for r in tasks[task] if r["variant"] in theirs]
+        if not rows:
+            continue
+        metric = next((r["metric_name"] for r in rows if r["metric_name"]), "metric")
+        sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+        out.append(f"### {task}: against {label}  ({metric}; Δ > 0 = better here)\n")
+        out.append(f"| # | method | here | {label} | Δ | lr here | lr {label} |")
+        out.append("|---|---|---|---|---|---|---|")
+        for i, r in enumerate(rows, 1):
+            o = theirs[r["variant"]]
+            name = f"**{r['variant']}** (baseline)" if r["baseline"] else r["variant"]
+            d = (r["mean"] - o["mean"]) * sign
+            out.append(f"| {i} | {name} | {_fmt(r['mean'])} | {_fmt(o['mean'])} | {_fmt(d, '+.3f')} | "
+                       f"{_fmt(r.get('lr'), '.0e')} | {_fmt(o.get('lr'), '.0e')} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def update_readme(readme: str | Path, tasks: dict[str, list[dict]], link: str) -> bool:
     """Replace the text between ``<!-- arena:begin -->`` and ``<!-- arena:end -->`` with the overview table."""
     p = Path(readme)
@@ -236,7 +261,10 @@ def plots(tasks: dict[str, list[dict]]) -> dict[str, list[tuple[str, str]]]:
     return figs
 
 
-def write_report(results_dir: str | Path, out_dir: str | Path | None = None) -> tuple[Path, Path]:
+def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
+                 compare: str | Path | None = None) -> tuple[Path, Path]:
+    """report.md and report.html for the records in ``results_dir``; with ``compare`` (another results
+    directory), also a section per task setting each method against its runs there on the same seeds."""
     results_dir = Path(results_dir)
     out_dir = Path(out_dir) if out_dir else results_dir
     recs = read_records(results_dir)
@@ -269,7 +297,17 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
     seeds = sorted({r.get("seed") for r in recs})
     head += (f"Budget: {', '.join(budgets)} (see docs/arena.md); seeds {', '.join(map(str, seeds))}. "
              "Metric: mean ± std over seeds, higher is better unless the metric is a loss.\n\n")
-    md_path.write_text(head + "## Overview\n\n" + overview(tasks) + "\n## Per task\n\n" + md)
+    versus = ""
+    if compare is not None:
+        theirs = [r for r in read_records(compare) if r.get("seed") in set(seeds)]
+        if not theirs:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"--compare {compare}: no arena records there for seeds {seeds}")
+        versus = comparison(tasks, aggregate(theirs), Path(compare).name)
+    md_path.write_text(head + "## Overview\n\n" + overview(tasks) + "\n## Per task\n\n" + md
+                       + (f"\n## Against {Path(compare).name} (seeds {', '.join(map(str, seeds))} there too)\n\n"
+                          + versus if versus else ""))
     figs = plots(tasks)
     intro = " ".join(ln for ln in head.splitlines()[1:] if ln.strip())
     parts = [f"<h1>lorakit arena</h1><p>{html.escape(intro)}</p>",
@@ -280,6 +318,9 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
         for title, b64 in figs.get(task, []):
             parts.append(f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,{b64}'/>"
                          f"<figcaption>{html.escape(task)}: {html.escape(title)}</figcaption></figure>")
+    if versus:
+        parts.append(f"<h2>Against {html.escape(Path(compare).name)} (same seeds)</h2>")
+        parts += [_md_table_to_html(sect) for sect in versus.split("\n### ") if sect.strip()]
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>lorakit arena</title><style>"
             "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px}"
