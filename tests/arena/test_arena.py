@@ -97,6 +97,17 @@ def test_bad_plans_name_the_problem(tmp_path):
     assert cli.main(["arena", "report", "--out", str(tmp_path / "empty")]) == 2  # no records: a clear error
 
 
+def test_report_compare_from_the_command_line(smoke, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(smoke, other)
+    assert cli.main(["arena", "report", "--out", str(other), "--compare", str(smoke)]) == 0
+    md = (other / "report.md").read_text()
+    assert "## Against" in md and "| +0.000 |" in md  # the same runs: no difference
+    assert cli.main(["arena", "report", "--out", str(other), "--compare", str(tmp_path / "none")]) == 2
+
+
 # ---- budget matching on a tiny meta model ----------------------------------------------------------------------
 def _tiny_meta():
     from transformers import LlamaConfig, LlamaForCausalLM
