@@ -104,7 +104,9 @@ def test_sigint_saves_checkpoint_and_exits_cleanly(tiny_lm_dir, cls_data, tmp_pa
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     cmd = [sys.executable, "-m", "lorakit.cli", "train", *_overrides(tiny_lm_dir, cls_data, out, **{
         "train.steps": 100000, "data.eval_size": 4})]
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a test run started in the background inherits it ignored
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and '"event": "train"' not in (metrics.read_text() if metrics.exists() else ""):

@@ -131,6 +131,17 @@ def test_sigint_mid_step_stops_at_the_step_boundary_and_resume_is_exact(tiny_lm_
     """A real SIGINT landing inside a step (here: inside the optimizer's step, after the parameters moved) only
     asks the loop to stop; the step completes, the checkpoint is consistent and resuming repeats the
     uninterrupted run exactly. A second SIGINT interrupts at once."""
+    import signal
+
+    # the test process may have been started with SIGINT ignored (a background job): make it Python's default
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _sigint_mid_step(tiny_lm_dir, cls_data, tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, saved)
+
+
+def _sigint_mid_step(tiny_lm_dir, cls_data, tmp_path):
     import os
     import signal
 
@@ -167,6 +178,26 @@ def test_sigint_mid_step_stops_at_the_step_boundary_and_resume_is_exact(tiny_lm_
     with pytest.raises(TrainingInterrupted) as ei:
         run_training(dict(base, output={"dir": str(tmp_path / "twice")}), callbacks=[TwiceAt2()])
     assert ei.value.step == 2
+
+
+def test_an_ignored_sigint_stays_ignored(tiny_lm_dir, cls_data, tmp_path):
+    """A run started with SIGINT ignored (e.g. `lorakit train &` from a script) does not take Ctrl-C over: a SIGINT
+    mid-run changes nothing and the disposition is still SIG_IGN afterwards."""
+    import os
+    import signal
+
+    class SigintAt2:
+        def on_step(self, step, logs):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    saved = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        res = run_training(tiny_cfg(tiny_lm_dir, cls_data, tmp_path / "ign", steps=4), callbacks=[SigintAt2()])
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, saved)
+    assert res["status"] == "completed" and len(res["loss_curve"]) == 4
 
 
 @pytest.mark.parametrize("rows,match", [

@@ -154,12 +154,15 @@ class _GracefulStop:
     """The first Ctrl-C (SIGINT) only asks the loop to stop at the next step boundary, so the checkpoint never
     holds a half-applied step (parameters updated, step counter not) and a signal landing in a finaliser, where
     Python would swallow the KeyboardInterrupt, is not lost; a second Ctrl-C interrupts at once. Installed only in
-    the main thread (signal handlers cannot be set elsewhere); in data-parallel runs the ranks agree on the step."""
+    the main thread (signal handlers cannot be set elsewhere); in data-parallel runs the ranks agree on the step.
+    Where SIGINT is ignored (a job started with ``&`` from a script, or ``signal.SIG_IGN`` set by the caller) it
+    stays ignored, as Python itself does at start-up."""
 
     def __init__(self):
         self.hits = 0
         self._prev = None
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             try:
                 self._prev = signal.signal(signal.SIGINT, self._on_sigint)
             except ValueError:  # not the main interpreter
