@@ -32,7 +32,8 @@ def test_write_report(tmp_path):
     (tmp_path / "runs.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     md, html = write_report(tmp_path)
     text = md.read_text()
-    assert "| 1 | dora | 0.900" in text and "**lora** (baseline)" in text and "untrained model" in text
+    assert "| 1 | dora ◆ | 0.900 ± 0.000 | +0.100 (1/1) |" in text and "**lora** (baseline)" in text
+    assert "untrained model" in text and "vs LoRA: the mean of the per-seed differences" in text
     page = html.read_text()
     assert page.count("data:image/png;base64,") == 4 and "class='base'" in page
 
@@ -112,3 +113,33 @@ def test_compare_sets_each_method_against_another_directory_on_the_same_seeds(tm
     (there / "runs.jsonl").write_text(json.dumps(_rec("lora", 5, 0.8)) + "\n")
     with pytest.raises(ConfigError, match="no arena records there for seeds"):
         write_report(here, compare=there)
+
+
+def test_paired_difference_from_lora_uses_the_shared_seeds_only():
+    # dora beats LoRA on seeds 0 and 1 and loses on seed 2; its seed 3 has no LoRA run to pair with
+    recs = [_rec("lora", 0, 0.80), _rec("lora", 1, 0.70), _rec("lora", 2, 0.90),
+            _rec("dora", 0, 0.85), _rec("dora", 1, 0.75), _rec("dora", 2, 0.60), _rec("dora", 3, 0.99)]
+    rows = {r["variant"]: r for r in aggregate(recs)["sentiment-minilm"]}
+    d, wins, n = rows["dora"]["vs_lora"]
+    assert (wins, n) == (2, 3) and abs(d - (0.05 + 0.05 - 0.30) / 3) < 1e-9
+    assert rows["lora"]["vs_lora"] is None
+    d, wins, n = rows["untrained model"]["vs_lora"]  # metric_before 0.5 on every seed
+    assert (wins, n) == (0, 3) and abs(d - (0.5 - 0.8)) < 1e-9
+    # a loss: lower is better, so a lower loss is a positive difference and a win
+    loss = [{**_rec("lora", 0, 2.0), "metric_name": "loss"}, {**_rec("dora", 0, 1.5), "metric_name": "loss"}]
+    rows = {r["variant"]: r for r in aggregate(loss)["sentiment-minilm"]}
+    assert rows["dora"]["vs_lora"] == (0.5, 1, 1)
+
+
+def test_pareto_front_of_metric_against_trainable_parameters():
+    def rec(method, params, metric):
+        return {**_rec(method, 0, metric), "trainable_params": params}
+
+    recs = [rec("lora", 1000, 0.80), rec("dora", 1000, 0.85),  # same size, better: dora dominates lora
+            rec("vera", 100, 0.70),  # smallest: on the front
+            rec("nola", 500, 0.60),  # worse than vera with more parameters: dominated
+            rec("pela", 5000, 0.90),  # biggest but best: on the front
+            rec("bone", 5000, 0.85)]  # as big as pela and worse: dominated
+    rows = {r["variant"]: r for r in aggregate(recs)["sentiment-minilm"]}
+    assert {v for v, r in rows.items() if r["pareto"]} == {"dora", "vera", "pela"}
+    assert not rows["untrained model"]["pareto"]  # a reference line, not a method

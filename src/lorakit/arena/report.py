@@ -48,6 +48,7 @@ def aggregate(records: list[dict]) -> dict[str, list[dict]]:
                "budget_note": next(((r.get("budget_info") or {}).get("reason") for r in ok
                                     if (r.get("budget_info") or {}).get("reason")), None),
                "curves": [r.get("loss_curve") or [] for r in ok],
+               "by_seed": {r.get("seed"): r["metric"] for r in ok},
                "notes": sorted({n for r in recs for n in (r.get("budget_info") or {}).get("notes", [])}),
                "knob": next((f"{(r.get('budget_info') or {}).get('knob')}={(r.get('budget_info') or {}).get('value')}"
                              for r in ok if (r.get("budget_info") or {}).get("matched")
@@ -58,13 +59,53 @@ def aggregate(records: list[dict]) -> dict[str, list[dict]]:
             bm, bs = _ms([r.get("metric_before") for r in ok])
             tasks[task].append({**row, "variant": "untrained model", "method": "(none)", "knob": None, "notes": [],
                                 "mean": bm, "std": bs,
+                                "by_seed": {r.get("seed"): r.get("metric_before") for r in ok
+                                            if r.get("metric_before") is not None},
                                 "params": 0, "adapter_mb": 0, "step_s": float("nan"), "wall_s": float("nan"),
                                 "rss_mb": float("nan"), "curves": [], "baseline": "untrained", "errors": 0, "lr": None})
     for task, rows in tasks.items():
         name = next((r["metric_name"] for r in rows if r["metric_name"]), "")
         low = name in LOWER_IS_BETTER
         rows.sort(key=lambda r: (math.isnan(r["mean"]), r["mean"] if low else -r["mean"]))
+        _paired_vs_lora(rows, -1.0 if low else 1.0)
+        _pareto(rows, -1.0 if low else 1.0)
     return dict(tasks)
+
+
+def _paired_vs_lora(rows: list[dict], sign: float) -> None:
+    """Each row against the LoRA baseline on the seeds both have (the same seed means the same data order, the
+    same head init and the same evaluation rows, so the per-seed differences are paired): ``vs_lora`` =
+    (mean difference, seeds better, seeds compared), better = higher unless the metric is a loss."""
+    lora = next((r for r in rows if r["variant"] == "lora"), None)
+    for r in rows:
+        r["vs_lora"] = None
+        if lora is None or r is lora:
+            continue
+        common = sorted(set(r.get("by_seed", {})) & set(lora.get("by_seed", {})), key=str)
+        diffs = [sign * (r["by_seed"][s] - lora["by_seed"][s]) for s in common]
+        if diffs:
+            r["vs_lora"] = (statistics.fmean(diffs), sum(d > 0 for d in diffs), len(diffs))
+
+
+def _pareto(rows: list[dict], sign: float) -> None:
+    """``pareto`` = no other trained row scores at least as well with at most as many trainable parameters (and
+    strictly better on one of the two): the rows a user with a parameter budget should look at first."""
+    trained = [r for r in rows if r["baseline"] != "untrained" and math.isfinite(r["mean"])
+               and math.isfinite(r.get("params") or math.nan)]
+    for r in rows:
+        r["pareto"] = False
+    for r in trained:
+        r["pareto"] = not any(q is not r and q["params"] <= r["params"] and sign * q["mean"] >= sign * r["mean"]
+                              and (q["params"] < r["params"] or sign * q["mean"] > sign * r["mean"])
+                              for q in trained)
+
+
+def _vs_lora(r: dict) -> str:
+    v = r.get("vs_lora")
+    if not v:
+        return "—"
+    d, wins, n = v
+    return f"{d:+.3f} ({wins}/{n})"
 
 
 def _fmt(v, spec=".3f"):
@@ -77,10 +118,13 @@ def markdown(tasks: dict[str, list[dict]]) -> str:
         rows = tasks[task]
         metric = next((r["metric_name"] for r in rows if r["metric_name"]), "metric")
         out.append(f"### {task}  ({metric}, mean ± std over seeds; best first)\n")
-        out.append(f"| # | method | {metric} | seeds | trainable params | lr | adapter MB | s/step | peak RSS MB | note |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        out.append(f"| # | method | {metric} | vs LoRA | seeds | trainable params | lr | adapter MB | s/step | "
+                   "peak RSS MB | note |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for i, r in enumerate(rows, 1):
             name = f"**{r['variant']}** (baseline)" if r["baseline"] else r["variant"]
+            if r.get("pareto"):
+                name += " ◆"
             note = []
             if r["errors"]:
                 note.append(f"{r['errors']} failed: {str(r['error'])[:80]}")
@@ -89,12 +133,21 @@ def markdown(tasks: dict[str, list[dict]]) -> str:
             if not r["matched"]:
                 note.append(f"params not matched ({r['budget_note']})")
             note += r.get("notes") or []
-            out.append(f"| {i} | {name} | {_fmt(r['mean'])} ± {_fmt(r['std'])} | {r['n']} | "
+            out.append(f"| {i} | {name} | {_fmt(r['mean'])} ± {_fmt(r['std'])} | {_vs_lora(r)} | {r['n']} | "
                        f"{_fmt(r['params'], ',.0f')} | {_fmt(r.get('lr'), '.0e')} | {_fmt(r['adapter_mb'], '.2f')} | "
                        f"{_fmt(r['step_s'], '.2f')} | "
                        f"{_fmt(r['rss_mb'], ',.0f')} | {'; '.join(note)} |")
         out.append("")
+        out.append(LEGEND.format(better="lower" if metric in LOWER_IS_BETTER else "higher"))
+        out.append("")
     return "\n".join(out)
+
+
+LEGEND = ("vs LoRA: the mean of the per-seed differences from the LoRA baseline (same seed = same data order, head "
+          "init and evaluation rows), and on how many of the seeds compared the method did better ({better} "
+          "metric): better on every seed or on none is the signal, a mixed count says the difference is within "
+          "the seed-to-seed noise of this budget. ◆ = on the front of metric vs trainable parameters: no other method scores as well "
+          "with as few parameters.")
 
 
 def overview(tasks: dict[str, list[dict]]) -> str:
@@ -207,8 +260,14 @@ def plots(tasks: dict[str, list[dict]]) -> dict[str, list[tuple[str, str]]]:
                 ax.scatter([x], [r["mean"]], **style)
                 ax.errorbar([x], [r["mean"]], yerr=[r["std"]], fmt="none", ecolor="gray", alpha=0.6)
                 points.append((r, x))
+            if logx:  # the front: no method above-left of it
+                front = sorted((x, r["mean"]) for r, x in points if r.get("pareto"))
+                if len(front) > 1:
+                    ax.step([f[0] for f in front], [f[1] for f in front], where="post", color="darkorange",
+                            lw=1.2, alpha=0.8, zorder=1, label="front (◆ in the table)")
             if untrained:
                 ax.axhline(untrained["mean"], ls="--", color="black", lw=1, label="untrained model")
+            if ax.get_legend_handles_labels()[0]:
                 ax.legend(loc="best", fontsize=8)
             if logx:
                 ax.set_xscale("log")
@@ -325,7 +384,7 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
             "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px}"
             "th{background:#f3f3f3}tr.base td{background:#fff3f3;font-weight:600}figure{display:inline-block;"
-            "margin:.5em}img{max-width:520px}</style></head><body>" + "\n".join(parts) + "</body></html>")
+            "margin:.5em}img{max-width:520px}p.legend{font-size:12px;color:#555}</style></head><body>" + "\n".join(parts) + "</body></html>")
     html_path = out_dir / "report.html"
     html_path.write_text(page)
     return md_path, html_path
@@ -341,5 +400,7 @@ def _md_table_to_html(md: str) -> str:
         cells = [c.strip().replace("**", "") for c in ln.strip("|").split("|")]
         cls = " class='base'" if "(baseline)" in ln or ln.startswith("| **") else ""
         body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    after = "".join(f"<p class='legend'>{html.escape(ln.strip())}</p>" for ln in lines[1:]
+                    if ln.strip() and not ln.startswith("|"))
     return (f"<h2>{html.escape(title)}</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) +
-            "</tr>" + "".join(body) + "</table>")
+            "</tr>" + "".join(body) + "</table>" + after)
