@@ -100,14 +100,15 @@ def test_compare_sets_each_method_against_another_directory_on_the_same_seeds(tm
     here, there = tmp_path / "recipe", tmp_path / "paper"
     here.mkdir(), there.mkdir()
     (here / "runs.jsonl").write_text("\n".join(json.dumps(r) for r in [
-        _rec("lora", 0, 0.80), _rec("dora", 0, 0.90), _rec("vera", 0, 0.70)]) + "\n")
+        _rec("lora", 0, 0.80), _rec("lora", 1, 0.70), _rec("dora", 0, 0.90), _rec("vera", 0, 0.70)]) + "\n")
     (there / "runs.jsonl").write_text("\n".join(json.dumps(r) for r in [
-        _rec("lora", 0, 0.80), _rec("dora", 0, 0.60), _rec("dora", 1, 0.99)]) + "\n")  # seed 1: not in `here`
+        _rec("lora", 0, 0.80), _rec("lora", 1, 0.60), _rec("dora", 0, 0.60), _rec("dora", 1, 0.99)]) + "\n")
     md, html = write_report(here, compare=there)
     text = md.read_text()
-    sect = text.split("## Against paper (seeds 0 there too)", 1)[1]
-    assert "| 1 | dora | 0.900 | 0.600 | +0.300 |" in sect  # seed 1's 0.99 is left out: same seeds only
-    assert "| 2 | **lora** (baseline) | 0.800 | 0.800 | +0.000 |" in sect
+    sect = text.split("## Against paper (each method on the seeds it has in both)", 1)[1]
+    # dora has only seed 0 here: its seed-1 run there (0.99) is left out, so the pair is 0.90 vs 0.60
+    assert "| 1 | dora | 0.900 | 0.600 | +0.300 | 0 |" in sect
+    assert "| 2 | **lora** (baseline) | 0.750 | 0.700 | +0.050 | 0, 1 |" in sect
     assert "vera" not in sect  # no runs there to compare with
     assert "Against paper" in html.read_text()
     (there / "runs.jsonl").write_text(json.dumps(_rec("lora", 5, 0.8)) + "\n")

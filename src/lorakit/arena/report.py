@@ -176,26 +176,32 @@ def overview(tasks: dict[str, list[dict]]) -> str:
 
 
 def comparison(tasks: dict[str, list[dict]], other: dict[str, list[dict]], label: str) -> str:
-    """Per task, this arena's rows next to another results directory's (aggregated over the same seeds): the
-    metric both ways, the difference and both learning rates. For reading one policy or budget against another
-    (e.g. ``--lr recipe`` against the paper rates)."""
+    """Per task, this arena's rows next to another results directory's, each method on the seeds it has in both
+    (an arena still running has some methods on fewer seeds): the metric both ways, the difference, the seeds and
+    both learning rates. For reading one policy or budget against another (e.g. ``--lr recipe`` against the paper
+    rates)."""
     out = []
     for task in sorted(tasks):
         theirs = {r["variant"]: r for r in other.get(task, [])}
-        rows = [r for r in tasks[task] if r["variant"] in theirs]
-        if not rows:
+        pairs = []
+        for r in tasks[task]:
+            o = theirs.get(r["variant"])
+            common = sorted(set(r.get("by_seed", {})) & set(o.get("by_seed", {})), key=str) if o else []
+            if common:
+                pairs.append((r, o, common))
+        if not pairs:
             continue
-        metric = next((r["metric_name"] for r in rows if r["metric_name"]), "metric")
+        metric = next((r["metric_name"] for r, _, _ in pairs if r["metric_name"]), "metric")
         sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
         out.append(f"### {task}: against {label}  ({metric}; Δ > 0 = better here)\n")
-        out.append(f"| # | method | here | {label} | Δ | lr here | lr {label} |")
-        out.append("|---|---|---|---|---|---|---|")
-        for i, r in enumerate(rows, 1):
-            o = theirs[r["variant"]]
+        out.append(f"| # | method | here | {label} | Δ | seeds | lr here | lr {label} |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        for i, (r, o, common) in enumerate(pairs, 1):
             name = f"**{r['variant']}** (baseline)" if r["baseline"] else r["variant"]
-            d = (r["mean"] - o["mean"]) * sign
-            out.append(f"| {i} | {name} | {_fmt(r['mean'])} | {_fmt(o['mean'])} | {_fmt(d, '+.3f')} | "
-                       f"{_fmt(r.get('lr'), '.0e')} | {_fmt(o.get('lr'), '.0e')} |")
+            mine = statistics.fmean(r["by_seed"][s] for s in common)
+            yours = statistics.fmean(o["by_seed"][s] for s in common)
+            out.append(f"| {i} | {name} | {_fmt(mine)} | {_fmt(yours)} | {_fmt((mine - yours) * sign, '+.3f')} | "
+                       f"{', '.join(map(str, common))} | {_fmt(r.get('lr'), '.0e')} | {_fmt(o.get('lr'), '.0e')} |")
         out.append("")
     return "\n".join(out)
 
@@ -365,7 +371,7 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
             raise ConfigError(f"--compare {compare}: no arena records there for seeds {seeds}")
         versus = comparison(tasks, aggregate(theirs), Path(compare).name)
     md_path.write_text(head + "## Overview\n\n" + overview(tasks) + "\n## Per task\n\n" + md
-                       + (f"\n## Against {Path(compare).name} (seeds {', '.join(map(str, seeds))} there too)\n\n"
+                       + (f"\n## Against {Path(compare).name} (each method on the seeds it has in both)\n\n"
                           + versus if versus else ""))
     figs = plots(tasks)
     intro = " ".join(ln for ln in head.splitlines()[1:] if ln.strip())
@@ -378,7 +384,7 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
             parts.append(f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,{b64}'/>"
                          f"<figcaption>{html.escape(task)}: {html.escape(title)}</figcaption></figure>")
     if versus:
-        parts.append(f"<h2>Against {html.escape(Path(compare).name)} (same seeds)</h2>")
+        parts.append(f"<h2>Against {html.escape(Path(compare).name)} (each method on the seeds it has in both)</h2>")
         parts += [_md_table_to_html(sect) for sect in versus.split("\n### ") if sect.strip()]
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>lorakit arena</title><style>"
             "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
