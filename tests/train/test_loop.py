@@ -279,6 +279,27 @@ def test_sft_loss_is_on_the_completion_only(tiny_lm_dir, sft_data):
         assert tok.decode(e["labels"][n:]).split()[0] in ("positive", "negative")
 
 
+def test_batched_greedy_answers_equal_one_row_at_a_time(tiny_lm_dir):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from lorakit.tasks.sft import greedy_answers
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    model = LlamaForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    lorakit.attach(model, {"method": "lora", "targets": ["q_proj", "v_proj"], "r": 4, "seed": 1})
+    torch.manual_seed(0)
+    with torch.no_grad():  # a non-zero adapter, so the answers depend on it
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    texts = ["Q the movie was good A", "Q bad A", "Q it is a very dull and boring plot but the acting A", "Q 1 2 A"]
+    prompts = [tok(t)["input_ids"] for t in texts]
+    assert len({len(p) for p in prompts}) == 4  # left padding differs per row
+    one = greedy_answers(model, tok, prompts, 6, tok.pad_token_id, batch_size=1)
+    many = greedy_answers(model, tok, prompts, 6, tok.pad_token_id, batch_size=3)  # a batch of 3, then 1
+    assert many == one and all(one) and len(set(one)) > 1
+
+
 def test_lr_schedule():
     f = lr_lambda(100, 0.1, "cosine")
     assert f(0) < f(5) < f(9) <= 1.0 and f(10) == pytest.approx(1.0) and f(99) < 0.01

@@ -23,8 +23,15 @@ BUDGETS: dict[str, dict[str, list[str]]] = {
                    "smoke": ["train.steps=3", "data.train_size=96", "data.eval_size=24", "data.max_length=64"]},
     "sentiment-smollm2": {"default": [], "quick": ["train.steps=14", "data.eval_size=100"],
                           "smoke": ["train.steps=3", "data.train_size=48", "data.eval_size=16"]},
-    "gsm8k-smollm2": {"default": [], "quick": ["train.steps=24", "data.eval_size=60"],
-                      "smoke": ["train.steps=2", "data.train_size=16", "data.eval_size=8"]},
+    # the GSM8K recipe is a real SFT run (150 x 2 micro-batches of 320 tokens, 20 greedy answers: ~20 min on 2
+    # cores); the arena's default cuts it to ~2.5 min: 12 steps of 4 rows (~7 s each), completion loss on 40 rows,
+    # exact match on 4 greedy answers of <= 160 tokens
+    "gsm8k-smollm2": {"default": ["train.steps=12", "train.grad_accum=1", "data.eval_size=40", "data.gen_samples=4",
+                                  "data.max_new_tokens=160"],
+                      "quick": ["train.steps=6", "train.grad_accum=1", "data.eval_size=32", "data.gen_samples=2",
+                                "data.max_new_tokens=160"],
+                      "smoke": ["train.steps=2", "data.train_size=16", "data.eval_size=8", "data.gen_samples=2",
+                                "data.max_new_tokens=32"]},
     # sizes are per part (sentiment, BBC, GSM8K); not in the default arena: run with --tasks multitask-smollm2
     "multitask-smollm2": {"default": [], "quick": ["train.steps=10", "data.eval_size=16"],
                           "smoke": ["train.steps=2", "data.train_size=8", "data.eval_size=4"]},

@@ -27,6 +27,25 @@ def final_number(text: str) -> str | None:
         return n
 
 
+def greedy_answers(model, tok, prompts: list[list[int]], max_new_tokens: int, pad_id: int,
+                   batch_size: int = 16) -> list[str]:
+    """Greedy continuations of token-id prompts, ``batch_size`` at a time: left-padded with the attention mask
+    covering the padding (so every row's positions and tokens are those of its own unpadded run), finished rows
+    filled with ``pad_id``. One batched decode costs about as much as one row's on a CPU, so the GSM8K exact
+    match of ``gen_samples`` answers takes the time of a few."""
+    device = next(model.parameters()).device
+    texts = []
+    for i in range(0, len(prompts), max(batch_size, 1)):
+        chunk = prompts[i:i + max(batch_size, 1)]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad_id)
+        texts += [tok.decode(g[width:], skip_special_tokens=True) for g in gen]
+    return texts
+
+
 class SFT(Task):
     columns = ("prompt", "completion")
     is_classification = False
@@ -76,13 +95,10 @@ class SFT(Task):
             out["loss"] = nll / max(count, 1)
             n = min(self.cfg.gen_samples, len(examples))
             if self.spec.gsm8k and n > 0:
-                hits = 0
-                for e in examples[:n]:
-                    ids = torch.tensor([e["prompt"]], device=device)
-                    gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                         max_new_tokens=self.cfg.max_new_tokens, pad_token_id=self.pad_id)
-                    text = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
-                    hits += int(final_number(text) is not None and final_number(text) == final_number(e["completion"]))
+                texts = greedy_answers(model, tok, [e["prompt"] for e in examples[:n]], self.cfg.max_new_tokens,
+                                       self.pad_id, batch_size)
+                hits = sum(final_number(t) is not None and final_number(t) == final_number(e["completion"])
+                           for t, e in zip(texts, examples))
                 out["exact_match"] = hits / n
                 out["exact_match_n"] = float(n)
         finally:
