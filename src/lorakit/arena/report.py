@@ -146,8 +146,8 @@ def markdown(tasks: dict[str, list[dict]]) -> str:
 LEGEND = ("vs LoRA: the mean of the per-seed differences from the LoRA baseline (same seed = same data order, head "
           "init and evaluation rows), and on how many of the seeds compared the method did better ({better} "
           "metric): better on every seed or on none is the signal, a mixed count says the difference is within "
-          "the seed-to-seed noise of this budget. ◆ = on the front of metric vs trainable parameters: no other method scores as well "
-          "with as few parameters.")
+          "the seed-to-seed noise of this budget. ◆ = on the front of metric vs trainable parameters: no other "
+          "method scores as well with as few parameters.")
 
 
 def overview(tasks: dict[str, list[dict]]) -> str:
@@ -390,7 +390,8 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
             "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px}"
             "th{background:#f3f3f3}tr.base td{background:#fff3f3;font-weight:600}figure{display:inline-block;"
-            "margin:.5em}img{max-width:520px}p.legend{font-size:12px;color:#555}</style></head><body>" + "\n".join(parts) + "</body></html>")
+            "margin:.5em}img{max-width:520px}p.legend{font-size:12px;color:#555}</style></head><body>"
+            + "\n".join(parts) + "</body></html>")
     html_path = out_dir / "report.html"
     html_path.write_text(page)
     return md_path, html_path

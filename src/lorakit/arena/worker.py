@@ -24,7 +24,7 @@ BUDGETS: dict[str, dict[str, list[str]]] = {
     "sentiment-smollm2": {"default": [], "quick": ["train.steps=14", "data.eval_size=100"],
                           "smoke": ["train.steps=3", "data.train_size=48", "data.eval_size=16"]},
     # the GSM8K recipe is a real SFT run (150 x 2 micro-batches of 320 tokens, 20 greedy answers: ~20 min on 2
-    # cores); the arena's default cuts it to ~2.5 min: 12 steps of 4 rows (~7 s each), completion loss on 40 rows,
+    # cores); the arena's default cuts it to ~3 min: 12 steps of 4 rows (~7 s each), completion loss on 40 rows,
     # exact match on 4 greedy answers of <= 160 tokens
     "gsm8k-smollm2": {"default": ["train.steps=12", "train.grad_accum=1", "data.eval_size=40", "data.gen_samples=4",
                                   "data.max_new_tokens=160"],

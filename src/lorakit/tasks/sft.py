@@ -31,8 +31,8 @@ def greedy_answers(model, tok, prompts: list[list[int]], max_new_tokens: int, pa
                    batch_size: int = 16) -> list[str]:
     """Greedy continuations of token-id prompts, ``batch_size`` at a time: left-padded with the attention mask
     covering the padding (so every row's positions and tokens are those of its own unpadded run), finished rows
-    filled with ``pad_id``. One batched decode costs about as much as one row's on a CPU, so the GSM8K exact
-    match of ``gen_samples`` answers takes the time of a few."""
+    filled with ``pad_id``. On 2 CPU cores a decode step of 8 SmolLM2 rows costs about twice one row's (160 vs
+    87 ms), so the GSM8K exact match of ``gen_samples`` answers takes the time of a few."""
     device = next(model.parameters()).device
     texts = []
     for i in range(0, len(prompts), max(batch_size, 1)):
