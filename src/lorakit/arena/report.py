@@ -81,7 +81,7 @@ def _paired_vs_lora(rows: list[dict], sign: float) -> None:
         r["vs_lora"] = None
         if lora is None or r is lora:
             continue
-        common = sorted(set(r.get("by_seed", {})) & set(lora.get("by_seed", {})), key=str)
+        common = sorted(set(r.get("by_seed", {})) & set(lora.get("by_seed", {})))
         diffs = [sign * (r["by_seed"][s] - lora["by_seed"][s]) for s in common]
         if diffs:
             r["vs_lora"] = (statistics.fmean(diffs), sum(d > 0 for d in diffs), len(diffs))
@@ -186,7 +186,7 @@ def comparison(tasks: dict[str, list[dict]], other: dict[str, list[dict]], label
         pairs = []
         for r in tasks[task]:
             o = theirs.get(r["variant"])
-            common = sorted(set(r.get("by_seed", {})) & set(o.get("by_seed", {})), key=str) if o else []
+            common = sorted(set(r.get("by_seed", {})) & set(o.get("by_seed", {}))) if o else []
             if common:
                 pairs.append((r, o, common))
         if not pairs:
