@@ -12,7 +12,7 @@ from torch import nn
 
 from .core import Adapted, ModulesToSave
 from .errors import MergeError
-from .inject import _meta, _set_module, hosts
+from .inject import _meta, _restore_grad_flags, _set_module, hosts
 
 __all__ = ["merge", "unmerge", "merged", "merge_and_unload"]
 
@@ -58,16 +58,23 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     Trainable module copies (``trainable``/modules_to_save) of the active adapter replace the originals.
     """
     _check_mergeable(model)
+    meta = _meta(model)
+    flags = meta["grad_flags"]
     for path, h in list(hosts(model)):
         h.merge(h.active)
+        h._snapshots.clear()  # for good: the merged weight is the new base
         _set_module(model, path, h.base_layer)
     for path, m in list(model.named_modules()):
         if isinstance(m, ModulesToSave):
-            _set_module(model, path, m.copies[m.active[-1]] if m.active else m.original_module)
-    meta = _meta(model)
-    meta["adapters"].clear()
+            keep = m.copies[m.active[-1]] if m.active else m.original_module
+            for p, q in zip(keep.parameters(), m.original_module.parameters()):
+                f = (flags or {}).get(id(q))  # the trained copy takes the original's flag
+                if f is not None:
+                    flags[id(p)] = (p, f[1])
+            _set_module(model, path, keep)
+    meta["attachments"].clear()
     meta["bias_stash"].clear()
     meta["active"] = ()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    _restore_grad_flags(model, flags, default=False)  # the flags the model had before the first attach
+    meta["grad_flags"] = None
     return model
