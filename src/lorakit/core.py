@@ -238,6 +238,8 @@ class Adapter(nn.Module):
     frozen: ClassVar[tuple[str, ...]] = ()  # own parameters that never train (frozen SVD factors, ...)
     example: ClassVar[dict[str, Any]] = {}  # options for tiny test models (the contract suite uses them)
     file_fields: ClassVar[tuple[str, ...]] = ()  # per-module Config fields that file_config encodes itself
+    # how the per-module extra_loss() values of ONE attach combine (see attach_loss): "sum" | "mean"
+    loss_reduction: ClassVar[str] = "sum"
 
     def __init__(self, base: nn.Module, cfg: Any, view: LayerView | None = None):
         super().__init__()
@@ -306,6 +308,27 @@ class Adapter(nn.Module):
     def extra_loss(self) -> Tensor | None:
         """A regulariser/aux loss for the current step (collected by :func:`lorakit.extra_loss`)."""
         return None
+
+    @classmethod
+    def attach_loss(cls, adapters: list["Adapter"]) -> Tensor | None:
+        """The extra loss of ONE attach from its active adapters (collected by :func:`lorakit.extra_loss`).
+
+        Default: the ``extra_loss()`` of each adapter reduced by ``loss_reduction``: ``"sum"`` adds them,
+        ``"mean"`` divides the sum by the number of adapters that returned a loss (``None`` means "no loss this
+        step", e.g. a router that did not run; for a regulariser every module returns one, so this is the module
+        count, as KaSA's official ``main.py`` divides by the number of blocks). None if no adapter returned one.
+        A method whose loss is one function of all layers (DynMoLE: one load-balancing loss over the routers of
+        every layer) overrides this.
+        """
+        if cls.loss_reduction not in ("sum", "mean"):
+            raise ConfigError(f"{cls.__name__}.loss_reduction must be 'sum' or 'mean', got {cls.loss_reduction!r}")
+        losses = [loss for loss in (a.extra_loss() for a in adapters) if loss is not None]
+        if not losses:
+            return None
+        total = losses[0]
+        for loss in losses[1:]:
+            total = total + loss
+        return total / len(losses) if cls.loss_reduction == "mean" else total
 
     def stats(self) -> dict[str, float]:
         """Statistics for the metrics log (router load, entropy, current rank, ...)."""

@@ -333,13 +333,20 @@ def summary(model: nn.Module) -> str:
 
 
 def extra_loss(model: nn.Module) -> Tensor | None:
-    """The sum of every active adapter's extra loss (regularisers, load balancing), or None if there is none."""
-    total = None
+    """The extra losses (regularisers, load balancing) of the active attaches, summed, or None if there is none.
+
+    Each attach (adapter name) contributes ``type(adapter).attach_loss([its active adapters])``: the method decides
+    how its per-module losses combine (``Adapter.loss_reduction``: sum or mean) or computes one loss over all of
+    them (DynMoLE)."""
+    groups: dict[str, list[Adapter]] = {}
     for _, h in hosts(model):
         for n in h.active:
-            loss = h.adapters[n].extra_loss()
-            if loss is not None:
-                total = loss if total is None else total + loss
+            groups.setdefault(n, []).append(h.adapters[n])
+    total = None
+    for ads in groups.values():
+        loss = type(ads[0]).attach_loss(ads)
+        if loss is not None:
+            total = loss if total is None else total + loss
     return total
 
 
