@@ -59,8 +59,9 @@ def test_total_step_from_config_wins():
 
 
 def test_orthogonality_loss_matches_formula():
+    """PEFT ``AdaLoraModel.forward``: ``orth_reg_weight · Σ_{A, B matrices} ‖·‖_F / num_param`` (4 matrices here),
+    with or without the controller having been built."""
     m = _model()
-    lorakit.controllers(m)  # tells the adapters how many modules share the penalty
     ref = 0
     for _, a in lorakit.adapters(m):
         A, B = a.lora_A, a.lora_B

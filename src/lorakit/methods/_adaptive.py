@@ -108,8 +108,6 @@ class AdaLoRAController(_RankController):
         self.sens = Sensitivity(self.c.beta1, self.c.beta2)
         self.init_bgt = sum(a.rank_mask.numel() for _, a in mods)
         self.target_bgt = self.c.target_r * len(mods)
-        for _, a in mods:
-            a.orth_modules = len(mods)
 
     def on_train_begin(self, model, optimizer, total_steps: int) -> None:
         if self.total is None:
@@ -204,8 +202,6 @@ class IncreLoRAController(_RankController):
         self.budget = self.c.target_rank * len(mods)
         self.started = False
         self.gen = torch.Generator().manual_seed(0x1C7E)  # fresh reserves; its state is checkpointed
-        for _, a in mods:
-            a.orth_modules = len(mods)
         self._scoring()
 
     def total_rank(self) -> int:
