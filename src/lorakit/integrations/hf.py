@@ -5,7 +5,8 @@
 * on ``trainer.train(resume_from_checkpoint=...)`` restores the adapter tensors and controller states of
   ``checkpoint-<global_step>`` (the Trainer restores optimizer, scheduler and RNG itself);
 * runs ``lorakit.controllers(model)``: ``on_train_begin``, ``before_step`` before each optimizer step (gradients
-  present), ``step`` at ``on_step_end``;
+  present), ``step`` right after it (``on_optimizer_step``: the gradients are still there, as in ``lorakit train``;
+  at ``on_step_end`` the Trainer has already zeroed them, and AdaLoRA's sensitivities need them);
 * adds the adapters' own losses to the loss the model returns in training (``lorakit.extra_loss``: AdaLoRA's
   orthogonality, SoRA's sparsity, MoE load balancing; ``lorakit.output_loss``: BA-LoRA's terms), through a forward
   hook on the model, so the Trainer optimises exactly what ``lorakit train`` does with no Trainer subclass.
@@ -77,9 +78,10 @@ class AdapterCallback(TrainerCallback):
         for c in self.ctrls:
             c.before_step(state.global_step, model, optimizer or self._opt)
 
-    def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
+        # after optimizer.step(), before zero_grad() (global_step is not incremented yet)
         for c in self.ctrls:
-            c.step(state.global_step - 1, model, optimizer or self._opt)
+            c.step(state.global_step, model, optimizer or self._opt)
 
     def on_save(self, args, state, control, model=None, **kw):
         ck = Path(args.output_dir) / f"checkpoint-{state.global_step}"
