@@ -59,7 +59,7 @@ class AdaLoRA(Adapter):
         total_step: int | None = None
         kept: int | None = None  # stored triplets of a pruned module (set when loading a pruned file)
 
-    roles = {"lora_A": "A", "lora_B": "B", "lora_E": "singular values"}
+    roles = {"lora_A": "A", "lora_B": "B", "lora_E": "singular_values"}
     layers = ("linear", "conv1d", "conv2d")
     file_fields = ("kept",)
     example = {"init_r": 4, "target_r": 2}
