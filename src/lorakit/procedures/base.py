@@ -257,18 +257,18 @@ COMMON_KEYS = ("betas", "eps", "lr", "max_grad_norm", "min_lr_ratio", "name", "s
 
 
 def make_procedure(name: str = "adamw", options: dict | None = None, hyper: Hyper | None = None,
-                   where: str = "optim") -> Procedure:
+                   where: str = "optim", common: tuple[str, ...] = COMMON_KEYS) -> Procedure:
     """Build procedure ``name`` with its ``options`` (validated against its ``Config``: an unknown option is a
-    ConfigError naming the valid ones) and the shared ``hyper`` settings."""
+    ConfigError naming the valid ones; ``where``/``common`` only shape that message) and the shared ``hyper``."""
     cls = get_procedure(name)
     opts = dict(options or {})
     fields = sorted(f.name for f in dataclasses.fields(cls.Config) if f.init)
     unknown = [k for k in opts if k not in fields]
     if unknown:
         k = unknown[0]
-        own = f"its options: {', '.join(fields)}" if fields else "no options of its own"
-        raise ConfigError(f"unknown key '{where}.{k}'{_suggest(k, fields + list(COMMON_KEYS))}: "
-                          f"{where}.name={name} takes {own}; common keys: {', '.join(COMMON_KEYS)}")
+        own = f"takes the options {', '.join(fields)}" if fields else "has no options of its own"
+        raise ConfigError(f"unknown key '{where}.{k}'{_suggest(k, fields + list(common))}: procedure '{name}' {own}; "
+                          f"common keys: {', '.join(common)}")
     cfg = from_dict(cls.Config, opts, where=where)
     proc = cls(cfg, hyper or Hyper())
     proc.validate()

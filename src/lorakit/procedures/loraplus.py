@@ -43,12 +43,12 @@ class LoRAPlus(Procedure):
     def validate(self) -> None:
         c = self.cfg
         if not c.ratio > 0:
-            raise ConfigError(f"optim.ratio={c.ratio} must be > 0 (LoRA+'s lr_B / lr_A; the paper suggests 16)")
+            raise ConfigError(f"loraplus: ratio={c.ratio} must be > 0 (LoRA+'s lr_B / lr_A; the paper suggests 16)")
         if c.embedding_lr is not None and c.embedding_lr < 0:
-            raise ConfigError(f"optim.embedding_lr={c.embedding_lr} must be >= 0 (or null: as other layers)")
+            raise ConfigError(f"loraplus: embedding_lr={c.embedding_lr} must be >= 0 (or null: as other layers)")
         bad = [r for r in c.fast_roles if r not in ROLES or r in ("A", "head")]
         if bad:
-            raise ConfigError(f"optim.fast_roles: {bad[0]!r} cannot take the B rate; valid roles: "
+            raise ConfigError(f"loraplus: fast_roles: {bad[0]!r} cannot take the B rate; valid roles: "
                               f"{', '.join(r for r in ROLES if r not in ('A', 'head'))}")
 
     def check(self, params: list[TrainParam]) -> None:
