@@ -43,10 +43,12 @@ def test_train_writes_adapter_metrics_config_and_learns(tiny_lm_dir, cls_data, t
     assert m["loss"] == pytest.approx(r["metrics_after"]["loss"], rel=1e-5)
 
 
-def test_resume_repeats_the_uninterrupted_loss_curve_exactly(tiny_bert_dir, cls_data, tmp_path):
-    # dropout on (BERT 0.1), grad accumulation, warmup+cosine: all of it must be restored
+@pytest.mark.parametrize("procedure", ["adamw", "loraplus"])
+def test_resume_repeats_the_uninterrupted_loss_curve_exactly(tiny_bert_dir, cls_data, tmp_path, procedure):
+    # dropout on (BERT 0.1), grad accumulation, warmup+cosine, the training procedure: all of it must be restored
     base = tiny_cfg(tiny_bert_dir, cls_data, tmp_path / "full", task="classify-encoder", steps=8, grad_accum=2,
                     save_every=3)
+    base["optim"]["name"] = procedure
     full = run_training(base)
 
     class StopAt:
