@@ -235,3 +235,26 @@ def test_every_method_trains_with_loraplus_or_is_refused_clearly(method):
         assert got[id(t.param)] == (4e-3 if t.role in ("B", "magnitude", "bias") else 1e-3), (method, t.name)
     run(model, x).float().pow(2).mean().backward()  # and it takes a step
     opt.step()
+
+
+def test_the_design_docs_example_procedure_works():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text()
+    block = re.search(r"Adding one \(.*?\n\n```python\n(.*?)```", text, re.S).group(1)
+    try:
+        exec(compile(block, "design.md", "exec"), {})
+        model = lorakit.attach(MLP(), {"method": "lora", "targets": ["lin0", "lin1"], "r": 2})
+        _, opt = setup(model, make_procedure("freeze_a", {"scale": 4.0}, Hyper(lr=1e-2)))
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if "adapters" in n}
+        run(model, torch.randn(4, 12)).pow(2).mean().backward()
+        opt.step()
+        for n, p in model.named_parameters():
+            if "adapters" in n:
+                assert torch.equal(p, before[n]) == ("lora_A" in n), n
+        assert opt.param_groups[0]["lr"] == 4e-2
+        with pytest.raises(ConfigError, match="freeze_a needs A factors.*'vera'"):
+            setup(lorakit.attach(MLP(), {"method": "vera", "targets": ["lin0"], "r": 2}), make_procedure("freeze_a"))
+    finally:
+        PROCEDURES.pop("freeze_a", None)
