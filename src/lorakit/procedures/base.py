@@ -21,14 +21,17 @@ Order of calls, in ``lorakit train`` and (through ``create_optimizer`` + ``Adapt
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar, NoReturn
 
 import torch
 from torch import nn
 
 from ..config import _suggest, from_dict, to_dict
 from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ROLES", "TrainParam", "Hyper", "Procedure", "register_procedure", "get_procedure", "PROCEDURES",
            "make_procedure", "trainable_parameters", "adapter_roles", "setup"]
@@ -121,8 +124,8 @@ def trainable_parameters(model: nn.Module) -> list[TrainParam]:
                 for local, p in copy.named_parameters():
                     info.setdefault(id(p), dict(role="head", adapter_name=aname, path=path, local=local))
         elif not isinstance(m, Adapter):
-            b = getattr(m, "bias", None)
-            if isinstance(b, nn.Parameter) and id(b) not in info and m._parameters.get("bias") is b:
+            b = dict(m.named_parameters(recurse=False)).get("bias")
+            if b is not None and id(b) not in info:
                 info[id(b)] = dict(role="bias", path=path, local="bias")
     return [TrainParam(name=n, param=p, **info.get(id(p), {"role": "other"}))
             for n, p in model.named_parameters() if p.requires_grad]
@@ -194,7 +197,7 @@ class Procedure:
         """Restore :meth:`state_dict` on resume (exact resume must hold)."""
 
     # --- helpers --------------------------------------------------------------------------------------------------
-    def refuse(self, problem: str, params: list[TrainParam]) -> None:
+    def refuse(self, problem: str, params: list[TrainParam]) -> NoReturn:
         """Raise a ConfigError: ``optim.name=<this>: <problem>``, naming the methods and the roles they train and
         the procedures that accept these parameters."""
         global _PROBING
@@ -286,7 +289,12 @@ def setup(model: nn.Module, proc: Procedure) -> tuple[list[TrainParam], torch.op
     if not params:
         raise ConfigError("the model has no trainable parameters: attach an adapter first (lorakit.attach)")
     proc.check(params)
-    return params, proc.build_optimizer(params)
+    opt = proc.build_optimizer(params)
+    if log.isEnabledFor(logging.INFO):
+        groups = ", ".join(f"{g.get('name', i)}: {sum(p.numel() for p in g['params']):,} params at lr {g['lr']:g}"
+                           for i, g in enumerate(opt.param_groups))
+        log.info("procedure %s: %s", proc.name, groups)
+    return params, opt
 
 
 # ----------------------------------------------------------------------------------------------------------------
