@@ -51,7 +51,7 @@ class KaSA(Adapter):
         niter: int = 0  # 0: full SVD; K: randomised SVD (rank k − r) with K subspace iterations
         seed: int = 0
 
-    roles = {"lora_A.weight": "A", "lora_diag": "core", "lora_B.weight": "B"}
+    roles = {"lora_A.weight": "A", "lora_diag": "singular_values", "lora_B.weight": "B"}
     layers = ("linear", "conv1d")
     loss_reduction = "mean"  # official main.py: (β·Σ‖ΔΣ‖² + γ·Σ orth) / block_num
 

@@ -48,7 +48,7 @@ class _BiasUpdate(Controller):
           "Single-Ranked Mixture of Experts LoRA for Multi-Task Learning (SMoRA), arXiv:2501.15103")
 class SMoRA(Mixture):
     __doc__ = __doc__
-    roles = {"experts_A": "A", "experts_B": "B", "router.weight": "gate"}
+    roles = {"experts_A": "A", "experts_B": "B", "router.weight": "router"}
     example = {"r": 4, "activate_r": 2}
 
     @dataclass

@@ -76,7 +76,7 @@ class TriAdaptLoRA(Adapter):
         orth_reg_weight: float = 0.5
         total_step: int | None = None  # None: the trainer's planned step count (on_train_begin)
 
-    roles = {"lora_A": "A", "lora_B": "B", "lora_L": "core (lower)", "lora_U": "core (upper)"}
+    roles = {"lora_A": "A", "lora_B": "B", "lora_L": "core", "lora_U": "core"}
     layers = ("linear", "conv1d", "conv2d")
     loss_reduction = "mean"  # the orthogonality penalty is averaged over the modules
     example = {"r": 1, "reference_rank": 2, "incre_rank_num": 1}
