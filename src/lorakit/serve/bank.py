@@ -23,7 +23,6 @@ recompiles of the model code; the plan itself is data-dependent eager work).
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import threading
@@ -36,7 +35,8 @@ from torch import Tensor, nn
 from ..config import AttachConfig
 from ..core import Adapted, LayerView, get_method
 from ..errors import AdapterFileError, ConfigError
-from ..io import PREFIX, _config_from_peft, _read_tensors, read_adapter_config
+from ..formats.peft import PREFIX, read_adapter_config, read_tensors
+from ..io import _config_from_peft
 from ..targets import match
 
 log = logging.getLogger(__name__)
@@ -446,7 +446,7 @@ def read_served(bank: AdapterBank, directory: str | os.PathLike, name: str) -> S
     """Read an adapter directory (lorakit or PEFT format) into a :class:`ServedAdapter` for ``bank``."""
     d = Path(directory)
     conf = read_adapter_config(d)
-    tensors = _read_tensors(d)
+    tensors = read_tensors(d)
     cfg = _config_of(bank, conf, d)
     if cfg.trainable:
         raise AdapterFileError(f"adapter {name!r} trains whole modules ({cfg.trainable}); such an adapter changes "
@@ -543,5 +543,5 @@ def served_from_model(bank: AdapterBank, model: nn.Module, adapter: str, name: s
 
 
 def adapter_info(directory: str | os.PathLike) -> dict:
-    conf = json.loads((Path(directory) / "adapter_config.json").read_text())
+    conf = read_adapter_config(directory)
     return {"peft_type": conf.get("peft_type"), "r": conf.get("r"), "base": conf.get("base_model_name_or_path")}
