@@ -33,7 +33,7 @@ from . import quant
 from .errors import ConfigError, MergeError, TargetError
 
 __all__ = [
-    "LowRank", "PeftSpec", "LayerView", "Adapter", "Adapted", "ModulesToSave", "BatchContext",
+    "LowRank", "LowRankConfig", "PeftSpec", "LayerView", "Adapter", "Adapted", "ModulesToSave", "BatchContext",
     "register", "REGISTRY", "get_method", "adaptable", "Factor",
 ]
 
@@ -53,6 +53,26 @@ class LowRank:
     B: Tensor
     scale: float
     magnitude: Tensor | None = None
+
+
+@dataclass
+class LowRankConfig:
+    """The options of every method that learns ``ΔW = s·B A`` with LoRA's scale ``s = alpha/r`` (rsLoRA:
+    ``alpha/√r``): LoRA, DoRA, PiSSA, QLoRA, LQ-LoRA, DyLoRA, SoRA, CorDA, LoRA-GA, BA-LoRA, KaSA.
+
+    A method's ``Config`` extends it (``class Config(LowRankConfig)``) and redeclares a field to change its default
+    (``r: int = 64``). ``lora_bias`` and ``init`` are LoRA's own switches: here they are *fixed* at their defaults
+    (``init=False``: refused as config keys, never written to files) and LoRA redeclares them as options. A method
+    that cannot honour one of the base options fixes it the same way, e.g. ``rslora: bool = field(default=False,
+    init=False)`` (DyLoRA, SoRA), instead of overwriting the user's value after construction.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    lora_bias: bool = field(default=False, init=False)
+    init: str = field(default="default", init=False)
 
 
 @dataclass(frozen=True)

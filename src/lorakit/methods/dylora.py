@@ -18,13 +18,13 @@ branch, no graph break. Merging/``lowrank()`` use the eval rank.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from ..controllers import Controller
-from ..core import LowRank, register
+from ..core import LowRank, LowRankConfig, register
 from .lora import LoRA
 from ._adaptive import adapters_of
 
@@ -34,10 +34,8 @@ class DyLoRA(LoRA):
     __doc__ = __doc__
 
     @dataclass
-    class Config:
-        r: int = 8
-        alpha: float = 16.0
-        dropout: float = 0.0
+    class Config(LowRankConfig):
+        rslora: bool = field(default=False, init=False)  # the paper's scale is α/r
         eval_rank: int | None = None  # rank used in eval mode / merge (default r)
         frozen_lower: bool = False  # only the sampled b-th component trains each step
         seed: int = 0  # seeds the per-step rank sampler
@@ -45,7 +43,6 @@ class DyLoRA(LoRA):
     layers = ("linear", "conv1d", "embedding", "conv2d")
 
     def __init__(self, base, cfg: Config, view=None):
-        cfg.lora_bias, cfg.rslora, cfg.init = False, False, "default"  # type: ignore[attr-defined]
         super().__init__(base, cfg, view)
         if cfg.eval_rank is not None and not 1 <= cfg.eval_rank <= cfg.r:
             raise ValueError(f"eval_rank must lie in [1, r={cfg.r}], got {cfg.eval_rank}")

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import quant
-from ..core import register
+from ..core import LowRankConfig, register
 from ._quant import base_qcfg, fake_quant, qcfg_of
 from .lora import LoRA
 
@@ -44,18 +44,15 @@ class QLoRA(LoRA):
     example = {"dropout": 0.0}  # the paper's 0.1 would make the tiny (train-mode) contract models random
 
     @dataclass
-    class Config:
+    class Config(LowRankConfig):
         r: int = 64
-        alpha: float = 16.0
         dropout: float = 0.1
-        rslora: bool = False
         bits: int = 4  # NF4 (2, 3 and 8 give NF-k)
         block: int = 64
         double_quant: bool = True
         dq_block: int = 256
 
     def __init__(self, base, cfg: Config, view=None):
-        cfg.lora_bias, cfg.init = False, "default"  # type: ignore[attr-defined]
         super().__init__(base, cfg, view)
         self.qcfg = qcfg_of(cfg)
 
