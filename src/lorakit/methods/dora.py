@@ -28,7 +28,8 @@ from .lora import LoRA, lora_spec
 
 
 @register("dora", family="core low-rank", paper="Liu et al. 2024, DoRA, arXiv:2402.09353",
-          peft=lora_spec({"use_dora": True, "init_lora_weights": True}, {"use_dora": True}))
+          peft=lora_spec({"use_dora": True, "init_lora_weights": True}, {"use_dora": True}),
+          fast_serve="lowrank+magnitude")
 class DoRA(LoRA):
     __doc__ = __doc__
 

@@ -33,7 +33,8 @@ def lora_spec(fixed: dict, load_match: dict, **extra_fields: str) -> PeftSpec:
           peft=lora_spec({"use_dora": False, "init_lora_weights": True},
                          {"use_dora": lambda v: not v,
                           "init_lora_weights": lambda v: v in (None, True, False, "gaussian")},
-                         lora_bias="lora_bias"))
+                         lora_bias="lora_bias"),
+          fast_serve="lowrank")
 class LoRA(Adapter):
     __doc__ = __doc__
 
