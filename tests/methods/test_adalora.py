@@ -49,18 +49,18 @@ def test_budget_schedule_is_respected():
 
 def test_total_step_from_config_wins():
     m = _model(total_step=T)
-    (c,) = lorakit.controllers(m)
+    (c,) = lorakit.training_controllers(m)
     c.on_train_begin(m, None, 10 * T)
     assert c.total == T
     bad = _model()
-    (c,) = lorakit.controllers(bad)
+    (c,) = lorakit.training_controllers(bad)
     with pytest.raises(lorakit.ConfigError):
         c.on_train_begin(bad, None, TINIT + TFINAL)
 
 
 def test_orthogonality_loss_matches_formula():
     m = _model()
-    lorakit.controllers(m)  # tells the adapters how many modules share the penalty
+    lorakit.training_controllers(m)  # tells the adapters how many modules share the penalty
     ref = 0
     for _, a in lorakit.adapters(m):
         A, B = a.lora_A, a.lora_B

@@ -4,7 +4,7 @@
   each checkpoint is a usable adapter;
 * on ``trainer.train(resume_from_checkpoint=...)`` restores the adapter tensors and controller states of
   ``checkpoint-<global_step>`` (the Trainer restores optimizer, scheduler and RNG itself);
-* runs ``lorakit.controllers(model)``: ``on_train_begin``, ``before_step`` before each optimizer step (gradients
+* runs ``lorakit.training_controllers(model)``: ``on_train_begin``, ``before_step`` before each optimizer step (gradients
   present), ``step`` at ``on_step_end``;
 * adds the adapters' own losses to the loss the model returns in training (``lorakit.extra_loss``: AdaLoRA's
   orthogonality, SoRA's sparsity, MoE load balancing; ``lorakit.output_loss``: BA-LoRA's terms), through a forward

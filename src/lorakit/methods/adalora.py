@@ -8,7 +8,7 @@ SVD-form update with a rank mask::
 Trainable: A, E, B. Init (PEFT): E = 0, A, B ~ N(0, 0.02²) ⇒ ΔW = 0. Loss extra (``extra_loss``):
 ``orth_reg_weight · mean over modules of (‖QQᵀ−I‖_F + ‖PᵀP−I‖_F)/2`` (PEFT averages over all A and B matrices).
 
-Schedule (:class:`AdaLoRAController`, PEFT's RankAllocator; the trainer runs it via ``lorakit.controllers``):
+Schedule (:class:`AdaLoRAController`, PEFT's RankAllocator; the trainer runs it via ``lorakit.training_controllers``):
 importance of each entry ``Ī·Ū`` (EMA β1/β2 of ``|p⊙∇p|``, taken in ``before_step`` while gradients exist);
 triplet score ``S_i = s(λ_i) + mean s(Q_i·) + mean s(P_·i)``. Budget ``b(t)`` (total ranks over all modules):
 ``init_bgt`` for ``t ≤ tinit``; ``init_bgt − (init_bgt − target_bgt)(1 − (t−tinit)/(T−tfinal−tinit))³`` (floored

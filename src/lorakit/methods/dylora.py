@@ -11,7 +11,7 @@ mode). Init as LoRA (A Kaiming, B = 0). After training any ``b`` is a plain rank
 :func:`lorakit.rank.truncate` cuts the adapter for good.
 
 Decisions: ``b`` is drawn once per optimiser step for the whole model by the :class:`DyLoRAController` (the
-trainer runs it via ``lorakit.controllers``) from a generator seeded by ``seed``, so runs are reproducible and the
+trainer runs it via ``lorakit.training_controllers``) from a generator seeded by ``seed``, so runs are reproducible and the
 controller's state (the generator) is checkpointed. Without a controller, training mode uses the rank last set
 (full ``r`` by default). In eval mode the rank is the constant ``eval_rank`` (default ``r``): no data-dependent
 branch, no graph break. Merging/``lowrank()`` use the eval rank.
