@@ -8,7 +8,7 @@ layers, r=64, α=16, dropout 0.1 (7B/13B), lr 2e-4, constant schedule, max_grad_
 
 Design (an adapter never owns or replaces its base module):
 
-* **Real memory saving** comes from the base: ``lorakit.quant.quantize_model(model)`` (the trainer does it when
+* **Real memory saving** comes from the base: ``lorakit.quant_model.quantize_model(model)`` (the trainer does it when
   the run config says ``model.quantize: nf4``) swaps ``nn.Linear`` for ``QuantLinear`` (packed codes + constants,
   ``weight`` dequantises on access). On such a base ``init_from`` does nothing: output == ``dequant(W_q)x`` at init.
 * **On a float base** ``init_from`` *simulates* it exactly: the base becomes ``dequant(quant(W))`` (the same fp32
@@ -61,7 +61,7 @@ class QLoRA(LoRA):
         if quant.is_quantized(self.base):
             base_qcfg(self, self.qcfg)
             return None  # already stored quantised: nothing to simulate
-        log.debug("qlora on a float base: simulating %s (use lorakit.quant.quantize_model to save memory)",
+        log.debug("qlora on a float base: simulating %s (use lorakit.quant_model.quantize_model to save memory)",
                   self.qcfg)
         return fake_quant(weight, self.qcfg)
 
