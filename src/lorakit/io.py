@@ -24,7 +24,7 @@ from .core import REGISTRY, Adapted, Adapter, ModulesToSave, get_method
 from .errors import AdapterFileError, ConfigError, LorakitError
 from .formats.peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_adapter_config, write_adapter_dir
 from .formats.peft import atomic_dir_write as _atomic_dir_write, read_tensors as _read_tensors  # noqa: F401
-from .formats.peft_lora import pattern_overrides
+from .formats.peft_lora import PeftLoraConfig, pattern_overrides
 from .inject import _meta, attach, attached, detach, hosts
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,8 @@ def _peft_config(model: nn.Module, name: str, cfg: AttachConfig, paths: list[str
             d.update(target_modules=sorted(paths), exclude_modules=None, layers_to_transform=None,
                      layers_pattern=None, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                      peft_version=None, revision=None, auto_mapping=None)
+            if spec.peft_type == "LORA":  # the LoRA schema is validated and serialised by its one writer
+                d = PeftLoraConfig.from_dict(d).to_dict()
             return method.file_config(model, name, d)
         log.warning("'%s' uses per-module options PEFT cannot encode; writing a lorakit-only adapter file", name)
     d = dict(base)
