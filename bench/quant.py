@@ -44,7 +44,7 @@ def load(random_init: bool):
 
 
 def variant(kind: str, random_init: bool) -> dict:
-    from lorakit import quant
+    from lorakit import quant, quant_model
 
     model, tok = load(random_init)
     ids = tok(TEXT, return_tensors="pt").input_ids if tok else torch.randint(0, 49152, (1, 48))
@@ -55,7 +55,7 @@ def variant(kind: str, random_init: bool) -> dict:
         logits = model(ids).logits
     if kind == "nf4":
         t = time.perf_counter()
-        quant.quantize_model(model)
+        quant_model.quantize_model(model)
         out["quantize_s"] = round(time.perf_counter() - t, 2)
         with torch.no_grad():
             ql = model(ids).logits

@@ -153,10 +153,25 @@ def test_save_to_unwritable_dir_leaves_nothing(tmp_path):
         lorakit.save_adapter(m, target / "sub")
 
 
-def test_methods_listing_stays_callable():
+def test_packages_are_not_shadowed_and_old_callables_warn():
+    """``lorakit.methods`` is the package and ``lorakit.controllers`` the module (no function shadows them); the
+    old callables keep working for one release with a DeprecationWarning naming the replacement."""
     import importlib
 
-    first = lorakit.methods()
-    importlib.import_module("lorakit.methods")
-    assert callable(lorakit.methods) and lorakit.methods() == first
+    import lorakit.controllers
+    import lorakit.methods
+    from conftest import MLP
+
+    assert lorakit.methods is importlib.import_module("lorakit.methods") and lorakit.methods.lora.LoRA
+    assert lorakit.controllers is importlib.import_module("lorakit.controllers")
+    assert lorakit.controllers.Controller is lorakit.Controller
+    first = lorakit.list_methods()
     assert {"lora", "dora", "pissa"} <= {m["name"] for m in first}
+    with pytest.warns(DeprecationWarning, match="list_methods"):
+        assert lorakit.methods() == first
+    m = MLP()
+    lorakit.attach(m, {"method": "adalora", "targets": ["lin0"], "total_step": 10})
+    (c,) = lorakit.training_controllers(m)
+    with pytest.warns(DeprecationWarning, match="training_controllers"):
+        (c2,) = lorakit.controllers(m)
+    assert type(c2) is type(c)

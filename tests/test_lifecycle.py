@@ -177,5 +177,5 @@ def test_one_attachment_per_attach(method, case):
     assert [m.path for m in att.members] == [p for p, _ in lorakit.adapters(model, "default")]
     for m in att.members:
         assert model.get_submodule(m.path) is m.host and m.host.adapters["default"] is m.adapter
-    c1, c2 = lorakit.controllers(model), lorakit.controllers(model)
+    c1, c2 = lorakit.training_controllers(model), lorakit.training_controllers(model)
     assert len(c1) == len(c2) and all(a is b for a, b in zip(c1, c2)), "controllers must be built once per attach"

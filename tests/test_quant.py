@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit import quant
+from lorakit import quant, quant_model
 from lorakit.core import adaptable
 from lorakit.quant import QuantConfig, QuantLinear
 
@@ -113,14 +113,14 @@ def test_quant_linear_is_a_frozen_linear():
 
 def _qmodel():
     m = tiny_llama(hidden=64)
-    quant.quantize_model(m)
+    quant_model.quantize_model(m)
     return m
 
 
 def test_quantize_model_and_bytes():
     m = tiny_llama(hidden=64)
     before = quant.model_bytes(m)
-    quant.quantize_model(m)
+    quant_model.quantize_model(m)
     assert isinstance(m.model.layers[0].mlp.down_proj, QuantLinear) and type(m.lm_head) is torch.nn.Linear
     lin = sum(mod.in_features * mod.out_features for mod in m.modules() if isinstance(mod, QuantLinear))
     assert before - quant.model_bytes(m) > 0.8 * lin * 4 * (1 - 4.13 / 32)
@@ -152,7 +152,7 @@ def test_adapters_on_quantised_base_merge_detach_reload(tmp_path):
     lorakit.detach(m)
     assert all(torch.equal(v, sd0[k]) for k, v in m.state_dict().items())
     # exact 16-bit merge route: dequantise the base first
-    quant.dequantize_model(fresh)
+    quant_model.dequantize_model(fresh)
     assert not any(isinstance(mod, QuantLinear) for mod in fresh.modules())
     with lorakit.merged(fresh):
         assert torch.allclose(run(fresh, x), out, atol=1e-5)
@@ -172,3 +172,43 @@ def test_calibrate_grad_sq_is_mean_of_squares():
     assert torch.allclose(st["grad"], g.mean(0), atol=1e-7) and torch.allclose(st["grad_sq"], g.pow(2).mean(0), atol=1e-9)
     with pytest.raises(lorakit.ConfigError):
         lorakit.calibrate(_qmodel(), ["model.layers.0.mlp.up_proj"], xs, "gradients", loss_fn=loss_fn)
+
+
+def test_quant_imports_neither_core_nor_inject():
+    """quant is tensor-level (core builds on it): no import of core, inject or targets anywhere in it, not even
+    inside a function; model surgery lives in quant_model (re-exported lazily by a module __getattr__). Checked on the source and in a fresh interpreter that
+    loads lorakit.quant without running lorakit/__init__."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(quant.__file__)
+    mods = set()
+    for node in ast.walk(ast.parse(src.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            mods.add(node.module or "")
+            mods.update(f"{node.module + '.' if node.module else ''}{a.name}" for a in node.names)
+    assert not mods & {"core", "inject", "targets", "io"}, mods  # quant_model: the lazy re-export (__getattr__)
+    code = f"""
+import importlib, sys, types
+pkg = types.ModuleType("lorakit"); pkg.__path__ = [{str(src.parent)!r}]; sys.modules["lorakit"] = pkg
+q = importlib.import_module("lorakit.quant")
+import torch
+lin = torch.nn.Linear(64, 8)
+ql = q.QuantLinear.from_linear(lin, q.QuantConfig())
+snap = q.snapshot(ql); q.set_weight(ql, torch.zeros(8, 64)); q.restore(ql, snap)
+assert torch.equal(ql.weight, q.dequantize(q.quantize(lin.weight), q.QuantConfig(), (8, 64)))
+bad = sorted(m for m in sys.modules if m in ("lorakit.core", "lorakit.inject", "lorakit.targets", "lorakit.io"))
+assert not bad, bad
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_quantize_model_old_import_still_works():
+    from lorakit.quant import dequantize_model, quantize_model
+
+    assert quantize_model is quant_model.quantize_model and dequantize_model is quant_model.dequantize_model
+    with pytest.raises(AttributeError):
+        quant.no_such_function

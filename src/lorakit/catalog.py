@@ -20,7 +20,7 @@ def methods_markdown() -> str:
     for fam in sorted(fams):
         for name, cls in fams[fam]:
             opts = ", ".join(f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f.name
-                             for f in dataclasses.fields(cls.Config))
+                             for f in dataclasses.fields(cls.Config) if f.init)
             out.append(f"| `{name}` | {fam} | {cls.paper} | {'yes' if cls.mergeable else 'no'} | "
                        f"{cls.peft.peft_type if cls.peft else '— (lorakit file)'} | {cls.init}"
                        f"{' + ' + cls.calibration if cls.calibration else ''} | {', '.join(cls.layers)} | {opts} |")

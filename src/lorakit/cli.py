@@ -189,15 +189,9 @@ def methods_markdown() -> str:
 
 
 def _method_rows() -> list[dict]:
-    # not `lorakit.methods()`: importing the `lorakit.methods` package shadows that function's name
-    import importlib
+    from . import list_methods
 
-    from .core import REGISTRY
-
-    importlib.import_module("lorakit.methods")
-    return [{"name": n, "family": c.family, "paper": c.paper, "mergeable": c.mergeable,
-             "peft_type": c.peft.peft_type if c.peft else None, "init": c.init, "layers": list(c.layers),
-             "calibration": c.calibration} for n, c in sorted(REGISTRY.items())]
+    return list_methods()
 
 
 def cmd_methods(a) -> int:

@@ -108,7 +108,8 @@ def from_dict(cls: type, data: dict | None, where: str = "") -> Any:
 
 def to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        # fields with init=False are fixed by the class (LowRankConfig.lora_bias for DoRA, ...), not options
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

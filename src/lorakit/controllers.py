@@ -25,3 +25,14 @@ class Controller:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from a checkpoint (resume)."""
+
+
+def _training_controllers():
+    from .inject import controllers
+
+    return controllers
+
+
+from ._deprecated import callable_module  # noqa: E402
+
+callable_module(__name__, "lorakit.training_controllers", _training_controllers)

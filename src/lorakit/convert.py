@@ -13,8 +13,8 @@ from torch import Tensor, nn
 
 from .errors import ConfigError
 from .attachments import get_attachment
-
-PREFIX = "base_model.model."
+from .formats.peft import PREFIX
+from .formats.peft_lora import PeftLoraConfig
 
 
 @torch.no_grad()
@@ -39,16 +39,12 @@ def residual_to_lora(model: nn.Module, name: str) -> tuple[dict[str, Tensor], di
         alphas[path] = lr.scale * (math.sqrt(r) if rslora else r)
         state[f"{PREFIX}{path}.lora_A.weight"] = A.contiguous().cpu()
         state[f"{PREFIX}{path}.lora_B.weight"] = B.contiguous().cpu()
-    r0 = max(ranks.values())
-    alpha0 = alphas[next(p for p in ranks if ranks[p] == r0)]
-    conf = {"peft_type": "LORA", "r": r0, "lora_alpha": alpha0, "use_rslora": rslora, "lora_dropout": 0.0,
-            "target_modules": sorted(ranks), "init_lora_weights": True, "use_dora": False, "bias": "none",
-            "rank_pattern": {p: v for p, v in ranks.items() if v != r0},
-            "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha0},
-            "modules_to_save": None, "task_type": None, "inference_mode": True,
-            "lorakit": {"converted_from": cfg.method, "config": {"method": "lora", "targets": sorted(ranks),
-                                                                   "r": r0, "alpha": alpha0, "rslora": rslora,
-                                                                   "overrides": {p: {"r": ranks[p], "alpha": alphas[p]}
-                                                                                 for p in ranks}},
-                        "paths": sorted(ranks)}}
+    lcfg = PeftLoraConfig.for_modules(ranks, alphas, use_rslora=rslora)
+    r0, alpha0 = lcfg.r, lcfg.lora_alpha
+    conf = lcfg.to_dict()
+    conf["lorakit"] = {"converted_from": cfg.method,
+                       "config": {"method": "lora", "targets": sorted(ranks), "r": r0, "alpha": alpha0,
+                                  "rslora": rslora, "overrides": {p: {"r": ranks[p], "alpha": alphas[p]}
+                                                                  for p in ranks}},
+                       "paths": sorted(ranks)}
     return state, conf

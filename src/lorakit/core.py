@@ -33,7 +33,7 @@ from . import quant
 from .errors import ConfigError, MergeError, TargetError
 
 __all__ = [
-    "LowRank", "PeftSpec", "LayerView", "Adapter", "Adapted", "ModulesToSave", "BatchContext",
+    "LowRank", "LowRankConfig", "PeftSpec", "LayerView", "Adapter", "Adapted", "ModulesToSave", "BatchContext",
     "register", "REGISTRY", "get_method", "adaptable", "Factor",
 ]
 
@@ -53,6 +53,26 @@ class LowRank:
     B: Tensor
     scale: float
     magnitude: Tensor | None = None
+
+
+@dataclass
+class LowRankConfig:
+    """The options of every method that learns ``ΔW = s·B A`` with LoRA's scale ``s = alpha/r`` (rsLoRA:
+    ``alpha/√r``): LoRA, DoRA, PiSSA, QLoRA, LQ-LoRA, DyLoRA, SoRA, CorDA, LoRA-GA, BA-LoRA, KaSA.
+
+    A method's ``Config`` extends it (``class Config(LowRankConfig)``) and redeclares a field to change its default
+    (``r: int = 64``). ``lora_bias`` and ``init`` are LoRA's own switches: here they are *fixed* at their defaults
+    (``init=False``: refused as config keys, never written to files) and LoRA redeclares them as options. A method
+    that cannot honour one of the base options fixes it the same way, e.g. ``rslora: bool = field(default=False,
+    init=False)`` (DyLoRA, SoRA), instead of overwriting the user's value after construction.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    lora_bias: bool = field(default=False, init=False)
+    init: str = field(default="default", init=False)
 
 
 @dataclass(frozen=True)
@@ -240,6 +260,12 @@ class Adapter(nn.Module):
     file_fields: ClassVar[tuple[str, ...]] = ()  # per-module Config fields that file_config encodes itself
     # how the per-module extra_loss() values of ONE attach combine (see attach_loss): "sum" | "mean"
     loss_reduction: ClassVar[str] = "sum"
+    # The server's fast path (set with @register(..., fast_serve=...), so subclasses do not inherit it): the file
+    # holds PEFT's ``lora_A.weight`` (r, d_in) / ``lora_B.weight`` (d_out, r) per module and the adapter computes
+    # exactly ``scale_of(alpha, r, rslora)·B A`` from its LowRankConfig ("lowrank"), plus a DoRA-style row gain from
+    # ``lora_magnitude_vector`` ("lowrank+magnitude"); the bank then reads the factors without building adapters.
+    # None: the bank builds the adapter and asks ``lowrank()``.
+    fast_serve: ClassVar[str | None] = None
 
     def __init__(self, base: nn.Module, cfg: Any, view: LayerView | None = None):
         super().__init__()
@@ -422,15 +448,26 @@ class Adapter(nn.Module):
 REGISTRY: dict[str, type[Adapter]] = {}
 
 
-def register(name: str, *, family: str, paper: str, peft: PeftSpec | None = None):
-    """Class decorator: ``@register("lora", family="core low-rank", paper="arXiv:2106.09685")``."""
+FAST_SERVE = (None, "lowrank", "lowrank+magnitude")
+
+
+def register(name: str, *, family: str, paper: str, peft: PeftSpec | None = None, fast_serve: str | None = None):
+    """Class decorator: ``@register("lora", family="core low-rank", paper="arXiv:2106.09685")``.
+
+    ``peft`` and ``fast_serve`` (see :attr:`Adapter.fast_serve`) are declared per registered class: a subclass
+    registered without them does not inherit its parent's."""
 
     def deco(cls: type[Adapter]) -> type[Adapter]:
         if name in REGISTRY and REGISTRY[name] is not cls:
             raise ValueError(f"method '{name}' registered twice ({REGISTRY[name].__qualname__}, {cls.__qualname__})")
         if cls.Config is None or not dataclasses.is_dataclass(cls.Config):
             raise TypeError(f"{cls.__qualname__} needs a nested @dataclass Config")
-        cls.name, cls.family, cls.paper, cls.peft = name, family, paper, peft
+        if fast_serve not in FAST_SERVE:
+            raise TypeError(f"{cls.__qualname__}: fast_serve={fast_serve!r}; valid: {FAST_SERVE}")
+        if fast_serve is not None and not issubclass(cls.Config, LowRankConfig):
+            raise TypeError(f"{cls.__qualname__}: fast_serve needs a Config that extends LowRankConfig (the bank "
+                            "computes the scale from its r, alpha and rslora)")
+        cls.name, cls.family, cls.paper, cls.peft, cls.fast_serve = name, family, paper, peft, fast_serve
         REGISTRY[name] = cls
         return cls
 

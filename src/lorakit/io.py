@@ -10,31 +10,27 @@ as it was. Nothing is ever unpickled: a ``.bin`` adapter is refused with the con
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .config import AttachConfig, to_dict
 from .core import REGISTRY, Adapted, Adapter, ModulesToSave, get_method
 from .errors import AdapterFileError, ConfigError, LorakitError
 from .attachments import Attachment, get_attachment
+from .formats.peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_adapter_config, write_adapter_dir
+from .formats.peft import atomic_dir_write as _atomic_dir_write, read_tensors as _read_tensors  # noqa: F401
+from .formats.peft_lora import PeftLoraConfig, pattern_overrides
 from .inject import _meta, attach, attached, detach, hosts
 
 log = logging.getLogger(__name__)
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_config", "adapter_state", "CONFIG_NAME", "WEIGHTS_NAME"]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
 FORMAT_VERSION = 1
 
 # PEFT LoraConfig options that change the computed function and that lorakit does not implement: loading a file
@@ -113,25 +109,14 @@ def _peft_config(model: nn.Module, name: str, cfg: AttachConfig, paths: list[str
             d.update(target_modules=sorted(paths), exclude_modules=None, layers_to_transform=None,
                      layers_pattern=None, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                      peft_version=None, revision=None, auto_mapping=None)
+            if spec.peft_type == "LORA":  # the LoRA schema is validated and serialised by its one writer
+                d = PeftLoraConfig.from_dict(d).to_dict()
             return method.file_config(att, d) if att is not None else d
         log.warning("'%s' uses per-module options PEFT cannot encode; writing a lorakit-only adapter file", name)
     d = dict(base)
     d["peft_type"] = "LORAKIT"
     d["target_modules"] = sorted(paths)
     return method.file_config(att, d) if att is not None else d
-
-
-def _atomic_dir_write(directory: Path, files: dict[str, Any]) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    for fname, writer in files.items():
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{fname}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            writer(tmp)
-            os.replace(tmp, directory / fname)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default", *,
@@ -153,53 +138,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     else:
         state = adapter_state(model, name)
         conf = _peft_config(model, name, cfg, paths, att)
-    # shared tensors (tied weights) must be cloned for safetensors
-    seen: set[int] = set()
-    for k, v in list(state.items()):
-        if v.data_ptr() in seen:
-            state[k] = v.clone()
-        seen.add(v.data_ptr())
-    try:
-        _atomic_dir_write(directory, {
-            WEIGHTS_NAME: lambda p: save_file(state, p, metadata={"format": "pt"}),
-            CONFIG_NAME: lambda p: Path(p).write_text(json.dumps(conf, indent=2, sort_keys=True, default=str)),
-        })
-    except OSError as e:
-        raise AdapterFileError(f"cannot write adapter to {directory}: {e}") from None
+    write_adapter_dir(directory, conf, state)
     return directory
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def read_adapter_config(directory: str | os.PathLike) -> dict:
-    d = Path(directory)
-    if not d.is_dir():
-        raise AdapterFileError(f"adapter directory not found: {d}")
-    cp = d / CONFIG_NAME
-    if not cp.is_file():
-        raise AdapterFileError(f"{d} has no {CONFIG_NAME}: not an adapter directory")
-    try:
-        conf = json.loads(cp.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{cp} is not valid JSON: {e}") from None
-    if not isinstance(conf, dict) or "peft_type" not in conf:
-        raise AdapterFileError(f"{cp} has no 'peft_type': not a PEFT/lorakit adapter config")
-    return conf
-
-
-def _read_tensors(directory: Path) -> dict[str, Tensor]:
-    wp = directory / WEIGHTS_NAME
-    if not wp.is_file():
-        if (directory / "adapter_model.bin").is_file():
-            raise AdapterFileError(f"{directory} holds only adapter_model.bin (a pickle). lorakit never unpickles "
-                                   "files; convert it once, in a trusted environment, with PEFT's "
-                                   "save_pretrained(..., safe_serialization=True)")
-        raise AdapterFileError(f"{directory} has no {WEIGHTS_NAME}")
-    try:
-        return load_file(str(wp))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterFileError(f"{wp} is not a valid safetensors file: {e}") from None
-
-
 def _config_from_peft(model: nn.Module, conf: dict) -> AttachConfig:
     """Map a PEFT adapter_config.json onto a lorakit AttachConfig."""
     import importlib
@@ -238,11 +181,8 @@ def _config_from_peft(model: nn.Module, conf: dict) -> AttachConfig:
         elif key in method.peft.defaults:
             opts[f] = method.peft.defaults[key]
     rev = {v: k for k, v in method.peft.fields.items()}
-    overrides: dict[str, dict] = {}
-    for pat_key, field_key in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
-        for pat, v in (conf.get(pat_key) or {}).items():
-            if field_key in rev:
-                overrides.setdefault(pat, {})[rev[field_key]] = v
+    # rank_pattern / alpha_pattern: resolved per module exactly as PEFT does (lorakit.formats.peft_lora)
+    overrides = pattern_overrides(conf, rev.get("r"), rev.get("lora_alpha"))
     trainable = []
     for t in conf.get("modules_to_save") or []:
         trainable += [p for p, m in model.named_modules()

@@ -16,6 +16,9 @@ constants as buffers and exposes ``weight`` as a read-only *property* that dequa
 through :func:`set_weight` / :func:`snapshot` / :func:`restore` (a tiny registry keyed by module type; plain
 modules copy into ``.weight``), which the host uses for merging, residual inits and detach. Writing a float matrix
 into a ``QuantLinear`` requantises it (lossy: logged once); :func:`restore` puts the stored buffers back bit-exactly.
+
+This module is tensor-level only and imports nothing of lorakit but its errors (``core`` builds on it); replacing a
+model's layers is :mod:`lorakit.quant_model` (``quantize_model`` / ``dequantize_model``).
 """
 from __future__ import annotations
 
@@ -269,55 +272,6 @@ def is_quantized(m: nn.Module) -> bool:
     return isinstance(m, QuantLinear)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def quantize_model(model: nn.Module, targets: Any = "all-linear", cfg: QuantConfig | dict | None = None,
-                   exclude: Any = None) -> nn.Module:
-    """Replace the matched ``nn.Linear`` modules (PEFT targeting rules; default every linear but the output head)
-    by :class:`QuantLinear` in place, before :func:`lorakit.attach`. Returns the same model."""
-    from .core import Adapted
-    from .inject import _set_module
-    from .targets import match
-
-    cfg = QuantConfig(**cfg) if isinstance(cfg, dict) else (cfg or QuantConfig())
-    if any(True for m in model.modules() if isinstance(m, Adapted)):
-        raise ConfigError("quantize_model must run before adapters are attached")
-    for path in match(model, targets, exclude, None, None):
-        m = model.get_submodule(path)
-        if type(m) is nn.Linear:
-            _set_module(model, path, QuantLinear.from_linear(m, cfg))
-    return model
-
-
-@torch.no_grad()
-def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every :class:`QuantLinear` (hosted or not) by a float ``nn.Linear`` (for exact 16-bit merges)."""
-    from .core import Adapted
-    from .inject import _set_module
-
-    for path, m in list(model.named_modules()):
-        parent = m.base_layer if isinstance(m, Adapted) else m
-        if isinstance(parent, QuantLinear):
-            if isinstance(m, Adapted) and m.merged_names:
-                raise ConfigError(f"'{path}' is merged: unmerge before dequantize_model")
-            w = parent.weight.to(dtype or parent.compute_dtype)
-            lin = nn.Linear(parent.in_features, parent.out_features, parent.bias is not None, device=w.device,
-                            dtype=w.dtype)
-            lin.weight.copy_(w)
-            if parent.bias is not None:
-                lin.bias = parent.bias
-            if isinstance(m, Adapted):
-                m.base_layer = lin
-                for a in m.adapters.values():
-                    a._base = (lin,)
-                for i, (owner, snap) in enumerate(m._snapshots):  # stashed quantised bases become float too
-                    if isinstance(snap, dict):
-                        m._snapshots[i] = (owner, dequantize(snap, parent.qcfg, tuple(w.shape), w.dtype))
-            else:
-                _set_module(model, path, lin)
-    return model
-
-
 def model_bytes(model: nn.Module) -> int:
     """Bytes held by the model's parameters and buffers (quantised storage counted as stored)."""
     seen, total = set(), 0
@@ -326,3 +280,14 @@ def model_bytes(model: nn.Module) -> int:
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total
+
+
+def __getattr__(name: str):
+    """``lorakit.quant.quantize_model`` / ``dequantize_model`` live in :mod:`lorakit.quant_model` (they change the
+    model's modules, which needs the targeting and host code that itself builds on this module); re-exported here
+    lazily, so importing ``lorakit.quant`` imports neither ``core`` nor ``inject``."""
+    if name in ("quantize_model", "dequantize_model"):
+        from . import quant_model
+
+        return getattr(quant_model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

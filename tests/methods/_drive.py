@@ -6,7 +6,7 @@ import lorakit
 
 
 def train(model, x, steps, lr=1e-2, fake_grads=False, seed=0, hook=None):
-    ctrls = lorakit.controllers(model)
+    ctrls = lorakit.training_controllers(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     for c in ctrls:

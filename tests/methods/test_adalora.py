@@ -49,11 +49,11 @@ def test_budget_schedule_is_respected():
 
 def test_total_step_from_config_wins():
     m = _model(total_step=T)
-    (c,) = lorakit.controllers(m)
+    (c,) = lorakit.training_controllers(m)
     c.on_train_begin(m, None, 10 * T)
     assert c.total == T
     bad = _model()
-    (c,) = lorakit.controllers(bad)
+    (c,) = lorakit.training_controllers(bad)
     with pytest.raises(lorakit.ConfigError):
         c.on_train_begin(bad, None, TINIT + TFINAL)
 
@@ -119,7 +119,7 @@ def test_allocation_matches_peft_rank_allocator_after_the_optimizer_step():
     ours_p = [getattr(ours[p], n) for p in sorted(ours) for n in names]
     theirs_p = [getattr(theirs[p], n)["default"] for p in sorted(ours) for n in names]
     opt_o, opt_t = torch.optim.SGD(ours_p, lr=0.5), torch.optim.SGD(theirs_p, lr=0.5)
-    (ctrl,) = lorakit.controllers(m)
+    (ctrl,) = lorakit.training_controllers(m)
     ctrl.on_train_begin(m, opt_o, T2)
     g = torch.Generator().manual_seed(3)
     for step in range(T2):

@@ -51,7 +51,7 @@ def test_rank_grows_monotonically_up_to_the_budget_and_not_beyond():
 
 def test_activated_component_adds_exactly_its_advance_term():
     m = _model()
-    (c,) = lorakit.controllers(m)
+    (c,) = lorakit.training_controllers(m)
     c.before_step(0, m, None)  # step 0: reserves appear
     path, a = next(iter(lorakit.adapters(m)))
     with torch.no_grad():
@@ -70,7 +70,7 @@ def test_activated_component_adds_exactly_its_advance_term():
 
 def test_growth_goes_to_the_most_important_module():
     m = _model()
-    (c,) = lorakit.controllers(m)
+    (c,) = lorakit.training_controllers(m)
     c.before_step(0, m, None)
     paths = [p for p, _ in lorakit.adapters(m)]
     for k in range(5):  # lin1 has the larger sensitivity × uncertainty
@@ -85,7 +85,7 @@ def test_growth_goes_to_the_most_important_module():
 def test_score_value_reference():
     """S = Σ|ΔW ⊙ ∂L/∂ΔW| / √numel with ∂L/∂ΔW = Σ_tokens g_out x_inᵀ for a linear layer."""
     m = _model()
-    (c,) = lorakit.controllers(m)
+    (c,) = lorakit.training_controllers(m)
     c.before_step(0, m, None)
     path, a = next(iter(lorakit.adapters(m)))
     with torch.no_grad():
@@ -113,7 +113,7 @@ def _run(m, x, opt, ctrl, start, stop):
 def _setup(x):
     m = _model()
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
-    (c,) = lorakit.controllers(m)
+    (c,) = lorakit.training_controllers(m)
     c.on_train_begin(m, opt, 12)
     return m, opt, c
 

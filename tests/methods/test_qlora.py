@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import lorakit
-from lorakit import quant
+from lorakit import quant, quant_model
 from lorakit.quant import QuantLinear
 
 from conftest import MLP
@@ -37,7 +37,7 @@ def test_float_base_becomes_dequantised_nf4(tmp_path):
 
 def test_quantised_base_is_left_alone_and_init_is_noop():
     torch.manual_seed(0)
-    m = quant.quantize_model(MLP(), ["lin0", "lin1"])
+    m = quant_model.quantize_model(MLP(), ["lin0", "lin1"])
     codes = m.lin1.codes.clone()
     y0 = m(_x()).detach()
     lorakit.attach(m, {"method": "qlora", "targets": ["lin0", "lin1"], "r": 4, "dropout": 0.0})

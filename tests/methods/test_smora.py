@@ -23,7 +23,7 @@ def test_topk_ranks_and_bias_moves_by_u():
     a = dict(lorakit.adapters(m))["lin0"]
     assert ((a._weights > 0).sum(-1) == 2).all()
     cnt = a._count.clone()
-    from lorakit.inject import controllers  # lorakit.controllers is shadowed by the submodule (core issue)
+    from lorakit import training_controllers as controllers
 
     (ctrl,) = controllers(m)
     ctrl.step(1, m, None)

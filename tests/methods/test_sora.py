@@ -16,7 +16,7 @@ def _model(**kw):
 def test_proximal_step_soft_thresholds_gates():
     m = _model(sparse_lambda_2=0.5)
     before = {p: a.lora_gate.detach().clone() for p, a in lorakit.adapters(m)}
-    (c,) = lorakit.controllers(m)
+    (c,) = lorakit.training_controllers(m)
     c.on_train_begin(m, None, 10)
     c.step(0, m, None)
     for p, a in lorakit.adapters(m):

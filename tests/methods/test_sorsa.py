@@ -60,7 +60,7 @@ def test_controller_adds_gamma_over_lr_gradient_after_clipping():
     opt = torch.optim.SGD(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1)  # scheduled lr differs from the configured one
     assert opt.param_groups[0]["lr"] != lr
-    (ctrl,) = lorakit.inject.controllers(m)  # NB: `lorakit.controllers` is shadowed by the submodule
+    (ctrl,) = lorakit.training_controllers(m)
     m(torch.randn(4, 12)).pow(2).mean().backward()
     torch.nn.utils.clip_grad_norm_(params, 1e-3)
     clipped = [p.grad.clone() for p in params]

@@ -108,7 +108,7 @@ def test_delta_weight_is_continuous_across_growth_and_new_slots_train(dtype):
 
 def test_number_of_growing_modules_follows_the_linear_threshold():
     m = _model(reference_rank=8, max_r=8, init_warmup=2, incre_interval=3)
-    (c,) = lorakit.controllers(m)
+    (c,) = lorakit.training_controllers(m)
     c.on_train_begin(m, None, 50)
     mods = c.mods()
     paths = [p for p, _ in mods]
@@ -133,7 +133,7 @@ def test_number_of_growing_modules_follows_the_linear_threshold():
 
 def test_importance_score_reference_and_previous_value_update():
     m = _model()
-    (c,) = lorakit.controllers(m)
+    (c,) = lorakit.training_controllers(m)
     mods = c.mods()
     a = dict(mods)["lin1"]
     a.grow(2)
@@ -184,7 +184,7 @@ def _run(m, x, opt, ctrl, start, stop):
 def _setup():
     m = _model()
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
-    (c,) = lorakit.controllers(m)
+    (c,) = lorakit.training_controllers(m)
     c.on_train_begin(m, opt, 12)
     return m, opt, c
 
@@ -217,7 +217,7 @@ def test_controller_state_resumes_exactly_and_files_record_growth(tmp_path):
 
 def test_non_linear_growth_count():
     m = _model(reference_rank=8, max_r=8, rank_growth_model="non-linear")
-    (c,) = lorakit.controllers(m)
+    (c,) = lorakit.training_controllers(m)
     c.on_train_begin(m, None, 40)
     # left = 21: n = int(exp(m · log 21)) = int(21^m), clamped to [1, 3]
     assert [c.n_grow(s, 3) for s in (1, 10, 20, 30)] == [min(max(int(21 ** (s / 40)), 1), 3) for s in (1, 10, 20, 30)]

@@ -173,3 +173,74 @@ def test_gather_cache_budget_zero_never_keeps_copies(setup):
             bank.set_adapters(["lo4", None])
             served(ids)
     assert all(lay._gcache is None for lay in bank.layers.values())
+
+
+def test_declared_fast_serve_gets_the_fast_path(setup, tmp_path, monkeypatch):
+    """The fast path is a declared capability: a user method registered with fast_serve="lowrank" is read
+    straight from its factors (no adapter is built), one that does not declare it goes through lowrank(), even
+    when it subclasses LoRA (the capability is not inherited)."""
+    import lorakit
+    from lorakit.core import REGISTRY, register
+    from lorakit.methods.lora import LoRA
+    from lorakit.serve import bank as bank_mod
+
+    @register("_fast_user_lora", family="test", paper="none", fast_serve="lowrank")
+    class Fast(LoRA):
+        pass
+
+    @register("_slow_user_lora", family="test", paper="none")
+    class Slow(LoRA):
+        pass
+
+    built = []
+    real = bank_mod._generic_lowrank
+    monkeypatch.setattr(bank_mod, "_generic_lowrank", lambda *a, **k: built.append(a[1].name) or real(*a, **k))
+    try:
+        base, ads = setup
+        bank = install(copy.deepcopy(base))
+        read_served(bank, ads["lo8"], "lo8")  # plain LoRA: declared fast
+        assert built == []
+        for method in ("_fast_user_lora", "_slow_user_lora"):
+            out = make_adapter(base, tmp_path / method, method, r=8, seed=2, rslora=True)
+            sa = read_served(bank, out, method)
+            m = copy.deepcopy(base)
+            lorakit.load_adapter(m, out)
+            want = {p: a.lowrank() for p, a in lorakit.adapters(m)}
+            assert sa.layers.keys() == want.keys()
+            for p, (A, sB, g) in sa.layers.items():
+                torch.testing.assert_close(A, want[p].A)
+                torch.testing.assert_close(sB, want[p].B * want[p].scale)
+                assert g is None
+        assert set(built) == {"_slow_user_lora"}  # only the undeclared method built adapters
+    finally:
+        REGISTRY.pop("_fast_user_lora", None)
+        REGISTRY.pop("_slow_user_lora", None)
+
+
+def test_fast_serve_must_be_a_known_kind_on_a_low_rank_config():
+    from dataclasses import dataclass
+
+    from lorakit.core import REGISTRY, Adapter, register
+
+    with pytest.raises(TypeError, match="fast_serve"):
+        @register("_bad_fast", family="test", paper="none", fast_serve="lora")
+        class Bad(Adapter):
+            @dataclass
+            class Config:
+                r: int = 2
+
+    with pytest.raises(TypeError, match="LowRankConfig"):
+        @register("_bad_fast2", family="test", paper="none", fast_serve="lowrank")
+        class Bad2(Adapter):
+            @dataclass
+            class Config:
+                r: int = 2
+    assert "_bad_fast" not in REGISTRY and "_bad_fast2" not in REGISTRY
+
+
+def test_lora_bias_adapter_is_refused(setup, tmp_path):
+    """lowrank() has no bias term: an adapter with lora_bias would be served without its bias, so it is refused."""
+    base, _ = setup
+    out = make_adapter(base, tmp_path / "lb", "lora", r=2, targets=["q_proj"], lora_bias=True)
+    with pytest.raises(AdapterFileError, match="lora_bias"):
+        read_served(install(copy.deepcopy(base)), out, "lb")

@@ -418,7 +418,7 @@ def test_quantize_nf4_base_trains_and_changes_the_base(tiny_lm_dir, cls_data, tm
     t = get_task(c.data.task, c.data)
     t.rows()
     m, tok = t.load_model(c.model.name)
-    from lorakit.quant import quantize_model
+    from lorakit.quant_model import quantize_model
 
     quantize_model(m)
     assert any(isinstance(x, QuantLinear) for x in m.modules())

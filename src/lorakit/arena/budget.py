@@ -40,7 +40,7 @@ def trainable_count(make_meta: Callable[[], nn.Module], adapter_cfg: dict) -> in
 
 
 def rank_knobs(method: str) -> list[str | tuple[str, ...]]:
-    fields = {f.name for f in dataclasses.fields(get_method(method).Config)}
+    fields = {f.name for f in dataclasses.fields(get_method(method).Config) if f.init}
     return [k for k in RANK_KNOBS if (set(k) <= fields if isinstance(k, tuple) else k in fields)]
 
 

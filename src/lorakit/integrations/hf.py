@@ -4,7 +4,7 @@
   each checkpoint is a usable adapter;
 * on ``trainer.train(resume_from_checkpoint=...)`` restores the adapter tensors and controller states of
   ``checkpoint-<global_step>`` (the Trainer restores optimizer, scheduler and RNG itself);
-* runs ``lorakit.controllers(model)``: ``on_train_begin``, ``before_step`` before each optimizer step (gradients
+* runs ``lorakit.training_controllers(model)``: ``on_train_begin``, ``before_step`` before each optimizer step (gradients
   present), ``step`` right after it (``on_optimizer_step``: the gradients are still there, as in ``lorakit train``;
   at ``on_step_end`` the Trainer has already zeroed them, and AdaLoRA's sensitivities need them);
 * drives a lorakit training procedure (``optim.name`` in ``lorakit train``: adamw, loraplus, ...) when the optimiser

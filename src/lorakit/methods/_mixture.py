@@ -171,31 +171,19 @@ def write_lora(model: nn.Module, directory, factors: dict[str, tuple[Tensor, Ten
     """Write a normal ``lora`` adapter (PEFT format) from ``{module path: (A (r, d_in), B (d_out, r))}``.
 
     Scales must already be folded into B; ``alpha`` defaults to r (LoRA scale 1)."""
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from ..config import AttachConfig
-    from ..io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _atomic_dir_write, _peft_config
-    import json
+    from ..formats.peft_lora import PeftLoraConfig, write_lora as write_peft_lora
 
     ranks = {A.shape[0] for A, _ in factors.values()}
     if len(ranks) != 1:
         raise ValueError(f"write_lora needs one rank for every module, got {sorted(ranks)}")
     r = ranks.pop()
+    a = float(r if alpha is None else alpha)
     paths = sorted(factors)
-    cfg = AttachConfig.make({"method": "lora", "targets": paths, "r": r, "alpha": float(r if alpha is None else alpha)})
-    state = {}
-    for p, (A, B) in factors.items():
-        state[f"{PREFIX}{p}.lora_A.weight"] = A.detach().float().contiguous().cpu()
-        state[f"{PREFIX}{p}.lora_B.weight"] = B.detach().float().contiguous().cpu()
-    conf = _peft_config(model, "default", cfg, paths)
-    directory = Path(directory)
-    _atomic_dir_write(directory, {
-        WEIGHTS_NAME: lambda f: save_file(state, f, metadata={"format": "pt"}),
-        CONFIG_NAME: lambda f: Path(f).write_text(json.dumps(conf, indent=2, sort_keys=True, default=str)),
-    })
-    return directory
+    base = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    cfg = PeftLoraConfig.for_modules({p: r for p in paths}, {p: a for p in paths}, base_model_name_or_path=base,
+                                     lorakit={"method": "lora", "config": {"method": "lora", "targets": paths,
+                                                                           "r": r, "alpha": a}, "paths": paths})
+    return write_peft_lora(directory, cfg, factors)
 
 
 def export_expert(model: nn.Module, directory, expert: int, name: str = "default"):
@@ -215,27 +203,22 @@ def load_lora_experts(model: nn.Module, directories: list, name: str = "default"
     """Fill the experts of mixture adapter ``name`` from saved plain LoRA adapters (expert i <- directories[i]);
     each LoRA's own scale ``α/r`` is folded into its B (relative to the mixture's expert scale)."""
     from ..errors import AdapterFileError
-    from ..io import PREFIX, _read_tensors, read_adapter_config
-    from pathlib import Path
+    from ..formats.peft_lora import read_lora
 
     mods = {m.path: m.adapter for m in get_attachment(model, name).members}
     for i, d in enumerate(directories):
-        conf = read_adapter_config(d)
-        t = _read_tensors(Path(d))
-        lk = (conf.get("lorakit") or {}).get("config", {})
-        r, alpha = conf.get("r", lk.get("r")), conf.get("lora_alpha", lk.get("alpha"))
+        _, lora = read_lora(d, fold_scale=True)  # each module's own scale (α/r, rsLoRA, rank/alpha patterns)
         for path, a in mods.items():
-            try:
-                A, B = t[f"{PREFIX}{path}.lora_A.weight"], t[f"{PREFIX}{path}.lora_B.weight"]
-            except KeyError:
-                raise AdapterFileError(f"{d}: no LoRA factors for '{path}'") from None
-            if i >= a.E or A.shape != a.experts_A.shape[1:] or B.shape != a.experts_B.shape[1:]:
-                raise AdapterFileError(f"{d}: LoRA for '{path}' has shapes {tuple(A.shape)}/{tuple(B.shape)}, "
+            if path not in lora:
+                raise AdapterFileError(f"{d}: no LoRA factors for '{path}'")
+            A, sB = lora[path]
+            if i >= a.E or A.shape != a.experts_A.shape[1:] or sB.shape != a.experts_B.shape[1:]:
+                raise AdapterFileError(f"{d}: LoRA for '{path}' has shapes {tuple(A.shape)}/{tuple(sB.shape)}, "
                                        f"expert slots are {tuple(a.experts_A.shape[1:])}/{tuple(a.experts_B.shape[1:])}")
             s = a.expert_scale()
             s = float(s[i]) if isinstance(s, Tensor) else float(s)
             a.experts_A[i] = A.to(a.experts_A.dtype)
-            a.experts_B[i] = (B.float() * (float(alpha) / float(r)) / s).to(a.experts_B.dtype)
+            a.experts_B[i] = (sB / s).to(a.experts_B.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -272,24 +255,6 @@ class RestoreForward:
 def read_lora_factors(directory) -> dict[str, tuple[Tensor, Tensor]]:
     """``{module path: (A (r, d_in), s·B (d_out, r))}`` of a plain LoRA adapter directory (PEFT format), each
     module's scale ``s`` (α/r, rsLoRA α/√r, rank/alpha patterns) folded into B, fp32."""
-    from pathlib import Path
+    from ..formats.peft_lora import read_lora
 
-    from ..errors import AdapterFileError
-    from ..io import PREFIX, _read_tensors, read_adapter_config
-
-    conf, t = read_adapter_config(directory), _read_tensors(Path(directory))
-    if conf.get("peft_type") != "LORA" or conf.get("use_dora"):
-        raise AdapterFileError(f"{directory}: expected a plain LoRA adapter (got {conf.get('peft_type')}"
-                               f"{' with DoRA' if conf.get('use_dora') else ''})")
-
-    def pattern(key: str, path: str, default):
-        return next((v for k, v in (conf.get(key) or {}).items() if path == k or path.endswith("." + k)), default)
-
-    out = {}
-    for k, A in t.items():
-        if k.startswith(PREFIX) and k.endswith(".lora_A.weight"):
-            p = k[len(PREFIX):-len(".lora_A.weight")]
-            r, alpha = pattern("rank_pattern", p, conf["r"]), pattern("alpha_pattern", p, conf["lora_alpha"])
-            s = alpha / (math.sqrt(r) if conf.get("use_rslora") else r)
-            out[p] = (A.float(), t[f"{PREFIX}{p}.lora_B.weight"].float() * s)
-    return out
+    return read_lora(directory, fold_scale=True)[1]

@@ -35,7 +35,6 @@ class SavedResidualLoRA(PiSSA):
     """
 
     def __init__(self, base, cfg, view=None):
-        cfg.niter = getattr(cfg, "niter", 0)  # type: ignore[attr-defined]
         super().__init__(base, cfg, view)
         self.register_buffer("A0", torch.zeros_like(self.lora_A.weight), persistent=True)
         self.register_buffer("B0", torch.zeros_like(self.lora_B.weight), persistent=True)

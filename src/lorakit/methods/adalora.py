@@ -10,7 +10,7 @@ Trainable: A, E, B. Init (PEFT): E = 0, A, B ~ N(0, 0.02²) ⇒ ΔW = 0. Loss ex
 all non-empty A and B matrices): ``extra_loss`` gives the module's ``w·(…)/2`` and ``loss_reduction = "mean"``
 averages over the modules that returned one (a module pruned to rank 0 returns none, as PEFT skips it).
 
-Schedule (:class:`AdaLoRAController`, PEFT's RankAllocator; the trainer runs it via ``lorakit.controllers``):
+Schedule (:class:`AdaLoRAController`, PEFT's RankAllocator; the trainer runs it via ``lorakit.training_controllers``):
 importance of each entry ``Ī·Ū`` (EMA β1/β2 of ``|p⊙∇p|``, taken in the controller's ``step``: after
 ``optimizer.step()``, with that step's gradients still present, as PEFT's ``update_and_allocate``);
 triplet score ``S_i = s(λ_i) + mean s(Q_i·) + mean s(P_·i)``. Budget ``b(t)`` (total ranks over all modules):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attachments import get_attachment
-from ..core import register
+from ..core import LowRankConfig, register
 from ..errors import ConfigError
 from .lora import lora_spec
 from .pissa import PiSSA
@@ -91,11 +91,8 @@ class BALoRA(PiSSA):
     __doc__ = __doc__
 
     @dataclass
-    class Config:
-        r: int = 8
+    class Config(LowRankConfig):
         alpha: float = 8.0
-        dropout: float = 0.0
-        rslora: bool = False
         niter: int = 0
         seed: int = 0
         task: str = "nlg"  # "nlg" (token logits) | "nlu" (one logit vector per example)

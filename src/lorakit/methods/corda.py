@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..core import register
+from ..core import LowRankConfig, register
 from ..errors import ConfigError
 from ._svd import SavedResidualLoRA, svd_full, svd_top
 
@@ -49,11 +49,9 @@ class CorDA(SavedResidualLoRA):
     calibration = "activations"
 
     @dataclass
-    class Config:
+    class Config(LowRankConfig):
         r: int = 128
         alpha: float = 128.0
-        dropout: float = 0.0
-        rslora: bool = False
         mode: str = "ipm"  # "ipm": largest r components | "kpm": smallest r
         damping: float = 0.01  # initial λ (doubled until Ĉ is safely invertible)
         niter: int = 0  # IPM only: K > 0 -> randomised SVD with K subspace iterations

@@ -23,28 +23,24 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..core import LowRank, register
+from ..core import LowRank, LowRankConfig, register
 from .lora import LoRA, lora_spec
 
 
 @register("dora", family="core low-rank", paper="Liu et al. 2024, DoRA, arXiv:2402.09353",
-          peft=lora_spec({"use_dora": True, "init_lora_weights": True}, {"use_dora": True}))
+          peft=lora_spec({"use_dora": True, "init_lora_weights": True}, {"use_dora": True}),
+          fast_serve="lowrank+magnitude")
 class DoRA(LoRA):
     __doc__ = __doc__
 
     @dataclass
-    class Config:
-        r: int = 8
-        alpha: float = 16.0
-        dropout: float = 0.0
-        rslora: bool = False
+    class Config(LowRankConfig):
         init: str = "default"
 
     roles = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "magnitude"}
     layers = ("linear", "conv1d", "conv2d")
 
     def __init__(self, base: nn.Module, cfg: Config, view=None):
-        cfg.lora_bias = False  # type: ignore[attr-defined]
         super().__init__(base, cfg, view)
         self.lora_magnitude_vector = nn.Parameter(torch.ones(self.view.d_out))
         self._w_sq: Tensor | None = None  # ‖W0‖²_row (W0 frozen)

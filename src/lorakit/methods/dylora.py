@@ -11,20 +11,20 @@ mode). Init as LoRA (A Kaiming, B = 0). After training any ``b`` is a plain rank
 :func:`lorakit.rank.truncate` cuts the adapter for good.
 
 Decisions: ``b`` is drawn once per optimiser step for the whole model by the :class:`DyLoRAController` (the
-trainer runs it via ``lorakit.controllers``) from a generator seeded by ``seed``, so runs are reproducible and the
+trainer runs it via ``lorakit.training_controllers``) from a generator seeded by ``seed``, so runs are reproducible and the
 controller's state (the generator) is checkpointed. Without a controller, training mode uses the rank last set
 (full ``r`` by default). In eval mode the rank is the constant ``eval_rank`` (default ``r``): no data-dependent
 branch, no graph break. Merging/``lowrank()`` use the eval rank.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from ..controllers import Controller
-from ..core import LowRank, register
+from ..core import LowRank, LowRankConfig, register
 from .lora import LoRA
 
 
@@ -33,10 +33,8 @@ class DyLoRA(LoRA):
     __doc__ = __doc__
 
     @dataclass
-    class Config:
-        r: int = 8
-        alpha: float = 16.0
-        dropout: float = 0.0
+    class Config(LowRankConfig):
+        rslora: bool = field(default=False, init=False)  # the paper's scale is α/r
         eval_rank: int | None = None  # rank used in eval mode / merge (default r)
         frozen_lower: bool = False  # only the sampled b-th component trains each step
         seed: int = 0  # seeds the per-step rank sampler
@@ -44,7 +42,6 @@ class DyLoRA(LoRA):
     layers = ("linear", "conv1d", "embedding", "conv2d")
 
     def __init__(self, base, cfg: Config, view=None):
-        cfg.lora_bias, cfg.rslora, cfg.init = False, False, "default"  # type: ignore[attr-defined]
         super().__init__(base, cfg, view)
         if cfg.eval_rank is not None and not 1 <= cfg.eval_rank <= cfg.r:
             raise ValueError(f"eval_rank must lie in [1, r={cfg.r}], got {cfg.eval_rank}")

@@ -12,7 +12,7 @@ trainable), the next ``n_reserve`` are "advance learning" reserves (``e_i = 1e-5
 the rest are unused (``e_i = 0``: no output, no gradient). Init (official): ``r`` active slots, E = 0,
 A, B ~ N(0, 0.02²) ⇒ ΔW = 0; no reserves until training starts.
 
-Schedule (:class:`~lorakit.methods._adaptive.IncreLoRAController`, run by the trainer via ``lorakit.controllers``;
+Schedule (:class:`~lorakit.methods._adaptive.IncreLoRAController`, run by the trainer via ``lorakit.training_controllers``;
 the official RankAllocator.update_and_increase is called at the same place, after backward and before
 ``optimizer.step`` with the 0-based step): at step 0 every module gets ``incre_rank_num`` reserves. While the
 total rank is below the budget ``target_rank × #modules``: each module's score ``S = Σ|ΔW ⊙ ∂L/∂ΔW| / √numel``

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..core import Adapter, register, scale_of
+from ..core import Adapter, LowRankConfig, register, scale_of
 from ..errors import ConfigError
 from ._svd import ortho_penalty, svd_full, svd_top
 
@@ -41,11 +41,7 @@ class KaSA(Adapter):
     init = "changes"
 
     @dataclass
-    class Config:
-        r: int = 8
-        alpha: float = 16.0
-        dropout: float = 0.0
-        rslora: bool = False
+    class Config(LowRankConfig):
         beta: float = 1e-4  # weight of ‖ΔΣ‖²
         gamma: float = 1e-3  # weight of the orthogonality penalty
         niter: int = 0  # 0: full SVD; K: randomised SVD (rank k − r) with K subspace iterations

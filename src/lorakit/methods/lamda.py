@@ -8,7 +8,7 @@ Init (``init``): ``"svd"`` (default; the paper's "singular vectors of W0", exact
 ``B = U_r`` (orthonormal, fp32 SVD, ``niter > 0``: fast seeded randomised SVD), ``S = 0``; ``"lora"`` (the released
 code, ArminAzizi98/LaMDA ``lamda.py``): A Kaiming (frozen), B = 0, S Kaiming-uniform. Both are no-ops at init.
 
-Schedule (:class:`LaMDAFreezer`, run by the trainer through ``lorakit.controllers``). With ``T_f = freeze_steps``
+Schedule (:class:`LaMDAFreezer`, run by the trainer through ``lorakit.training_controllers``). With ``T_f = freeze_steps``
 (or ``freeze_frac`` × the planned steps), after ``t`` optimiser steps the first ``c = ⌊t·r/T_f⌋`` columns of B are
 frozen (with SVD init, the columns of the largest singular values first): their gradient is zeroed before each
 step and their values are restored after it (so momentum/weight decay cannot move them either); once c = r, B is

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..core import Adapter, Factor, LowRank, PeftSpec, register, scale_of
+from ..core import Adapter, Factor, LowRank, LowRankConfig, PeftSpec, register, scale_of
 
 
 _LORA_FIELDS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "rslora": "use_rslora"}
@@ -33,16 +33,13 @@ def lora_spec(fixed: dict, load_match: dict, **extra_fields: str) -> PeftSpec:
           peft=lora_spec({"use_dora": False, "init_lora_weights": True},
                          {"use_dora": lambda v: not v,
                           "init_lora_weights": lambda v: v in (None, True, False, "gaussian")},
-                         lora_bias="lora_bias"))
+                         lora_bias="lora_bias"),
+          fast_serve="lowrank")
 class LoRA(Adapter):
     __doc__ = __doc__
 
     @dataclass
-    class Config:
-        r: int = 8
-        alpha: float = 16.0
-        dropout: float = 0.0
-        rslora: bool = False
+    class Config(LowRankConfig):
         lora_bias: bool = False
         init: str = "default"  # "default" (kaiming A, zero B) | "gaussian"
 

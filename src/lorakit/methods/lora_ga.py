@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..core import register
+from ..core import LowRankConfig, register
 from ..errors import ConfigError
 from ._svd import SavedResidualLoRA, svd_full
 
@@ -41,11 +41,7 @@ class LoRAGA(SavedResidualLoRA):
     calibration = "gradients"
 
     @dataclass
-    class Config:
-        r: int = 8
-        alpha: float = 16.0
-        dropout: float = 0.0
-        rslora: bool = False
+    class Config(LowRankConfig):
         direction: str = "ArB2r"  # "ArB2r" | "ArBr" | "A2rBr"
         scale_mode: str = "stable"  # "stable" | "unit" | "gd"
         stable_gamma: float = 16.0

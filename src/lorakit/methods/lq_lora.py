@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..core import register
+from ..core import LowRankConfig, register
 from ._quant import base_qcfg, fake_quant, lq_decompose, qcfg_of
 from .lora import LoRA
 
@@ -41,11 +41,8 @@ class LQLoRA(LoRA):
     layers = ("linear", "conv1d")
 
     @dataclass
-    class Config:
+    class Config(LowRankConfig):
         r: int = 64
-        alpha: float = 16.0
-        dropout: float = 0.0
-        rslora: bool = False
         bits: int = 4  # the paper's NF3/NF4 presets: 3 or 4 bits, block 64, 8-bit constants in blocks of 256
         block: int = 64
         double_quant: bool = True
@@ -55,7 +52,6 @@ class LQLoRA(LoRA):
         seed: int = 0
 
     def __init__(self, base, cfg: Config, view=None):
-        cfg.lora_bias, cfg.init = False, "default"  # type: ignore[attr-defined]
         super().__init__(base, cfg, view)
         self.qcfg = qcfg_of(cfg)
         self.register_buffer("A0", torch.zeros_like(self.lora_A.weight))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..core import LowRank, register
+from ..core import LowRank, LowRankConfig, register
 from .lora import LoRA, lora_spec
 
 
@@ -46,18 +46,14 @@ class PiSSA(LoRA):
     init = "residual"
 
     @dataclass
-    class Config:
-        r: int = 8
+    class Config(LowRankConfig):
         alpha: float = 8.0
-        dropout: float = 0.0
-        rslora: bool = False
         niter: int = 0  # 0: full SVD; K: torch.svd_lowrank with K subspace iterations
         seed: int = 0
 
     layers = ("linear", "conv1d")
 
     def __init__(self, base, cfg: Config, view=None):
-        cfg.lora_bias, cfg.init = False, "default"  # type: ignore[attr-defined]
         super().__init__(base, cfg, view)
         self.register_buffer("A0", torch.zeros_like(self.lora_A.weight), persistent=False)
         self.register_buffer("B0", torch.zeros_like(self.lora_B.weight), persistent=False)

@@ -8,7 +8,7 @@ layers, r=64, α=16, dropout 0.1 (7B/13B), lr 2e-4, constant schedule, max_grad_
 
 Design (an adapter never owns or replaces its base module):
 
-* **Real memory saving** comes from the base: ``lorakit.quant.quantize_model(model)`` (the trainer does it when
+* **Real memory saving** comes from the base: ``lorakit.quant_model.quantize_model(model)`` (the trainer does it when
   the run config says ``model.quantize: nf4``) swaps ``nn.Linear`` for ``QuantLinear`` (packed codes + constants,
   ``weight`` dequantises on access). On such a base ``init_from`` does nothing: output == ``dequant(W_q)x`` at init.
 * **On a float base** ``init_from`` *simulates* it exactly: the base becomes ``dequant(quant(W))`` (the same fp32
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import quant
-from ..core import register
+from ..core import LowRankConfig, register
 from ._quant import base_qcfg, fake_quant, qcfg_of
 from .lora import LoRA
 
@@ -44,18 +44,15 @@ class QLoRA(LoRA):
     example = {"dropout": 0.0}  # the paper's 0.1 would make the tiny (train-mode) contract models random
 
     @dataclass
-    class Config:
+    class Config(LowRankConfig):
         r: int = 64
-        alpha: float = 16.0
         dropout: float = 0.1
-        rslora: bool = False
         bits: int = 4  # NF4 (2, 3 and 8 give NF-k)
         block: int = 64
         double_quant: bool = True
         dq_block: int = 256
 
     def __init__(self, base, cfg: Config, view=None):
-        cfg.lora_bias, cfg.init = False, "default"  # type: ignore[attr-defined]
         super().__init__(base, cfg, view)
         self.qcfg = qcfg_of(cfg)
 
@@ -64,7 +61,7 @@ class QLoRA(LoRA):
         if quant.is_quantized(self.base):
             base_qcfg(self, self.qcfg)
             return None  # already stored quantised: nothing to simulate
-        log.debug("qlora on a float base: simulating %s (use lorakit.quant.quantize_model to save memory)",
+        log.debug("qlora on a float base: simulating %s (use lorakit.quant_model.quantize_model to save memory)",
                   self.qcfg)
         return fake_quant(weight, self.qcfg)
 

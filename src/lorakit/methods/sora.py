@@ -20,13 +20,13 @@ After training :func:`lorakit.rank.prune_gates` gives the plain LoRA ``B' = s·B
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from ..controllers import Controller
-from ..core import LowRank, register
+from ..core import LowRank, LowRankConfig, register
 from .lora import LoRA
 
 
@@ -35,10 +35,8 @@ class SoRA(LoRA):
     __doc__ = __doc__
 
     @dataclass
-    class Config:
-        r: int = 8
-        alpha: float = 16.0
-        dropout: float = 0.0
+    class Config(LowRankConfig):
+        rslora: bool = field(default=False, init=False)  # the paper's scale is α/r
         sparse_lambda_2: float = 3e-4  # ξ: proximal threshold applied after each optimiser step
         l1: float = 1e-3  # weight of l1·Σ|g|/#gates in the loss (official --sparse_lambda, default 1e-3)
         lambda_schedule: str | None = None  # None | "linear" | "log_linear" | "exp_linear"
@@ -49,7 +47,6 @@ class SoRA(LoRA):
     layers = ("linear", "conv1d", "embedding", "conv2d")
 
     def __init__(self, base, cfg: Config, view=None):
-        cfg.lora_bias, cfg.rslora, cfg.init = False, False, "default"  # type: ignore[attr-defined]
         super().__init__(base, cfg, view)
         if cfg.lambda_schedule not in (None, "linear", "log_linear", "exp_linear"):
             raise ValueError(f"lambda_schedule={cfg.lambda_schedule!r}; valid: linear, log_linear, exp_linear")

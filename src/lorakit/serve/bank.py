@@ -23,7 +23,6 @@ recompiles of the model code; the plan itself is data-dependent eager work).
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import threading
@@ -34,9 +33,10 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AttachConfig
-from ..core import Adapted, LayerView, get_method
+from ..core import Adapted, LayerView, LowRankConfig, get_method, scale_of
 from ..errors import AdapterFileError, ConfigError
-from ..io import PREFIX, _config_from_peft, _read_tensors, read_adapter_config
+from ..formats.peft import PREFIX, read_adapter_config, read_tensors
+from ..io import _config_from_peft
 from ..targets import match
 
 log = logging.getLogger(__name__)
@@ -414,9 +414,6 @@ def set_ids(model: nn.Module, ids) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-_FAST = {"lora", "dora"}
-
-
 @torch.no_grad()
 def _gain(lay: BankLinear, A: Tensor, sB: Tensor, m: Tensor) -> Tensor:
     """DoRA gain ``m/‖W + sBA‖_row`` by the expanded square (no d_out×d_in temporary)."""
@@ -446,7 +443,7 @@ def read_served(bank: AdapterBank, directory: str | os.PathLike, name: str) -> S
     """Read an adapter directory (lorakit or PEFT format) into a :class:`ServedAdapter` for ``bank``."""
     d = Path(directory)
     conf = read_adapter_config(d)
-    tensors = _read_tensors(d)
+    tensors = read_tensors(d)
     cfg = _config_of(bank, conf, d)
     if cfg.trainable:
         raise AdapterFileError(f"adapter {name!r} trains whole modules ({cfg.trainable}); such an adapter changes "
@@ -471,17 +468,20 @@ def read_served(bank: AdapterBank, directory: str | os.PathLike, name: str) -> S
     for p, own_file in by_path.items():
         lay = bank.layers[p]
         mcfg = default_cfg if default_cfg is not None else cfg.method_config(p, method)
-        if method.name in _FAST and not getattr(mcfg, "lora_bias", False):
+        if isinstance(mcfg, LowRankConfig) and mcfg.lora_bias:
+            raise AdapterFileError(f"adapter {name!r} adds a trained bias to the low-rank output (lora_bias); the "
+                                   "bank serves factors only (merge it into its own model instead)")
+        if method.fast_serve is not None:  # declared: the file's factors and the LowRankConfig scale are the adapter
             try:
                 A, B = own_file["lora_A.weight"], own_file["lora_B.weight"]
             except KeyError as e:
                 raise AdapterFileError(f"adapter {name!r}: '{p}' lacks {e}") from None
-            from ..core import scale_of
-
             s = scale_of(mcfg.alpha, mcfg.r, mcfg.rslora)
-            mag = own_file.get("lora_magnitude_vector") if method.name == "dora" else None
-            if mag is None and method.name == "dora":
-                raise AdapterFileError(f"adapter {name!r}: DoRA '{p}' lacks lora_magnitude_vector")
+            mag = None
+            if method.fast_serve == "lowrank+magnitude":
+                mag = own_file.get("lora_magnitude_vector")
+                if mag is None:
+                    raise AdapterFileError(f"adapter {name!r} ({method.name}): '{p}' lacks lora_magnitude_vector")
         else:
             A, B, s, mag = _generic_lowrank(lay, method, mcfg, own_file, name, p)
         W = lay.base_layer.weight
@@ -543,5 +543,5 @@ def served_from_model(bank: AdapterBank, model: nn.Module, adapter: str, name: s
 
 
 def adapter_info(directory: str | os.PathLike) -> dict:
-    conf = json.loads((Path(directory) / "adapter_config.json").read_text())
+    conf = read_adapter_config(directory)
     return {"peft_type": conf.get("peft_type"), "r": conf.get("r"), "base": conf.get("base_model_name_or_path")}

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterFileError, ConfigError, LorakitError
-from ..io import PREFIX
+from ..formats.peft import read_adapter_config
 
 log = logging.getLogger(__name__)
 
@@ -73,27 +72,18 @@ def export_adapter(adapter_dir: str | Path, out: str | Path, fmt: str, model=Non
 
     model = copy.deepcopy(model)
     sa = _lowrank_of(model, adapter_dir, "vLLM" if fmt == "vllm" else "llama.cpp")
-    conf_in = json.loads((adapter_dir / "adapter_config.json").read_text())
+    conf_in = read_adapter_config(adapter_dir)
     base_name = conf_in.get("base_model_name_or_path") or getattr(model.config, "_name_or_path", None)
     ranks = {p: A.shape[0] for p, (A, _, _) in sa.layers.items()}
     r_max = max(ranks.values())
     if fmt == "vllm":
-        state = {}
-        for p, (A, sB, _) in sa.layers.items():
-            state[f"{PREFIX}{p}.lora_A.weight"] = A.float().contiguous()
-            state[f"{PREFIX}{p}.lora_B.weight"] = sB.float().contiguous()
-        leaves = sorted({p.rsplit(".", 1)[-1] for p in ranks})
-        conf = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
-                "r": r_max, "lora_alpha": r_max, "target_modules": leaves, "lora_dropout": 0.0, "bias": "none",
-                "use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "init_lora_weights": True,
-                "modules_to_save": None, "inference_mode": True,
-                "rank_pattern": {p: r for p, r in ranks.items() if r != r_max},
-                "alpha_pattern": {p: r for p, r in ranks.items() if r != r_max}}
-        from safetensors.torch import save_file
+        from ..formats.peft_lora import PeftLoraConfig, write_lora
 
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (out / "adapter_config.json").write_text(json.dumps(conf, indent=2, sort_keys=True))
+        # sB carries each module's scale: alpha = r per module makes every PEFT/vLLM scale 1
+        cfg = PeftLoraConfig.for_modules(ranks, {p: r for p, r in ranks.items()},
+                                         target_modules=sorted({p.rsplit(".", 1)[-1] for p in ranks}),
+                                         task_type="CAUSAL_LM", base_model_name_or_path=base_name)
+        write_lora(out, cfg, {p: (A, sB) for p, (A, sB, _) in sa.layers.items()})
         return out
 
     import gguf

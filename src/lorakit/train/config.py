@@ -23,7 +23,7 @@ class ModelSection:
     name: str | None = None  # a lorakit model (smollm2-135m, minilm-l6) or a local HF directory; None: the task's
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # base weights
     gradient_checkpointing: bool = False
-    quantize: Literal["none", "nf4"] = "none"  # nf4: lorakit.quant.quantize_model (QLoRA's 4-bit base) before attach
+    quantize: Literal["none", "nf4"] = "none"  # nf4: lorakit.quant_model.quantize_model (QLoRA's 4-bit base) before attach
 
 
 @dataclass

@@ -236,7 +236,7 @@ def run_training(config: RunConfig | dict | None = None, *, resume: bool = False
             acfg[k] = v
     cfg.adapter = AttachConfig.make(acfg).to_dict()
     if cfg.model.quantize == "nf4":  # QLoRA's 4-bit base: every linear but the output head and trained modules
-        from ..quant import quantize_model
+        from ..quant_model import quantize_model
 
         quantize_model(model, exclude=cfg.adapter.get("trainable") or None)
     if rank == 0:
