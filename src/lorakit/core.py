@@ -34,7 +34,7 @@ from .errors import ConfigError, MergeError, TargetError
 
 __all__ = [
     "LowRank", "PeftSpec", "LayerView", "Adapter", "Adapted", "ModulesToSave", "BatchContext",
-    "register", "REGISTRY", "get_method", "adaptable", "Factor",
+    "register", "REGISTRY", "get_method", "adaptable", "Factor", "embed_scale",
 ]
 
 
@@ -105,6 +105,23 @@ def adaptable(m: nn.Module) -> str | None:
     return None
 
 
+def embed_scale(m: nn.Module) -> float | Tensor | None:
+    """The constant an embedding module multiplies its output by (its ``embed_scale`` attribute: a number or a
+    one-element tensor, as transformers' ``*ScaledWordEmbedding`` classes declare it), or None if it has none.
+
+    Detected by the declared attribute, not by class name; anything else under that name is refused, because the
+    adapter could not know how the module scales its output."""
+    s = getattr(m, "embed_scale", None)
+    if s is None or isinstance(s, bool):
+        return None
+    if isinstance(s, (int, float)):
+        return float(s)
+    if isinstance(s, Tensor) and s.numel() == 1:
+        return s
+    raise TargetError(f"{type(m).__name__} declares embed_scale={s if not isinstance(s, Tensor) else tuple(s.shape)}"
+                      "; lorakit adapts scaled embeddings whose embed_scale is a number or a one-element tensor")
+
+
 class LayerView:
     """The matrix view of one base layer (see the module docstring)."""
 
@@ -122,6 +139,9 @@ class LayerView:
         elif kind == "embedding":
             self.d_in, self.d_out = w.shape  # d_in = num_embeddings, d_out = embedding_dim
             self.padding_idx = base.padding_idx
+            # a scaled embedding (transformers' *ScaledWordEmbedding: output = table[ids] · embed_scale) declares
+            # its scale as ``embed_scale``; the adapter's delta must go through it as the base output does
+            self._scaled = base if embed_scale(base) is not None else None
         else:
             if base.groups != 1:
                 raise TargetError(f"cannot adapt a grouped Conv2d (groups={base.groups})")
@@ -153,9 +173,17 @@ class LayerView:
 
     # --- applying factors --------------------------------------------------------------------------------------
     def down(self, x: Tensor, A: Tensor) -> Tensor:
-        """Apply an (r, d_in) matrix to the layer input: linear (..., r); conv (N, r, H', W')."""
+        """Apply an (r, d_in) matrix to the layer input: linear (..., r); conv (N, r, H', W').
+
+        A scaled embedding's ``embed_scale`` is applied here, at the one entry from token ids into rank space, so
+        every delta built from ``down``/``dense`` and linear maps after it (``up``, ``rank_scale``, ``rank_mix``)
+        is scaled exactly as the base output is, and merging the unscaled ``ΔW`` into the table is exact."""
         if self.kind == "embedding":
-            return F.embedding(x, A.t(), padding_idx=self.padding_idx)
+            h = F.embedding(x, A.t(), padding_idx=self.padding_idx)
+            if self._scaled is not None:
+                s = embed_scale(self._scaled)
+                h = h * (s.to(h.dtype) if isinstance(s, Tensor) else s)
+            return h
         if self.kind == "conv2d":
             A4 = A.reshape(A.shape[0], *self.in_shape)
             if self._conv is not None:  # non-zero padding modes: reuse the base layer's padding logic
@@ -432,6 +460,10 @@ class Adapted(nn.Module):
         self.active: tuple[str, ...] = ()
         self.merged_names: tuple[str, ...] = ()
         self._stash: Any = None
+        # tied weights (lorakit.ties): where else in the model the base weight Parameter is used (set by attach),
+        # and, while the base holds a private copy, (the shared Parameter, why it was untied)
+        self.tied_to: tuple[str, ...] = ()
+        self._untied: tuple[Tensor, str] | None = None
         self._register_load_state_dict_pre_hook(_accept_unwrapped_keys, with_module=True)
 
     @property
@@ -468,9 +500,11 @@ class Adapted(nn.Module):
                 raise MergeError(f"adapter '{n}' ({a.name}) is not mergeable: its output depends on the input "
                                  "(routing/gating), so it cannot be folded into one weight")
         view = next(iter(self.adapters.values())).view
-        w = quant.get_weight(self.base_layer)
         if self._stash is None:
-            self._stash = quant.snapshot(self.base_layer)  # quantised bases stash their packed storage
+            # a tied base gets a private copy to merge into (the shared Parameter, untouched, is the stash);
+            # otherwise quantised bases stash their packed storage
+            self._stash = _UNTIED if untie(self, "merge") else quant.snapshot(self.base_layer)
+        w = quant.get_weight(self.base_layer)
         m = view.matrix(w).float()
         for n in names:
             m = self.adapters[n].merge(m)
@@ -481,7 +515,10 @@ class Adapted(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> tuple[str, ...]:
         names = self.merged_names
-        if self._stash is not None:
+        if self._stash is _UNTIED:
+            retie(self)
+            self._stash = None
+        elif self._stash is not None:
             quant.restore(self.base_layer, self._stash)
             self._stash = None
         self.merged_names = ()
@@ -489,6 +526,33 @@ class Adapted(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active}" + (f", merged={self.merged_names}" if self.merged_names else "")
+
+
+_UNTIED = "untied"  # Adapted._stash while merged into a private copy of a tied base
+
+
+def untie(host: Adapted, why: str) -> bool:
+    """Before lorakit writes into the base weight of ``host``: if that Parameter is tied (shared with other modules,
+    ``host.tied_to``), give the base a private copy, so the write changes this module only and every module that
+    shares the weight keeps the original. Returns True if it untied now (False: not tied, or already untied).
+
+    Semantics (docs/design.md, "Tied weights"): an adapter changes the module it is attached to, never the other
+    users of its weight, merged or not; :func:`retie` puts the shared Parameter object back."""
+    if not host.tied_to or host._untied is not None:
+        return False
+    base = host.base_layer
+    shared = base.weight
+    with torch.no_grad():
+        base.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+    host._untied = (shared, why)
+    return True
+
+
+def retie(host: Adapted) -> None:
+    """Undo :func:`untie`: the base uses the shared Parameter object again (bit-exact, ties restored)."""
+    if host._untied is not None:
+        host.base_layer.weight = host._untied[0]
+        host._untied = None
 
 
 def _accept_unwrapped_keys(module, state_dict, prefix, *args, **kwargs):

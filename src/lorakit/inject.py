@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from . import quant
 from .config import AttachConfig
-from .core import Adapted, Adapter, BatchContext, LayerView, ModulesToSave, get_method
+from .core import Adapted, Adapter, BatchContext, LayerView, ModulesToSave, get_method, retie, untie
 from .errors import ConfigError, TargetError
 from .targets import match
 
@@ -98,6 +98,7 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
         except AttributeError:
             raise TargetError(f"trainable module '{t}' does not exist in {type(model).__name__}") from None
     paths = match(model, cfg.targets, cfg.exclude, cfg.layers, cfg.layers_pattern, skip=cfg.trainable)
+    _check_not_shared(model, paths)
 
     # 1) build every adapter (nothing on the model changes yet)
     built: list[tuple[str, nn.Module, Adapter]] = []
@@ -149,6 +150,7 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
             b = getattr(m, "bias", None)
             if isinstance(b, nn.Parameter) and id(b) not in meta["bias_stash"]:
                 meta["bias_stash"][id(b)] = (b, b.detach().clone())
+    _find_ties(model)
     meta["adapters"][name] = {"config": cfg, "paths": paths, "handles": []}
     try:
         meta["adapters"][name]["handles"] = list(method.bind(model, name, [a for _, _, a in built]))
@@ -183,12 +185,46 @@ def init_adapters(model: nn.Module, name: str = "default", stats: dict | None = 
             a.reset_parameters()
         new = a.init_from(a.view.matrix(w).float(), (stats or {}).get(path))
         if new is not None:
+            untie(h, "init")  # a tied base: the residual base is this module's alone (detach reties)
+            w = h.base_layer.weight
             originals = h.__dict__.setdefault("_originals", {})
             if not originals:
                 originals[name] = quant.snapshot(h.base_layer)
             else:
                 originals.setdefault(name, None)
             quant.set_weight(h.base_layer, a.view.native(new).to(w.dtype))
+
+
+def _check_not_shared(model: nn.Module, paths: list[str]) -> None:
+    """A module object used at two paths (module-level sharing) cannot be adapted at one of them exactly: the host
+    replaces one path, while a merge would change the other too. Refuse before anything changes."""
+    where: dict[int, list[str]] = {}
+    for p, m in model.named_modules(remove_duplicate=False):
+        where.setdefault(id(m), []).append(p)
+    for path in paths:
+        mod = model.get_submodule(path)
+        base = mod.base_layer if isinstance(mod, Adapted) else mod
+        uses = [p for p in where.get(id(base), []) if p not in (path, f"{path}.base_layer")]
+        if uses:
+            raise TargetError(f"'{path}' ({type(base).__name__}) is the same module object as '{uses[0]}': an adapter "
+                              "on one of them cannot be merged exactly. Exclude it, or give the model separate "
+                              "modules that share (tie) the weight Parameter instead")
+
+
+def _find_ties(model: nn.Module) -> None:
+    """Record on every host where else its base weight Parameter is used (tied input/output embeddings): merging
+    and residual inits then write into a private copy (``core.untie``), so only the adapted module changes."""
+    users: dict[int, list[str]] = {}
+    for mp, m in model.named_modules(remove_duplicate=False):
+        for pn, prm in m._parameters.items():
+            if prm is not None:
+                users.setdefault(id(prm), []).append(f"{mp}.{pn}" if mp else pn)
+    for path, h in hosts(model):
+        w = h.base_layer._parameters.get("weight")
+        if h._untied is not None:
+            w = h._untied[0]
+        own = f"{path}.base_layer.weight"
+        h.tied_to = tuple(u for u in users.get(id(w), []) if u != own) if w is not None else ()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -287,6 +323,8 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
                 if originals.get(n) is not None:
                     quant.restore(h.base_layer, originals[n])
                 originals.pop(n, None)
+        if not originals:
+            retie(h)  # no residual base left: a tied base shares the original Parameter again
         h.active = tuple(a for a in h.active if a not in names)
         if not h.adapters:
             _set_module(model, path, h.base_layer)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from . import quant
 from .config import AttachConfig, to_dict
-from .core import REGISTRY, Adapted, Adapter, ModulesToSave, get_method
+from .core import REGISTRY, Adapted, Adapter, ModulesToSave, get_method, untie
 from .errors import AdapterFileError, ConfigError, LorakitError
 from .inject import _meta, attach, attached, detach, hosts
 
@@ -362,6 +362,8 @@ def _load_into(model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
         own = a.from_file(file_part)
         new = a.on_load(a.view.matrix(w).float(), own)
         if new is not None:
+            untie(h, "init")  # a tied base: the rebuilt residual base is this module's alone (detach reties)
+            w = h.base_layer.weight
             originals = h.__dict__.setdefault("_originals", {})
             originals.setdefault(name, quant.snapshot(h.base_layer))
             quant.set_weight(h.base_layer, a.view.native(new).to(w.dtype))
