@@ -125,7 +125,7 @@ def test_merge_and_unload_same_function(method, case, tmp_path):
         pytest.skip("this configuration is not mergeable")
     assert not list(lorakit.hosts(model))
     assert close(run(model, x).detach(), out), f"{method}: merge_and_unload changed the function"
-    if not hasattr(model, "save_pretrained"):
+    if case not in ("tied", "scaled"):  # the models whose merged weights differ in layout from the base's
         return
     model.save_pretrained(tmp_path / "merged")
     reloaded = type(model).from_pretrained(tmp_path / "merged").eval()

@@ -16,7 +16,11 @@ transformers ``Conv1D`` ``weight.T``          ``x @ A.T`` (the stored weight is 
 ======================  ====================  ==================================================
 
 A method writes its maths with ``view.down(x, A)``, ``view.up(h, B)``, ``view.rank_scale(h, v)``,
-``view.rank_mix(h, M)`` and ``view.dense(x, M)``, and works on every layer type for free.
+``view.rank_mix(h, M)`` and ``view.dense(x, M)``, and works on every layer type for free. A scaled embedding
+(``embed_scale``) is scaled in ``down``, so such deltas are scaled like the base output.
+
+Tied weights: merging into a base whose weight Parameter other modules share writes into a private copy
+(:func:`untie`) and unmerging/detaching puts the shared Parameter back (:func:`retie`); see docs/design.md.
 """
 from __future__ import annotations
 
