@@ -202,6 +202,22 @@ def test_float_scaled_embedding_merges_exactly(method):
     assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
 
 
+def test_float_embed_scale_lora_matches_peft_both_ways(tmp_path):
+    peft = pytest.importorskip("peft")
+    m = ScaledNet()
+    ids = IDS % 30
+    lorakit.attach(m, {"method": "lora", "targets": ["emb"], "r": 2, "alpha": 3})
+    randomize(m)
+    ref = m(ids).detach()
+    lorakit.save_adapter(m, tmp_path / "lk")
+    pm = peft.PeftModel.from_pretrained(ScaledNet(), str(tmp_path / "lk")).eval()
+    assert close(pm(ids).detach(), ref), "PEFT computes something else from lorakit's file"
+    pm.save_pretrained(str(tmp_path / "pf"))
+    fresh = ScaledNet()
+    lorakit.load_adapter(fresh, tmp_path / "pf")
+    assert close(fresh(ids).detach(), ref), "lorakit computes something else from PEFT's file"
+
+
 @pytest.mark.parametrize("bad", [torch.ones(12), "sqrt(d)"])
 def test_unusable_embed_scale_is_refused(bad):
     m = ScaledNet()
