@@ -128,6 +128,22 @@ def test_residual_init_on_tied_embedding_loads_and_detaches(tmp_path):
     assert tied(m) and torch.equal(run(m, IDS), head0)
 
 
+def test_gradient_calibration_of_a_tied_embedding_is_its_own_use():
+    """Gradient-based inits (LoRA-SB, ...) on a tied embedding see the gradient of the embedding's use of the
+    weight, as on an untied model with the same values (not the sum with the head's); the tie is kept."""
+    m = tiny_llama(tie_word_embeddings=True)
+    untied_m = copy.deepcopy(m)
+    untied_m.lm_head.weight = nn.Parameter(untied_m.lm_head.weight.detach().clone())
+    assert torch.equal(run(m, IDS), run(untied_m, IDS))
+    batches = [IDS, IDS.flip(0)]
+    loss = lambda mdl, b: run(mdl, b).float().pow(2).mean()  # noqa: E731
+    paths = ["model.embed_tokens"]
+    got = lorakit.calibrate(m, paths, batches, "gradients", loss_fn=loss)[paths[0]]["grad"]
+    want = lorakit.calibrate(untied_m, paths, batches, "gradients", loss_fn=loss)[paths[0]]["grad"]
+    assert want.abs().max() > 0 and torch.allclose(got, want, atol=1e-7, rtol=1e-5)
+    assert tied(m) and m.lm_head.weight.grad is None
+
+
 def test_module_used_at_two_paths_is_refused():
     """One module object at two paths cannot be adapted exactly at one of them: refused before any change."""
 

@@ -438,6 +438,7 @@ def calibrate(model: nn.Module, paths: list[str], batches: Iterable, kind: str,
     model.eval()
     handles = []
     flags = {id(p): p.requires_grad for p in model.parameters()}
+    untied: list[tuple[nn.Module, nn.Parameter]] = []  # tied weights given a private copy while calibrating
     n_batches = 0
     try:
         if kind == "activations":
@@ -472,7 +473,13 @@ def calibrate(model: nn.Module, paths: list[str], batches: Iterable, kind: str,
                                       f"({type(m).__name__}); calibrate before quantising the base")
             for p in model.parameters():
                 p.requires_grad_(False)
+            uses: dict[int, int] = {}
+            for _, prm in model.named_parameters(remove_duplicate=False):
+                uses[id(prm)] = uses.get(id(prm), 0) + 1
             for m in mods.values():
+                if uses.get(id(m.weight), 0) > 1:  # tied: the gradient of this module's use of the weight only
+                    untied.append((m, m.weight))
+                    m.weight = nn.Parameter(m.weight.detach().clone())
                 m.weight.requires_grad_(True)
                 m.weight.grad = None
             for b in batches:
@@ -495,6 +502,8 @@ def calibrate(model: nn.Module, paths: list[str], batches: Iterable, kind: str,
                     stats[p] = {"grad": v.matrix(s["grad"]) / n_batches, "grad_sq": v.matrix(s["grad_sq"]) / n_batches,
                                 "n": n_batches}
     finally:
+        for m, shared in untied:
+            m.weight = shared
         for h in handles:
             h.remove()
         for p in model.parameters():
