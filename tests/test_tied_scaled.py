@@ -92,6 +92,24 @@ def test_tied_and_scaled_gemma_merge_and_unload_saves_untied(tmp_path):
     assert torch.equal(back.get_input_embeddings().weight, m.get_input_embeddings().weight)
 
 
+def test_trained_copy_of_a_tied_head_unloads_untied(tmp_path):
+    """``trainable: [lm_head]`` trains a copy of a tied head: after merge_and_unload the head is that copy, so the
+    model is untied and must say so, or from_pretrained would tie the trained head back to the embedding."""
+    from transformers import LlamaForCausalLM
+
+    m = tiny_llama(tie_word_embeddings=True)
+    lorakit.attach(m, {"method": "lora", "targets": ["q_proj"], "r": 2, "trainable": ["lm_head"]})
+    randomize(m)
+    with torch.no_grad():
+        m.lm_head.copies["default"].weight.add_(0.1)
+    out = run(m, IDS).detach()
+    lorakit.merge_and_unload(m)
+    assert not tied(m) and m.config.tie_word_embeddings is False
+    assert close(run(m, IDS).detach(), out)
+    m.save_pretrained(tmp_path / "merged")
+    assert close(run(LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval(), IDS).detach(), out)
+
+
 def test_untied_merge_keeps_config_and_parameters():
     """Only tied bases are copied: merging an untied base writes in place (the Parameter object is unchanged), and
     merge_and_unload of an adapter away from tied weights leaves tie_word_embeddings alone."""

@@ -464,7 +464,7 @@ class Adapted(nn.Module):
         self.active: tuple[str, ...] = ()
         self.merged_names: tuple[str, ...] = ()
         self._stash: Any = None
-        # tied weights (lorakit.ties): where else in the model the base weight Parameter is used (set by attach),
+        # tied weights (untie/retie below): where else in the model the base weight Parameter is used (set by attach),
         # and, while the base holds a private copy, (the shared Parameter, why it was untied)
         self.tied_to: tuple[str, ...] = ()
         self._untied: tuple[Tensor, str] | None = None

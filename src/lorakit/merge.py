@@ -88,21 +88,18 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active adapters for good and remove every host; returns the plain base model (same object).
 
     Trainable module copies (``trainable``/modules_to_save) of the active adapter replace the originals.
-    An adapter on a module whose weight is tied to another (input embedding and output head) is merged into that
-    module alone: the returned model has untied weights and ``tie_word_embeddings=False``, computes what the
-    unmerged adapter computed, and saves/reloads both tensors with ``save_pretrained``/``from_pretrained``.
+    An adapter (or a trained copy) on a module whose weight is tied to another (input embedding and output head)
+    is merged into that module alone: the returned model has untied weights and ``tie_word_embeddings=False``,
+    computes what the unmerged adapter computed, and saves/reloads both tensors with ``save_pretrained``.
     """
     _check_mergeable(model)
-    untied = False
     for path, h in list(hosts(model)):
         h.merge(h.active)
-        untied = untied or h._untied is not None
         _set_module(model, path, h.base_layer)
-    if untied:
-        _record_untied(model)
     for path, m in list(model.named_modules()):
         if isinstance(m, ModulesToSave):
             _set_module(model, path, m.copies[m.active[-1]] if m.active else m.original_module)
+    _record_untied(model)  # merged tied bases and trained copies of a tied module are no longer tied
     meta = _meta(model)
     meta["adapters"].clear()
     meta["bias_stash"].clear()
