@@ -144,6 +144,29 @@ def test_residual_init_on_tied_embedding_loads_and_detaches(tmp_path):
     assert tied(m) and torch.equal(run(m, IDS), head0)
 
 
+@pytest.mark.parametrize("order", [("a", "b"), ("b", "a")])
+def test_two_residual_adapters_and_a_merge_on_a_tied_embedding_come_off_in_any_order(order):
+    """The host's snapshot stack on a tied base: the first change unties, the last release reties (same object)."""
+    m = tiny_llama(tie_word_embeddings=True)
+    shared = m.lm_head.weight
+    sd0 = {k: v.clone() for k, v in m.state_dict().items()}
+    base = run(m, IDS).detach()
+    for n in ("a", "b"):
+        lorakit.attach(m, {"method": "loldu", "targets": ["embed_tokens"], "r": 2}, n)
+    lorakit.set_active(m, ["a", "b"])
+    randomize(m, std=0.02)
+    out = run(m, IDS).detach()
+    with lorakit.merged(m):
+        assert close(run(m, IDS).detach(), out)
+        assert m.lm_head.weight is shared and torch.equal(shared, sd0["lm_head.weight"])
+    lorakit.detach(m, order[0])
+    assert m.lm_head.weight is shared and not tied(m)
+    lorakit.detach(m, order[1])
+    assert tied(m) and m.lm_head.weight is shared
+    assert all(torch.equal(v, sd0[k]) for k, v in m.state_dict().items())
+    assert torch.equal(run(m, IDS), base)
+
+
 def test_gradient_calibration_of_a_tied_embedding_is_its_own_use():
     """Gradient-based inits (LoRA-SB, ...) on a tied embedding see the gradient of the embedding's use of the
     weight, as on an untied model with the same values (not the sum with the head's); the tie is kept."""

@@ -5,8 +5,9 @@ from .controllers import Controller  # first: the submodule must not shadow the 
 from .config import AttachConfig
 from .core import REGISTRY, Adapter, Adapted, LowRank, PeftSpec, register
 from .errors import AdapterFileError, AssetError, ConfigError, LorakitError, MergeError, TargetError
-from .inject import (active_names, adapter_stats, adapters, attach, attached, batch_context, calibrate, controllers,
-                     detach, disabled, extra_loss, hosts, output_loss, init_adapters, set_active, summary)
+from .attachments import Attachment, Member
+from .inject import (active_names, adapter_stats, adapters, attach, attached, attachment, batch_context, calibrate,
+                     controllers, detach, disabled, extra_loss, hosts, output_loss, init_adapters, set_active, summary)
 from .io import load_adapter, read_adapter_config, save_adapter
 from .merge import merge, merge_and_unload, merged, unmerge
 from . import rank  # noqa: E402  (lorakit.rank.truncate / to_lora / prune_gates)
@@ -28,7 +29,7 @@ def methods() -> list[dict]:
 __all__ = [
     "__version__", "attach", "detach", "set_active", "disabled", "summary", "merge_and_unload", "merged", "merge",
     "unmerge", "save_adapter", "load_adapter", "read_adapter_config", "methods", "extra_loss", "output_loss", "adapter_stats",
-    "batch_context", "controllers", "calibrate", "init_adapters", "hosts", "adapters", "attached", "active_names",
+    "batch_context", "controllers", "attachment", "Attachment", "Member", "calibrate", "init_adapters", "hosts", "adapters", "attached", "active_names",
     "AttachConfig", "Adapter", "Adapted", "LowRank", "PeftSpec", "register", "REGISTRY", "Controller",
     "LorakitError", "ConfigError", "TargetError", "AdapterFileError", "MergeError", "AssetError",
 ]

@@ -12,23 +12,21 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .inject import attached, hosts
+from .attachments import get_attachment
 
 PREFIX = "base_model.model."
 
 
 @torch.no_grad()
 def residual_to_lora(model: nn.Module, name: str) -> tuple[dict[str, Tensor], dict]:
-    info = attached(model)[name]
-    cfg = info["config"]
+    att = get_attachment(model, name)
+    cfg = att.config
     state: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     rslora = bool(cfg.options.get("rslora", False))
-    for path, h in hosts(model):
-        if name not in h.adapters:
-            continue
-        a = h.adapters[name]
+    for m in att.members:
+        path, a = m.path, m.adapter
         init = getattr(a, "initial_lowrank", None)
         lr = a.lowrank()
         if init is None or lr is None or lr.magnitude is not None:

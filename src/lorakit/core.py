@@ -343,30 +343,60 @@ class Adapter(nn.Module):
         """Statistics for the metrics log (router load, entropy, current rank, ...)."""
         return {}
 
+    # --- whole-attach hooks: each receives the :class:`lorakit.attachments.Attachment` of one ``attach`` --------
     @classmethod
-    def output_loss(cls, model: nn.Module, name: str, outputs: Any, batch: Any) -> Tensor | None:
+    def context_keys(cls, cfg: Any) -> tuple[str, ...]:
+        """The per-batch context keys this method reads (``self.ctx.get(key)``) under config ``cfg``; ``attach``
+        warns when the caller's data never provides one (the mechanism that reads it would silently be off)."""
+        return ()
+
+    # how the per-module ``extra_loss()`` values of one attach combine: "sum" or "mean" (over the modules that
+    # returned a loss); a loss that is one function of every module overrides :meth:`attach_loss` instead
+    loss_reduction: ClassVar[str] = "sum"
+
+    @classmethod
+    def attach_loss(cls, att: Any) -> Tensor | None:
+        """The extra loss of one attach for the current step (collected by :func:`lorakit.extra_loss`).
+        Default: the modules' ``extra_loss()`` reduced by ``loss_reduction``."""
+        losses = [x for x in (m.adapter.extra_loss() for m in att.members if att.name in m.host.active)
+                  if x is not None]
+        if not losses:
+            return None
+        total = losses[0]
+        for x in losses[1:]:
+            total = total + x
+        if cls.loss_reduction == "mean":
+            return total / len(losses)
+        if cls.loss_reduction != "sum":
+            raise ConfigError(f"{cls.__name__}.loss_reduction must be 'sum' or 'mean', got {cls.loss_reduction!r}")
+        return total
+
+    @classmethod
+    def output_loss(cls, att: Any, outputs: Any, batch: Any) -> Tensor | None:
         """A loss on the model's outputs for the current batch (e.g. consistency with the pretrained model), once per
-        attached adapter ``name`` of this method; collected by :func:`lorakit.output_loss`. Default: none."""
+        active attach of this method; collected by :func:`lorakit.output_loss`. Default: none."""
         return None
 
     @classmethod
-    def controller(cls, model: nn.Module, name: str) -> Any:
-        """A :class:`lorakit.controllers.Controller` this method needs during training, or None."""
+    def controller(cls, att: Any) -> Any:
+        """A :class:`lorakit.controllers.Controller` this method needs during training, or None. Built once per
+        attach (``att.controller()`` caches it)."""
         return None
 
     # --- state shared by all adapters of one attach (shared random bases, ...) -----------------------------------
     @classmethod
-    def share(cls, adapters: list["Adapter"]) -> None:
-        """Called once by ``attach`` after every adapter of one name is built (before any init): set up state the
-        adapters share (e.g. one frozen random-basis module sized to the largest target). Default: nothing."""
+    def share(cls, att: Any) -> None:
+        """Called once by ``attach`` after every adapter of the attach is built (before any init and before anything
+        is installed): set up state the adapters share (e.g. one frozen random-basis module sized to the largest
+        target). Default: nothing."""
 
     @classmethod
-    def shared_to_file(cls, adapters: list["Adapter"]) -> dict[str, Tensor]:
+    def shared_to_file(cls, att: Any) -> dict[str, Tensor]:
         """Model-level tensors for the adapter file under their full file keys (PEFT's ``base_model.vera_A``)."""
         return {}
 
     @classmethod
-    def shared_from_file(cls, adapters: list["Adapter"], tensors: dict[str, Tensor]) -> set[str]:
+    def shared_from_file(cls, att: Any, tensors: dict[str, Tensor]) -> set[str]:
         """Take the file tensors that no single adapter claimed (full keys); return the keys used. Runs after
         the per-adapter tensors are validated and before they are set."""
         return set()
@@ -387,15 +417,15 @@ class Adapter(nn.Module):
                               f"{sorted(set(t.reshape(-1).tolist()))[:8]}")
 
     @classmethod
-    def bind(cls, model: nn.Module, name: str, adapters: list["Adapter"]) -> list:
-        """Model-level setup, once per attach after every adapter of ``name`` is installed on ``model`` (e.g.
-        X-LoRA's classifier and two-pass forward): may add state to the adapters and register hooks on the model;
-        returns the hooks' handles, which ``detach`` removes (so the model is restored exactly). Default: none."""
+    def bind(cls, att: Any) -> list:
+        """Model-level setup, once per attach after every adapter is installed on ``att.model`` (e.g. X-LoRA's
+        classifier and two-pass forward): may add state to the adapters and register hooks on the model; returns
+        the hooks' handles, which ``detach`` removes (so the model is restored exactly). Default: none."""
         return []
 
     # --- file mapping ------------------------------------------------------------------------------------------
     @classmethod
-    def file_config(cls, model: nn.Module, name: str, conf: dict) -> dict:
+    def file_config(cls, att: Any, conf: dict) -> dict:
         """Adjust the ``adapter_config.json`` about to be written from the trained state (e.g. AdaLoRA's
         ``rank_pattern`` after pruning). Default: unchanged."""
         return conf
@@ -463,11 +493,11 @@ class Adapted(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
         self.merged_names: tuple[str, ...] = ()
-        self._stash: Any = None
+        self._snapshots: list[tuple[str, Any]] = []
         # tied weights (untie/retie below): where else in the model the base weight Parameter is used (set by attach),
-        # and, while the base holds a private copy, (the shared Parameter, why it was untied)
+        # and, while the base holds a private copy, the shared Parameter
         self.tied_to: tuple[str, ...] = ()
-        self._untied: tuple[Tensor, str] | None = None
+        self._untied: tuple[Tensor] | None = None
         self._register_load_state_dict_pre_hook(_accept_unwrapped_keys, with_module=True)
 
     @property
@@ -492,7 +522,55 @@ class Adapted(nn.Module):
             y = self.adapters[name](x, y)
         return y
 
-    # --- merging (exact: the original weight is stashed, never recomputed) --------------------------------------
+    # --- the base's snapshot stack (exact restores for merges and base-changing inits) ----------------------------
+    # ``_snapshots`` holds ``(owner, weight storage before owner changed the base)``, oldest first. Owners are adapter
+    # names (residual inits such as PiSSA/CorDA) and MERGE (a merge). Releasing the top entry restores its snapshot
+    # bit-exactly; releasing one below takes out only that owner's change and hands its snapshot to the entry above,
+    # so the base comes back bit-exactly once every owner is gone, in any order.
+    MERGE: ClassVar[str] = "\x00merge"
+
+    def owns_base_change(self, owner: str) -> bool:
+        return any(o == owner for o, _ in self._snapshots)
+
+    @torch.no_grad()
+    def change_base(self, owner: str, native_weight: Tensor) -> None:
+        """Write a new base weight on behalf of ``owner`` (an adapter name or :attr:`MERGE`)."""
+        if not self.owns_base_change(owner):
+            if not self._snapshots:
+                untie(self)  # a tied base: the change is this module's alone (the last release reties)
+            self._snapshots.append((owner, quant.snapshot(self.base_layer)))
+        quant.set_weight(self.base_layer, native_weight)
+
+    @torch.no_grad()
+    def release_base(self, owner: str) -> None:
+        """Undo ``owner``'s change to the base (nothing if it made none)."""
+        idx = next((i for i, (o, _) in enumerate(self._snapshots) if o == owner), None)
+        if idx is None:
+            return
+        if idx == len(self._snapshots) - 1:
+            quant.restore(self.base_layer, self._snapshots.pop()[1])
+            if not self._snapshots:
+                retie(self)  # every change released: a tied base shares the original Parameter again
+            return
+        before, after = self._dense(self._snapshots[idx][1]), self._dense(self._snapshots[idx + 1][1])
+        w = quant.get_weight(self.base_layer)
+        quant.set_weight(self.base_layer, (w.float() - (after - before)).to(w.dtype))
+        self._snapshots[idx + 1] = (self._snapshots[idx + 1][0], self._snapshots[idx][1])
+        del self._snapshots[idx]
+
+    @torch.no_grad()
+    def _dense(self, snap: Any) -> Tensor:
+        """The fp32 weight a snapshot holds (quantised snapshots are decoded through the layer itself)."""
+        if isinstance(snap, Tensor):
+            return snap.float()
+        now = quant.snapshot(self.base_layer)
+        quant.restore(self.base_layer, snap)
+        try:
+            return quant.get_weight(self.base_layer).float().clone()
+        finally:
+            quant.restore(self.base_layer, now)
+
+    # --- merging (exact: the original weight is a snapshot, never recomputed) ------------------------------------
     @torch.no_grad()
     def merge(self, names: tuple[str, ...]) -> None:
         names = tuple(n for n in names if n not in self.merged_names)
@@ -504,27 +582,18 @@ class Adapted(nn.Module):
                 raise MergeError(f"adapter '{n}' ({a.name}) is not mergeable: its output depends on the input "
                                  "(routing/gating), so it cannot be folded into one weight")
         view = next(iter(self.adapters.values())).view
-        if self._stash is None:
-            # a tied base gets a private copy to merge into (the shared Parameter, untouched, is the stash);
-            # otherwise quantised bases stash their packed storage
-            self._stash = _UNTIED if untie(self, "merge") else quant.snapshot(self.base_layer)
         w = quant.get_weight(self.base_layer)
         m = view.matrix(w).float()
         for n in names:
             m = self.adapters[n].merge(m)
-        quant.set_weight(self.base_layer, view.native(m).to(w.dtype))
+        self.change_base(self.MERGE, view.native(m).to(w.dtype))  # quantised bases keep their packed storage
         self.merged_names = self.merged_names + names
         self.active = tuple(n for n in self.active if n not in names)
 
     @torch.no_grad()
     def unmerge(self) -> tuple[str, ...]:
         names = self.merged_names
-        if self._stash is _UNTIED:
-            retie(self)
-            self._stash = None
-        elif self._stash is not None:
-            quant.restore(self.base_layer, self._stash)
-            self._stash = None
+        self.release_base(self.MERGE)
         self.merged_names = ()
         return names
 
@@ -532,28 +601,26 @@ class Adapted(nn.Module):
         return f"active={self.active}" + (f", merged={self.merged_names}" if self.merged_names else "")
 
 
-_UNTIED = "untied"  # Adapted._stash while merged into a private copy of a tied base
-
-
-def untie(host: Adapted, why: str) -> bool:
-    """Before lorakit writes into the base weight of ``host``: if that Parameter is tied (shared with other modules,
-    ``host.tied_to``), give the base a private copy, so the write changes this module only and every module that
-    shares the weight keeps the original. Returns True if it untied now (False: not tied, or already untied).
+def untie(host: Adapted) -> bool:
+    """Before the first change to the base of ``host``: if its weight Parameter is tied (shared with other modules,
+    ``host.tied_to``, recorded by attach), give the base a private copy, so merges and base-changing inits change
+    this module only and every module that shares the weight keeps the original. Returns True if it untied now.
 
     Semantics (docs/design.md, "Tied weights"): an adapter changes the module it is attached to, never the other
-    users of its weight, merged or not; :func:`retie` puts the shared Parameter object back."""
+    users of its weight, merged or not; :func:`retie` (when the last change is released) puts the shared Parameter
+    object back, so the ties and the values come back exactly."""
     if not host.tied_to or host._untied is not None:
         return False
     base = host.base_layer
     shared = base.weight
     with torch.no_grad():
         base.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
-    host._untied = (shared, why)
+    host._untied = (shared,)
     return True
 
 
 def retie(host: Adapted) -> None:
-    """Undo :func:`untie`: the base uses the shared Parameter object again (bit-exact, ties restored)."""
+    """Undo :func:`untie`: the base uses the shared Parameter object again."""
     if host._untied is not None:
         host.base_layer.weight = host._untied[0]
         host._untied = None

@@ -14,34 +14,35 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import quant
 from .config import AttachConfig
-from .core import Adapted, Adapter, BatchContext, LayerView, ModulesToSave, get_method, retie, untie
-from .errors import ConfigError, TargetError
+from .attachments import Attachment, Member, attachments, get_attachment, registry
+from .core import Adapted, Adapter, BatchContext, LayerView, ModulesToSave, get_method
+from .errors import ConfigError, MergeError, TargetError
 from .targets import match
 
 log = logging.getLogger(__name__)
 
 __all__ = ["attach", "detach", "set_active", "disabled", "summary", "hosts", "adapters", "init_adapters",
-           "calibrate", "extra_loss", "output_loss", "adapter_stats", "batch_context", "controllers", "attached", "active_names"]
+           "calibrate", "extra_loss", "output_loss", "adapter_stats", "batch_context", "controllers", "attached", "active_names",
+           "attachment", "Attachment"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Book-keeping stored on the model (plain attributes, not modules: invisible to state_dict / save_pretrained)
+# Book-keeping: one Attachment per attach (lorakit.attachments), stored on the model as a plain attribute
 # ----------------------------------------------------------------------------------------------------------------
-def _meta(model: nn.Module) -> dict:
-    d = model.__dict__.get("_lorakit")
-    if d is None:
-        d = {"adapters": {}, "ctx": BatchContext(), "bias_stash": {}}
-        model.__dict__["_lorakit"] = d
-    return d
+_meta = registry
 
 
-def attached(model: nn.Module) -> dict[str, dict]:
-    """``{name: {"config": AttachConfig, "paths": [...]}}`` for each adapter on the model."""
-    return model.__dict__.get("_lorakit", {}).get("adapters", {})
+def attached(model: nn.Module) -> dict[str, Attachment]:
+    """``{name: Attachment}`` for each adapter on the model (``att["config"]`` / ``att["paths"]`` still work)."""
+    return attachments(model)
+
+
+def attachment(model: nn.Module, name: str = "default") -> Attachment:
+    """The :class:`~lorakit.attachments.Attachment` of adapter ``name`` (ConfigError naming the attached ones)."""
+    return get_attachment(model, name)
 
 
 def hosts(model: nn.Module) -> Iterator[tuple[str, Adapted]]:
@@ -73,25 +74,55 @@ def _adapter_dtype(cfg: AttachConfig, base_w: Tensor) -> torch.dtype:
     return base_w.dtype if base_w.dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def _grad_flags(model: nn.Module) -> dict[int, tuple[nn.Parameter, bool]]:
+    return {id(p): (p, p.requires_grad) for p in model.parameters()}
+
+
+def _restore_grad_flags(model: nn.Module, flags: dict | None, default: bool | None = None) -> None:
+    """Give every parameter the flag it had when ``flags`` was taken; parameters not in it get ``default``
+    (None: left as they are)."""
+    flags = flags or {}
+    for p in model.parameters():
+        got = flags.get(id(p))
+        if got is not None and got[0] is p:
+            p.requires_grad_(got[1])
+        elif default is not None:
+            p.requires_grad_(default)
+
+
+def _check_not_merged(model: nn.Module, what: str) -> None:
+    merged = [p for p, h in hosts(model) if h.merged_names]
+    if merged:
+        raise MergeError(f"cannot {what} while adapters are merged into the base (e.g. at '{merged[0]}'): call "
+                         "lorakit.unmerge(model) first (or leave the `with lorakit.merged(model)` block)")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "default", *, defer_init: bool = False,
-           calibration: Iterable | None = None, loss_fn: Callable | None = None, stats: dict | None = None
-           ) -> nn.Module:
+           calibration: Iterable | None = None, loss_fn: Callable | None = None, stats: dict | None = None,
+           provides: Iterable[str] | None = None) -> nn.Module:
     """Add adapter ``name`` (method and targets from ``config``) to ``model`` in place, make it the active one,
     freeze everything else, and run its init. Returns the same model.
 
     ``calibration``: batches (dicts for ``model(**batch)``) for data-dependent inits (CorDA, LoRA-GA, ...);
     ``loss_fn(model, batch) -> loss`` overrides ``model(**batch).loss`` for gradient-based inits.
     ``defer_init=True`` builds shapes only (meta-device flow); call :func:`init_adapters` after loading weights.
+    ``provides``: the per-batch context keys the caller will pass (:func:`batch_context`); a method that reads a
+    key not in it gets a warning (its mechanism would silently be off).
+
+    Every check runs before the first change, and a failure after it (an init, a hook) takes everything back,
+    so a failing ``attach`` leaves the model as it was. New modules take the train/eval mode of the layer they
+    adapt.
     """
     cfg = AttachConfig.make(config)
     method = get_method(cfg.method)
     if not isinstance(name, str) or not name or "." in name or "/" in name:
         raise ConfigError(f"adapter name {name!r} must be a non-empty string without '.' or '/'")
     meta = _meta(model)
-    if name in meta["adapters"]:
+    if name in meta["attachments"]:
         raise ConfigError(f"an adapter named '{name}' is already attached; detach it first or pick another name "
-                          f"(attached: {sorted(meta['adapters'])})")
+                          f"(attached: {sorted(meta['attachments'])})")
+    _check_not_merged(model, f"attach adapter '{name}'")
     for t in cfg.trainable:
         try:
             model.get_submodule(t)
@@ -99,9 +130,16 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
             raise TargetError(f"trainable module '{t}' does not exist in {type(model).__name__}") from None
     paths = match(model, cfg.targets, cfg.exclude, cfg.layers, cfg.layers_pattern, skip=cfg.trainable)
     _check_not_shared(model, paths)
+    if provides is not None:
+        provided = set(provides)
+        missing = sorted({k for p in [None, *paths] for k in method.context_keys(cfg.method_config(p, method))}
+                         - provided)
+        if missing:
+            log.warning("method '%s' reads the per-batch context key(s) %s, which this data never provides: that "
+                        "part of the method is off (pass them with lorakit.batch_context)", method.name, missing)
 
-    # 1) build every adapter (nothing on the model changes yet)
-    built: list[tuple[str, nn.Module, Adapter]] = []
+    # 1) build every adapter and its (not yet installed) host: nothing on the model changes yet
+    att = Attachment(name=name, config=cfg, method=method, model=model, trainable=list(cfg.trainable))
     rng = torch.random.fork_rng(devices=[]) if cfg.seed is not None else contextlib.nullcontext()
     with rng:
         if cfg.seed is not None:
@@ -120,50 +158,60 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
             if w.device.type != "meta":
                 a.reset_parameters()
             a.to(_adapter_dtype(cfg, w))
-            built.append((path, base, a))
-        method.share([a for _, _, a in built])
+            host = mod if isinstance(mod, Adapted) else Adapted(base)
+            att.members.append(Member(path, host, a))
+        method.share(att)
     if method.calibration and not defer_init and stats is None:
         if calibration is None:
             raise ConfigError(f"method '{method.name}' initialises from {method.calibration} of calibration data: "
                               "pass calibration=<batches> to attach() (the CLI does this from the training set)")
         stats = calibrate(model, paths, calibration, method.calibration, loss_fn=loss_fn)
 
-    # 2) install
+    # 2) install (rolled back by detach on any failure from here on)
+    if meta["grad_flags"] is None:  # the flags before the first attach: restored when the last adapter goes
+        meta["grad_flags"] = _grad_flags(model)
+    prev_active, prev_flags = tuple(meta["active"]), _grad_flags(model)
     ctx = meta["ctx"]
-    for path, base, a in built:
-        mod = model.get_submodule(path)
-        host = mod if isinstance(mod, Adapted) else Adapted(base)
-        if host is not mod:
-            _set_module(model, path, host)
-        a.ctx = ctx
-        host.adapters[name] = a
+    for m in att.members:
+        mod = model.get_submodule(m.path)
+        if m.host is not mod:
+            m.host.training = m.host.adapters.training = m.host.base_layer.training
+            _set_module(model, m.path, m.host)
+        m.adapter.ctx = ctx
+        m.host.adapters[name] = m.adapter
     for t in cfg.trainable:
         mod = model.get_submodule(t)
         wrap = mod if isinstance(mod, ModulesToSave) else ModulesToSave(mod)
         if wrap is not mod:
+            wrap.training = wrap.copies.training = mod.training
             _set_module(model, t, wrap)
         wrap.copies[name] = copy.deepcopy(wrap.original_module)
     if cfg.bias != "none":
-        owners = [model.get_submodule(p).base_layer for p in paths] if cfg.bias == "lora_only" else \
+        owners = [m.host.base_layer for m in att.members] if cfg.bias == "lora_only" else \
             [m for m in model.modules() if not isinstance(m, (Adapter, Adapted))]
         for m in owners:
             b = getattr(m, "bias", None)
             if isinstance(b, nn.Parameter) and id(b) not in meta["bias_stash"]:
                 meta["bias_stash"][id(b)] = (b, b.detach().clone())
     _find_ties(model)
-    meta["adapters"][name] = {"config": cfg, "paths": paths, "handles": []}
+    meta["attachments"][name] = att
     try:
-        meta["adapters"][name]["handles"] = list(method.bind(model, name, [a for _, _, a in built]))
+        att.handles = list(method.bind(att))
+        for m in att.members:  # new modules (adapters, and what bind added to them) take the layer's mode
+            m.adapter.train(m.host.base_layer.training)
+        set_active(model, name)
+        if not defer_init:
+            init_adapters(model, name, stats)
     except BaseException:
         detach(model, name)
+        if meta["attachments"]:
+            set_active(model, [n for n in prev_active if n in meta["attachments"]], trainable=False)
+            _restore_grad_flags(model, prev_flags)
         raise
-    set_active(model, name)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     log.info("attached '%s' (%s) to %d modules: %s trainable params (%.3f%%)", name, method.name, len(paths),
              f"{n_train:,}", 100.0 * n_train / max(n_all, 1))
-    if not defer_init:
-        init_adapters(model, name, stats)
     return model
 
 
@@ -171,28 +219,23 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
 def init_adapters(model: nn.Module, name: str = "default", stats: dict | None = None) -> None:
     """Run each adapter's ``init_from`` on its fp32 base matrix; write back a returned base (PiSSA-like inits).
 
-    The original base weight is stashed on the host first, so :func:`detach` restores it bit-exactly.
+    A base the init replaces is pushed on the host's snapshot stack, so :func:`detach` restores it bit-exactly.
     """
-    for path, h in hosts(model):
-        if name not in h.adapters:
-            continue
-        a = h.adapters[name]
+    att = get_attachment(model, name)
+    _check_not_merged(model, f"initialise adapter '{name}'")
+    for m in att.members:
+        h, a = m.host, m.adapter
         w = h.base_layer.weight
         if w.device.type == "meta":
-            raise ConfigError(f"'{path}' still has meta weights: load the base weights before init_adapters()")
+            raise ConfigError(f"'{m.path}' still has meta weights: load the base weights before init_adapters()")
         if any(p.device.type == "meta" for p in a.parameters()):
             a.to_empty(device=w.device)
             a.reset_parameters()
-        new = a.init_from(a.view.matrix(w).float(), (stats or {}).get(path))
+        h.release_base(name)  # a second init starts again from the base it was given
+        w = h.base_layer.weight
+        new = a.init_from(a.view.matrix(w).float(), (stats or {}).get(m.path))
         if new is not None:
-            untie(h, "init")  # a tied base: the residual base is this module's alone (detach reties)
-            w = h.base_layer.weight
-            originals = h.__dict__.setdefault("_originals", {})
-            if not originals:
-                originals[name] = quant.snapshot(h.base_layer)
-            else:
-                originals.setdefault(name, None)
-            quant.set_weight(h.base_layer, a.view.native(new).to(w.dtype))
+            h.change_base(name, a.view.native(new).to(w.dtype))
 
 
 def _check_not_shared(model: nn.Module, paths: list[str]) -> None:
@@ -233,12 +276,11 @@ def set_active(model: nn.Module, names: str | Iterable[str], *, trainable: bool 
     ``trainable`` module copies and biases) require grad; everything else is frozen when ``trainable``."""
     names = (names,) if isinstance(names, str) else tuple(names)
     meta = _meta(model)
-    unknown = [n for n in names if n not in meta["adapters"]]
+    unknown = [n for n in names if n not in meta["attachments"]]
     if unknown:
-        raise ConfigError(f"no adapter named {unknown[0]!r}; attached: {sorted(meta['adapters'])}")
+        raise ConfigError(f"no adapter named {unknown[0]!r}; attached: {sorted(meta['attachments'])}")
+    _check_not_merged(model, "change the active adapters")
     for _, h in hosts(model):
-        if h.merged_names:
-            raise ConfigError("unmerge the model before changing the active adapters")
         h.active = tuple(n for n in names if n in h.adapters)
     for m in model.modules():
         if isinstance(m, ModulesToSave):
@@ -291,10 +333,9 @@ def batch_context(model: nn.Module, **values: Any) -> Iterator[None]:
     meta = _meta(model)
     ctx: BatchContext = meta["ctx"]
     for n in active_names(model):  # each method checks the values it reads, once per batch (not per module)
-        info = meta["adapters"].get(n)
-        if info is not None:
-            method = get_method(info["config"].method)
-            method.check_context(info["config"].method_config(None, method), values)
+        att = meta["attachments"].get(n)
+        if att is not None:
+            att.method.check_context(att.method_config(None), values)
     old = dict(ctx.values)
     ctx.values.update(values)
     try:
@@ -305,26 +346,22 @@ def batch_context(model: nn.Module, **values: Any) -> Iterator[None]:
 
 def detach(model: nn.Module, name: str | None = None) -> nn.Module:
     """Remove adapter ``name`` (all if None) and restore the base bit-exactly (weights replaced by a
-    residual init, trainable copies and trained biases included)."""
+    residual init, trainable copies and trained biases included). Once the last adapter is gone every parameter
+    gets back the ``requires_grad`` flag it had before the first attach."""
     meta = _meta(model)
-    names = list(meta["adapters"]) if name is None else [name]
+    names = list(meta["attachments"]) if name is None else [name]
     for n in names:
-        if n not in meta["adapters"]:
-            raise ConfigError(f"no adapter named {n!r}; attached: {sorted(meta['adapters'])}")
+        if n not in meta["attachments"]:
+            raise ConfigError(f"no adapter named {n!r}; attached: {sorted(meta['attachments'])}")
     for n in names:
-        for handle in meta["adapters"][n].get("handles", ()):
+        for handle in meta["attachments"][n].handles:
             handle.remove()
     for path, h in list(hosts(model)):
         h.unmerge()
-        originals = h.__dict__.get("_originals", {})
         for n in names:
             if n in h.adapters:
                 del h.adapters[n]
-                if originals.get(n) is not None:
-                    quant.restore(h.base_layer, originals[n])
-                originals.pop(n, None)
-        if not originals:
-            retie(h)  # no residual base left: a tied base shares the original Parameter again
+            h.release_base(n)
         h.active = tuple(a for a in h.active if a not in names)
         if not h.adapters:
             _set_module(model, path, h.base_layer)
@@ -337,15 +374,15 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
             if not len(m.copies):
                 _set_module(model, path, m.original_module)
     for n in names:
-        del meta["adapters"][n]
-    if not meta["adapters"]:
+        del meta["attachments"][n]
+    meta["active"] = tuple(a for a in meta.get("active", ()) if a not in names)
+    if not meta["attachments"]:
         with torch.no_grad():
             for p, orig in meta["bias_stash"].values():
                 p.copy_(orig)
         meta["bias_stash"].clear()
-        for p in model.parameters():
-            p.requires_grad_(True)
-    meta["active"] = tuple(a for a in meta.get("active", ()) if a not in names)
+        _restore_grad_flags(model, meta["grad_flags"], default=True)
+        meta["grad_flags"] = None
     return model
 
 
@@ -371,13 +408,16 @@ def summary(model: nn.Module) -> str:
 
 
 def extra_loss(model: nn.Module) -> Tensor | None:
-    """The sum of every active adapter's extra loss (regularisers, load balancing), or None if there is none."""
+    """The sum over active attaches of each one's extra loss (regularisers, load balancing: ``method.attach_loss``,
+    which reduces its modules' losses as the method declares), or None if there is none."""
     total = None
-    for _, h in hosts(model):
-        for n in h.active:
-            loss = h.adapters[n].extra_loss()
-            if loss is not None:
-                total = loss if total is None else total + loss
+    for n in active_names(model):
+        att = attachments(model).get(n)
+        if att is None:
+            continue
+        loss = att.method.attach_loss(att)
+        if loss is not None:
+            total = loss if total is None else total + loss
     return total
 
 
@@ -388,10 +428,10 @@ def output_loss(model: nn.Module, outputs: Any, batch: Any) -> Tensor | None:
     """
     total = None
     for n in active_names(model):
-        info = attached(model).get(n)
-        if info is None:
+        att = attachments(model).get(n)
+        if att is None:
             continue
-        loss = get_method(info["config"].method).output_loss(model, n, outputs, batch)
+        loss = att.method.output_loss(att, outputs, batch)
         if loss is not None:
             total = loss if total is None else total + loss
     return total
@@ -408,13 +448,9 @@ def adapter_stats(model: nn.Module) -> dict[str, float]:
 
 
 def controllers(model: nn.Module) -> list:
-    """The Controllers the attached methods need during training (schedules run by themselves)."""
-    out = []
-    for n, info in attached(model).items():
-        c = get_method(info["config"].method).controller(model, n)
-        if c is not None:
-            out.append(c)
-    return out
+    """The Controllers the attached methods need during training (schedules run by themselves), one per attach,
+    built once (the same objects on every call, so their state lives as long as the attach)."""
+    return [c for c in (att.controller() for att in attachments(model).values()) if c is not None]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -22,10 +22,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from . import quant
 from .config import AttachConfig, to_dict
-from .core import REGISTRY, Adapted, Adapter, ModulesToSave, get_method, untie
+from .core import REGISTRY, Adapted, Adapter, ModulesToSave, get_method
 from .errors import AdapterFileError, ConfigError, LorakitError
+from .attachments import Attachment, get_attachment
 from .inject import _meta, attach, attached, detach, hosts
 
 log = logging.getLogger(__name__)
@@ -58,14 +58,12 @@ def _base_name(model: nn.Module) -> str | None:
 # ----------------------------------------------------------------------------------------------------------------
 def adapter_state(model: nn.Module, name: str = "default") -> dict[str, Tensor]:
     """The tensors of adapter ``name`` under PEFT's file keys."""
-    if name not in attached(model):
-        raise ConfigError(f"no adapter named {name!r}; attached: {sorted(attached(model))}")
+    att = get_attachment(model, name)
     out: dict[str, Tensor] = {}
-    for path, h in hosts(model):
-        if name in h.adapters:
-            a = h.adapters[name]
-            for k, v in a.to_file(a.state_dict()).items():
-                out[f"{PREFIX}{path}.{k}"] = v
+    for m in att.members:
+        a = m.adapter
+        for k, v in a.to_file(a.state_dict()).items():
+            out[f"{PREFIX}{m.path}.{k}"] = v
     for path, m in model.named_modules():
         if isinstance(m, ModulesToSave) and name in m.copies:
             for k, v in m.copies[name].state_dict().items():
@@ -75,17 +73,13 @@ def adapter_state(model: nn.Module, name: str = "default") -> dict[str, Tensor]:
         n = pid.get(id(p))
         if n is not None:
             out[PREFIX + n] = p
-    mine = [a for _, a in _adapters_of(model, name)]
-    if mine:
-        out.update(type(mine[0]).shared_to_file(mine))
+    if att.members:
+        out.update(att.method.shared_to_file(att))
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
-def _adapters_of(model: nn.Module, name: str) -> list[tuple[str, Adapter]]:
-    return [(path, h.adapters[name]) for path, h in hosts(model) if name in h.adapters]
-
-
-def _peft_config(model: nn.Module, name: str, cfg: AttachConfig, paths: list[str]) -> dict[str, Any]:
+def _peft_config(model: nn.Module, name: str, cfg: AttachConfig, paths: list[str],
+                 att: Attachment | None = None) -> dict[str, Any]:
     method = get_method(cfg.method)
     spec = method.peft
     block = {"method": method.name, "version": _version(), "format": FORMAT_VERSION, "config": cfg.to_dict(),
@@ -119,12 +113,12 @@ def _peft_config(model: nn.Module, name: str, cfg: AttachConfig, paths: list[str
             d.update(target_modules=sorted(paths), exclude_modules=None, layers_to_transform=None,
                      layers_pattern=None, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                      peft_version=None, revision=None, auto_mapping=None)
-            return method.file_config(model, name, d)
+            return method.file_config(att, d) if att is not None else d
         log.warning("'%s' uses per-module options PEFT cannot encode; writing a lorakit-only adapter file", name)
     d = dict(base)
     d["peft_type"] = "LORAKIT"
     d["target_modules"] = sorted(paths)
-    return method.file_config(model, name, d)
+    return method.file_config(att, d) if att is not None else d
 
 
 def _atomic_dir_write(directory: Path, files: dict[str, Any]) -> None:
@@ -148,10 +142,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     *original* base model, ``ΔW = [B | −B₀][A; A₀]`` (PEFT's ``path_initial_model_for_weight_conversion``).
     Files are written to temporaries and renamed, so an interrupted save never leaves a half-written adapter.
     """
-    info = attached(model).get(name)
-    if info is None:
-        raise ConfigError(f"no adapter named {name!r}; attached: {sorted(attached(model))}")
-    cfg, paths = info["config"], info["paths"]
+    att = get_attachment(model, name)
+    cfg, paths = att.config, att.paths
     directory = Path(directory)
     if as_lora:
         from .convert import residual_to_lora
@@ -160,7 +152,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
         conf["base_model_name_or_path"] = _base_name(model)
     else:
         state = adapter_state(model, name)
-        conf = _peft_config(model, name, cfg, paths)
+        conf = _peft_config(model, name, cfg, paths, att)
     # shared tensors (tied weights) must be cloned for safetensors
     seen: set[int] = set()
     for k, v in list(state.items()):
@@ -314,13 +306,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     return model
 
 
-def _check_saved_base_weights(plan: list, tensors: dict[str, Tensor], unexpected: list[str]) -> list[str]:
+def _check_saved_base_weights(att: Attachment, tensors: dict[str, Tensor], unexpected: list[str]) -> list[str]:
     """PEFT writes the full base weight of an adapted embedding layer (``save_embedding_layers="auto"`` when
     ``target_modules`` names ``embed_tokens``/``lm_head``, for resized vocabularies). Accept it when it is this
     model's weight (the file then adds nothing); refuse a different one, which means another base. Returns the
     unexpected keys left."""
     left = set(unexpected)
-    for path, h, _ in plan:
+    for m in att.members:
+        path, h = m.path, m.host
         for k in (f"{PREFIX}{path}.base_layer.weight", f"{PREFIX}{path}.weight"):
             if k not in left:
                 continue
@@ -337,21 +330,16 @@ def _check_saved_base_weights(plan: list, tensors: dict[str, Tensor], unexpected
 
 @torch.no_grad()
 def _load_into(model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
+    att = get_attachment(model, name)
     expected: dict[str, tuple[nn.Module, str, Any]] = {}
-    plan = []
-    for path, h in hosts(model):
-        if name not in h.adapters:
-            continue
-        a = h.adapters[name]
-        own = a.state_dict()
-        file_keys = a.to_file({k: v for k, v in own.items()})
-        for fk, v in file_keys.items():
-            expected[f"{PREFIX}{path}.{fk}"] = (a, fk, v)
-        plan.append((path, h, a))
-    for path, m in model.named_modules():
-        if isinstance(m, ModulesToSave) and name in m.copies:
-            for k, v in m.copies[name].state_dict().items():
-                expected[f"{PREFIX}{path}.{k}"] = (m.copies[name], k, v)
+    for m in att.members:
+        a = m.adapter
+        for fk, v in a.to_file(dict(a.state_dict())).items():
+            expected[f"{PREFIX}{m.path}.{fk}"] = (a, fk, v)
+    for path, mod in model.named_modules():
+        if isinstance(mod, ModulesToSave) and name in mod.copies:
+            for k, v in mod.copies[name].state_dict().items():
+                expected[f"{PREFIX}{path}.{k}"] = (mod.copies[name], k, v)
     pid = {id(p): n for n, p in model.named_parameters()}
     for p, _ in _meta(model)["bias_stash"].values():
         n = pid.get(id(p))
@@ -360,9 +348,9 @@ def _load_into(model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
-        unexpected = _check_saved_base_weights(plan, tensors, unexpected)
-    if plan and unexpected:  # model-level tensors (shared bases) belong to the method
-        used = type(plan[0][2]).shared_from_file([a for _, _, a in plan], {k: tensors[k] for k in unexpected})
+        unexpected = _check_saved_base_weights(att, tensors, unexpected)
+    if att.members and unexpected:  # model-level tensors (shared bases) belong to the method
+        used = att.method.shared_from_file(att, {k: tensors[k] for k in unexpected})
         unexpected = [k for k in unexpected if k not in used]
     bad_prefix = [k for k in unexpected if not k.startswith(PREFIX)]
     if bad_prefix:
@@ -376,20 +364,17 @@ def _load_into(model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
         if tuple(tensors[k].shape) != tuple(v.shape):
             raise AdapterFileError(f"tensor '{k}' has shape {tuple(tensors[k].shape)}, expected {tuple(v.shape)} "
                                    "(wrong rank, or an adapter for another base model?)")
-    # residual inits: rebuild the base the adapter was trained against
-    for path, h, a in plan:
+    # residual inits: rebuild the base the adapter was trained against (pushed on the host's snapshot stack)
+    for m in att.members:
+        h, a = m.host, m.adapter
         w = h.base_layer.weight
         if any(p.device.type == "meta" for p in a.parameters()):
             a.to_empty(device=w.device)
-        file_part = {fk: tensors[f"{PREFIX}{path}.{fk}"] for fk in a.to_file(a.state_dict())}
+        file_part = {fk: tensors[f"{PREFIX}{m.path}.{fk}"] for fk in a.to_file(a.state_dict())}
         own = a.from_file(file_part)
         new = a.on_load(a.view.matrix(w).float(), own)
         if new is not None:
-            untie(h, "init")  # a tied base: the rebuilt residual base is this module's alone (detach reties)
-            w = h.base_layer.weight
-            originals = h.__dict__.setdefault("_originals", {})
-            originals.setdefault(name, quant.snapshot(h.base_layer))
-            quant.set_weight(h.base_layer, a.view.native(new).to(w.dtype))
+            h.change_base(name, a.view.native(new).to(w.dtype))
         sd = {k: v.to(a.state_dict()[k].dtype) for k, v in own.items()}
         a.load_state_dict(sd, strict=True)
         a.clear_cache()

@@ -13,7 +13,7 @@ from torch import nn
 
 from .core import Adapted, ModulesToSave
 from .errors import MergeError
-from .inject import _meta, _set_module, hosts
+from .inject import _meta, _restore_grad_flags, _set_module, hosts
 
 __all__ = ["merge", "unmerge", "merged", "merge_and_unload"]
 
@@ -93,17 +93,28 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     computes what the unmerged adapter computed, and saves/reloads both tensors with ``save_pretrained``.
     """
     _check_mergeable(model)
+    meta = _meta(model)
+    flags = meta["grad_flags"]
     for path, h in list(hosts(model)):
         h.merge(h.active)
+        h._snapshots.clear()  # for good: the merged weight is the new base
+        if h._untied is not None and flags:  # a tied base's merged private copy takes the shared weight's flag
+            f = flags.get(id(h._untied[0]))
+            if f is not None:
+                flags[id(h.base_layer.weight)] = (h.base_layer.weight, f[1])
         _set_module(model, path, h.base_layer)
     for path, m in list(model.named_modules()):
         if isinstance(m, ModulesToSave):
-            _set_module(model, path, m.copies[m.active[-1]] if m.active else m.original_module)
+            keep = m.copies[m.active[-1]] if m.active else m.original_module
+            for p, q in zip(keep.parameters(), m.original_module.parameters()):
+                f = (flags or {}).get(id(q))  # the trained copy takes the original's flag
+                if f is not None:
+                    flags[id(p)] = (p, f[1])
+            _set_module(model, path, keep)
     _record_untied(model)  # merged tied bases and trained copies of a tied module are no longer tied
-    meta = _meta(model)
-    meta["adapters"].clear()
+    meta["attachments"].clear()
     meta["bias_stash"].clear()
     meta["active"] = ()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    _restore_grad_flags(model, flags, default=False)  # the flags the model had before the first attach
+    meta["grad_flags"] = None
     return model

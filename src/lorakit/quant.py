@@ -310,10 +310,9 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
                 m.base_layer = lin
                 for a in m.adapters.values():
                     a._base = (lin,)
-                originals = m.__dict__.get("_originals", {})
-                for k, snap in originals.items():  # stashed quantised bases become float weights too
+                for i, (owner, snap) in enumerate(m._snapshots):  # stashed quantised bases become float too
                     if isinstance(snap, dict):
-                        originals[k] = dequantize(snap, parent.qcfg, tuple(w.shape), w.dtype)
+                        m._snapshots[i] = (owner, dequantize(snap, parent.qcfg, tuple(w.shape), w.dtype))
             else:
                 _set_module(model, path, lin)
     return model

@@ -14,16 +14,14 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .inject import adapters, attached
+from .attachments import Attachment, Member, get_attachment
+from .inject import adapters
 
 __all__ = ["truncate", "to_lora", "prune_gates"]
 
 
-def _info(model: nn.Module, name: str) -> dict:
-    info = attached(model).get(name)
-    if info is None:
-        raise ConfigError(f"no adapter named {name!r}; attached: {sorted(attached(model))}")
-    return info
+def _info(model: nn.Module, name: str) -> Attachment:
+    return get_attachment(model, name)
 
 
 def truncate(model: nn.Module, rank: int, name: str = "default") -> nn.Module:
@@ -33,13 +31,13 @@ def truncate(model: nn.Module, rank: int, name: str = "default") -> nn.Module:
     info = _info(model, name)
     mods = list(adapters(model, name))
     if not all(hasattr(a, "truncate") for _, a in mods):
-        raise ConfigError(f"adapter {name!r} ({info['config'].method}) has no nested ranks to truncate; "
+        raise ConfigError(f"adapter {name!r} ({info.config.method}) has no nested ranks to truncate; "
                           "truncate() works on DyLoRA adapters")
     if not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"rank must be a positive integer, got {rank!r}")
     for _, a in mods:
         a.truncate(rank)
-    cfg = info["config"]
+    cfg = info.config
     cfg.options["r"] = min(rank, cfg.options.get("r", rank))
     cfg.options.pop("eval_rank", None)
     for ov in cfg.overrides.values():
@@ -62,10 +60,10 @@ def to_lora(model: nn.Module, name: str = "default") -> nn.Module:
     info = _info(model, name)
     mods = list(adapters(model, name))
     if not all(hasattr(a, "kept_lowrank") for _, a in mods):
-        raise ConfigError(f"adapter {name!r} ({info['config'].method}) has no rank mask to prune")
+        raise ConfigError(f"adapter {name!r} ({info.config.method}) has no rank mask to prune")
     lora_cls = get_method("lora")
-    cfg = info["config"]
-    keep_paths, overrides = [], {}
+    cfg = info.config
+    keep_paths, overrides, members = [], {}, []
     for path, a in mods:
         host: Adapted = model.get_submodule(path)
         lr = a.kept_lowrank()
@@ -82,13 +80,16 @@ def to_lora(model: nn.Module, name: str = "default") -> nn.Module:
         new.lora_B.weight.copy_((lr.B.float() * lr.scale).to(dt).reshape(new.lora_B.weight.shape))
         new.ctx = a.ctx
         new.requires_grad_(train)
+        new.train(a.training)
         host.adapters[name] = new
+        members.append(Member(path, host, new))
         keep_paths.append(path)
         overrides["^" + re.escape(path) + "$"] = {"r": k, "alpha": float(k)}
     cfg.method, cfg.options = "lora", {"r": 8, "alpha": 8.0}
     cfg.overrides = overrides
     cfg.targets, cfg.exclude, cfg.layers, cfg.layers_pattern = list(keep_paths), None, None, None
-    info["paths"] = keep_paths
+    info.method, info.members = lora_cls, members
+    info._controller, info._controller_built = None, False  # a plain LoRA needs no schedule
     return model
 
 

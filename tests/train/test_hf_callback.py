@@ -43,7 +43,7 @@ def test_trainer_checkpoints_hold_adapters_and_resume(tmp_path, tiny_lm_dir):
     from lorakit.methods.lora import LoRA
 
     orig = LoRA.controller
-    LoRA.controller = classmethod(lambda cls, m, n: Ctl())
+    LoRA.controller = classmethod(lambda cls, att: Ctl())
     try:
         m1 = lorakit.attach(tiny_llama_model(tiny_lm_dir), {"method": "lora", "targets": ["q_proj", "v_proj"], "r": 2,
                                                             "seed": 0})

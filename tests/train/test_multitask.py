@@ -118,7 +118,8 @@ def test_loss_weighs_every_example_equally(mt, tiny_lm_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     ex = t.encode(rows["train"][:2] + rows["train"][-2:], AutoTokenizer.from_pretrained(tiny_lm_dir))
     b = t.collate(ex)
-    b.pop("task_ids")
+    for k in t.context_keys:
+        b.pop(k)
     with torch.no_grad():
         loss, _ = t.forward(model, b)
         singles = [model(**{k: v[i:i + 1, :len(ex[i]["input_ids"])] for k, v in b.items()}).loss for i in range(4)]
@@ -224,3 +225,40 @@ def test_real_assets_two_steps(tmp_path):
     assert (m["sentiment/n"], m["bbc/n"], m["gsm8k/n"]) == (3.0, 3.0, 3.0)
     assert 0.0 <= m["mean_accuracy"] <= 1.0 and m["gsm8k/loss"] > 0
     assert r["train_rows"] == 18 and len(r["loss_curve"]) == 2
+
+
+def test_loramoe_balancing_loss_is_on_in_training(mt, tiny_lm_dir, tmp_path, monkeypatch):
+    """The task declares task_types next to task_ids and the trainer passes every declared key: LoRAMoE's
+    localised balancing constraint gets the sample types and is part of the loss (it was silently off)."""
+    from lorakit.methods.loramoe import LoRAMoE
+
+    seen = []
+    orig = LoRAMoE.extra_loss
+
+    def rec(self):
+        out = orig(self)
+        seen.append((None if self.ctx is None else self.ctx.get("task_types"), out))
+        return out
+    monkeypatch.setattr(LoRAMoE, "extra_loss", rec)
+    cfg = tiny_cfg(tiny_lm_dir, None, tmp_path, task=mt, steps=2)
+    cfg["data"].pop("path")
+    cfg["data"].update(batch_size=6, eval_size=4)
+    cfg["adapter"] = {"method": "loramoe", "targets": ["q_proj", "v_proj"], "r": 2, "num_experts": 4}
+    run_training(resolve(base=cfg))
+    assert seen and all(t is not None and t.shape == (6,) for t, _ in seen)
+    assert all(loss is not None and float(loss) > 0 for _, loss in seen)
+
+
+def test_attach_warns_when_the_data_lacks_a_context_key(caplog, tiny_lm_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    with caplog.at_level("WARNING", logger="lorakit.inject"):
+        inject.attach(model, {"method": "loramoe", "targets": ["q_proj"], "r": 2, "num_experts": 4},
+                      provides=("task_ids",))
+    assert "task_types" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lorakit.inject"):
+        inject.attach(model, {"method": "mtlora", "targets": ["v_proj"], "r": 2, "n_tasks": 2}, "mt",
+                      provides=("task_ids", "task_types"))
+    assert "context" not in caplog.text

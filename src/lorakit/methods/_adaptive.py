@@ -5,7 +5,6 @@
 * :func:`triplet_scores`: AdaLoRA's score of each rank-1 triplet ``(a_i, e_i, b_i)``:
   ``S_i = s(e_i) + mean_j s(A_ij) + mean_j s(B_ji)``.
 * :func:`orth_penalty`: ``‖AAᵀ − I‖_F + ‖BᵀB − I‖_F`` (AdaLoRA/IncreLoRA's orthogonality regulariser).
-* :func:`adapters_of`: the ``(path, adapter)`` pairs of one adapter name and class.
 
 Rank changes are masks over preallocated slots: parameter shapes never change during training, so optimisers,
 schedulers, checkpoints and ``torch.compile`` graphs stay valid. Physically smaller adapters are produced only
@@ -20,12 +19,6 @@ from torch import Tensor, nn
 
 from ..controllers import Controller
 from ..errors import ConfigError
-
-
-def adapters_of(model: nn.Module, name: str, cls: type) -> list[tuple[str, nn.Module]]:
-    from ..inject import adapters
-
-    return [(p, a) for p, a in adapters(model, name) if isinstance(a, cls)]
 
 
 class Sensitivity:
@@ -84,25 +77,26 @@ def orth_penalty(A: Tensor, B: Tensor) -> Tensor:
 
 
 class _RankController(Controller):
-    """What the rank schedules share: the adapter modules of ``name`` of class ``cls`` and their config ``c``."""
+    """What the rank schedules share: the ``(path, adapter)`` members of one attach whose adapter is a ``cls``,
+    and their config ``c``."""
 
-    def __init__(self, model, name: str, cls):
-        self.model, self.name, self.cls = model, name, cls
-        mods = adapters_of(model, name, cls)
+    def __init__(self, att, cls):
+        self.att, self.cls = att, cls
+        mods = self.mods()
         if not mods:
-            raise ConfigError(f"adapter {name!r} has no {cls.name} modules")
+            raise ConfigError(f"adapter {att.name!r} has no {cls.name} modules")
         self.c = mods[0][1].cfg
 
-    def mods(self):
-        return adapters_of(self.model, self.name, self.cls)
+    def mods(self) -> list[tuple[str, nn.Module]]:
+        return [(m.path, m.adapter) for m in self.att.members if isinstance(m.adapter, self.cls)]
 
 
 class AdaLoRAController(_RankController):
     """PEFT's RankAllocator as a Controller (see the AdaLoRA docstring for the schedule). ``cls``: the adapter
     class (needs ``cfg`` with the AdaLoRA schedule fields, ``rank_mask``, ``lora_A/E/B``, ``apply_mask``)."""
 
-    def __init__(self, model, name: str, cls):
-        super().__init__(model, name, cls)
+    def __init__(self, att, cls):
+        super().__init__(att, cls)
         mods = self.mods()
         self.total = self.c.total_step
         self.sens = Sensitivity(self.c.beta1, self.c.beta2)
@@ -192,8 +186,8 @@ class IncreLoRAController(_RankController):
     ``drop_reserves``). Everything happens in ``before_step`` (after backward, before ``optimizer.step``) with the
     0-based step, as the official ``update_and_increase``."""
 
-    def __init__(self, model, name: str, cls):
-        super().__init__(model, name, cls)
+    def __init__(self, att, cls):
+        super().__init__(att, cls)
         mods = self.mods()
         self.sens = Sensitivity(self.c.beta1, self.c.beta2)
         self.budget = self.c.target_rank * len(mods)
@@ -275,8 +269,8 @@ class TriAdaptController(_RankController):
     (needs ``cfg``, ``rank``, ``max_r``, ``add_r``, ``norm_score``, ``grow``). Growth happens in ``step`` (after
     ``optimizer.step``; the score needs no gradient) with the 0-based step."""
 
-    def __init__(self, model, name: str, cls):
-        super().__init__(model, name, cls)
+    def __init__(self, att, cls):
+        super().__init__(att, cls)
         mods = self.mods()
         self.total = self.c.total_step
         self.budget = self.c.target_total_rank or self.c.reference_rank * len(mods)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..attachments import get_attachment
 from ..core import Adapted, Adapter, Factor, adaptable
 from ..errors import ConfigError
 
@@ -199,10 +200,8 @@ def write_lora(model: nn.Module, directory, factors: dict[str, tuple[Tensor, Ten
 
 def export_expert(model: nn.Module, directory, expert: int, name: str = "default"):
     """Freeze a stacked mixture to ONE expert: a plain LoRA ``s·B_e A_e`` for every module (MeteoRA/X-LoRA)."""
-    from ..inject import adapters
-
     out = {}
-    for path, a in adapters(model, name):
+    for path, a in ((m.path, m.adapter) for m in get_attachment(model, name).members):
         if not isinstance(a, Mixture) or not 0 <= expert < a.E:
             raise ValueError(f"'{path}' has no expert {expert}")
         s = a.expert_scale()
@@ -216,11 +215,10 @@ def load_lora_experts(model: nn.Module, directories: list, name: str = "default"
     """Fill the experts of mixture adapter ``name`` from saved plain LoRA adapters (expert i <- directories[i]);
     each LoRA's own scale ``α/r`` is folded into its B (relative to the mixture's expert scale)."""
     from ..errors import AdapterFileError
-    from ..inject import adapters
     from ..io import PREFIX, _read_tensors, read_adapter_config
     from pathlib import Path
 
-    mods = dict(adapters(model, name))
+    mods = {m.path: m.adapter for m in get_attachment(model, name).members}
     for i, d in enumerate(directories):
         conf = read_adapter_config(d)
         t = _read_tensors(Path(d))

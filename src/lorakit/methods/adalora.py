@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Adapter, LowRank, PeftSpec, register
-from ._adaptive import AdaLoRAController, adapters_of, orth_penalty
+from ._adaptive import AdaLoRAController, orth_penalty
 
 _FIELDS = {k: k for k in ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
                           "total_step")}
@@ -123,9 +123,9 @@ class AdaLoRA(Adapter):
         return {"lora_A": state["lora_A"][keep], "lora_E": state["lora_E"][keep], "lora_B": state["lora_B"][:, keep]}
 
     @classmethod
-    def file_config(cls, model, name, conf):
+    def file_config(cls, att, conf):
         pattern, kept = {}, {}
-        for path, a in adapters_of(model, name, cls):
+        for path, a in ((m.path, m.adapter) for m in att.members if isinstance(m.adapter, cls)):
             n = int(a.rank_mask.sum())
             if n < a.cfg.init_r:
                 pattern[f"{path}.lora_E"] = [True] * n + [False] * (a.cfg.init_r - n)
@@ -149,5 +149,5 @@ class AdaLoRA(Adapter):
         return data
 
     @classmethod
-    def controller(cls, model, name):
-        return AdaLoRAController(model, name, cls)
+    def controller(cls, att):
+        return AdaLoRAController(att, cls)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..attachments import get_attachment
 from ..core import register
 from ..errors import ConfigError
 from .lora import lora_spec
@@ -71,11 +72,9 @@ def _logits(outputs: Any) -> Tensor:
 @contextlib.contextmanager
 def initial_factors(model: nn.Module, name: str):
     """Temporarily run adapter ``name`` with its initial factors (the pretrained model for PiSSA-like inits)."""
-    from ..inject import adapters
-
     swapped = []
     try:
-        for _, a in adapters(model, name):
+        for a in get_attachment(model, name).adapters:
             for p, p0 in ((a.lora_A.weight, a.A0), (a.lora_B.weight, a.B0)):
                 swapped.append((p, p.data))
                 p.data = p0.to(p.dtype).view_as(p)
@@ -111,10 +110,9 @@ class BALoRA(PiSSA):
         super().__init__(base, cfg, view)
 
     @classmethod
-    def output_loss(cls, model: nn.Module, name: str, outputs: Any, batch: Any) -> Tensor | None:
-        from ..inject import attached
-
-        cfg = attached(model)[name]["config"].method_config(None, cls)
+    def output_loss(cls, att, outputs: Any, batch: Any) -> Tensor | None:
+        model, name = att.model, att.name
+        cfg = att.method_config()
         z = _logits(outputs).float()
         total = z.new_zeros(())
         if cfg.lambda1:

@@ -48,7 +48,9 @@ class DoRA(LoRA):
         super().__init__(base, cfg, view)
         self.lora_magnitude_vector = nn.Parameter(torch.ones(self.view.d_out))
         self._w_sq: Tensor | None = None  # ‖W0‖²_row (W0 frozen)
+        self._w_key: tuple = ()
         self._g: Tensor | None = None  # eval-mode cache of m / ‖W0 + s·BA‖
+        self._g_key: tuple = ()
 
     @torch.no_grad()
     def init_from(self, weight: Tensor, stats=None) -> None:
@@ -61,6 +63,12 @@ class DoRA(LoRA):
         self._w_sq = None
         self._g = None
 
+    def _key(self, *tensors: Tensor) -> tuple:
+        """What a cache depends on: each tensor's storage and its version counter (bumped by every in-place
+        write, ``load_state_dict`` and ``copy_`` under no_grad included), so edits made behind the adapter's back
+        invalidate the cache without a ``clear_cache()`` call."""
+        return tuple((t.data_ptr(), t._version, t.device) for t in tensors)
+
     def train(self, mode: bool = True):
         self._g = None
         return super().train(mode)
@@ -70,8 +78,9 @@ class DoRA(LoRA):
         """‖W0 + s·BA‖_row, without forming the d_out×d_in sum."""
         W = self.base_matrix()
         A, B = self.A, self.B
-        if self._w_sq is None or self._w_sq.device != W.device:
-            self._w_sq = W.float().pow(2).sum(1)
+        wkey = self._key(self.base.weight)
+        if self._w_sq is None or self._w_key != wkey:
+            self._w_sq, self._w_key = W.float().pow(2).sum(1), wkey
         Af, Bf = A.float(), B.float()
         WAt = W.to(Af.dtype) @ Af.t()  # (d_out, r)
         s = self.scale
@@ -79,11 +88,12 @@ class DoRA(LoRA):
         return sq.clamp_min(0).sqrt()
 
     def _gain(self) -> Tensor:
-        if not self.training and self._g is not None:
+        key = self._key(self.A, self.B, self.lora_magnitude_vector, self.base.weight) if not self.training else ()
+        if not self.training and self._g is not None and self._g_key == key:
             return self._g
         g = self.lora_magnitude_vector / self.weight_norm().to(self.lora_magnitude_vector.dtype)
         if not self.training and not torch.is_grad_enabled():
-            self._g = g.detach()
+            self._g, self._g_key = g.detach(), key
         return g
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:

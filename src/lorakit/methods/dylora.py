@@ -26,7 +26,6 @@ from torch import Tensor
 from ..controllers import Controller
 from ..core import LowRank, register
 from .lora import LoRA
-from ._adaptive import adapters_of
 
 
 @register("dylora", family="adaptive rank", paper="Valipour et al. 2023, DyLoRA, arXiv:2210.07558")
@@ -94,8 +93,8 @@ class DyLoRA(LoRA):
         return {"rank": float(self.rank())}
 
     @classmethod
-    def controller(cls, model, name):
-        return DyLoRAController(model, name)
+    def controller(cls, att):
+        return DyLoRAController(att)
 
 
 class DyLoRAController(Controller):
@@ -103,9 +102,9 @@ class DyLoRAController(Controller):
 
     Modules with a smaller per-module ``r`` use ``min(b, r)``."""
 
-    def __init__(self, model, name: str):
-        self.model, self.name = model, name
-        mods = adapters_of(model, name, DyLoRA)
+    def __init__(self, att):
+        self.att = att
+        mods = [(m.path, m.adapter) for m in att.members if isinstance(m.adapter, DyLoRA)]
         self.r_max = max((a.cfg.r for _, a in mods), default=1)
         seed = mods[0][1].cfg.seed if mods else 0
         self.gen = torch.Generator().manual_seed(seed)
@@ -113,7 +112,7 @@ class DyLoRAController(Controller):
 
     def sample(self) -> int:
         self.current = int(torch.randint(1, self.r_max + 1, (1,), generator=self.gen))
-        for _, a in adapters_of(self.model, self.name, DyLoRA):
+        for _, a in ((m.path, m.adapter) for m in self.att.members if isinstance(m.adapter, DyLoRA)):
             a.b = min(self.current, a.cfg.r)
         return self.current
 
@@ -129,5 +128,5 @@ class DyLoRAController(Controller):
     def load_state_dict(self, state: dict) -> None:
         self.gen.set_state(state["gen"])
         self.current = state["current"]
-        for _, a in adapters_of(self.model, self.name, DyLoRA):
+        for _, a in ((m.path, m.adapter) for m in self.att.members if isinstance(m.adapter, DyLoRA)):
             a.b = min(self.current, a.cfg.r)

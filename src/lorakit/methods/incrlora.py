@@ -183,5 +183,5 @@ class IncreLoRA(Adapter):
         return {"rank": float(self.slots[0])}
 
     @classmethod
-    def controller(cls, model, name):
-        return IncreLoRAController(model, name, cls)
+    def controller(cls, att):
+        return IncreLoRAController(att, cls)

@@ -84,21 +84,19 @@ class LaMDA(ThreeFactor):
         return {"lamda_frozen_frac": self.frozen_cols / self.cfg.r}
 
     @classmethod
-    def controller(cls, model: nn.Module, name: str) -> Controller:
-        return LaMDAFreezer(model, name)
+    def controller(cls, att) -> Controller:
+        return LaMDAFreezer(att)
 
 
 class LaMDAFreezer(Controller):
     """Gradual freezing of LaMDA's second projection B (see :class:`LaMDA`)."""
 
-    def __init__(self, model: nn.Module, name: str):
-        self.model, self.name, self.total, self.done = model, name, None, 0
+    def __init__(self, att):
+        self.att, self.total, self.done = att, None, 0
         self._snap: dict[int, Tensor] = {}
 
     def _adapters(self) -> list[LaMDA]:
-        from ..inject import adapters
-
-        return [a for _, a in adapters(self.model, self.name) if isinstance(a, LaMDA)]
+        return self.att.of_type(LaMDA)
 
     def on_train_begin(self, model, optimizer, total_steps: int) -> None:
         self.total = total_steps

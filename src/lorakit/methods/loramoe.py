@@ -40,6 +40,10 @@ class LoRAMoE(Mixture):
         blc_weight: float = 0.1  # β
         type_key: str = "task_types"
 
+    @classmethod
+    def context_keys(cls, cfg) -> tuple[str, ...]:
+        return (cfg.type_key,) if cfg.blc_weight else ()
+
     def delta(self, x: Tensor) -> Tensor:
         out = super().delta(x)
         if self.training:

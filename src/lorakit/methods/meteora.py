@@ -30,6 +30,10 @@ class MeteoRA(Mixture):
     __doc__ = __doc__
     example = {"r": 2, "num_experts": 3, "aux_coef": 1.0}
 
+    @classmethod
+    def context_keys(cls, cfg) -> tuple[str, ...]:
+        return ("task_ids",)
+
     @dataclass
     class Config(MixConfig):
         r: int = 8

@@ -44,6 +44,10 @@ class MHR(Adapter):
     roles = {"poly_lora_A": "A", "poly_lora_B": "B", "poly_router.module_logits": "gate"}
     example = {"r": 2, "n_tasks": 2, "n_skills": 3, "n_splits": 2}
 
+    @classmethod
+    def context_keys(cls, cfg) -> tuple[str, ...]:
+        return ("task_ids",)
+
     @dataclass
     class Config:
         r: int = 8

@@ -34,6 +34,10 @@ class MTLoRA(Adapter):
     roles = {"lora_A.weight": "A", "lora_B.weight": "B", "task_A": "A", "task_B": "B"}
     example = {"r": 2, "r_task": 2, "n_tasks": 3}
 
+    @classmethod
+    def context_keys(cls, cfg) -> tuple[str, ...]:
+        return ("task_ids",)
+
     @dataclass
     class Config:
         r: int = 8
@@ -88,6 +92,7 @@ class MTLoRA(Adapter):
 
 def export_task(model: nn.Module, directory, task: int, name: str = "default"):
     """Write MTLoRA adapter ``name`` frozen to ``task`` as a normal ``lora`` adapter (loadable by PEFT)."""
-    from ..inject import adapters
+    from ..attachments import get_attachment
 
-    return write_lora(model, directory, {p: a.task_lowrank(task) for p, a in adapters(model, name)})
+    return write_lora(model, directory, {m.path: m.adapter.task_lowrank(task)
+                                         for m in get_attachment(model, name).members})

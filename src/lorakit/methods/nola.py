@@ -60,7 +60,8 @@ class NOLA(Adapter):
         self.scale = scale_of(cfg.alpha, cfg.r)
 
     @classmethod
-    def share(cls, adapters: list[Adapter]) -> None:
+    def share(cls, att) -> None:
+        adapters = att.adapters
         groups: dict[tuple, list[Adapter]] = {}
         for a in adapters:
             c = a.cfg

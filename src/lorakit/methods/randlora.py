@@ -92,7 +92,8 @@ class RandLoRA(Adapter):
         self.scale = cfg.alpha / cfg.r
 
     @classmethod
-    def share(cls, adapters: list[Adapter]) -> None:
+    def share(cls, att) -> None:
+        adapters = att.adapters
         c = adapters[0].cfg
         if len({(a.cfg.r, a.cfg.projection_seed, a.cfg.sparse, a.cfg.very_sparse) for a in adapters}) > 1:
             raise ConfigError("RandLoRA shares one set of bases: r, projection_seed and sparsity cannot vary per module")
@@ -103,13 +104,15 @@ class RandLoRA(Adapter):
                       lambda: randlora_bases(c.projection_seed, c.r, d_in, d_out, sp))
 
     @classmethod
-    def shared_to_file(cls, adapters: list[Adapter]) -> dict[str, Tensor]:
+    def shared_to_file(cls, att) -> dict[str, Tensor]:
+        adapters = att.adapters
         if not adapters[0].cfg.save_projection:
             return {}
         return {KEYS["A"]: adapters[0].bases.A, KEYS["B"]: adapters[0].bases.B}
 
     @classmethod
-    def shared_from_file(cls, adapters: list[Adapter], tensors: dict[str, Tensor]) -> set[str]:
+    def shared_from_file(cls, att, tensors: dict[str, Tensor]) -> set[str]:
+        adapters = att.adapters
         found = {k: tensors[f] for k, f in KEYS.items() if f in tensors}
         if found:
             adapters[0].bases.load(found)

@@ -25,13 +25,11 @@ from ._mixture import Mixture, topk_mask
 
 
 class _BiasUpdate(Controller):
-    def __init__(self, model, name: str):
-        self.model, self.name = model, name
+    def __init__(self, att):
+        self.att = att
 
     def step(self, step, model, optimizer) -> None:
-        from ..inject import adapters
-
-        for _, a in adapters(model, self.name):
+        for a in self.att.adapters:
             a.update_bias()
 
 
@@ -82,5 +80,5 @@ class SMoRA(Mixture):
         self._count.zero_()
 
     @classmethod
-    def controller(cls, model, name: str) -> Controller:
-        return _BiasUpdate(model, name)
+    def controller(cls, att) -> Controller:
+        return _BiasUpdate(att)

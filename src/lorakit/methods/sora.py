@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from ..controllers import Controller
 from ..core import LowRank, register
 from .lora import LoRA
-from ._adaptive import adapters_of
 
 
 @register("sora", family="adaptive rank", paper="Ding et al. 2023, Sparse Low-rank Adaptation, arXiv:2311.11696")
@@ -85,16 +84,16 @@ class SoRA(LoRA):
         g.copy_(g.sign() * (g.abs() - xi).clamp_min(0))
 
     @classmethod
-    def controller(cls, model, name):
-        return SoRAController(model, name)
+    def controller(cls, att):
+        return SoRAController(att)
 
 
 class SoRAController(Controller):
     """Soft-thresholds every SoRA gate of adapter ``name`` after each optimiser step (ξ per the schedule)."""
 
-    def __init__(self, model, name: str):
-        self.model, self.name = model, name
-        mods = adapters_of(model, name, SoRA)
+    def __init__(self, att):
+        self.att = att
+        mods = [(m.path, m.adapter) for m in att.members if isinstance(m.adapter, SoRA)]
         c = mods[0][1].cfg if mods else SoRA.Config()
         self.lambdas = _lambdas(c.sparse_lambda_2, c.max_lambda, c.lambda_num, c.lambda_schedule)
         self.every, self.idx = None, 0
@@ -107,7 +106,7 @@ class SoRAController(Controller):
         self.every = max(1, total_steps // len(self.lambdas)) if len(self.lambdas) > 1 else None
 
     def step(self, step: int, model, optimizer) -> None:
-        for _, a in adapters_of(self.model, self.name, SoRA):
+        for _, a in ((m.path, m.adapter) for m in self.att.members if isinstance(m.adapter, SoRA)):
             a.proximal(self.xi)
         if self.every and (step + 1) % self.every == 0 and self.idx < len(self.lambdas) - 1:
             self.idx += 1

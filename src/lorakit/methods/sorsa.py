@@ -29,13 +29,11 @@ from ._svd import ortho_penalty, svd_top
 class SORSAController(Controller):
     """Adds ``γ/η · ∂L_o/∂θ`` to the gradients after clipping (the official decoupled orthonormal step)."""
 
-    def __init__(self, name: str, gamma: float):
-        self.name, self.gamma = name, gamma
+    def __init__(self, att, gamma: float):
+        self.att, self.gamma = att, gamma
 
     def before_step(self, step: int, model: nn.Module, optimizer) -> None:
-        from ..inject import adapters
-
-        mods = [a for _, a in adapters(model, self.name) if isinstance(a, SORSA)]
+        mods = self.att.of_type(SORSA)
         if not mods or self.gamma == 0:
             return
         group = optimizer.param_groups[0]
@@ -115,8 +113,5 @@ class SORSA(Adapter):
         return {"sorsa_ortho": float(self.ortho_loss().detach())}
 
     @classmethod
-    def controller(cls, model: nn.Module, name: str):
-        from ..inject import attached
-
-        cfg = attached(model)[name]["config"].method_config(None, cls)
-        return SORSAController(name, cfg.gamma)
+    def controller(cls, att):
+        return SORSAController(att, att.method_config().gamma)

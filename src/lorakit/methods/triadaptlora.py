@@ -98,7 +98,8 @@ class TriAdaptLoRA(Adapter):
         self.orth_modules = 1
 
     @classmethod
-    def share(cls, adapters) -> None:
+    def share(cls, att) -> None:
+        adapters = att.adapters
         for a in adapters:
             a.orth_modules = len(adapters)
 
@@ -177,5 +178,5 @@ class TriAdaptLoRA(Adapter):
         return {"rank": float(self.rank), "pieces": float(self.n_pieces)}
 
     @classmethod
-    def controller(cls, model, name):
-        return TriAdaptController(model, name, cls)
+    def controller(cls, att):
+        return TriAdaptController(att, cls)

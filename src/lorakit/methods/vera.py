@@ -64,7 +64,8 @@ class VeRA(Adapter):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     @classmethod
-    def share(cls, adapters: list[Adapter]) -> None:
+    def share(cls, att) -> None:
+        adapters = att.adapters
         c = adapters[0].cfg
         if len({(a.cfg.r, a.cfg.projection_seed) for a in adapters}) > 1:
             from ..errors import ConfigError
@@ -75,14 +76,16 @@ class VeRA(Adapter):
                       lambda: vera_bases(c.projection_seed, c.r, d_in, d_out))
 
     @classmethod
-    def shared_to_file(cls, adapters: list[Adapter]) -> dict[str, Tensor]:
+    def shared_to_file(cls, att) -> dict[str, Tensor]:
+        adapters = att.adapters
         if not adapters[0].cfg.save_projection:
             return {}
         b = adapters[0].bases
         return {KEYS["A"]: b.A, KEYS["B"]: b.B}
 
     @classmethod
-    def shared_from_file(cls, adapters: list[Adapter], tensors: dict[str, Tensor]) -> set[str]:
+    def shared_from_file(cls, att, tensors: dict[str, Tensor]) -> set[str]:
+        adapters = att.adapters
         found = {k: tensors[f] for k, f in KEYS.items() if f in tensors}
         if found:
             adapters[0].bases.load(found)

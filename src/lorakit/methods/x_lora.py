@@ -75,7 +75,8 @@ class XLoRA(Mixture):
         self._capture: list | None = None
 
     @classmethod
-    def share(cls, adapters: list) -> None:
+    def share(cls, att) -> None:
+        adapters = att.adapters
         if len({a.E for a in adapters}) > 1:
             raise ConfigError("X-LoRA: num_experts must be the same for every module (one classifier)")
         for i, a in enumerate(adapters):
@@ -89,14 +90,13 @@ class XLoRA(Mixture):
 
     # --- the model-level two-pass forward ------------------------------------------------------------------------
     @classmethod
-    def bind(cls, model: nn.Module, name: str, adapters: list) -> list:
-        from ..inject import attached, hosts
-
+    def bind(cls, att) -> list:
+        model, name, adapters = att.model, att.name, att.adapters
         owner, c = adapters[0], adapters[0].cfg
         head = output_head(model)
         hid = c.hidden_size or LayerView(head).d_in
         n_out = owner.E * (owner.n_layers if c.layerwise_scalings else 1)
-        seed = attached(model)[name]["config"].seed
+        seed = att.config.seed
         p = owner.experts_A
         with torch.random.fork_rng(devices=[]), torch.device(p.device):
             if seed is not None:
@@ -105,7 +105,7 @@ class XLoRA(Mixture):
             for d0, d1 in zip(dims[:-1], dims[1:]):
                 layers += [nn.Linear(d0, d1), nn.ReLU()] + ([nn.Dropout(c.xlora_dropout_p)] if c.xlora_dropout_p else [])
             owner.xlora_classifier = nn.Sequential(*layers, nn.Linear(dims[-1], n_out)).to(p.dtype)
-        owner._bound = (name, next(h for _, h in hosts(model) if name in h.adapters and h.adapters[name] is owner))
+        owner._bound = (name, att.members[0].host)
         params = inspect.signature(model.forward).parameters
         owner._pass_kwargs = {k: v for k, v in (("use_cache", False), ("logits_to_keep", 0)) if k in params}
         prior = model.__dict__.get("forward")  # the forward is replaced (not hooked): one graph under torch.compile
@@ -174,9 +174,10 @@ class XLoRA(Mixture):
 
 def latest_scalings(model: nn.Module, name: str = "default") -> Tensor | None:
     """λ (B, T, L, N) of the latest forward of X-LoRA adapter ``name`` (PEFT's ``get_latest_scalings``)."""
-    from ..inject import adapters
+    from ..attachments import attachments
 
-    owner = next((a for _, a in adapters(model, name) if isinstance(a, XLoRA)), None)
+    att = attachments(model).get(name)
+    owner = next((a for a in att.adapters if isinstance(a, XLoRA)), None) if att is not None else None
     return None if owner is None else owner._scalings
 
 
@@ -192,7 +193,7 @@ def xlora_from_loras(model: nn.Module, directories: list, name: str = "default",
     r = max(A.shape[0] for f in experts for A, _ in f.values())
     attach(model, {**options, "method": "x_lora", "targets": paths, "r": r, "alpha": float(r),
                    "num_experts": len(experts)}, name)
-    for path, a in adapters(model, name):
+    for path, a in adapters(model, name):  # noqa: B007
         a.experts_A.zero_(), a.experts_B.zero_()
         for i, f in enumerate(experts):
             if path in f:

@@ -39,6 +39,7 @@ class TaskSpec:
     label_words: tuple[str, ...] | None = None
     gsm8k: bool = False  # exact-match of the final number
     parts: tuple[tuple[str, TaskSpec], ...] = ()  # multitask: (key, part spec); task_ids = position
+    sample_type: int = 0  # LoRAMoE's sample type when this is a part of a multi-task set (1 = world knowledge)
 
 
 _SENT_PROMPT = "Review: {text}\nSentiment (positive or negative):"

@@ -37,6 +37,8 @@ class Task:
 
     columns: tuple[str, str] = ("text", "label")
     is_classification = True
+    # per-batch context this task's batches carry (popped by the trainer into ``lorakit.batch_context``)
+    context_keys: tuple[str, ...] = ()
 
     def __init__(self, spec, data_cfg=None):
         if data_cfg is None:

@@ -67,6 +67,9 @@ class MultiTask(Task):
     """A mixture of generative tasks on one causal LM (``spec.parts``: ``(key, TaskSpec)`` pairs)."""
 
     is_classification = False
+    # task_ids: the part's position (task-routed mixtures); task_types: LoRAMoE's sample type per part (1 = world
+    # knowledge, 0 = downstream task; TaskSpec.sample_type, 0 for every part of the built-in set)
+    context_keys = ("task_ids", "task_types")
 
     def __init__(self, spec, data_cfg=None):
         super().__init__(spec, data_cfg)
@@ -119,6 +122,8 @@ class MultiTask(Task):
     def collate(self, examples):
         b = self.parts[0].collate(examples)  # every part collates input_ids/attention_mask/labels the same way
         b["task_ids"] = torch.tensor([e["task_ids"] for e in examples], dtype=torch.long)
+        b["task_types"] = torch.tensor([self.parts[e["task_ids"]].spec.sample_type for e in examples],
+                                       dtype=torch.long)
         return b
 
     # ---- balanced sampling ---------------------------------------------------------------------------------

@@ -275,10 +275,11 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
     method = get_method(cfg.adapter["method"])
     calib = None
     if method.calibration:
-        calib = [to_device({k: v for k, v in batch(i).items() if k != "task_ids"}, device)  # no adapters yet
+        calib = [to_device({k: v for k, v in batch(i).items() if k not in task.context_keys}, device)  # no adapters
                  for i in range(max(tc.calibration_batches, 1))]
     seed_everything(tc.seed)
-    inject.attach(model, cfg.adapter, calibration=calib, loss_fn=task.loss if calib is not None else None)
+    inject.attach(model, cfg.adapter, calibration=calib, loss_fn=task.loss if calib is not None else None,
+                  provides=task.context_keys)
     if cfg.model.gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise ConfigError("model.gradient_checkpointing=true needs a Hugging Face model")
@@ -337,11 +338,11 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
             loss_sum, ntok = 0.0, 0
             for k in range(accum):
                 b = batch(step * accum + k)
-                task_ids = b.pop("task_ids", None)
+                ctx_values = {k: b.pop(k) for k in task.context_keys if k in b}
                 ntok += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                 b = to_device(b, device)
-                ctx = inject.batch_context(model, task_ids=task_ids.to(device)) if task_ids is not None \
-                    else contextlib.nullcontext()
+                ctx = inject.batch_context(model, **{k: v.to(device) for k, v in ctx_values.items()}) \
+                    if ctx_values else contextlib.nullcontext()
                 with ctx, autocast():
                     loss, outputs = task.forward(model, b)
                     full = loss
