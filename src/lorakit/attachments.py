@@ -55,6 +55,11 @@ class Attachment:
         return [m.adapter for m in self.members]
 
     @property
+    def active_adapters(self) -> list["Adapter"]:
+        """The adapters of members whose host runs this attach now (not merged, name active)."""
+        return [m.adapter for m in self.members if self.name in m.host.active]
+
+    @property
     def paths(self) -> list[str]:
         return [m.path for m in self.members]
 

@@ -270,6 +270,8 @@ class Adapter(nn.Module):
     frozen: ClassVar[tuple[str, ...]] = ()  # own parameters that never train (frozen SVD factors, ...)
     example: ClassVar[dict[str, Any]] = {}  # options for tiny test models (the contract suite uses them)
     file_fields: ClassVar[tuple[str, ...]] = ()  # per-module Config fields that file_config encodes itself
+    # how the per-module extra_loss() values of ONE attach combine (see attach_loss): "sum" | "mean"
+    loss_reduction: ClassVar[str] = "sum"
 
     def __init__(self, base: nn.Module, cfg: Any, view: LayerView | None = None):
         super().__init__()
@@ -350,26 +352,27 @@ class Adapter(nn.Module):
         warns when the caller's data never provides one (the mechanism that reads it would silently be off)."""
         return ()
 
-    # how the per-module ``extra_loss()`` values of one attach combine: "sum" or "mean" (over the modules that
-    # returned a loss); a loss that is one function of every module overrides :meth:`attach_loss` instead
-    loss_reduction: ClassVar[str] = "sum"
-
     @classmethod
     def attach_loss(cls, att: Any) -> Tensor | None:
-        """The extra loss of one attach for the current step (collected by :func:`lorakit.extra_loss`).
-        Default: the modules' ``extra_loss()`` reduced by ``loss_reduction``."""
-        losses = [x for x in (m.adapter.extra_loss() for m in att.members if att.name in m.host.active)
-                  if x is not None]
+        """The extra loss of ONE attach for the current step, from its active adapters (collected by
+        :func:`lorakit.extra_loss`).
+
+        Default: the ``extra_loss()`` of each active adapter reduced by ``loss_reduction``: ``"sum"`` adds them,
+        ``"mean"`` divides the sum by the number of adapters that returned a loss (``None`` means "no loss this
+        step", e.g. a router that did not run; for a regulariser every module returns one, so this is the module
+        count, as KaSA's official ``main.py`` divides by the number of blocks). None if no adapter returned one.
+        A method whose loss is one function of all layers (DynMoLE: one load-balancing loss over the routers of
+        every layer) overrides this.
+        """
+        if cls.loss_reduction not in ("sum", "mean"):
+            raise ConfigError(f"{cls.__name__}.loss_reduction must be 'sum' or 'mean', got {cls.loss_reduction!r}")
+        losses = [x for x in (a.extra_loss() for a in att.active_adapters) if x is not None]
         if not losses:
             return None
         total = losses[0]
         for x in losses[1:]:
             total = total + x
-        if cls.loss_reduction == "mean":
-            return total / len(losses)
-        if cls.loss_reduction != "sum":
-            raise ConfigError(f"{cls.__name__}.loss_reduction must be 'sum' or 'mean', got {cls.loss_reduction!r}")
-        return total
+        return total / len(losses) if cls.loss_reduction == "mean" else total
 
     @classmethod
     def output_loss(cls, att: Any, outputs: Any, batch: Any) -> Tensor | None:

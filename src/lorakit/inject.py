@@ -455,23 +455,30 @@ def controllers(model: nn.Module) -> list:
 
 # ----------------------------------------------------------------------------------------------------------------
 def calibrate(model: nn.Module, paths: list[str], batches: Iterable, kind: str,
-              loss_fn: Callable | None = None, max_batches: int | None = None) -> dict[str, dict[str, Tensor]]:
+              loss_fn: Callable | None = None, max_batches: int | None = None,
+              train: bool | None = None) -> dict[str, dict[str, Tensor]]:
     """Statistics of the target modules over calibration batches (one shared path for every data-driven init).
 
     ``kind="activations"``: per module ``{"cov": XᵀX/n (d_in, d_in), "n": rows, "x_abs_mean": (d_in,)}``.
     ``kind="gradients"``: per module ``{"grad": mean ∂L/∂W (d_out, d_in), "grad_sq": mean (∂L/∂W)² over batches
     (an empirical Fisher diagonal), "n": batches}`` (fp32).
+    ``train``: the mode the model runs in (dropout on or off). Default: train mode for gradients — the official
+    LoRA-GA ``estimate_gradient`` (``peft/utils/lora_ga_utils/lora_ga_utils.py``), PEFT's
+    ``lora.loraga.estimate_gradients`` and LoRA-SB's ``estimate_and_process_grads_torch`` all call
+    ``model.train()`` before their backward passes — and eval mode for activations (no backward).
     The model's weights, modes and requires_grad flags are restored afterwards.
     """
     if kind not in ("activations", "gradients"):
         raise ConfigError(f"unknown calibration kind {kind!r}")
+    if train is None:
+        train = kind == "gradients"
     mods = {}
     for p in paths:
         m = model.get_submodule(p)
         mods[p] = m.base_layer if isinstance(m, Adapted) else m
     stats: dict[str, dict[str, Any]] = {p: {} for p in paths}
-    was_training = model.training
-    model.eval()
+    modes = [(m, m.training) for m in model.modules()]  # restored module by module (mixed modes survive)
+    model.train(train)
     handles = []
     flags = {id(p): p.requires_grad for p in model.parameters()}
     untied: list[tuple[nn.Module, nn.Parameter]] = []  # tied weights given a private copy while calibrating
@@ -544,7 +551,8 @@ def calibrate(model: nn.Module, paths: list[str], batches: Iterable, kind: str,
             h.remove()
         for p in model.parameters():
             p.requires_grad_(flags.get(id(p), False))
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     if n_batches == 0:
         raise ConfigError("calibration got no batches (the calibration set is empty)")
     return stats

@@ -167,3 +167,17 @@ def test_compression_method_is_exempt_from_budget_matching():
     cfg, info = match_budget(_tiny_meta, own, 500)
     assert cfg == own and not info["matched"] and "compression" in info["reason"]
     assert info["trainable"] == trainable_count(_tiny_meta, own) > 500
+
+
+def test_arena_set_optim_name_reaches_every_run():
+    """`lorakit arena run --set optim.name=loraplus`: the override reaches each run's config (run_training builds the
+    optimiser from it); a method the procedure cannot train fails at config resolution with the reason."""
+    from lorakit.arena.worker import run_config
+
+    spec = {"task": "sentiment-minilm", "method": "dora", "seed": 0, "budget": "smoke",
+            "extra": ["optim.name=loraplus", "optim.ratio=8"]}
+    cfg = run_config(spec)
+    assert cfg.optim.name == "loraplus" and cfg.optim.options["ratio"] == 8.0
+    assert cfg.to_dict()["optim"]["ratio"] == 8.0  # recorded with the run's config
+    with pytest.raises(ConfigError, match="method 'vera'.*Procedures that fit it: adamw"):
+        run_config({**spec, "method": "vera"})

@@ -59,8 +59,9 @@ def test_total_step_from_config_wins():
 
 
 def test_orthogonality_loss_matches_formula():
+    """PEFT ``AdaLoraModel.forward``: ``orth_reg_weight · Σ_{A, B matrices} ‖·‖_F / num_param`` (4 matrices here),
+    with or without the controller having been built."""
     m = _model()
-    lorakit.controllers(m)  # tells the adapters how many modules share the penalty
     ref = 0
     for _, a in lorakit.adapters(m):
         A, B = a.lora_A, a.lora_B
@@ -94,3 +95,44 @@ def test_pruned_adapter_round_trips_through_peft(tmp_path):
     assert lorakit.read_adapter_config(tmp_path / "again")["peft_type"] == "ADALORA"
     lorakit.rank.to_lora(fresh)
     assert torch.allclose(fresh(x), ref, atol=1e-5)
+
+
+def test_allocation_matches_peft_rank_allocator_after_the_optimizer_step():
+    """PEFT's AdaLoRA as the oracle: ``loss.backward(); optimizer.step(); update_and_allocate(step); zero_grad()`` (the
+    order in PEFT's ``AdaLoraModel.update_and_allocate`` docstring), so the sensitivities ``|p ⊙ ∇p|`` use the
+    parameters AFTER the step. Same initial factors, same gradients, same SGD: every A, E, B must agree at every
+    step (taking the sensitivities before the step ranks the triplets differently and fails)."""
+    peft = pytest.importorskip("peft")
+    T2, TI, TF, DT2 = 40, 4, 10, 3
+    m = _model(tinit=TI, tfinal=TF, deltaT=DT2, total_step=T2)
+    torch.manual_seed(0)
+    cfg = peft.AdaLoraConfig(target_modules=["lin0", "lin1"], init_r=4, target_r=2, tinit=TI, tfinal=TF, deltaT=DT2,
+                             total_step=T2, beta1=0.85, beta2=0.85, orth_reg_weight=0.0)
+    pm = peft.get_peft_model(MLP(), cfg)
+    ours = dict(lorakit.adapters(m))
+    theirs = {p: pm.base_model.model.get_submodule(p) for p in ours}
+    names = ("lora_A", "lora_E", "lora_B")
+    with torch.no_grad():
+        for p, a in ours.items():
+            for n in names:
+                getattr(theirs[p], n)["default"].copy_(getattr(a, n))
+    ours_p = [getattr(ours[p], n) for p in sorted(ours) for n in names]
+    theirs_p = [getattr(theirs[p], n)["default"] for p in sorted(ours) for n in names]
+    opt_o, opt_t = torch.optim.SGD(ours_p, lr=0.5), torch.optim.SGD(theirs_p, lr=0.5)
+    (ctrl,) = lorakit.controllers(m)
+    ctrl.on_train_begin(m, opt_o, T2)
+    g = torch.Generator().manual_seed(3)
+    for step in range(T2):
+        for po, pt in zip(ours_p, theirs_p):
+            po.grad = torch.randn(po.shape, generator=g)
+            pt.grad = po.grad.clone()
+        ctrl.before_step(step, m, opt_o)
+        opt_o.step()
+        ctrl.step(step, m, opt_o)
+        opt_o.zero_grad()
+        opt_t.step()
+        pm.base_model.update_and_allocate(step)
+        opt_t.zero_grad()
+        for po, pt in zip(ours_p, theirs_p):
+            torch.testing.assert_close(po, pt, rtol=1e-5, atol=1e-6, msg=lambda s, step=step: f"step {step}: {s}")
+    assert ctrl.active_ranks() == 4

@@ -143,3 +143,18 @@ def test_controller_state_resumes_exactly_and_files_record_growth(tmp_path):
     assert _ranks(fresh) == _ranks(full)
     assert torch.allclose(fresh.eval()(x), ref, atol=1e-6)
     assert torch.allclose(lorakit.merge_and_unload(fresh)(x), ref, atol=1e-5)
+
+
+def test_orth_loss_is_the_mean_over_modules_without_a_controller():
+    """``orth_reg_weight · Σ_modules (‖AAᵀ−I‖_F + ‖BᵀB−I‖_F) / (2·#modules)`` over the used slots (as AdaLoRA's PEFT
+    regulariser); no controller needs to exist for the mean to be right (it used to be set by the controller)."""
+    m = _model(orth_reg_weight=0.3)
+    ref, n = 0.0, 0
+    for _, a in lorakit.adapters(m):
+        used = a._used()[1]
+        A, B = a.lora_A[used].detach(), a.lora_B[:, used].detach()
+        eye = torch.eye(int(used.sum()))
+        ref += torch.linalg.matrix_norm(A @ A.t() - eye) + torch.linalg.matrix_norm(B.t() @ B - eye)
+        n += 1
+    assert n == 2
+    torch.testing.assert_close(lorakit.extra_loss(m).detach(), 0.3 * ref / (2 * n))

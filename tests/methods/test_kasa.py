@@ -29,17 +29,23 @@ def test_truncation_drops_bottom_r():
         assert a.delta_weight().abs().max() == 0  # B = 0: the adapter adds nothing at init
 
 
-def test_extra_loss_formula():
+def test_extra_loss_is_the_official_block_mean():
+    """Official juyongjiang/KaSA ``main.py`` ``loss_fn``: (β·Σ‖ΔΣ‖² + γ·Σ orth) / block_num, block_num = number of
+    KaSA modules (``lora_diag`` parameters), with the paper's Eq. 11 rank-space orthogonality terms."""
     m = _model(beta=0.3, gamma=0.7)
     g = torch.Generator().manual_seed(2)
-    total = 0.0
+    l2, l3, blocks = 0.0, 0.0, 0
     with torch.no_grad():
         for _, a in lorakit.adapters(m):
             a.lora_B.weight.copy_(torch.randn(a.lora_B.weight.shape, generator=g))
             A, B, d = a.lora_A.weight, a.lora_B.weight, a.lora_diag
             I = torch.eye(3)
-            total += 0.3 * (d ** 2).sum() + 0.7 * (torch.linalg.norm(B.T @ B - I) + torch.linalg.norm(A @ A.T - I))
-    assert torch.allclose(lorakit.extra_loss(m), total, atol=1e-5)
+            blocks += 1
+            l2 += (d ** 2).sum()
+            l3 += torch.linalg.norm(B.T @ B - I) + torch.linalg.norm(A @ A.T - I)
+    assert blocks == 2
+    ref = (0.3 * l2 + 0.7 * l3) / blocks
+    assert torch.allclose(lorakit.extra_loss(m), ref, atol=1e-5)
 
 
 def test_merge_unmerge_returns_truncated_base_and_detach_restores_w0():

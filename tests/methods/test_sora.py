@@ -53,3 +53,26 @@ def test_lambda_schedule_rises():
     m = _model(sparse_lambda_2=1e-4, lambda_schedule="linear", max_lambda=1e-3, lambda_num=4)
     (c,) = train(m, torch.randn(5, 12), 8)
     assert abs(c.xi - 1e-3) < 1e-12
+
+
+def test_l1_is_one_mean_over_all_gates_as_the_official_trainer():
+    """Official TsinghuaC3I/SoRA ``src/trainer.py`` ``SparseTrainerMixin.compute_loss``:
+    ``loss += sparse_lambda * Σ_{gate params} Σ|g| / p_total`` with p_total the number of gate entries (all modules);
+    written here with modules of different rank, where a mean of per-module means would differ."""
+    torch.manual_seed(0)
+    m = MLP()
+    lorakit.attach(m, {"method": "sora", "targets": ["lin0", "lin1"], "r": 6, "l1": 0.25,
+                       "overrides": {"lin1": {"r": 2}}})
+    gates = [a.lora_gate.detach() for _, a in lorakit.adapters(m)]
+    assert sorted(g.numel() for g in gates) == [2, 6]
+    sparse_loss = sum(g.abs().sum() for g in gates)
+    p_total = sum(g.numel() for g in gates)
+    torch.testing.assert_close(lorakit.extra_loss(m), 0.25 * sparse_loss / p_total)
+    per_module_means = sum(0.25 * g.abs().mean() for g in gates) / 2
+    assert not torch.allclose(lorakit.extra_loss(m), per_module_means)
+
+
+def test_l1_is_on_by_default_with_the_official_weight():
+    m = _model()  # official run_glue.py SparseArguments.sparse_lambda = 1e-3, added whenever --train_sparse
+    gates = torch.cat([a.lora_gate.detach() for _, a in lorakit.adapters(m)])
+    torch.testing.assert_close(lorakit.extra_loss(m), 1e-3 * gates.abs().sum() / gates.numel())

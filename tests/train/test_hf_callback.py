@@ -34,11 +34,12 @@ def _trainer(model, out, steps):
 
 def test_trainer_checkpoints_hold_adapters_and_resume(tmp_path, tiny_lm_dir):
     pytest.importorskip("accelerate")
-    seen = []
+    seen, grads = [], []
 
     class Ctl(lorakit.Controller):
-        def step(self, step, model, optimizer):
+        def step(self, step, model, optimizer):  # after optimizer.step(), before zero_grad() (AdaLoRA needs grads)
             seen.append(step)
+            grads.append(all(p.grad is not None for _, a in lorakit.adapters(model) for p in a.parameters()))
 
     from lorakit.methods.lora import LoRA
 
@@ -48,7 +49,7 @@ def test_trainer_checkpoints_hold_adapters_and_resume(tmp_path, tiny_lm_dir):
         m1 = lorakit.attach(tiny_llama_model(tiny_lm_dir), {"method": "lora", "targets": ["q_proj", "v_proj"], "r": 2,
                                                             "seed": 0})
         _trainer(m1, tmp_path / "a", 4).train()
-        assert seen == [0, 1, 2, 3]
+        assert seen == [0, 1, 2, 3] and all(grads)
         for n in (2, 4):
             assert (tmp_path / "a" / f"checkpoint-{n}" / "adapter_model.safetensors").is_file()
         m2 = lorakit.attach(tiny_llama_model(tiny_lm_dir), {"method": "lora", "targets": ["q_proj", "v_proj"], "r": 2,

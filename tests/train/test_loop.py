@@ -43,10 +43,12 @@ def test_train_writes_adapter_metrics_config_and_learns(tiny_lm_dir, cls_data, t
     assert m["loss"] == pytest.approx(r["metrics_after"]["loss"], rel=1e-5)
 
 
-def test_resume_repeats_the_uninterrupted_loss_curve_exactly(tiny_bert_dir, cls_data, tmp_path):
-    # dropout on (BERT 0.1), grad accumulation, warmup+cosine: all of it must be restored
+@pytest.mark.parametrize("procedure", ["adamw", "loraplus"])
+def test_resume_repeats_the_uninterrupted_loss_curve_exactly(tiny_bert_dir, cls_data, tmp_path, procedure):
+    # dropout on (BERT 0.1), grad accumulation, warmup+cosine, the training procedure: all of it must be restored
     base = tiny_cfg(tiny_bert_dir, cls_data, tmp_path / "full", task="classify-encoder", steps=8, grad_accum=2,
                     save_every=3)
+    base["optim"]["name"] = procedure
     full = run_training(base)
 
     class StopAt:
@@ -355,12 +357,12 @@ def probe_method():
             return {"b_norm": float(self.lora_B.weight.norm())}
 
         @classmethod
-        def output_loss(cls, model, name, outputs, batch):
+        def output_loss(cls, att, outputs, batch):
             seen.setdefault("outputs", []).append((tuple(outputs.logits.shape), sorted(batch)))
             return outputs.logits.float().pow(2).mean() * 0.0
 
         @classmethod
-        def controller(cls, model, name):
+        def controller(cls, att):
             return Ctrl()
 
     register("probe_test", family="test", paper="none")(Probe)
@@ -383,6 +385,7 @@ def test_loop_runs_calibration_extra_loss_controllers_stats_and_batch_context(ti
         return b
 
     monkeypatch.setattr(LMClassification, "collate", with_task_ids)
+    monkeypatch.setattr(LMClassification, "context_keys", ("task_ids",))  # the trainer passes what a task declares
     cfg = tiny_cfg(tiny_lm_dir, cls_data, tmp_path / "p", steps=3, calibration_batches=2)
     cfg["adapter"] = {"method": "probe_test", "targets": ["q_proj"], "r": 2}
     r = run_training(cfg)

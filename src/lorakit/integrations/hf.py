@@ -5,34 +5,84 @@
 * on ``trainer.train(resume_from_checkpoint=...)`` restores the adapter tensors and controller states of
   ``checkpoint-<global_step>`` (the Trainer restores optimizer, scheduler and RNG itself);
 * runs ``lorakit.controllers(model)``: ``on_train_begin``, ``before_step`` before each optimizer step (gradients
-  present), ``step`` at ``on_step_end``;
+  present), ``step`` right after it (``on_optimizer_step``: the gradients are still there, as in ``lorakit train``;
+  at ``on_step_end`` the Trainer has already zeroed them, and AdaLoRA's sensitivities need them);
+* drives a lorakit training procedure (``optim.name`` in ``lorakit train``: adamw, loraplus, ...) when the optimiser
+  comes from :func:`create_optimizer`: its ``before_step`` before each optimizer step (after the Trainer's gradient
+  clipping and the controllers), ``after_step`` right after it, and its state in every checkpoint::
+
+      opt = create_optimizer(model, args, "loraplus", ratio=16)
+      Trainer(model=model, args=args, optimizers=(opt, None), callbacks=[AdapterCallback()], ...)
+
 * adds the adapters' own losses to the loss the model returns in training (``lorakit.extra_loss``: AdaLoRA's
   orthogonality, SoRA's sparsity, MoE load balancing; ``lorakit.output_loss``: BA-LoRA's terms), through a forward
   hook on the model, so the Trainer optimises exactly what ``lorakit train`` does with no Trainer subclass.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import weakref
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
 from ..inject import controllers, extra_loss, output_loss
 from ..io import save_adapter
+from ..procedures import Hyper, Procedure, make_procedure, setup
 from ..train.checkpoint import adapter_tensors
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AdapterCallback"]
+__all__ = ["AdapterCallback", "create_optimizer", "procedure_of"]
 
 STATE = "lorakit_state.pt"
+
+_PROCEDURES: "weakref.WeakKeyDictionary[torch.optim.Optimizer, Procedure]" = weakref.WeakKeyDictionary()
+
+
+def create_optimizer(model: torch.nn.Module, args: Any = None, procedure: str = "adamw", **options: Any
+                     ) -> torch.optim.Optimizer:
+    """The optimiser of lorakit training procedure ``procedure`` for the model's trainable parameters, to pass as
+    ``Trainer(optimizers=(opt, None))`` next to an :class:`AdapterCallback` (which then runs the procedure's hooks
+    and checkpoints its state). ``args`` (``TrainingArguments``) gives ``learning_rate``, ``weight_decay``,
+    ``adam_beta1/2`` and ``adam_epsilon``; ``options`` are the procedure's own (``ratio=16`` for loraplus) and may
+    override those shared settings by their lorakit names (``lr``, ``weight_decay``, ``betas``, ``eps``,
+    ``trainable_lr``). Bad names or options raise :class:`lorakit.ConfigError`, as does a method the procedure
+    cannot train (e.g. LoRA+ on VeRA)."""
+    hp = Hyper()
+    if args is not None:
+        hp = Hyper(lr=args.learning_rate, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
+                   eps=args.adam_epsilon)
+    shared = {f.name for f in dataclasses.fields(Hyper)}
+    hp = dataclasses.replace(hp, **{k: options.pop(k) for k in list(options) if k in shared})
+    proc = make_procedure(procedure, options, hp, where="create_optimizer", common=tuple(sorted(shared)))
+    _, opt = setup(model, proc)
+    _PROCEDURES[opt] = proc
+    return opt
+
+
+def procedure_of(optimizer: Any) -> Procedure | None:
+    """The procedure that built ``optimizer`` (through :func:`create_optimizer`; accelerate's wrapper is looked
+    through), or None for any other optimiser."""
+    seen = 0
+    while optimizer is not None and seen < 4:
+        try:
+            if optimizer in _PROCEDURES:
+                return _PROCEDURES[optimizer]
+        except TypeError:  # not weak-referenceable
+            pass
+        optimizer, seen = getattr(optimizer, "optimizer", None), seen + 1
+    return None
 
 
 class AdapterCallback(TrainerCallback):
     def __init__(self, name: str = "default", add_losses: bool = True):
         self.name = name
         self.ctrls: list = []
+        self.proc: Procedure | None = None
         self._opt = None
         self.add_losses = add_losses
         self._hook = None
@@ -57,6 +107,9 @@ class AdapterCallback(TrainerCallback):
         self.ctrls = controllers(model)
         for c in self.ctrls:
             c.on_train_begin(model, optimizer, state.max_steps)
+        self.proc = procedure_of(optimizer)
+        if self.proc is not None:
+            self.proc.on_train_begin(model, optimizer, state.max_steps)
         ck = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.global_step > 0 and (ck / STATE).is_file():
             st = torch.load(ck / STATE, map_location="cpu", weights_only=True)
@@ -66,6 +119,8 @@ class AdapterCallback(TrainerCallback):
                     own[k].copy_(v)
             for c, s in zip(self.ctrls, st["controllers"]):
                 c.load_state_dict(s)
+            if self.proc is not None and st.get("procedure") is not None:
+                self.proc.load_state_dict(st["procedure"])
             log.info("lorakit: restored adapter and %d controller(s) from %s", len(self.ctrls), ck)
 
     def on_train_end(self, args, state, control, **kw):
@@ -76,14 +131,21 @@ class AdapterCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
         for c in self.ctrls:
             c.before_step(state.global_step, model, optimizer or self._opt)
+        if self.proc is not None:
+            self.proc.before_step(state.global_step, model, optimizer or self._opt)
 
-    def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
+        # after optimizer.step(), before zero_grad(); global_step is not incremented yet: the same index as
+        # before_step. The procedure first, then the controllers, as in lorakit train.
+        if self.proc is not None:
+            self.proc.after_step(state.global_step, model, optimizer or self._opt)
         for c in self.ctrls:
-            c.step(state.global_step - 1, model, optimizer or self._opt)
+            c.step(state.global_step, model, optimizer or self._opt)
 
     def on_save(self, args, state, control, model=None, **kw):
         ck = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         save_adapter(model, ck, self.name)
         tmp = ck / (STATE + ".tmp")
-        torch.save({"tensors": adapter_tensors(model), "controllers": [c.state_dict() for c in self.ctrls]}, tmp)
+        torch.save({"tensors": adapter_tensors(model), "controllers": [c.state_dict() for c in self.ctrls],
+                    "procedure": self.proc.state_dict() if self.proc is not None else None}, tmp)
         tmp.replace(ck / STATE)

@@ -102,8 +102,6 @@ class AdaLoRAController(_RankController):
         self.sens = Sensitivity(self.c.beta1, self.c.beta2)
         self.init_bgt = sum(a.rank_mask.numel() for _, a in mods)
         self.target_bgt = self.c.target_r * len(mods)
-        for _, a in mods:
-            a.orth_modules = len(mods)
 
     def on_train_begin(self, model, optimizer, total_steps: int) -> None:
         if self.total is None:
@@ -121,13 +119,13 @@ class AdaLoRAController(_RankController):
         mul = 1 - (step - c.tinit) / (T - c.tfinal - c.tinit)
         return int((self.init_bgt - self.target_bgt) * mul ** 3 + self.target_bgt), step % c.deltaT == 0
 
-    def before_step(self, step: int, model, optimizer) -> None:
-        if self.total is None:
-            raise ConfigError("AdaLoRA needs the total number of steps: set total_step or call on_train_begin")
-        if step < self.total - self.c.tfinal:
-            for path, a in self.mods():
-                for k, p in (("A", a.lora_A), ("E", a.lora_E), ("B", a.lora_B)):
-                    self.sens.update(f"{path}.{k}", p, p.grad)
+    def update_sensitivity(self) -> None:
+        """Fold ``|p ⊙ ∇p|`` of every A, E, B into the EMAs: ``p`` AFTER ``optimizer.step()``, with the gradient of
+        that step still present (PEFT ``RankAllocator.update_ipt``, run by ``update_and_allocate`` between
+        ``optimizer.step()`` and ``zero_grad()``)."""
+        for path, a in self.mods():
+            for k, p in (("A", a.lora_A), ("E", a.lora_E), ("B", a.lora_B)):
+                self.sens.update(f"{path}.{k}", p, p.grad)
 
     @torch.no_grad()
     def mask_to_budget(self, budget: int) -> None:
@@ -145,8 +143,13 @@ class AdaLoRAController(_RankController):
             i += n
 
     def step(self, step: int, model, optimizer) -> None:
+        """PEFT's ``update_and_allocate(step)``: runs after ``optimizer.step()`` and before ``zero_grad()`` (the
+        trainer's and the HF callback's ``step`` hook), so the sensitivities see the updated parameters."""
+        if self.total is None:
+            raise ConfigError("AdaLoRA needs the total number of steps: set total_step or call on_train_begin")
         final = self.total - self.c.tfinal
         if step < final:
+            self.update_sensitivity()
             budget, now = self.budget(step)
             if now:
                 self.mask_to_budget(budget)
@@ -193,8 +196,6 @@ class IncreLoRAController(_RankController):
         self.budget = self.c.target_rank * len(mods)
         self.started = False
         self.gen = torch.Generator().manual_seed(0x1C7E)  # fresh reserves; its state is checkpointed
-        for _, a in mods:
-            a.orth_modules = len(mods)
         self._scoring()
 
     def total_rank(self) -> int:

@@ -69,7 +69,7 @@ class Mixture(Adapter):
 
     mergeable = False
     layers = ("linear", "conv1d")
-    roles = {"experts_A": "A", "experts_B": "B", "router.weight": "gate"}
+    roles = {"experts_A": "A", "experts_B": "B", "router.weight": "router"}
     example = {"r": 2, "num_experts": 3, "top_k": 2, "aux_coef": 0.01}
 
     def __init__(self, base: nn.Module, cfg, view=None, *, num_experts: int | None = None, rank: int | None = None,

@@ -6,10 +6,13 @@ SVD-form update with a rank mask::
     s = α / (init_r + 1e-5)           (PEFT: scaling / (ranknum + 1e-5), ranknum = init_r even after pruning)
 
 Trainable: A, E, B. Init (PEFT): E = 0, A, B ~ N(0, 0.02²) ⇒ ΔW = 0. Loss extra (``extra_loss``):
-``orth_reg_weight · mean over modules of (‖QQᵀ−I‖_F + ‖PᵀP−I‖_F)/2`` (PEFT averages over all A and B matrices).
+``orth_reg_weight · mean over modules of (‖QQᵀ−I‖_F + ‖PᵀP−I‖_F)/2`` (PEFT's ``AdaLoraModel.forward`` averages over
+all non-empty A and B matrices): ``extra_loss`` gives the module's ``w·(…)/2`` and ``loss_reduction = "mean"``
+averages over the modules that returned one (a module pruned to rank 0 returns none, as PEFT skips it).
 
 Schedule (:class:`AdaLoRAController`, PEFT's RankAllocator; the trainer runs it via ``lorakit.controllers``):
-importance of each entry ``Ī·Ū`` (EMA β1/β2 of ``|p⊙∇p|``, taken in ``before_step`` while gradients exist);
+importance of each entry ``Ī·Ū`` (EMA β1/β2 of ``|p⊙∇p|``, taken in the controller's ``step``: after
+``optimizer.step()``, with that step's gradients still present, as PEFT's ``update_and_allocate``);
 triplet score ``S_i = s(λ_i) + mean s(Q_i·) + mean s(P_·i)``. Budget ``b(t)`` (total ranks over all modules):
 ``init_bgt`` for ``t ≤ tinit``; ``init_bgt − (init_bgt − target_bgt)(1 − (t−tinit)/(T−tfinal−tinit))³`` (floored
 towards ``target_bgt``) every ``deltaT`` steps in between; ``target_bgt = target_r × #modules`` from
@@ -59,8 +62,9 @@ class AdaLoRA(Adapter):
         total_step: int | None = None
         kept: int | None = None  # stored triplets of a pruned module (set when loading a pruned file)
 
-    roles = {"lora_A": "A", "lora_B": "B", "lora_E": "singular values"}
+    roles = {"lora_A": "A", "lora_B": "B", "lora_E": "singular_values"}
     layers = ("linear", "conv1d", "conv2d")
+    loss_reduction = "mean"  # the orthogonality penalty is averaged over the modules
     file_fields = ("kept",)
     example = {"init_r": 4, "target_r": 2}
 
@@ -76,7 +80,6 @@ class AdaLoRA(Adapter):
         self.register_buffer("rank_mask", torch.ones(R), persistent=False)
         self.scale = (cfg.alpha if cfg.alpha > 0 else float(cfg.init_r)) / (cfg.init_r + 1e-5)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-        self.orth_modules = 1  # the controller sets the number of modules (PEFT averages the penalty over them)
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.lora_E)
@@ -110,7 +113,7 @@ class AdaLoRA(Adapter):
         w = self.cfg.orth_reg_weight
         if w <= 0 or self.lora_A.shape[0] == 0:
             return None
-        return w * orth_penalty(self.lora_A, self.lora_B) / (2 * self.orth_modules)
+        return w * orth_penalty(self.lora_A, self.lora_B) / 2  # averaged over modules (loss_reduction)
 
     def stats(self) -> dict[str, float]:
         return {"rank": float(self.rank_mask.sum())}

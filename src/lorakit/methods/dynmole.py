@@ -6,10 +6,17 @@ while the cumulative probability ``≤ top_p``, and always the first ``keep_top_
 experts. Weights ``w = p ⊙ mask``, NOT renormalised. ``h = W0 x + Σ_i w_i · s · B_i A_i x``, ``A_i`` (r, d_in),
 ``B_i`` (d_out, r), ``s = α/r``. Trains A, B, W_g; router init ``kaiming_uniform(a=√5)``.
 
-Aux loss: ``dyn_coef · mean Ĥ_q + aux_coef · E · Σ_i f_i P_i`` with ``f_i`` = mean masked weight and ``P_i`` = mean
-probability (official ``_dynamic_load_balancing_loss_func``). Defaults: q=1.1, threshold 0.9, top_p 0.75,
-keep_top_k 2, coefficients 0.01 / 0.001, eps 1e-5. Decisions: routing is per adapted module (MoE-PEFT routes per
-FFN block); ``p^q`` uses ``p.clamp_min(eps)``.
+Aux loss (official ``moe_peft/adapters/dynmole/model.py`` ``_dynamic_load_balancing_loss_func``), ONE loss per
+attach over the routers of ALL adapted modules (``attach_loss``): the official concatenates the router logits of
+every router of every layer along the token axis (``moe_utils.collect_plugin_router_logtis`` then
+``unpack_router_logits``: ``torch.cat(..., dim=0)``) and computes, over those rows,
+``dyn_coef · mean Ĥ_q + aux_coef · E · Σ_i f_i P_i`` with ``f_i`` = mean masked weight and ``P_i`` = mean
+probability. This is not the sum (nor the mean) of per-module losses: ``f`` and ``P`` are pooled before their
+product. ``extra_loss()`` of one module is the same formula on its own rows. Defaults: q=1.1, threshold 0.9,
+top_p 0.75, keep_top_k 2, coefficients 0.01 / 0.001, eps 1e-5 (``DynMoleConfig.from_config``). Entropy as the
+official ``moe_utils.tsallis_entropy``: ``(1 − Σ (p+eps)^q)/(q−1)`` over its uniform maximum. Decisions: routing is
+per adapted module (MoE-PEFT's "plugin" routers, one per adapted projection); padding tokens are not masked out of
+the loss (no attention mask reaches the adapters).
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ from ._mixture import MixConfig, Mixture, switch_loss
 def tsallis_normalised(p: Tensor, q: float, eps: float = 1e-5) -> Tensor:
     """Tsallis entropy of each distribution along the last dim, divided by its maximum (uniform) value."""
     E = p.shape[-1]
-    h = (1.0 - p.clamp_min(eps).pow(q).sum(-1)) / (q - 1.0)
+    h = (1.0 - (p + eps).pow(q).sum(-1)) / (q - 1.0)
     return h / ((1.0 - E ** (1.0 - q)) / (q - 1.0))
 
 
@@ -61,7 +68,23 @@ class DynMoLE(Mixture):
         return p, p * mask
 
     def extra_loss(self) -> Tensor | None:
-        if self._probs is None:
-            return None
-        c = self.cfg
-        return c.dyn_coef * self._entropy.float().mean() + c.aux_coef * switch_loss(self._probs, self._weights)
+        return None if self._probs is None else self.attach_loss([self])
+
+    @classmethod
+    def attach_loss(cls, att) -> Tensor | None:
+        """One loss over the rows of every router that ran (concatenated, as the official); routers with a
+        different number of experts cannot be pooled, so each expert count forms its own pool and the pools add."""
+        adapters = att.active_adapters
+        pools: dict[int, list] = {}
+        for a in adapters:
+            if a._probs is not None:
+                pools.setdefault(a.E, []).append(a)
+        total = None
+        for E, ads in pools.items():
+            c = ads[0].cfg
+            probs = torch.cat([a._probs.reshape(-1, E).float() for a in ads])
+            weights = torch.cat([a._weights.reshape(-1, E).float() for a in ads])
+            ent = torch.cat([a._entropy.reshape(-1).float() for a in ads])
+            loss = c.dyn_coef * ent.mean() + c.aux_coef * switch_loss(probs, weights)
+            total = loss if total is None else total + loss
+        return total

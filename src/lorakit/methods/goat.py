@@ -8,11 +8,20 @@ SVD-structured init (official ``goat/peta/src/goat/layer.py``, init "goat"): ``W
 range ``[0, min(d_out, d_in))`` is cut into E segments of length ``L = ⌊k/E⌋``; expert i takes the FIRST ``r_e``
 components of segment i (``init="goat_mini"``: the last ``r_e``). With ``σ̃ = σ/(s·ρ)``: ``A_i = diag(√σ̃) V_segᵀ``,
 ``B_i = U_seg diag(√σ̃)`` and ``W_res = W0 − c · s · Σ_i B_i A_i`` (``c = init_cof``, default 1/E as the
-released scripts pass). Theoretical scaling factor (``scaling="goat"``, used by the official "goat" init):
-``s = √(3 η d_in / r_e)``; ``scaling="lora"`` gives ``s = α/r_e``. ρ = 10, η = 1.
+released scripts pass). ρ = 10, η = 1.
+
+Scaling. Default ``scaling="lora"``: ``s = α/r_e``, which is what the released code runs: the scripts pass
+``--lora src.goat`` (``init_type="goat"``) with ``--alpha 16 --rank 8 --experts 8``, and ``GOATLayer.update_layer``
+(``goat/peta/src/goat/layer.py``) sets ``scaling = lora_alpha / rank_list[i]`` unless ``"scale" in init_type``
+(or a ``SCALING`` environment variable is set) — so the SVD init's ``σ/(s·ρ)`` and the residual use ``s = 16``.
+``scaling="goat"`` is the paper's theoretical factor ``s = √(3 η d_in / r_e)`` (the code's ``"scale"`` init
+types, e.g. ``lora_scale``; the released code has no init that combines it with the GOAT segments), kept as an
+option. ``scaling="rslora"``: ``α/√r_e`` (the code's ``"rs"`` init types).
 Not output-preserving under top-k routing (init class "changes"); with a uniform router, ``top_k = E`` and
 ``c = 1/E`` the init output equals the base (tested). Aux loss: Switch ``E·Σ f_i P_i`` with f the top-k
-selection fractions (Σf = k), coefficient ``aux_coef`` (scripts 1e-3). The residual is rebuilt from the base on load.
+selection fractions (Σf = k), coefficient ``aux_coef`` (scripts 1e-3), summed over the modules
+(``loss_reduction = "sum"``, as the official ``GOATModel.get_aux_loss`` adds every ``moe_layer``'s loss).
+The residual is rebuilt from the base on load.
 """
 from __future__ import annotations
 
@@ -41,7 +50,7 @@ class GOAT(Mixture):
         top_k: int = 2
         dropout: float = 0.05
         aux_coef: float = 1e-3
-        scaling: str = "goat"  # "goat": √(3η d_in / r_e) | "lora": α / r_e
+        scaling: str = "lora"  # "lora": α / r_e (released code) | "goat": √(3η d_in / r_e) | "rslora": α / √r_e
         init: str = "goat"  # "goat" (first r_e of each segment) | "goat_mini" (last r_e)
         rho: float = 10.0
         eta: float = 1.0
@@ -50,14 +59,16 @@ class GOAT(Mixture):
     def __init__(self, base, cfg: Config, view=None):
         if cfg.r // cfg.num_experts <= 0:
             raise ValueError(f"GOAT: r={cfg.r} must be >= num_experts={cfg.num_experts} (rank per expert r/E)")
-        if cfg.scaling not in ("goat", "lora") or cfg.init not in ("goat", "goat_mini"):
-            raise ValueError(f"GOAT: scaling must be 'goat'|'lora' and init 'goat'|'goat_mini', got "
+        if cfg.scaling not in ("goat", "lora", "rslora") or cfg.init not in ("goat", "goat_mini"):
+            raise ValueError(f"GOAT: scaling must be 'lora'|'goat'|'rslora' and init 'goat'|'goat_mini', got "
                              f"{cfg.scaling!r}, {cfg.init!r}")
         super().__init__(base, cfg, view, rank=cfg.r // cfg.num_experts)
 
     def expert_scale(self) -> float:
         if self.cfg.scaling == "goat":
             return math.sqrt(3 * self.cfg.eta * self.view.d_in / self.r)
+        if self.cfg.scaling == "rslora":
+            return self.cfg.alpha / math.sqrt(self.r)
         return self.cfg.alpha / self.r
 
     def segments(self, k: int) -> list[range]:

@@ -73,8 +73,9 @@ class IncreLoRA(Adapter):
         beta2: float = 0.85
         orth_reg_weight: float = 0.1
 
-    roles = {"lora_A": "A", "lora_B": "B", "lora_E": "singular values"}
+    roles = {"lora_A": "A", "lora_B": "B", "lora_E": "singular_values"}
     layers = ("linear", "conv1d", "conv2d")
+    loss_reduction = "mean"  # the orthogonality penalty is averaged over the modules
     example = {"r": 1, "target_rank": 2, "init_warmup": 1, "incre_interval": 1, "top_h": 1}
 
     def __init__(self, base, cfg: Config, view=None):
@@ -92,7 +93,6 @@ class IncreLoRA(Adapter):
         self.lora_B = nn.Parameter(torch.empty(v.d_out, R))
         self.register_buffer("slots", torch.zeros(2, dtype=torch.long))  # [n_active, n_reserve], saved
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-        self.orth_modules = 1  # set by the controller (the penalty is averaged over modules)
         self.scoring = False  # set by the controller while the budget is not reached
         self._score: Tensor | None = None
 
@@ -177,7 +177,7 @@ class IncreLoRA(Adapter):
         w = self.cfg.orth_reg_weight
         if w <= 0:
             return None
-        return w * masked_orth_penalty(self.lora_A, self.lora_B, self._used()[1]) / (2 * self.orth_modules)
+        return w * masked_orth_penalty(self.lora_A, self.lora_B, self._used()[1]) / 2  # mean over modules
 
     def stats(self) -> dict[str, float]:
         return {"rank": float(self.slots[0])}

@@ -5,8 +5,12 @@ Base: ``W_t = Σ_{i≤k−r} σ_i u_i v_iᵀ`` — W0 with its **r smallest** si
 computed in fp32 and written over the frozen base. Init: A kaiming-uniform (LoRA), B = 0, ΔΣ ~ N(0, 1), so the
 adapter adds nothing at init but the base is truncated: ``init = "changes"`` (not output-preserving, by design).
 
-Trainable: A, ΔΣ, B. Regulariser (``extra_loss``, per module, summed over modules as PEFT's ``_get_kasa_loss``):
-``β·‖ΔΣ‖² + γ·(‖BᵀB − I‖_F + ‖AAᵀ − I‖_F)``.
+Trainable: A, ΔΣ, B. Regulariser (``extra_loss`` per module, ``loss_reduction = "mean"``: AVERAGED over the
+modules of the attach, as the official ``main.py`` ``loss_fn``, which divides the summed terms by ``block_num``, the
+number of ``lora_diag`` parameters; PEFT's ``LoraModel._get_kasa_loss`` sums instead, which makes β and γ depend on
+the number of adapted modules): ``(1/n) Σ_modules [β·‖ΔΣ‖² + γ·(‖BᵀB − I‖_F + ‖AAᵀ − I‖_F)]``.
+The orthogonality terms are the paper's Eq. 11 in rank space (r×r Gram matrices, as PEFT); the official
+``main.py`` takes ``‖AᵀA − I‖_F`` (d_in×d_in) and ``‖BBᵀ − I‖_F`` (d_out×d_out), which cannot vanish for r < d.
 
 Merge/unmerge: merging gives ``W_t + s·B diag(ΔΣ) A`` and unmerging returns **the truncated base W_t, not W0**.
 ``detach`` restores W0 bit-exactly (the original is stashed at attach). Loading rebuilds W_t from the base (the SVD
@@ -47,8 +51,9 @@ class KaSA(Adapter):
         niter: int = 0  # 0: full SVD; K: randomised SVD (rank k − r) with K subspace iterations
         seed: int = 0
 
-    roles = {"lora_A.weight": "A", "lora_diag": "core", "lora_B.weight": "B"}
+    roles = {"lora_A.weight": "A", "lora_diag": "singular_values", "lora_B.weight": "B"}
     layers = ("linear", "conv1d")
+    loss_reduction = "mean"  # official main.py: (β·Σ‖ΔΣ‖² + γ·Σ orth) / block_num
 
     def __init__(self, base, cfg: Config, view=None):
         super().__init__(base, cfg, view)

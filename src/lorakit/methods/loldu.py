@@ -44,7 +44,7 @@ class LoLDU(Adapter):
         alpha: float = 1.0
 
     layers = ("linear", "conv1d", "embedding", "conv2d")
-    roles = {"loldu_z": "scale_r"}
+    roles = {"loldu_z": "scale"}
 
     def __init__(self, base: nn.Module, cfg: Config, view=None):
         super().__init__(base, cfg, view)

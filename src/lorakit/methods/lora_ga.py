@@ -10,6 +10,11 @@ scale ``c = d_out^{1/4}/√γ`` (γ = ``stable_gamma`` = 16). Other directions: 
 Why: the first SGD step of the product changes W by ``−η s² c² (G A₀ᵀA₀/c² + B₀B₀ᵀG/c²) = −η s² c² G_{2r}``, the
 best rank-2r approximation of the full-fine-tuning step (the paper's objective; tested).
 
+Calibration runs the model in TRAIN mode (dropout active), as the official ``estimate_gradient``
+(``peft/src/peft/utils/lora_ga_utils/lora_ga_utils.py``, ``model.train()``) and PEFT's ``estimate_gradients``;
+``lorakit.calibrate(kind="gradients")`` does so by default and restores the model's modes afterwards (tested with
+a dropout model).
+
 Trainable: A, B. Decisions: we follow the **official code and the paper** (Outsider565/LoRA-GA, ``lora_ga_init``):
 both A₀ and B₀ are multiplied by ``d_out^{1/4}/√γ`` and no singular values enter. PEFT's port instead multiplies B₀
 by ``diag(σ_{r+1:2r})`` and scales only B₀ — this breaks the rank-2r-projection property above (the A-side and

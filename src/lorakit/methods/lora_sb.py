@@ -13,8 +13,9 @@ from W0. This is **not** output-preserving by design (``init = "changes"``); W0 
 
 Decisions (official code RaghavSinghal10/lora-sb ``utils/gradient_utils.py``):
 
-* Gradient accumulation is lorakit's shared ``calibrate(kind="gradients")`` (the mean gradient over the
-  calibration batches; the trainer's ``train.calibration_batches`` sets how many). sign(Σ G) = sign(mean G).
+* Gradient accumulation is lorakit's shared ``calibrate(kind="gradients")``, in train mode as the official
+  ``estimate_and_process_grads_torch`` (``model.train()``): the mean gradient over the calibration batches (the
+  trainer's ``train.calibration_batches`` sets how many). sign(Σ G) = sign(mean G).
 * ``eta`` is the step size of the simulated update. The code uses the learning rate of the first optimiser step
   (``lr / warmup_steps`` under linear warmup); set ``eta`` to that to reproduce it. Default 1e-4.
 * ``R = S_r / s`` (paper's form) so any α works; with the code's α = r (``alpha=None``, s = 1) this is ``R = S_r``.

@@ -41,7 +41,7 @@ class MHR(Adapter):
     __doc__ = __doc__
     mergeable = False
     layers = ("linear",)
-    roles = {"poly_lora_A": "A", "poly_lora_B": "B", "poly_router.module_logits": "gate"}
+    roles = {"poly_lora_A": "A", "poly_lora_B": "B", "poly_router.module_logits": "router"}
     example = {"r": 2, "n_tasks": 2, "n_skills": 3, "n_splits": 2}
 
     @classmethod

@@ -14,7 +14,14 @@ Decisions: the reference draws an independent seed per layer and regenerates the
 to save memory. Here the bases are materialised once and SHARED by all layers of the same shape (one storage per
 distinct (d_out, d_in) in the attach, seeded from (basis_seed, d_out, d_in)); layers differ by their coefficients.
 This keeps memory at one basis set per shape and makes the model reproducible from the config alone; it is a
-deliberate deviation (the function class per layer is the same). Defaults follow the reference GPT-2 E2E recipe.
+deliberate deviation (the function class per layer is the same).
+
+Defaults follow the reference GPT-2-M E2E recipe (``gpt/scripts/finetune_gpt2m_e2e_qv_nola.sh``): ``r = 8``,
+``α = 8`` (s = 1), ``num_basis_A = num_basis_B = 512`` (``--nola_num_basis 512``; the module/argparse default
+is 1024), on the attention query and value projections (``--lora_qv``), trained with lr 5e-3, weight decay 0,
+linear schedule with 500 warm-up steps, 5 epochs, label smoothing 0.1 (``configs/methods/nola.yaml``).
+Checked against ``gpt/src/model_nola.py`` (``LoRA``, ``NOLALinear``, ``GenerateParams``): bases
+``U(−1, 1)/√num_basis``, A's offset ``kaiming_uniform_(a=√5)``, B's offset 0, coefficients 0, ``s = α/r``.
 """
 from __future__ import annotations
 
@@ -44,8 +51,8 @@ class NOLA(Adapter):
     class Config:
         r: int = 8
         alpha: float = 8.0
-        num_basis_A: int = 1024
-        num_basis_B: int = 1024
+        num_basis_A: int = 512  # GPT-2-M E2E script: --nola_num_basis 512 (module default 1024)
+        num_basis_B: int = 512
         basis_seed: int = 0
 
     layers = ("linear", "conv1d", "embedding", "conv2d")

@@ -65,6 +65,7 @@ def randlora_bases(seed: int, r: int, d_in: int, d_out: int, sparsity: float | N
                                   "save_projection": True, "sparse": False, "very_sparse": False}))
 class RandLoRA(Adapter):
     __doc__ = __doc__
+    roles = {"randlora_lambda": "scale", "randlora_gamma": "scale"}
 
     @dataclass
     class Config:

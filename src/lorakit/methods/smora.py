@@ -1,16 +1,27 @@
 """SMoRA: Single-ranked Mixture of LoRA experts (Zhao et al. 2025, arXiv:2501.15103).
 
 One LoRA of rank r in which every rank is an expert (rank-1 experts ``B_{:,i} A_{i,:}``). Router ``W_g`` (r/p, d_in)
-(``p = rank_partition``): ``ℓ = sigmoid(W_g x)`` repeated p times (``repeat_interleave``: each router unit drives p
-consecutive ranks), ``ℓ̃ = ℓ + b`` with a NON-trainable bias ``b`` (r,). ``I = TopK(ℓ̃, k)`` (``k = activate_r``),
-``g_i = k · ℓ̃_i / Σ_{j∈I} ℓ̃_j`` on I (0 elsewhere), ``h = W0 x + (α/k) · Σ_{i∈I} g_i · B_{:,i} A_{i,:} x``.
-Trains A (r, d_in), B (d_out, r), W_g. Init: A kaiming, B = 0, b = 0.
+(``p = rank_partition``) on the DROPPED input ``x̃ = dropout(x)`` (the same ``x̃`` feeds the experts):
+``ℓ = sigmoid(W_g x̃)`` repeated p times (``repeat_interleave``: each router unit drives p consecutive ranks),
+``ℓ̃ = ℓ + b`` with a NON-trainable bias ``b`` (r,). ``I = TopK(ℓ̃, k)`` (``k = activate_r``),
+``g_i = k · ℓ̃_i / Σ_{j∈I} ℓ̃_j`` on I (0 elsewhere), ``h = W0 x + (α/k) · Σ_{i∈I} g_i · B_{:,i} A_{i,:} x̃``.
+Trains A (r, d_in), B (d_out, r), W_g. Init: A kaiming-uniform(a=√5), B = 0, b = 0.
 
-Aux-loss-free load balancing (DeepSeek-V3 style): training forwards count how often each rank is selected; after
-each optimiser step the method's controller moves ``b_i += u · sign(mean_count − count_i)`` (u = ``bias_lr``, 1e-5)
-and resets the counts. ``b`` is a persistent buffer (saved: it changes routing). Dense compute with a zero mask
-replaces the official gather kernels (same result). Decision: the weights use ℓ̃ (bias included), as in the
-official ``srmole/layer.py`` read for the catalog; the repeat order is not verified.
+Checked against the authors' code (github.com/StyxXuan/smora, ``packages/peft/src/peft/tuners/srmole/layer.py``,
+``SRMoLELinear.forward`` and ``SRMoLELayer.update_layer``): router on ``dropout(x)``, ``sigmoid`` then
+``repeat_interleave(rank_partition)``, bias added before ``topk``, gates = the selected biased values over their
+sum times ``activate_r`` (the bias is part of the gate value, not only of the selection), ``scaling = lora_alpha /
+activate_r``; the gate normalisation is re-implemented in ``tests/methods/test_smora.py``. Recipe
+(``scripts/traing_configs/.../llama2_7b_lora_srmole.yaml``): rank 64, activate_r 8, alpha 16, all linear layers,
+lr 1e-4, bias update rate u = 1e-5 (``SRMoLELinear(bias_update_rate=1e-5)``).
+
+Aux-loss-free load balancing (DeepSeek-V3 style): ``b_i += u · sign(mean_count − count_i)`` with ``count_i`` how
+often rank i was selected. Deviation in timing: the official updates ``b`` inside every training forward (counts of
+that micro-batch); here the counts of the training forwards are summed and the method's controller applies the
+update once after each optimiser step. The two agree with one forward per optimiser step; with gradient
+accumulation (the released recipe accumulates 16 micro-batches, and gradient checkpointing re-runs the forward) the
+official moves ``b`` once per forward. ``b`` is a persistent buffer (saved: it changes routing). Dense compute
+with a zero mask replaces the official gather kernels (same result, as its ``dense_compute`` path).
 """
 from __future__ import annotations
 
@@ -37,7 +48,7 @@ class _BiasUpdate(Controller):
           "Single-Ranked Mixture of Experts LoRA for Multi-Task Learning (SMoRA), arXiv:2501.15103")
 class SMoRA(Mixture):
     __doc__ = __doc__
-    roles = {"experts_A": "A", "experts_B": "B", "router.weight": "gate"}
+    roles = {"experts_A": "A", "experts_B": "B", "router.weight": "router"}
     example = {"r": 4, "activate_r": 2}
 
     @dataclass
@@ -46,7 +57,7 @@ class SMoRA(Mixture):
         activate_r: int = 8  # k
         rank_partition: int = 1  # p
         alpha: float = 16.0
-        dropout: float = 0.05
+        dropout: float = 0.0  # recipe: LLaMA-Factory lora_dropout default 0 (not set in the srmole yaml)
         bias_lr: float = 1e-5  # u
 
     def __init__(self, base, cfg: Config, view=None):
@@ -69,6 +80,12 @@ class SMoRA(Mixture):
         if self.training:
             self._count += mask.detach().reshape(-1, self.E).sum(0)
         return lt / lt.sum(-1, keepdim=True), w
+
+    def delta(self, x: Tensor) -> Tensor:
+        xd = self.dropout(self.cast_in(x))  # official: the router sees the dropped input too
+        probs, w = self.route(self.router_logits(xd))
+        self.record(probs, w)
+        return self.mix(xd, w)
 
     def extra_loss(self) -> None:
         return None  # aux-loss-free balancing (see update_bias)

@@ -7,7 +7,11 @@ A LoRA of maximum rank ``r`` with a trainable gate ``g ∈ R^r`` between the fac
 Trainable: A, B, g. Init (official): A Kaiming-uniform, B = 0, ``g ~ N(0, 1)``. Sparsity: after every optimiser
 step the :class:`SoRAController` applies the proximal (soft-thresholding) step of the L1 norm to the gates,
 ``g ← sign(g)·max(|g| − ξ, 0)`` with ``ξ = sparse_lambda_2`` applied directly (as the official SparseAdamW, not
-``η·ξ`` as the paper writes). ``l1`` adds ``l1·mean|g|`` per module to the loss (``extra_loss``; 0 disables).
+``η·ξ`` as the paper writes). ``l1`` adds the L1 penalty to the loss as the official ``SparseTrainerMixin
+.compute_loss`` (``src/trainer.py``): ``l1 · Σ_{all gates of the attach} |g| / (total number of gates)``, ONE mean
+over the gates of every module (``attach_loss``), not a sum of per-module means. The official runs both the L1 term
+(``--sparse_lambda``, default 1e-3 in ``run_glue.py``'s ``SparseArguments``, always added under ``--train_sparse``)
+and the proximal step, so ``l1`` defaults to 1e-3 here too (0 disables it).
 ``lambda_schedule`` ("linear" | "log_linear" | "exp_linear") raises ξ to ``max_lambda`` in ``lambda_num`` stages
 over training (official sparsifying scheduler; one stage every ``total_steps/lambda_num`` steps).
 After training :func:`lorakit.rank.prune_gates` gives the plain LoRA ``B' = s·B[:, g≠0] diag(g_{≠0})``,
@@ -36,7 +40,7 @@ class SoRA(LoRA):
         alpha: float = 16.0
         dropout: float = 0.0
         sparse_lambda_2: float = 3e-4  # ξ: proximal threshold applied after each optimiser step
-        l1: float = 0.0  # weight of l1·mean|g| in the loss
+        l1: float = 1e-3  # weight of l1·Σ|g|/#gates in the loss (official --sparse_lambda, default 1e-3)
         lambda_schedule: str | None = None  # None | "linear" | "log_linear" | "exp_linear"
         max_lambda: float = 1e-3
         lambda_num: int = 1
@@ -73,7 +77,22 @@ class SoRA(LoRA):
         return LowRank(self.A[keep], self.B[:, keep] * self.lora_gate[keep], self.scale)
 
     def extra_loss(self) -> Tensor | None:
-        return self.cfg.l1 * self.lora_gate.abs().mean() if self.cfg.l1 > 0 else None
+        """This module's share ``l1·Σ|g|`` of the numerator; :meth:`attach_loss` divides by the total gate count."""
+        return self.cfg.l1 * self.lora_gate.abs().sum() if self.cfg.l1 > 0 else None
+
+    @classmethod
+    def attach_loss(cls, att) -> Tensor | None:
+        """``Σ_m l1·Σ|g_m| / Σ_m #g_m`` over the modules with an L1 term (official: ``sparse_lambda * Σ|g| /
+        p_total``, ``p_total`` the number of gate entries in the model)."""
+        adapters = att.active_adapters
+        pairs = [(a.extra_loss(), a.lora_gate.numel()) for a in adapters]
+        pairs = [(loss, n) for loss, n in pairs if loss is not None]
+        if not pairs:
+            return None
+        total = pairs[0][0]
+        for loss, _ in pairs[1:]:
+            total = total + loss
+        return total / sum(n for _, n in pairs)
 
     def stats(self) -> dict[str, float]:
         return {"rank": float((self.lora_gate != 0).sum())}

@@ -56,7 +56,7 @@ class SORSA(Adapter):
         niter: int = 0  # 0: full SVD; K: torch.svd_lowrank with K subspace iterations
         seed: int = 0
 
-    roles = {"sorsa_A": "A", "sorsa_S": "core", "sorsa_B": "B"}
+    roles = {"sorsa_A": "A", "sorsa_S": "singular_values", "sorsa_B": "B"}
     layers = ("linear", "conv1d")
 
     def __init__(self, base, cfg: Config, view=None):

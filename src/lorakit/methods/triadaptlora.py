@@ -76,8 +76,9 @@ class TriAdaptLoRA(Adapter):
         orth_reg_weight: float = 0.5
         total_step: int | None = None  # None: the trainer's planned step count (on_train_begin)
 
-    roles = {"lora_A": "A", "lora_B": "B", "lora_L": "core (lower)", "lora_U": "core (upper)"}
+    roles = {"lora_A": "A", "lora_B": "B", "lora_L": "core", "lora_U": "core"}
     layers = ("linear", "conv1d", "conv2d")
+    loss_reduction = "mean"  # the orthogonality penalty is averaged over the modules
     example = {"r": 1, "reference_rank": 2, "incre_rank_num": 1}
 
     def __init__(self, base, cfg: Config, view=None):
@@ -95,13 +96,6 @@ class TriAdaptLoRA(Adapter):
         self.lora_U = nn.Parameter(torch.empty(R, R))
         self.register_buffer("pieces", torch.zeros(R, dtype=torch.long))  # per slot: end of its piece; 0 unused
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-        self.orth_modules = 1
-
-    @classmethod
-    def share(cls, att) -> None:
-        adapters = att.adapters
-        for a in adapters:
-            a.orth_modules = len(adapters)
 
     def reset_parameters(self) -> None:
         r = self.cfg.r
@@ -172,7 +166,7 @@ class TriAdaptLoRA(Adapter):
         w = self.cfg.orth_reg_weight
         if w <= 0:
             return None
-        return w * masked_orth_penalty(self.lora_A, self.lora_B, self.pieces > 0) / (2 * self.orth_modules)
+        return w * masked_orth_penalty(self.lora_A, self.lora_B, self.pieces > 0) / 2  # mean over modules
 
     def stats(self) -> dict[str, float]:
         return {"rank": float(self.rank), "pieces": float(self.n_pieces)}

@@ -52,7 +52,7 @@ class VeRA(Adapter):
         projection_seed: int = 0
         save_projection: bool = True
 
-    roles = {"vera_lambda_d": "scale_r", "vera_lambda_b": "scale_out"}
+    roles = {"vera_lambda_d": "scale", "vera_lambda_b": "scale"}
     layers = ("linear", "conv1d")
 
     def __init__(self, base: nn.Module, cfg: Config, view=None):

@@ -42,7 +42,7 @@ from ._mixture import Mixture, RestoreForward, output_head, read_lora_factors, t
           "Adapter Experts, a Flexible Framework for Large Language Models, arXiv:2402.07148")
 class XLoRA(Mixture):
     __doc__ = __doc__
-    roles = {"experts_A": "A", "experts_B": "B"}
+    roles = {"experts_A": "A", "experts_B": "B", "xlora_classifier": "router"}
     example = {"r": 2, "num_experts": 3, "use_trainable_adapters": True, "xlora_depth": 2, "xlora_size": 8}
 
     @dataclass

@@ -6,6 +6,7 @@ Precedence: built-in defaults < recipe YAML < ``--method NAME`` (``configs/metho
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,11 @@ class ModelSection:
 
 @dataclass
 class OptimSection:
+    """The optimiser. ``name`` is a training procedure (:mod:`lorakit.procedures`: adamw, loraplus, or one you
+    register); its own options sit beside the common keys (``optim.ratio=16`` for loraplus) and are validated
+    against its ``Config``; they are kept in ``options``."""
+
+    name: str = "adamw"
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -36,6 +42,19 @@ class OptimSection:
     min_lr_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
     trainable_lr: float | None = None  # learning rate of the `adapter.trainable` modules (a new head); None: lr
+    options: dict[str, Any] = field(default_factory=dict)  # the procedure's own options (written flat in YAML)
+
+    def hyper(self):
+        from ..procedures import Hyper
+
+        return Hyper(lr=self.lr, weight_decay=self.weight_decay, betas=tuple(self.betas), eps=self.eps,
+                     trainable_lr=self.trainable_lr)
+
+    def procedure(self):
+        """The :class:`lorakit.procedures.Procedure` this section names, with its options (validated)."""
+        from ..procedures import make_procedure
+
+        return make_procedure(self.name, self.options, self.hyper())
 
 
 @dataclass
@@ -88,7 +107,10 @@ class RunConfig:
     output: OutputSection = field(default_factory=OutputSection)
 
     def to_dict(self) -> dict:
-        return to_dict(self)
+        d = to_dict(self)
+        opts = d["optim"].pop("options", {}) or {}
+        d["optim"].update(opts)  # procedure options are written flat, as they are given (optim.ratio=16)
+        return d
 
     @property
     def out_dir(self) -> Path:
@@ -159,8 +181,21 @@ def resolve(path: str | Path | None = None, overrides: list[str] | None = None, 
     for sec in ("model", "adapter", "optim", "data", "train", "output"):
         if data.get(sec) is not None and not isinstance(data[sec], dict):
             raise ConfigError(f"section '{sec}' must be a mapping, got {data[sec]!r}")
+    optim = data.get("optim")
+    if isinstance(optim, dict):  # keys that are not common optimiser keys are the procedure's own options
+        common = {f.name for f in dataclasses.fields(OptimSection)}
+        extra = {k: optim.pop(k) for k in list(optim) if k not in common}
+        if extra:
+            if optim.get("options") is not None and not isinstance(optim["options"], dict):
+                raise ConfigError(f"optim.options must be a mapping, got {optim['options']!r}")
+            optim["options"] = {**(optim.get("options") or {}), **extra}
     cfg = from_dict(RunConfig, {k: v for k, v in data.items() if v is not None})
     AttachConfig.make(cfg.adapter)  # validates method and options now (names the valid keys)
+    from ..procedures import options_dict, preflight
+
+    proc = cfg.optim.procedure()  # unknown procedure or option: ConfigError naming the valid ones
+    cfg.optim.options = options_dict(proc)  # every option written out, defaults included
+    preflight(proc, cfg.adapter)  # a method this procedure cannot train fails now, before any model loads
     t = cfg.train
     for name, v, lo in (("train.steps", t.steps, 1), ("train.grad_accum", t.grad_accum, 1),
                         ("data.batch_size", cfg.data.batch_size, 1), ("data.max_length", cfg.data.max_length, 8)):

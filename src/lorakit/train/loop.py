@@ -1,9 +1,11 @@
 """A plain PyTorch training loop that knows nothing about individual methods.
 
+The optimiser comes from the training procedure ``optim.name`` (:mod:`lorakit.procedures`; default adamw).
 Per step: ``grad_accum`` micro-batches (forward under autocast, inside ``lorakit.batch_context`` when a batch has
 ``task_ids``; loss = task loss + ``lorakit.extra_loss(model)``), gradient clipping, controllers' ``before_step``,
-``optimizer.step()``, scheduler, controllers' ``step``. Data-dependent inits get calibration batches from the
-training set. Everything a resume needs (adapter tensors, optimizer, scheduler, RNG, controllers) is checkpointed;
+the procedure's ``before_step``, ``optimizer.step()``, the procedure's ``after_step``, scheduler, controllers'
+``step``. Data-dependent inits get calibration batches from the training set. Everything a resume needs (adapter
+tensors, optimizer, scheduler, RNG, controllers, the procedure's state) is checkpointed;
 the data order is a pure function of (seed, step), so a resumed run repeats the uninterrupted loss curve exactly.
 """
 from __future__ import annotations
@@ -30,6 +32,8 @@ from ..config import AttachConfig
 from ..core import get_method
 from ..errors import ConfigError, LorakitError
 from ..io import save_adapter
+from ..procedures import options_dict
+from ..procedures import setup as setup_procedure
 from ..tasks import get_task
 from ..tasks.base import to_device
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -286,22 +290,17 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if getattr(model, "config", None) is not None:
             model.config.use_cache = False
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
+    proc = oc.procedure()  # how the parameters train (optim.name): groups, optimiser, per-step hooks, state
+    tparams, opt = setup_procedure(model, proc)
+    params = [t.param for t in tparams]
     n_train = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
-    from ..core import ModulesToSave
-
-    head = {id(p) for m in model.modules() if isinstance(m, ModulesToSave) for p in m.copies.parameters()}
-    head_lr = oc.trainable_lr if oc.trainable_lr is not None else oc.lr
-    groups = [{"params": [p for n, p in named if p.ndim >= 2 and id(p) not in head], "weight_decay": oc.weight_decay},
-              {"params": [p for n, p in named if p.ndim < 2 and id(p) not in head], "weight_decay": 0.0},
-              {"params": [p for n, p in named if id(p) in head], "weight_decay": oc.weight_decay, "lr": head_lr}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, oc.warmup, oc.schedule, oc.min_lr_ratio))
     ctrls = inject.controllers(model)
     for c in ctrls:
         c.on_train_begin(model, opt, total)
+    proc.on_train_begin(model, opt, total)
+    proc_id = {"name": proc.name, "options": options_dict(proc)}
 
     step, loss_curve = 0, []
     if ckpt is not None:
@@ -310,6 +309,12 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
         sched.load_state_dict(st["scheduler"])
         for c, s in zip(ctrls, st.get("controllers", [])):
             c.load_state_dict(s)
+        saved = st.get("procedure") or {"name": "adamw", "options": {}, "state": {}}  # older checkpoints: adamw
+        if (saved["name"], saved["options"]) != (proc_id["name"], proc_id["options"]):
+            raise ConfigError(f"checkpoint {ckpt} was written with optim.name={saved['name']} {saved['options']}, "
+                              f"this run has optim.name={proc.name} {proc_id['options']}; resume with the same "
+                              "procedure and options, or start a new run")
+        proc.load_state_dict(saved["state"])
         step, loss_curve, before = st["step"], list(st["loss_curve"]), st.get("metrics_before", {})
         set_rng_state(st["rng"])
         log.info("resumed from %s (step %d)", ckpt, step)
@@ -324,7 +329,8 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
 
     def state() -> dict:
         return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": snap,
-                "controllers": [c.state_dict() for c in ctrls], "loss_curve": loss_curve,
+                "controllers": [c.state_dict() for c in ctrls], "procedure": {**proc_id, "state": proc.state_dict()},
+                "loss_curve": loss_curve,
                 "metrics_before": before}
 
     train_time, tokens, first_step = 0.0, 0, step
@@ -374,8 +380,10 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
                                          f"Last good checkpoint: {last_ckpt or 'none'}. Try a lower optim.lr.")
             for c in ctrls:
                 c.before_step(step, model, opt)
+            proc.before_step(step, model, opt)
             lr = opt.param_groups[0]["lr"]
             opt.step()
+            proc.after_step(step, model, opt)
             sched.step()
             for c in ctrls:
                 c.step(step, model, opt)

@@ -1,0 +1,15 @@
+"""Training procedures: how the adapters' parameters are grouped and updated (see :mod:`lorakit.procedures.base`).
+
+``optim.name=adamw`` (default) and ``optim.name=loraplus`` are built in; register your own with
+``@register_procedure("name")`` on a :class:`Procedure` subclass.
+"""
+from __future__ import annotations
+
+from .base import (PROCEDURES, ROLES, Hyper, Procedure, TrainParam, adapter_roles, get_procedure, make_procedure,
+                   options_dict, preflight, probe_parameters, register_procedure, setup, trainable_parameters)
+from . import adamw as _adamw  # noqa: F401  (registers "adamw")
+from . import loraplus as _loraplus  # noqa: F401  (registers "loraplus")
+
+__all__ = ["PROCEDURES", "ROLES", "Hyper", "Procedure", "TrainParam", "adapter_roles", "get_procedure",
+           "make_procedure", "options_dict", "preflight", "probe_parameters", "register_procedure", "setup",
+           "trainable_parameters"]

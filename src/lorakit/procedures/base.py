@@ -1,0 +1,336 @@
+"""The second abstraction: a :class:`Procedure` says *how* the adapters' parameters are trained.
+
+Methods say *what* trains (their parameters and the ``roles`` they declare); a procedure turns the trainable
+parameters into optimiser parameter groups, builds the optimiser, may transform gradients between backward and
+``optimizer.step()``, may change per step which parameters train (layer sampling, masks), and saves its own state
+in checkpoints. The trainer (:mod:`lorakit.train.loop`), the HF callback (:mod:`lorakit.integrations.hf`) and the
+arena drive procedures through these hooks and never name one.
+
+Order of calls, in ``lorakit train`` and (through ``create_optimizer`` + ``AdapterCallback``) in the HF Trainer::
+
+    proc = make_procedure(name, options, hyper)       # unknown name/option: ConfigError (at config resolution)
+    params = trainable_parameters(model)               # [TrainParam], model.named_parameters() order
+    proc.check(params)                                 # ConfigError if this method cannot be trained this way
+    opt = proc.build_optimizer(params)                 # default: AdamW over proc.param_groups(params)
+    proc.on_train_begin(model, opt, total_steps)
+    proc.load_state_dict(...)                          # on resume only
+    per step: backward -> clip -> controllers' before_step -> proc.before_step(step, model, opt)
+              -> opt.step() -> proc.after_step(step, model, opt) -> LR scheduler -> controllers' step
+    checkpoint: proc.state_dict()
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar, NoReturn
+
+import torch
+from torch import nn
+
+from ..config import _suggest, from_dict, to_dict
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ROLES", "TrainParam", "Hyper", "Procedure", "register_procedure", "get_procedure", "PROCEDURES",
+           "make_procedure", "trainable_parameters", "adapter_roles", "setup"]
+
+# The role vocabulary: what a parameter *is* in an adapter's structure (``Adapter.roles`` values must be one of these;
+# tests/test_contract.py checks every registered method). Procedures group and treat parameters by role, never by
+# their names.
+ROLES: dict[str, str] = {
+    "A": "down-projection factor (r, d_in), the input side of ΔW = B·A (stacked experts' A too)",
+    "B": "up-projection factor (d_out, r), the output side of ΔW = B·A (stacked experts' B too)",
+    "core": "a matrix in rank space between A and B (LoRA-XS's R, TriAdaptLoRA's L/U, NLoRA's N)",
+    "singular_values": "the per-rank diagonal of an SVD-form update (AdaLoRA's E, SVFit, SORSA, KaSA)",
+    "magnitude": "a per-output-row magnitude vector (DoRA)",
+    "scale": "trainable scaling vectors around frozen factors (VeRA's d and b, LoLDU, RandLoRA)",
+    "gate": "a per-rank gate that switches ranks on and off (SoRA)",
+    "router": "input-dependent mixture weights (MoE routers, X-LoRA's classifier, MHR's routing logits)",
+    "head": "a trainable copy of a whole module (`adapter.trainable`, PEFT's modules_to_save)",
+    "bias": "a base layer's bias trained with `adapter.bias=all|lora_only`",
+    "other": "a trainable parameter whose method declares no role for it",
+}
+
+
+@dataclass(eq=False)
+class TrainParam:
+    """One trainable parameter with what a procedure needs to know about it.
+
+    ``name``: its name in ``model.named_parameters()``; ``role``: one of :data:`ROLES`; ``adapter``: the
+    :class:`lorakit.Adapter` that owns it (None for heads and biases) -- pair A with B, read ``lowrank()``/scales
+    through it; ``adapter_name``: the attach name ("default"); ``method``: the registered method name; ``kind``:
+    the adapted layer's kind (linear, conv1d, embedding, conv2d); ``path``: the module path of the host (or of the
+    head / biased layer); ``local``: the name inside the adapter (``lora_A.weight``)."""
+
+    name: str
+    param: nn.Parameter
+    role: str
+    adapter: nn.Module | None = None
+    adapter_name: str | None = None
+    method: str | None = None
+    kind: str | None = None
+    path: str = ""
+    local: str = ""
+
+
+@dataclass
+class Hyper:
+    """The optimiser settings every procedure shares: ``optim.lr/weight_decay/betas/eps/trainable_lr`` in YAML,
+    ``learning_rate/weight_decay/adam_beta1/adam_beta2/adam_epsilon`` in HF ``TrainingArguments``."""
+
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    trainable_lr: float | None = None  # the rate of `adapter.trainable` copies (role "head"); None: lr
+
+    @property
+    def head_lr(self) -> float:
+        return self.trainable_lr if self.trainable_lr is not None else self.lr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which parameters train, and their roles (the one place that reads the model's structure: re-point it here)
+# ----------------------------------------------------------------------------------------------------------------
+def adapter_roles(adapter: nn.Module, local: str) -> str:
+    """The declared role of parameter ``local`` of ``adapter``: a ``roles`` key equal to it, or naming a submodule
+    that holds it (``"xlora_classifier"`` covers ``xlora_classifier.0.weight``); the longest key wins."""
+    best, role = -1, "other"
+    for key, r in getattr(type(adapter), "roles", {}).items():
+        if (local == key or local.startswith(key + ".")) and len(key) > best:
+            best, role = len(key), r
+    return role
+
+
+def trainable_parameters(model: nn.Module) -> list[TrainParam]:
+    """Every parameter of ``model`` that requires grad, in ``model.named_parameters()`` order, with its role:
+    adapter parameters by their method's declared ``roles`` ("other" when undeclared), ``ModulesToSave`` copies
+    "head", base biases trained through ``adapter.bias`` "bias", anything else "other"."""
+    from ..attachments import attachments
+    from ..core import Adapter, ModulesToSave
+
+    info: dict[int, dict[str, Any]] = {}
+    for att in attachments(model).values():
+        for m in att.members:
+            a = m.adapter
+            for local, p in a.named_parameters():
+                info.setdefault(id(p), dict(role=adapter_roles(a, local), adapter=a, adapter_name=att.name,
+                                            method=type(a).name, kind=a.view.kind, path=m.path, local=local))
+    for path, m in model.named_modules():
+        if isinstance(m, ModulesToSave):
+            for aname, copy in m.copies.items():
+                for local, p in copy.named_parameters():
+                    info.setdefault(id(p), dict(role="head", adapter_name=aname, path=path, local=local))
+        elif not isinstance(m, Adapter):
+            b = dict(m.named_parameters(recurse=False)).get("bias")
+            if b is not None and id(b) not in info:
+                info[id(b)] = dict(role="bias", path=path, local="bias")
+    return [TrainParam(name=n, param=p, **info.get(id(p), {"role": "other"}))
+            for n, p in model.named_parameters() if p.requires_grad]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The abstraction
+# ----------------------------------------------------------------------------------------------------------------
+class Procedure:
+    """How the adapters' parameters are trained. Subclass, give it a nested ``@dataclass Config`` of its own options
+    (``optim.<option>=...`` in YAML) and register it with :func:`register_procedure`. Every hook is optional: the
+    default is plain AdamW over :meth:`param_groups` (lorakit's classic groups, see there).
+
+    ``self.cfg`` is the validated ``Config``; ``self.hp`` the shared :class:`Hyper` settings (lr, betas, ...)."""
+
+    name: ClassVar[str] = ""
+
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, cfg: Any = None, hp: Hyper | None = None):
+        self.cfg = cfg if cfg is not None else self.Config()
+        self.hp = hp or Hyper()
+
+    # --- deciding -------------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check the option values (``self.cfg``) and raise :class:`ConfigError` naming the bad one."""
+
+    def check(self, params: list[TrainParam]) -> None:
+        """Raise :class:`ConfigError` (use :meth:`refuse`) when these parameters cannot be trained this way (e.g. no
+        A/B roles for LoRA+). Runs at config resolution on a shape-only probe of the method and again on the model."""
+
+    def param_groups(self, params: list[TrainParam]) -> list[dict]:
+        """Optimiser parameter groups. Default (lorakit's classic AdamW groups, ``optim.name=adamw``): parameters of
+        2 or more dimensions with ``weight_decay``, the rest (vectors, scalars) without, heads (role "head") with
+        ``weight_decay`` at ``trainable_lr``; empty groups are dropped."""
+        hp = self.hp
+        body = [t for t in params if t.role != "head"]
+        groups = [{"name": "decay", "params": [t.param for t in body if t.param.ndim >= 2],
+                   "weight_decay": hp.weight_decay},
+                  {"name": "no_decay", "params": [t.param for t in body if t.param.ndim < 2], "weight_decay": 0.0},
+                  {"name": "head", "params": [t.param for t in params if t.role == "head"],
+                   "weight_decay": hp.weight_decay, "lr": hp.head_lr}]
+        return [g for g in groups if g["params"]]
+
+    def build_optimizer(self, params: list[TrainParam]) -> torch.optim.Optimizer:
+        """The optimiser (one per run). Default: ``torch.optim.AdamW`` over :meth:`param_groups`."""
+        hp = self.hp
+        return torch.optim.AdamW(self.param_groups(params), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+
+    # --- during training ------------------------------------------------------------------------------------------
+    def on_train_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
+        """Once before the first step (and before a resumed run's state is loaded)."""
+
+    def before_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Gradient transforms: after backward, gradient clipping and the controllers' ``before_step``, before
+        ``optimizer.step()`` (``step`` counts from 0). Projections (GaLore), adjusted gradients (LoRA-Pro), masks."""
+
+    def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """After ``optimizer.step()`` (gradients still present), before the LR scheduler and the controllers' step:
+        schedules of which layers/parameters train next (LISA), re-applying masks, federated rounds."""
+
+    def state_dict(self) -> dict:
+        """Extra state for checkpoints (tensors, numbers, lists, dicts); the optimiser's own state is saved apart."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` on resume (exact resume must hold)."""
+
+    # --- helpers --------------------------------------------------------------------------------------------------
+    def refuse(self, problem: str, params: list[TrainParam]) -> NoReturn:
+        """Raise a ConfigError: ``optim.name=<this>: <problem>``, naming the methods and the roles they train and
+        the procedures that accept these parameters."""
+        global _PROBING
+        if _PROBING:  # asked by another procedure's refuse(): just say no
+            raise ConfigError(problem)
+        methods = sorted({t.method for t in params if t.method}) or ["(no adapter)"]
+        roles = sorted({t.role for t in params})
+        fits = []
+        _PROBING = True
+        try:
+            for n in sorted(PROCEDURES):
+                if n == self.name:
+                    continue
+                try:
+                    PROCEDURES[n](None, self.hp).check(params)
+                    fits.append(n)
+                except Exception:  # noqa: BLE001 - a ConfigError or a user procedure failing: not a fit
+                    pass
+        finally:
+            _PROBING = False
+        raise ConfigError(f"optim.name={self.name}: {problem}; method {', '.join(repr(m) for m in methods)} trains "
+                          f"roles {', '.join(roles) or 'none'}. Procedures that fit it: {', '.join(fits) or 'none'}")
+
+
+PROCEDURES: dict[str, type[Procedure]] = {}
+_PROBING = False
+
+
+def register_procedure(name: str):
+    """Class decorator: ``@register_procedure("loraplus")``. User procedures register the same way (import the
+    module before resolving a config, e.g. an arena ``--plugins`` module)."""
+
+    def deco(cls: type[Procedure]) -> type[Procedure]:
+        if not (isinstance(cls, type) and issubclass(cls, Procedure)):
+            raise TypeError(f"@register_procedure({name!r}) needs a Procedure subclass, got {cls!r}")
+        if name in PROCEDURES and PROCEDURES[name] is not cls:
+            raise ValueError(f"procedure '{name}' registered twice ({PROCEDURES[name].__qualname__}, "
+                             f"{cls.__qualname__})")
+        if not dataclasses.is_dataclass(cls.Config):
+            raise TypeError(f"{cls.__qualname__}.Config must be a @dataclass")
+        cls.name = name
+        PROCEDURES[name] = cls
+        return cls
+
+    return deco
+
+
+def get_procedure(name: str) -> type[Procedure]:
+    import importlib
+
+    importlib.import_module("lorakit.procedures")  # registers the built-in procedures
+    if name not in PROCEDURES:
+        raise ConfigError(f"unknown procedure optim.name={name!r}{_suggest(name, sorted(PROCEDURES))}; registered: "
+                          f"{', '.join(sorted(PROCEDURES))}")
+    return PROCEDURES[name]
+
+
+COMMON_KEYS = ("betas", "eps", "lr", "max_grad_norm", "min_lr_ratio", "name", "schedule", "trainable_lr", "warmup",
+               "weight_decay")
+
+
+def make_procedure(name: str = "adamw", options: dict | None = None, hyper: Hyper | None = None,
+                   where: str = "optim", common: tuple[str, ...] = COMMON_KEYS) -> Procedure:
+    """Build procedure ``name`` with its ``options`` (validated against its ``Config``: an unknown option is a
+    ConfigError naming the valid ones; ``where``/``common`` only shape that message) and the shared ``hyper``."""
+    cls = get_procedure(name)
+    opts = dict(options or {})
+    fields = sorted(f.name for f in dataclasses.fields(cls.Config) if f.init)
+    unknown = [k for k in opts if k not in fields]
+    if unknown:
+        k = unknown[0]
+        own = f"takes the options {', '.join(fields)}" if fields else "has no options of its own"
+        raise ConfigError(f"unknown key '{where}.{k}'{_suggest(k, fields + list(common))}: procedure '{name}' {own}; "
+                          f"common keys: {', '.join(common)}")
+    cfg = from_dict(cls.Config, opts, where=where)
+    proc = cls(cfg, hyper or Hyper())
+    proc.validate()
+    return proc
+
+
+def options_dict(proc: Procedure) -> dict:
+    """The procedure's full options (defaults filled in), as plain data for config files and checkpoints."""
+    return to_dict(proc.cfg)
+
+
+def setup(model: nn.Module, proc: Procedure) -> tuple[list[TrainParam], torch.optim.Optimizer]:
+    """Check the model's trainable parameters against ``proc`` and build its optimiser."""
+    params = trainable_parameters(model)
+    if not params:
+        raise ConfigError("the model has no trainable parameters: attach an adapter first (lorakit.attach)")
+    proc.check(params)
+    opt = proc.build_optimizer(params)
+    if log.isEnabledFor(logging.INFO):
+        groups = ", ".join(f"{g.get('name', i)}: {sum(p.numel() for p in g['params']):,} params at lr {g['lr']:g}"
+                           for i, g in enumerate(opt.param_groups))
+        log.info("procedure %s: %s", proc.name, groups)
+    return params, opt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preflight: the roles a method would train, from one shape-only adapter (no model needed)
+# ----------------------------------------------------------------------------------------------------------------
+def probe_parameters(adapter_cfg: Any) -> list[TrainParam] | None:
+    """The trainable parameters one adapter of this config would have, built on the meta device (shapes only), so
+    a procedure can refuse a method at config resolution, before any model loads. None if it cannot be probed
+    (the check then runs on the real model)."""
+    from ..config import AttachConfig
+    from ..core import LayerView, get_method
+
+    try:
+        cfg = AttachConfig.make(adapter_cfg)
+        method = get_method(cfg.method)
+        kinds = {"linear": lambda: nn.Linear(512, 512), "embedding": lambda: nn.Embedding(512, 512),
+                 "conv2d": lambda: nn.Conv2d(64, 64, 3)}
+        kind = next((k for k in ("linear", "embedding", "conv2d") if k in method.layers), None)
+        if kind is None:
+            return None
+        with torch.device("meta"):
+            base = kinds[kind]()
+            a = method(base, cfg.method_config(None, method), LayerView(base))
+        frozen = set(getattr(method, "frozen", ()))
+        out = [TrainParam(name=local, param=p, role=adapter_roles(a, local), adapter=a, adapter_name="probe",
+                          method=method.name, kind=kind, local=local)
+               for local, p in a.named_parameters() if p.requires_grad and local not in frozen]
+        for t in cfg.trainable:
+            out.append(TrainParam(name=t, param=nn.Parameter(torch.empty(1, 1, device="meta")), role="head", path=t))
+        return out
+    except Exception:  # noqa: BLE001 - probing is best effort; the real check runs after attach
+        return None
+
+
+def preflight(proc: Procedure, adapter_cfg: Any) -> None:
+    """Run ``proc.check`` on a shape-only probe of the method (see :func:`probe_parameters`)."""
+    params = probe_parameters(adapter_cfg)
+    if params:
+        proc.check(params)
