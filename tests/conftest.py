@@ -64,6 +64,18 @@ def tiny_gpt2(seed=0):
     return GPT2LMHeadModel(cfg).eval()
 
 
+def tiny_gemma(seed=0, tie_word_embeddings=False, vocab=64, hidden=32):
+    """A tiny Gemma: its ``embed_tokens`` is a scaled embedding class (output = table[ids] · √hidden, the scale an
+    ``embed_scale`` buffer), and with ``tie_word_embeddings`` its output head shares the table."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GemmaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                      tie_word_embeddings=tie_word_embeddings)
+    return GemmaForCausalLM(cfg).eval()
+
+
 # kind -> (factory, input factory, targets, layer kinds the case needs)
 def _ids(batch=2, seq=7, vocab=64, seed=1):
     g = torch.Generator().manual_seed(seed)
@@ -78,6 +90,10 @@ CASES = {
     "embedding": (lambda: EmbNet(), lambda: _ids(vocab=30), ["emb"], "embedding"),
     "conv2d": (lambda: ConvNet(), lambda: torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(1)),
                ["conv0", "conv1"], "conv2d"),
+    # input embedding and output head share one weight Parameter (SmolLM2, the default model, is built this way)
+    "tied": (lambda: tiny_llama(tie_word_embeddings=True), lambda: _ids(), ["embed_tokens"], "embedding"),
+    # an embedding class that multiplies its output by a constant (transformers' *ScaledWordEmbedding)
+    "scaled": (lambda: tiny_gemma(), lambda: _ids(), ["embed_tokens"], "embedding"),
 }
 
 

@@ -64,11 +64,20 @@ def close(a, b, tol=1e-5):
     return (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
 
 
+def ties(model) -> list[set[str]]:
+    """Groups of parameter names that are one Parameter object (tied weights), as sorted sets."""
+    by: dict[int, set[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        by.setdefault(id(p), set()).add(n.replace(".base_layer.", "."))
+    return sorted((g for g in by.values() if len(g) > 1), key=sorted)
+
+
 @pytest.mark.parametrize("method,case", PAIRS)
 def test_shapes_init_and_merge(method, case):
     model, x, cfg, kw = build(method, case)
     base_out = run(model, x).detach()
     w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    tied0 = ties(model)
     lorakit.attach(model, cfg, **kw)
     out = run(model, x)
     assert out.shape == base_out.shape and out.dtype == base_out.dtype
@@ -81,11 +90,13 @@ def test_shapes_init_and_merge(method, case):
     out = run(model, x).detach()
     if REGISTRY[method].mergeable:
         sd_before = {k: v.clone() for k, v in model.state_dict().items()}
+        tied_before = ties(model)  # residual inits keep a tied base untied while attached
         with lorakit.merged(model):
             merged_out = run(model, x).detach()
         assert close(merged_out, out), f"{method}: merged forward differs from unmerged"
         for k, v in model.state_dict().items():
             assert torch.equal(v, sd_before[k]), f"unmerge did not restore {k}"
+        assert ties(model) == tied_before, "unmerge did not restore the tied weights"
         assert close(run(model, x).detach(), out)
     else:
         with pytest.raises(lorakit.MergeError):
@@ -95,7 +106,30 @@ def test_shapes_init_and_merge(method, case):
     assert set(sd) == set(w0)
     for k, v in sd.items():
         assert torch.equal(v, w0[k]), f"detach did not restore {k} bit-exactly"
+    assert ties(model) == tied0, "detach did not restore the tied weights"
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("method,case", [(m, c) for m, c in PAIRS if REGISTRY[m].mergeable])
+def test_merge_and_unload_same_function(method, case, tmp_path):
+    """merge_and_unload hands back a plain model that computes what the unmerged adapter computed (tied weights
+    untied, scaled embeddings scaled), and a transformers model saved with save_pretrained reloads to it."""
+    model, x, cfg, kw = build(method, case)
+    lorakit.attach(model, cfg, **kw)
+    perturb(model)
+    model.eval()
+    out = run(model, x).detach()
+    try:
+        lorakit.merge_and_unload(model)
+    except lorakit.MergeError:
+        pytest.skip("this configuration is not mergeable")
+    assert not list(lorakit.hosts(model))
+    assert close(run(model, x).detach(), out), f"{method}: merge_and_unload changed the function"
+    if case not in ("tied", "scaled"):  # the models whose merged weights differ in layout from the base's
+        return
+    model.save_pretrained(tmp_path / "merged")
+    reloaded = type(model).from_pretrained(tmp_path / "merged").eval()
+    assert close(run(reloaded, x).detach(), out), f"{method}: the saved merged model reloads as another function"
 
 
 @pytest.mark.parametrize("method,case", PAIRS)

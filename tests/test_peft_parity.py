@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lorakit
-from conftest import MLP, run, tiny_llama
+from conftest import MLP, run, tiny_gemma, tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -112,3 +112,40 @@ def test_pissa_saved_as_plain_lora_on_original_base(tmp_path):
     lorakit.load_adapter(fresh, tmp_path / "lora")
     assert lorakit.attached(fresh)["default"]["config"].method == "lora"
     assert (run(fresh.eval(), x) - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("make", [tiny_gemma, lambda: tiny_gemma(tie_word_embeddings=True),
+                                  lambda: tiny_llama(tie_word_embeddings=True)], ids=["scaled", "scaled-tied", "tied"])
+def test_peft_embedding_lora_on_scaled_and_tied_embeddings(make, tmp_path):
+    """PEFT scales an embedding LoRA's output by the module's embed_scale and, unmerged, changes the input side of
+    tied weights only: lorakit computes the same from PEFT's file, and PEFT the same from lorakit's."""
+    x = torch.randint(0, 64, (2, 9))
+    cfg = peft.LoraConfig(target_modules=["embed_tokens", "q_proj"], r=4, lora_alpha=8)
+    ref, out, model = _peft_to_lorakit(make, cfg, x, tmp_path)
+    assert (ref - out).abs().max().item() <= 1e-5
+    torch.manual_seed(0)
+    assert (run(make(), x) - ref).abs().max().item() > 1e-2  # the adapter matters
+    lorakit.save_adapter(model, tmp_path / "lk")
+    torch.manual_seed(0)
+    pm = peft.PeftModel.from_pretrained(make(), str(tmp_path / "lk")).eval()
+    assert (run(pm, x) - ref).abs().max().item() <= 1e-5
+
+
+def test_peft_saved_embedding_weight_of_another_base_is_refused(tmp_path):
+    """PEFT stores the full base embedding next to an embedding LoRA; lorakit accepts it only if it is this model's."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(tiny_gemma(), peft.LoraConfig(target_modules=["embed_tokens"], r=2))
+    pm.save_pretrained(str(tmp_path / "p"))
+    f = tmp_path / "p" / "adapter_model.safetensors"
+    sd = load_file(str(f))
+    key = next(k for k in sd if k.endswith("embed_tokens.base_layer.weight"))
+    sd[key] = sd[key] + 1.0
+    save_file(sd, str(f))
+    m = tiny_gemma()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(lorakit.AdapterFileError, match="another base"):
+        lorakit.load_adapter(m, tmp_path / "p")
+    assert not lorakit.attached(m)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())

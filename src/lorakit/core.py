@@ -16,7 +16,11 @@ transformers ``Conv1D`` ``weight.T``          ``x @ A.T`` (the stored weight is 
 ======================  ====================  ==================================================
 
 A method writes its maths with ``view.down(x, A)``, ``view.up(h, B)``, ``view.rank_scale(h, v)``,
-``view.rank_mix(h, M)`` and ``view.dense(x, M)``, and works on every layer type for free.
+``view.rank_mix(h, M)`` and ``view.dense(x, M)``, and works on every layer type for free. A scaled embedding
+(``embed_scale``) is scaled in ``down``, so such deltas are scaled like the base output.
+
+Tied weights: merging into a base whose weight Parameter other modules share writes into a private copy
+(:func:`untie`) and unmerging/detaching puts the shared Parameter back (:func:`retie`); see docs/design.md.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from .errors import ConfigError, MergeError, TargetError
 
 __all__ = [
     "LowRank", "LowRankConfig", "PeftSpec", "LayerView", "Adapter", "Adapted", "ModulesToSave", "BatchContext",
-    "register", "REGISTRY", "get_method", "adaptable", "Factor",
+    "register", "REGISTRY", "get_method", "adaptable", "Factor", "embed_scale",
 ]
 
 
@@ -125,6 +129,23 @@ def adaptable(m: nn.Module) -> str | None:
     return None
 
 
+def embed_scale(m: nn.Module) -> float | Tensor | None:
+    """The constant an embedding module multiplies its output by (its ``embed_scale`` attribute: a number or a
+    one-element tensor, as transformers' ``*ScaledWordEmbedding`` classes declare it), or None if it has none.
+
+    Detected by the declared attribute, not by class name; anything else under that name is refused, because the
+    adapter could not know how the module scales its output."""
+    s = getattr(m, "embed_scale", None)
+    if s is None or isinstance(s, bool):
+        return None
+    if isinstance(s, (int, float)):
+        return float(s)
+    if isinstance(s, Tensor) and s.numel() == 1:
+        return s
+    raise TargetError(f"{type(m).__name__} declares embed_scale={s if not isinstance(s, Tensor) else tuple(s.shape)}"
+                      "; lorakit adapts scaled embeddings whose embed_scale is a number or a one-element tensor")
+
+
 class LayerView:
     """The matrix view of one base layer (see the module docstring)."""
 
@@ -142,6 +163,9 @@ class LayerView:
         elif kind == "embedding":
             self.d_in, self.d_out = w.shape  # d_in = num_embeddings, d_out = embedding_dim
             self.padding_idx = base.padding_idx
+            # a scaled embedding (transformers' *ScaledWordEmbedding: output = table[ids] · embed_scale) declares
+            # its scale as ``embed_scale``; the adapter's delta must go through it as the base output does
+            self._scaled = base if embed_scale(base) is not None else None
         else:
             if base.groups != 1:
                 raise TargetError(f"cannot adapt a grouped Conv2d (groups={base.groups})")
@@ -173,9 +197,17 @@ class LayerView:
 
     # --- applying factors --------------------------------------------------------------------------------------
     def down(self, x: Tensor, A: Tensor) -> Tensor:
-        """Apply an (r, d_in) matrix to the layer input: linear (..., r); conv (N, r, H', W')."""
+        """Apply an (r, d_in) matrix to the layer input: linear (..., r); conv (N, r, H', W').
+
+        A scaled embedding's ``embed_scale`` is applied here, at the one entry from token ids into rank space, so
+        every delta built from ``down``/``dense`` and linear maps after it (``up``, ``rank_scale``, ``rank_mix``)
+        is scaled exactly as the base output is, and merging the unscaled ``ΔW`` into the table is exact."""
         if self.kind == "embedding":
-            return F.embedding(x, A.t(), padding_idx=self.padding_idx)
+            h = F.embedding(x, A.t(), padding_idx=self.padding_idx)
+            if self._scaled is not None:
+                s = embed_scale(self._scaled)
+                h = h * (s.to(h.dtype) if isinstance(s, Tensor) else s)
+            return h
         if self.kind == "conv2d":
             A4 = A.reshape(A.shape[0], *self.in_shape)
             if self._conv is not None:  # non-zero padding modes: reuse the base layer's padding logic
@@ -502,6 +534,10 @@ class Adapted(nn.Module):
         self.active: tuple[str, ...] = ()
         self.merged_names: tuple[str, ...] = ()
         self._snapshots: list[tuple[str, Any]] = []
+        # tied weights (untie/retie below): where else in the model the base weight Parameter is used (set by attach),
+        # and, while the base holds a private copy, the shared Parameter
+        self.tied_to: tuple[str, ...] = ()
+        self._untied: tuple[Tensor] | None = None
         self._register_load_state_dict_pre_hook(_accept_unwrapped_keys, with_module=True)
 
     @property
@@ -540,6 +576,8 @@ class Adapted(nn.Module):
     def change_base(self, owner: str, native_weight: Tensor) -> None:
         """Write a new base weight on behalf of ``owner`` (an adapter name or :attr:`MERGE`)."""
         if not self.owns_base_change(owner):
+            if not self._snapshots:
+                untie(self)  # a tied base: the change is this module's alone (the last release reties)
             self._snapshots.append((owner, quant.snapshot(self.base_layer)))
         quant.set_weight(self.base_layer, native_weight)
 
@@ -551,6 +589,8 @@ class Adapted(nn.Module):
             return
         if idx == len(self._snapshots) - 1:
             quant.restore(self.base_layer, self._snapshots.pop()[1])
+            if not self._snapshots:
+                retie(self)  # every change released: a tied base shares the original Parameter again
             return
         before, after = self._dense(self._snapshots[idx][1]), self._dense(self._snapshots[idx + 1][1])
         w = quant.get_weight(self.base_layer)
@@ -599,6 +639,31 @@ class Adapted(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active}" + (f", merged={self.merged_names}" if self.merged_names else "")
+
+
+def untie(host: Adapted) -> bool:
+    """Before the first change to the base of ``host``: if its weight Parameter is tied (shared with other modules,
+    ``host.tied_to``, recorded by attach), give the base a private copy, so merges and base-changing inits change
+    this module only and every module that shares the weight keeps the original. Returns True if it untied now.
+
+    Semantics (docs/design.md, "Tied weights"): an adapter changes the module it is attached to, never the other
+    users of its weight, merged or not; :func:`retie` (when the last change is released) puts the shared Parameter
+    object back, so the ties and the values come back exactly."""
+    if not host.tied_to or host._untied is not None:
+        return False
+    base = host.base_layer
+    shared = base.weight
+    with torch.no_grad():
+        base.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+    host._untied = (shared,)
+    return True
+
+
+def retie(host: Adapted) -> None:
+    """Undo :func:`untie`: the base uses the shared Parameter object again."""
+    if host._untied is not None:
+        host.base_layer.weight = host._untied[0]
+        host._untied = None
 
 
 def _accept_unwrapped_keys(module, state_dict, prefix, *args, **kwargs):

@@ -129,6 +129,7 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
         except AttributeError:
             raise TargetError(f"trainable module '{t}' does not exist in {type(model).__name__}") from None
     paths = match(model, cfg.targets, cfg.exclude, cfg.layers, cfg.layers_pattern, skip=cfg.trainable)
+    _check_not_shared(model, paths)
     if provides is not None:
         provided = set(provides)
         missing = sorted({k for p in [None, *paths] for k in method.context_keys(cfg.method_config(p, method))}
@@ -192,6 +193,7 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
             b = getattr(m, "bias", None)
             if isinstance(b, nn.Parameter) and id(b) not in meta["bias_stash"]:
                 meta["bias_stash"][id(b)] = (b, b.detach().clone())
+    _find_ties(model)
     meta["attachments"][name] = att
     try:
         att.handles = list(method.bind(att))
@@ -234,6 +236,38 @@ def init_adapters(model: nn.Module, name: str = "default", stats: dict | None = 
         new = a.init_from(a.view.matrix(w).float(), (stats or {}).get(m.path))
         if new is not None:
             h.change_base(name, a.view.native(new).to(w.dtype))
+
+
+def _check_not_shared(model: nn.Module, paths: list[str]) -> None:
+    """A module object used at two paths (module-level sharing) cannot be adapted at one of them exactly: the host
+    replaces one path, while a merge would change the other too. Refuse before anything changes."""
+    where: dict[int, list[str]] = {}
+    for p, m in model.named_modules(remove_duplicate=False):
+        where.setdefault(id(m), []).append(p)
+    for path in paths:
+        mod = model.get_submodule(path)
+        base = mod.base_layer if isinstance(mod, Adapted) else mod
+        uses = [p for p in where.get(id(base), []) if p not in (path, f"{path}.base_layer")]
+        if uses:
+            raise TargetError(f"'{path}' ({type(base).__name__}) is the same module object as '{uses[0]}': an adapter "
+                              "on one of them cannot be merged exactly. Exclude it, or give the model separate "
+                              "modules that share (tie) the weight Parameter instead")
+
+
+def _find_ties(model: nn.Module) -> None:
+    """Record on every host where else its base weight Parameter is used (tied input/output embeddings): merging
+    and residual inits then write into a private copy (``core.untie``), so only the adapted module changes."""
+    users: dict[int, list[str]] = {}
+    for mp, m in model.named_modules(remove_duplicate=False):
+        for pn, prm in m._parameters.items():
+            if prm is not None:
+                users.setdefault(id(prm), []).append(f"{mp}.{pn}" if mp else pn)
+    for path, h in hosts(model):
+        w = h.base_layer._parameters.get("weight")
+        if h._untied is not None:
+            w = h._untied[0]
+        own = f"{path}.base_layer.weight"
+        h.tied_to = tuple(u for u in users.get(id(w), []) if u != own) if w is not None else ()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -447,6 +481,7 @@ def calibrate(model: nn.Module, paths: list[str], batches: Iterable, kind: str,
     model.train(train)
     handles = []
     flags = {id(p): p.requires_grad for p in model.parameters()}
+    untied: list[tuple[nn.Module, nn.Parameter]] = []  # tied weights given a private copy while calibrating
     n_batches = 0
     try:
         if kind == "activations":
@@ -481,7 +516,13 @@ def calibrate(model: nn.Module, paths: list[str], batches: Iterable, kind: str,
                                       f"({type(m).__name__}); calibrate before quantising the base")
             for p in model.parameters():
                 p.requires_grad_(False)
+            uses: dict[int, int] = {}
+            for _, prm in model.named_parameters(remove_duplicate=False):
+                uses[id(prm)] = uses.get(id(prm), 0) + 1
             for m in mods.values():
+                if uses.get(id(m.weight), 0) > 1:  # tied: the gradient of this module's use of the weight only
+                    untied.append((m, m.weight))
+                    m.weight = nn.Parameter(m.weight.detach().clone())
                 m.weight.requires_grad_(True)
                 m.weight.grad = None
             for b in batches:
@@ -504,6 +545,8 @@ def calibrate(model: nn.Module, paths: list[str], batches: Iterable, kind: str,
                     stats[p] = {"grad": v.matrix(s["grad"]) / n_batches, "grad_sq": v.matrix(s["grad_sq"]) / n_batches,
                                 "n": n_batches}
     finally:
+        for m, shared in untied:
+            m.weight = shared
         for h in handles:
             h.remove()
         for p in model.parameters():

@@ -246,6 +246,28 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     return model
 
 
+def _check_saved_base_weights(att: Attachment, tensors: dict[str, Tensor], unexpected: list[str]) -> list[str]:
+    """PEFT writes the full base weight of an adapted embedding layer (``save_embedding_layers="auto"`` when
+    ``target_modules`` names ``embed_tokens``/``lm_head``, for resized vocabularies). Accept it when it is this
+    model's weight (the file then adds nothing); refuse a different one, which means another base. Returns the
+    unexpected keys left."""
+    left = set(unexpected)
+    for m in att.members:
+        path, h = m.path, m.host
+        for k in (f"{PREFIX}{path}.base_layer.weight", f"{PREFIX}{path}.weight"):
+            if k not in left:
+                continue
+            t, w = tensors[k], h.base_layer.weight
+            same = tuple(t.shape) == tuple(w.shape) and (torch.equal(t.to(w.dtype), w) or torch.equal(t, w.to(t.dtype)))
+            if not same:
+                raise AdapterFileError(f"tensor '{k}' is a full base weight of '{path}' (PEFT saves the embedding "
+                                       f"layers it adapts) of shape {tuple(t.shape)} that differs from this model's "
+                                       f"{tuple(w.shape)} weight: the adapter was trained on another base (or a "
+                                       "resized vocabulary); load it onto that base")
+            left.discard(k)
+    return sorted(left)
+
+
 @torch.no_grad()
 def _load_into(model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
     att = get_attachment(model, name)
@@ -265,6 +287,8 @@ def _load_into(model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
             expected[PREFIX + n] = (None, n, p)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        unexpected = _check_saved_base_weights(att, tensors, unexpected)
     if att.members and unexpected:  # model-level tensors (shared bases) belong to the method
         used = att.method.shared_from_file(att, {k: tensors[k] for k in unexpected})
         unexpected = [k for k in unexpected if k not in used]

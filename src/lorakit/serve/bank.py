@@ -460,8 +460,7 @@ def read_served(bank: AdapterBank, directory: str | os.PathLike, name: str) -> S
         parts = rest.split(".")
         p = next((c for c in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)) if c in bank.layers), None)
         if p is None:
-            raise AdapterFileError(f"adapter {name!r} has weights for '{rest}', a module the bank does not serve "
-                                   "(only nn.Linear layers of the targeted set; embeddings/heads are not served)")
+            raise AdapterFileError(_unserved(bank, name, rest))
         by_path.setdefault(p, {})[rest[len(p) + 1:]] = v
     out = ServedAdapter(name, method.name, source=str(d))
     default_cfg = None if cfg.overrides else cfg.method_config(None, method)  # per-path configs only when needed
@@ -501,6 +500,31 @@ def read_served(bank: AdapterBank, directory: str | os.PathLike, name: str) -> S
         bad = next(p for p, v in out.layers.items() if not all(bool(torch.isfinite(t).all()) for t in v if t is not None))
         raise AdapterFileError(f"adapter {name!r}: non-finite weights at '{bad}'")
     return out
+
+
+def _unserved(bank: AdapterBank, name: str, rest: str) -> str:
+    """Why adapter ``name``'s tensor ``rest`` cannot go in the bank, naming the module (embeddings: scaled/tied)."""
+    parts = rest.split(".")
+    mod, path = None, ""
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            mod, path = bank.model.get_submodule(".".join(parts[:i])), ".".join(parts[:i])
+            break
+        except AttributeError:
+            continue
+    if isinstance(mod, nn.Embedding):
+        what = []
+        if getattr(mod, "embed_scale", None) is not None:
+            what.append("scales its output by embed_scale")
+        shared = [n for n, q in bank.model.named_parameters(remove_duplicate=False)
+                  if q is mod.weight and n != f"{path}.weight"]
+        if shared:
+            what.append(f"shares its weight with {', '.join(shared)}")
+        return (f"adapter {name!r} adapts the input embedding '{path}'" + (f" (which {' and '.join(what)})"
+                if what else "") + ": the bank serves adapters on nn.Linear layers only. Merge it into its own model "
+                "(lorakit.merge_and_unload is exact for tied and scaled embeddings) and serve that model instead")
+    return (f"adapter {name!r} has weights for '{rest}', a module the bank does not serve "
+            "(only nn.Linear layers of the targeted set; embeddings/heads are not served)")
 
 
 def _generic_lowrank(lay: BankLinear, method, mcfg, own_file: dict, name: str, p: str):
