@@ -345,6 +345,8 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
             for k in range(accum):
                 b = batch(step * accum + k)
                 ctx_values = {k: b.pop(k) for k in task.context_keys if k in b}
+                if ctx_values and "attention_mask" in b:  # shared, not popped: gate losses skip padding (MeteoRA)
+                    ctx_values.setdefault("attention_mask", b["attention_mask"])
                 ntok += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                 b = to_device(b, device)
                 ctx = inject.batch_context(model, **{k: v.to(device) for k, v in ctx_values.items()}) \
