@@ -283,6 +283,9 @@ class Adapter(nn.Module):
     # why the arena must not shrink/grow this method's rank-like knob to a shared trainable budget (None: it may)
     budget_exempt: ClassVar[str | None] = None
     roles: ClassVar[dict[str, str]] = {}  # parameter name -> role ("A", "B", "magnitude", "gate", ...)
+    # optimiser defaults per role, as the method's authors train it: ``{"router": {"lr": 0.1, "weight_decay": 0.0}}``
+    # (absolute lr; keys lr / weight_decay). The default param groups honour it; ``optim.role_optim`` overrides it.
+    role_optim: ClassVar[dict[str, dict[str, float]]] = {}
     layers: ClassVar[tuple[str, ...]] = ("linear", "conv1d")  # supported layer kinds
     init: ClassVar[str] = "noop"  # what attach does to the output: "noop" | "residual" (base replaced) | "changes"
     calibration: ClassVar[str | None] = None  # None | "activations" | "gradients": stats init_from needs
