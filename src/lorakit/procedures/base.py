@@ -349,6 +349,9 @@ def setup(model: nn.Module, proc: Procedure) -> tuple[list[TrainParam], torch.op
         raise ConfigError("the model has no trainable parameters: attach an adapter first (lorakit.attach)")
     proc.check(params)
     opt = proc.build_optimizer(params)
+    from .slots import install_slot_warmup
+
+    install_slot_warmup(opt, params)  # grown rank slots: fresh AdamW state + warmup (methods with grows_slots)
     if log.isEnabledFor(logging.INFO):
         groups = ", ".join(f"{g.get('name', i)}: {sum(p.numel() for p in g['params']):,} params at lr {g['lr']:g}"
                            for i, g in enumerate(opt.param_groups))

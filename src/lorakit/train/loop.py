@@ -34,6 +34,7 @@ from ..errors import ConfigError, LorakitError
 from ..io import save_adapter
 from ..procedures import options_dict
 from ..procedures import setup as setup_procedure
+from ..procedures.slots import set_run_warmup
 from ..tasks import get_task
 from ..tasks.base import to_device
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -296,6 +297,7 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
     n_train = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, oc.warmup, oc.schedule, oc.min_lr_ratio))
+    set_run_warmup(opt, int(round(oc.warmup * total)) if oc.warmup < 1 else int(oc.warmup))  # grown rank slots
     ctrls = inject.controllers(model)
     for c in ctrls:
         c.on_train_begin(model, opt, total)
