@@ -1,8 +1,8 @@
 """A plain PyTorch training loop that knows nothing about individual methods.
 
 The optimiser comes from the training procedure ``optim.name`` (:mod:`lorakit.procedures`; default adamw).
-Per step: ``grad_accum`` micro-batches (forward under autocast, inside ``lorakit.batch_context`` when a batch has
-``task_ids``; loss = task loss + ``lorakit.extra_loss(model)``), gradient clipping, controllers' ``before_step``,
+Per step: ``grad_accum`` micro-batches (forward under autocast, inside ``lorakit.batch_context`` with the batch's
+``task_ids`` and a copy of its ``attention_mask`` so routing losses can skip padding; loss = task loss + ``lorakit.extra_loss(model)``), gradient clipping, controllers' ``before_step``,
 the procedure's ``before_step``, ``optimizer.step()``, the procedure's ``after_step``, scheduler, controllers'
 ``step``. Data-dependent inits get calibration batches from the training set. Everything a resume needs (adapter
 tensors, optimizer, scheduler, RNG, controllers, the procedure's state) is checkpointed;
@@ -347,7 +347,7 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
             for k in range(accum):
                 b = batch(step * accum + k)
                 ctx_values = {k: b.pop(k) for k in task.context_keys if k in b}
-                if ctx_values and "attention_mask" in b:  # shared, not popped: gate losses skip padding (MeteoRA)
+                if "attention_mask" in b:  # shared, not popped: routing losses skip padding (MeteoRA, LLaVA-MoLE)
                     ctx_values.setdefault("attention_mask", b["attention_mask"])
                 ntok += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                 b = to_device(b, device)
