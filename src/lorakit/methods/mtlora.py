@@ -25,6 +25,7 @@ task LoRAs, matrixv2 only, scales α/r and α/r_task.)
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ from ..errors import ConfigError
 from ._mixture import write_lora
 
 MODES = ("matrix", "matrixv2")
+log = logging.getLogger(__name__)
 
 
 @register("mtlora", family="mixture of LoRA experts", paper="Agiza et al. 2024, MTLoRA: A Low-Rank Adaptation "
@@ -47,7 +49,7 @@ class MTLoRA(Adapter):
     mergeable = False
     layers = ("linear", "conv1d")
     roles = {"lora_A.weight": "A", "lora_B.weight": "B", "task_A": "A", "task_B": "B"}
-    example = {"r": 2, "r_task": 2, "n_tasks": 3}
+    example = {"r": 2, "r_task": 2, "n_tasks": 3, "mode": "matrixv2"}  # both LoRAs in every module
 
     @classmethod
     def context_keys(cls, cfg) -> tuple[str, ...]:
@@ -92,6 +94,10 @@ class MTLoRA(Adapter):
         from ..targets import _spec_match
 
         cfg = att.method_config(None)
+        if cfg.task_targets is None and cfg.mode == "matrix":
+            log.warning("mtlora: every adapted module has task LoRAs (task_targets null) and mode 'matrix' keeps no "
+                        "shared LoRA in task modules, so this is per-task LoRAs only; set task_targets (official: the "
+                        "last block of each stage) or mode 'matrixv2'")
         hits = 0
         for m in att.members:
             a = m.adapter
