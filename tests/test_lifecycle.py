@@ -198,3 +198,23 @@ def test_rank_surgery_goes_by_declared_capability(method, case):
             lorakit.rank.to_lora(model)
     lr0 = lorakit.adapters(model).__next__()[1].initial_lowrank()
     assert lr0 is None or cls.init == "residual"
+
+
+def test_the_design_docs_example_method_works():
+    """The method example in docs/design.md registers, attaches, and its loss is the mean over modules."""
+    import re
+    from pathlib import Path
+
+    from conftest import MLP
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text()
+    block = re.search(r"A minimal\nmethod with a whole-attach piece:\n\n```python\n(.*?)```", text, re.S).group(1)
+    try:
+        exec(compile(block, "design.md", "exec"), {})
+        model = lorakit.attach(MLP(), {"method": "lora_l2", "targets": ["lin0", "lin1"], "r": 2, "l2": 0.5})
+        perturb(model)
+        Bs = [a.lora_B.weight for _, a in lorakit.adapters(model)]
+        want = sum(0.5 * B.pow(2).sum() for B in Bs) / len(Bs)
+        assert torch.allclose(lorakit.extra_loss(model), want)
+    finally:
+        REGISTRY.pop("lora_l2", None)
