@@ -218,3 +218,27 @@ def test_the_design_docs_example_method_works():
         assert torch.allclose(lorakit.extra_loss(model), want)
     finally:
         REGISTRY.pop("lora_l2", None)
+
+
+@pytest.mark.parametrize("method,case", MERGEABLE)
+def test_merged_is_as_close_to_the_exact_function_as_the_unmerged_forward(method, case):
+    """Merge precision, stated as a bound: the merged fp32 model is no further from the exact (float64) function
+    than the unmerged fp32 forward is, up to a small factor. Base-changing inits whose factors are large and cancel
+    against the residual base (CorDA with an ill-conditioned covariance: calibrated on fewer rows than d_in) are the
+    stress case: both fp32 paths lose about eps·(‖W_res‖ + ‖B‖‖A‖)·‖x‖ there, and merging adds no more than that."""
+    import copy
+
+    model, x, cfg, kw = build(method, case)
+    lorakit.attach(model, cfg, **kw)
+    perturb(model, std=0.2)
+    model.eval()
+    with torch.no_grad():
+        exact = run(copy.deepcopy(model).double(), x if not x.is_floating_point() else x.double())
+        unmerged = run(model, x).double()
+        with lorakit.merged(model):
+            merged = run(model, x).double()
+    scale = exact.abs().max()
+    err_u = float((unmerged - exact).abs().max() / scale)
+    err_m = float((merged - exact).abs().max() / scale)
+    assert err_u < 1e-4, f"{method}: the unmerged fp32 forward is {err_u:.1e} from the exact function"
+    assert err_m <= 4 * err_u + 1e-6, f"{method}: merging lost precision ({err_m:.1e} vs {err_u:.1e} unmerged)"
