@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..errors import AdapterFileError
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "read_adapter_config", "read_tensors", "atomic_dir_write",
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "confined", "read_adapter_config", "read_tensors", "atomic_dir_write",
            "write_adapter_dir"]
 
 CONFIG_NAME = "adapter_config.json"
@@ -27,27 +27,53 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 
-def read_adapter_config(directory: str | os.PathLike) -> dict:
-    """The parsed ``adapter_config.json`` of an adapter directory (any ``peft_type``)."""
-    d = Path(directory)
+def confined(path: str | os.PathLike, root: str | os.PathLike | None) -> Path:
+    """``path`` with every symlink resolved, refused (:class:`AdapterFileError`) unless it lies inside ``root``.
+
+    ``root=None`` confines nothing and returns ``path`` unchanged. The resolved path is what the caller must read,
+    so the check and the read see the same file (a symlink inside ``root`` pointing outside is refused before the
+    file is opened, and nothing about the outside file is reported)."""
+    p = Path(path)
+    if root is None:
+        return p
+    try:
+        rp = p.resolve()
+        rootp = Path(root).resolve()
+    except (OSError, RuntimeError, ValueError):
+        raise AdapterFileError(f"cannot resolve '{p.name}' (a symlink loop or an invalid path)") from None
+    if not rp.is_relative_to(rootp):
+        raise AdapterFileError(f"'{p.name}' in adapter '{p.parent.name}' resolves to a place outside the adapter "
+                               "directory (a symlink pointing outside?): refused")
+    return rp
+
+
+def read_adapter_config(directory: str | os.PathLike, root: str | os.PathLike | None = None) -> dict:
+    """The parsed ``adapter_config.json`` of an adapter directory (any ``peft_type``).
+
+    ``root``: refuse (before reading) a directory or config file whose real path lies outside ``root``."""
+    d = confined(directory, root)
     if not d.is_dir():
         raise AdapterFileError(f"adapter directory not found: {d}")
-    cp = d / CONFIG_NAME
+    cp = confined(d / CONFIG_NAME, root)
     if not cp.is_file():
         raise AdapterFileError(f"{d} has no {CONFIG_NAME}: not an adapter directory")
     try:
         conf = json.loads(cp.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, and ints over the digit limit
         raise AdapterFileError(f"{cp} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise AdapterFileError(f"{cp} is nested too deeply to be an adapter config") from None
     if not isinstance(conf, dict) or "peft_type" not in conf:
         raise AdapterFileError(f"{cp} has no 'peft_type': not a PEFT/lorakit adapter config")
     return conf
 
 
-def read_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
-    """The tensors of ``adapter_model.safetensors`` (never a pickle)."""
-    directory = Path(directory)
-    wp = directory / WEIGHTS_NAME
+def read_tensors(directory: str | os.PathLike, root: str | os.PathLike | None = None) -> dict[str, Tensor]:
+    """The tensors of ``adapter_model.safetensors`` (never a pickle).
+
+    ``root``: refuse (before reading) a weights file whose real path lies outside ``root``."""
+    directory = confined(directory, root)
+    wp = confined(directory / WEIGHTS_NAME, root)
     if not wp.is_file():
         if (directory / "adapter_model.bin").is_file():
             raise AdapterFileError(f"{directory} holds only adapter_model.bin (a pickle). lorakit never unpickles "
