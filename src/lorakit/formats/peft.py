@@ -59,8 +59,12 @@ def read_adapter_config(directory: str | os.PathLike, root: str | os.PathLike | 
         raise AdapterFileError(f"{d} has no {CONFIG_NAME}: not an adapter directory")
     try:
         conf = json.loads(cp.read_text())
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, and ints over the digit limit
+    except UnicodeDecodeError:
+        raise AdapterFileError(f"{cp} is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
         raise AdapterFileError(f"{cp} is not valid JSON: {e}") from None
+    except ValueError:  # an integer over Python's digit limit
+        raise AdapterFileError(f"{cp} is not valid JSON: a number is too long") from None
     except RecursionError:
         raise AdapterFileError(f"{cp} is nested too deeply to be an adapter config") from None
     if not isinstance(conf, dict) or "peft_type" not in conf:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -507,7 +508,15 @@ def _read_served(bank: AdapterBank, directory: str | os.PathLike, name: str,
                 A, B = own_file["lora_A.weight"], own_file["lora_B.weight"]
             except KeyError as e:
                 raise AdapterFileError(f"adapter {name!r}: '{p}' lacks {e}") from None
-            s = scale_of(mcfg.alpha, mcfg.r, mcfg.rslora)
+            r, alpha = mcfg.r, mcfg.alpha
+            if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+                raise AdapterFileError(f"adapter {name!r}: r must be a positive integer, got {r!r} at '{p}'")
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+                raise AdapterFileError(f"adapter {name!r}: alpha must be a finite number, got {alpha!r} at '{p}'")
+            if A.dim() == 2 and A.shape[0] != r:
+                raise AdapterFileError(f"adapter {name!r}: the config gives '{p}' rank r={r} but its weights have "
+                                       f"rank {A.shape[0]}")
+            s = scale_of(alpha, r, mcfg.rslora)
             mag = None
             if method.fast_serve == "lowrank+magnitude":
                 mag = own_file.get("lora_magnitude_vector")
@@ -572,8 +581,14 @@ def _generic_lowrank(lay: BankLinear, method, mcfg, own_file: dict, name: str, p
         own = a.from_file(own_file)
         new = a.on_load(base.weight.detach().float(), own)
         a.load_state_dict({k: v.to(a.state_dict()[k].dtype) for k, v in own.items()}, strict=True)
-    except (RuntimeError, KeyError) as e:
-        raise AdapterFileError(f"adapter {name!r} ({method.name}) at '{p}': {e}") from None
+    except KeyError as e:
+        raise AdapterFileError(f"adapter {name!r} ({method.name}) at '{p}': the weights file lacks {e} (are the "
+                               f"files really a {method.name} adapter?)") from None
+    except RuntimeError:
+        log.warning("adapter %r (%s) at %r: state does not load", name, method.name, p, exc_info=True)
+        raise AdapterFileError(f"adapter {name!r} ({method.name}) at '{p}': its weights do not match the "
+                               f"{method.name} layout for this layer (missing, unexpected or mis-shaped "
+                               "tensors)") from None
     a.eval()
     lr = a.lowrank()
     if lr is None:

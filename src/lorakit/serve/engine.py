@@ -251,11 +251,12 @@ class Engine:
         return read_served(self.bank, path, name, root=self.adapter_dir)
 
     def _claim(self, name: str) -> Path | None:
-        """The path ``name`` is bound to right now (registered, being registered, resident or loading)."""
+        """The path ``name`` is bound to right now: registered, being registered, resident or loading, or (not
+        unloaded) its own sub-directory of the adapter directory."""
         for d in (self.registry, self.reserving, self.paths):
             if name in d:
                 return d[name]
-        return None
+        return None if name in self.disabled else self._dir_adapter(name)  # a directory adapter: its directory
 
     def load_adapter(self, name: str, path: str | Path | None = None, wait: bool = True) -> None:
         """Register ``name`` (at ``path``, inside the adapter dir) and load it now (vLLM ``load_lora_adapter``).
@@ -276,7 +277,8 @@ class Engine:
                                       ("" if cur == p else " from another path"))
             if cur is not None and cur != p:
                 what = ("registered" if name in self.registry else "being unloaded (requests still use it)"
-                        if name in self.unload_pending else "loaded")
+                        if name in self.unload_pending else "loaded" if name in self.paths else
+                        "an adapter of the adapter directory")
                 raise AdapterConflict(f"adapter {name!r} is already {what} with another path; unload it first")
             if (name in self.registry and name not in self.unload_pending
                     and (name in self.bank or name in self.loading)):
