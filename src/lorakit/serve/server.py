@@ -103,11 +103,21 @@ _STATUS_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: 
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               default_max_tokens: int = 16):
+               default_max_tokens: int = 16, stop_engine_on_shutdown: bool = False):
+    """The FastAPI app over ``engine``. ``stop_engine_on_shutdown``: the app's shutdown (after the server's graceful
+    wait) stops the engine, which ends every request still waiting or running with a 503."""
+    import contextlib
+
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
 
-    app = FastAPI(title="lorakit serve", version="1")
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        if stop_engine_on_shutdown:
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="lorakit serve", version="1", lifespan=lifespan)
     app.state.engine = engine
 
     @app.middleware("http")
@@ -437,7 +447,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     engine.start()
     import uvicorn
 
-    app = create_app(engine, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    app = create_app(engine, api_key=args.api_key, max_body_bytes=args.max_body_bytes, stop_engine_on_shutdown=True)
     log.info("serving %s with adapters from %s on http://%s:%d", name, args.adapters, args.host, args.port)
     try:  # SIGTERM: stop accepting, let running requests finish for --shutdown-timeout s, cancel the rest
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
