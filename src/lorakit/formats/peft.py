@@ -19,8 +19,8 @@ from torch import Tensor
 
 from ..errors import AdapterFileError
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "confined", "read_adapter_config", "read_tensors", "atomic_dir_write",
-           "write_adapter_dir"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "confined", "read_adapter_config", "read_tensors",
+           "atomic_dir_write", "write_adapter_dir"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -7,6 +7,7 @@ Endpoints: ``/v1/completions`` and ``/v1/chat/completions`` (``stream: true`` gi
 
 import argparse
 import asyncio
+import hmac
 import json
 import logging
 import math
@@ -124,7 +125,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
     async def guard(request: Request, call_next):
         path = request.url.path
         if api_key and (path.startswith("/v1/") or path.rstrip("/") == "/metrics"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+            got = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(got, f"Bearer {api_key}".encode("utf-8", "surrogateescape")):
                 return _err(401, "missing or wrong API key (Authorization: Bearer <key>)", "authentication_error")
         cl = request.headers.get("content-length")
         if cl is not None and cl.isdigit() and int(cl) > max_body_bytes:
