@@ -262,6 +262,35 @@ def test_chunked_body_over_the_limit_is_413_and_server_keeps_serving(srv):
     assert _text(c, "lo4") == before
 
 
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"model": "bad_nan_weights", "prompt": "a", "stream": True}),
+    ("/v1/chat/completions", {"model": "bad_r0_peft", "stream": True, "messages": [{"role": "user", "content": "a"}]}),
+])
+def test_a_stream_that_fails_before_its_first_token_gets_a_status(srv, path, body):
+    c, ad, out, eng = srv
+    r = c.post(path, json=body)
+    assert r.headers["content-type"].startswith("application/json")
+    _assert_clean_error(r)
+
+
+def test_a_body_that_never_finishes_is_408(srv):
+    import socket
+
+    c, ad, out, eng = srv
+    with http_server(create_app(eng, api_key=KEY, body_timeout_s=1)) as url:
+        host, port = url.rsplit("/", 1)[-1].split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
+                      b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"prompt\": ")
+            got = b""
+            while b"\r\n\r\n" not in got:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                got += chunk
+    assert got.startswith(b"HTTP/1.1 408"), got[:200]
+
+
 # --- item 2: symlinks out of the adapter directory -----------------------------------------------------------------
 @pytest.mark.parametrize("name", ["linkdir", "linkcfg", "linkcfg_valid", "linkw", "loop"])
 def test_symlinks_outside_the_adapter_root_are_refused(srv, name):

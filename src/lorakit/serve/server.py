@@ -100,13 +100,14 @@ def _get(body: dict, key: str, typ, default, lo=None, hi=None):
 
 
 _STATUS_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                409: "conflict_error", 413: "invalid_request_error", 503: "server_error"}
+                408: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error", 503: "server_error"}
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               default_max_tokens: int = 16, stop_engine_on_shutdown: bool = False):
+               default_max_tokens: int = 16, stop_engine_on_shutdown: bool = False, body_timeout_s: float = 60.0):
     """The FastAPI app over ``engine``. ``stop_engine_on_shutdown``: the app's shutdown (after the server's graceful
-    wait) stops the engine, which ends every request still waiting or running with a 503."""
+    wait) stops the engine, which ends every request still waiting or running with a 503. ``body_timeout_s``: a
+    request body must arrive completely within this many seconds (408 otherwise)."""
     import contextlib
 
     from fastapi import FastAPI, Request
@@ -134,12 +135,20 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         return await call_next(request)
 
     async def read_json(request: Request) -> dict:
-        chunks, n = [], 0
-        async for chunk in request.stream():  # counted as it arrives: a chunked body cannot exceed the limit
-            n += len(chunk)
-            if n > max_body_bytes:
-                raise _Bad(413, f"request body larger than {max_body_bytes} bytes")
-            chunks.append(chunk)
+        chunks: list[bytes] = []
+
+        async def receive():
+            n = 0
+            async for chunk in request.stream():  # counted as it arrives: a chunked body cannot exceed the limit
+                n += len(chunk)
+                if n > max_body_bytes:
+                    raise _Bad(413, f"request body larger than {max_body_bytes} bytes")
+                chunks.append(chunk)
+
+        try:  # a client that never finishes sending its body does not hold a handler forever
+            await asyncio.wait_for(receive(), body_timeout_s)
+        except asyncio.TimeoutError:
+            raise _Bad(408, f"the request body did not arrive within {body_timeout_s:g} s") from None
         raw = b"".join(chunks)
         try:
             body = json.loads(raw or b"{}", parse_constant=_no_constant)
@@ -204,6 +213,15 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
                     "total_tokens": len(req.prompt_ids) + n}
 
         if body.get("stream"):
+            try:  # the first event decides the status: a request that fails before its first token gets a 4xx/5xx
+                pending = [await q.get()]
+            except asyncio.CancelledError:
+                engine.cancel(req)
+                raise
+            if pending[0][0] == "done" and req.error:
+                st = req.status or 500
+                return _err(st, req.error, _STATUS_TYPE.get(st, "server_error"))
+
             async def sse():
                 try:
                     if chat:
@@ -211,7 +229,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
                                  "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
                         yield f"data: {json.dumps(first)}\n\n"
                     while True:
-                        kind, payload = await q.get()
+                        kind, payload = pending.pop() if pending else await q.get()
                         if kind == "delta":
                             ch = ({"index": 0, "delta": {"content": payload}, "finish_reason": None} if chat else
                                   {"index": 0, "text": payload, "finish_reason": None, "logprobs": None})
@@ -405,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="upper bound on a request's max_tokens")
     p.add_argument("--max-prompt-tokens", type=_ranged(int, *LIMITS["max_prompt_tokens"]), default=None)
     p.add_argument("--max-body-bytes", type=_ranged(int, 64, 1 << 30), default=1 << 20)
+    p.add_argument("--body-timeout", type=_ranged(float, 1, 3600), default=60.0,
+                   help="seconds a client has to send its whole request body (408 otherwise; default 60)")
     p.add_argument("--shutdown-timeout", type=_ranged(float, 0, 3600), default=10.0,
                    help="seconds SIGTERM/Ctrl-C waits for running requests before it cancels them (default 10)")
     p.add_argument("--targets", default="all-linear", help="layers the adapter bank hosts (default all-linear)")
@@ -449,7 +469,8 @@ def serve_main(argv: list[str] | None = None) -> int:
     engine.start()
     import uvicorn
 
-    app = create_app(engine, api_key=args.api_key, max_body_bytes=args.max_body_bytes, stop_engine_on_shutdown=True)
+    app = create_app(engine, api_key=args.api_key, max_body_bytes=args.max_body_bytes, stop_engine_on_shutdown=True,
+                     body_timeout_s=args.body_timeout)
     log.info("serving %s with adapters from %s on http://%s:%d", name, args.adapters, args.host, args.port)
     try:  # SIGTERM: stop accepting, let running requests finish for --shutdown-timeout s, cancel the rest
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
