@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import numbers
 import re
 import threading
 import time
@@ -67,7 +68,7 @@ def check_limits(**limits) -> None:
             continue
         lo, hi = LIMITS[k]
         integral = k != "gather_cache_mb"
-        ok = isinstance(v, int) if integral else isinstance(v, (int, float))
+        ok = isinstance(v, numbers.Integral if integral else numbers.Real)
         if not ok or isinstance(v, bool) or not math.isfinite(v) or not (lo <= v <= hi):
             raise ConfigError(f"{k} must be {'an integer' if integral else 'a number'} in [{lo}, {hi}], got {v!r}")
 
@@ -87,18 +88,18 @@ class SamplingParams:
     top_k: int = 0  # keep the k most likely tokens (0 or -1 = all)
 
     def check(self, limit: int) -> None:
-        def num(v, kind=(int, float)):
+        def num(v, kind=numbers.Real):
             return isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v)
 
-        if not num(self.max_tokens, int) or not (1 <= self.max_tokens <= limit):
+        if not num(self.max_tokens, numbers.Integral) or not (1 <= self.max_tokens <= limit):
             raise EngineError(f"max_tokens must be an integer in [1, {limit}], got {self.max_tokens!r}")
         if not num(self.temperature) or not (0.0 <= self.temperature <= 10.0):
             raise EngineError(f"temperature must be in [0, 10], got {self.temperature!r}")
         if not num(self.top_p) or not (0.0 < self.top_p <= 1.0):
             raise EngineError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not num(self.top_k, int) or self.top_k < -1:
+        if not num(self.top_k, numbers.Integral) or self.top_k < -1:
             raise EngineError(f"top_k must be -1, 0 (all tokens) or a positive integer, got {self.top_k!r}")
-        if self.seed is not None and (not num(self.seed, int) or not (SEED_RANGE[0] <= self.seed <= SEED_RANGE[1])):
+        if self.seed is not None and (not num(self.seed, numbers.Integral) or not (SEED_RANGE[0] <= self.seed <= SEED_RANGE[1])):
             raise EngineError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed!r}")
         if len(self.stop) > 8 or any(not isinstance(s, str) or not s or len(s) > 64 for s in self.stop):
             raise EngineError("stop: at most 8 non-empty strings of at most 64 characters")
