@@ -358,7 +358,7 @@ class Engine:
         name = self.resolve(adapter)
         req = Request(ids, name, params, callback)
         if params.temperature >= MIN_TEMPERATURE:
-            req.gen = torch.Generator().manual_seed(params.seed if params.seed is not None
+            req.gen = torch.Generator().manual_seed(int(params.seed) if params.seed is not None
                                                     else int(torch.randint(0, 2**62, ()).item()))
         with self.lock:
             self.waiting.append(req)
