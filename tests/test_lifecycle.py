@@ -179,3 +179,42 @@ def test_one_attachment_per_attach(method, case):
         assert model.get_submodule(m.path) is m.host and m.host.adapters["default"] is m.adapter
     c1, c2 = lorakit.training_controllers(model), lorakit.training_controllers(model)
     assert len(c1) == len(c2) and all(a is b for a, b in zip(c1, c2)), "controllers must be built once per attach"
+
+
+@pytest.mark.parametrize("method,case", FIRST)
+def test_rank_surgery_goes_by_declared_capability(method, case):
+    """lorakit.rank picks adapters by what the class declares (nested ranks / a rank mask), never by an attribute
+    that happens to share the name (KaSA's truncate() is an SVD truncation of the base, not a rank cut)."""
+    from lorakit.errors import ConfigError
+
+    model, x, cfg, kw = build(method, case)
+    lorakit.attach(model, cfg, **kw)
+    cls = REGISTRY[method]
+    if not cls.nested_ranks:
+        with pytest.raises(ConfigError, match="nested ranks"):
+            lorakit.rank.truncate(model, 1)
+    if not cls.masked_rank:
+        with pytest.raises(ConfigError, match="rank mask"):
+            lorakit.rank.to_lora(model)
+    lr0 = lorakit.adapters(model).__next__()[1].initial_lowrank()
+    assert lr0 is None or cls.init == "residual"
+
+
+def test_the_design_docs_example_method_works():
+    """The method example in docs/design.md registers, attaches, and its loss is the mean over modules."""
+    import re
+    from pathlib import Path
+
+    from conftest import MLP
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text()
+    block = re.search(r"A minimal\nmethod with a whole-attach piece:\n\n```python\n(.*?)```", text, re.S).group(1)
+    try:
+        exec(compile(block, "design.md", "exec"), {})
+        model = lorakit.attach(MLP(), {"method": "lora_l2", "targets": ["lin0", "lin1"], "r": 2, "l2": 0.5})
+        perturb(model)
+        Bs = [a.lora_B.weight for _, a in lorakit.adapters(model)]
+        want = sum(0.5 * B.pow(2).sum() for B in Bs) / len(Bs)
+        assert torch.allclose(lorakit.extra_loss(model), want)
+    finally:
+        REGISTRY.pop("lora_l2", None)

@@ -290,6 +290,10 @@ class Adapter(nn.Module):
     frozen: ClassVar[tuple[str, ...]] = ()  # own parameters that never train (frozen SVD factors, ...)
     example: ClassVar[dict[str, Any]] = {}  # options for tiny test models (the contract suite uses them)
     file_fields: ClassVar[tuple[str, ...]] = ()  # per-module Config fields that file_config encodes itself
+    # rank surgery after training (lorakit.rank): every prefix rank is trained, so ``truncate(b)`` keeps the first b
+    # (DyLoRA); or the rank is a mask over slots and ``kept_lowrank()`` gives the surviving ones (SoRA, AdaLoRA)
+    nested_ranks: ClassVar[bool] = False
+    masked_rank: ClassVar[bool] = False
     # how the per-module extra_loss() values of ONE attach combine (see attach_loss): "sum" | "mean"
     loss_reduction: ClassVar[str] = "sum"
     # The server's fast path (set with @register(..., fast_serve=...), so subclasses do not inherit it): the file
@@ -360,6 +364,12 @@ class Adapter(nn.Module):
         return weight + self.delta_weight().to(weight.dtype)
 
     def lowrank(self) -> LowRank | None:
+        return None
+
+    def initial_lowrank(self) -> LowRank | None:
+        """For base-changing inits (PiSSA, CorDA, ...): the factors the init took out of the base, so that
+        ``base + lowrank − initial_lowrank`` is a plain LoRA on the ORIGINAL base (served on a shared base, saved
+        with ``as_lora=True``). None: the method does not change the base, or cannot say how."""
         return None
 
     # --- training-time extras ------------------------------------------------------------------------------------

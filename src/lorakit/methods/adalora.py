@@ -63,6 +63,7 @@ class AdaLoRA(Adapter):
         kept: int | None = None  # stored triplets of a pruned module (set when loading a pruned file)
 
     roles = {"lora_A": "A", "lora_B": "B", "lora_E": "singular_values"}
+    masked_rank = True
     layers = ("linear", "conv1d", "conv2d")
     loss_reduction = "mean"  # the orthogonality penalty is averaged over the modules
     file_fields = ("kept",)

@@ -74,6 +74,7 @@ class IncreLoRA(Adapter):
         orth_reg_weight: float = 0.1
 
     roles = {"lora_A": "A", "lora_B": "B", "lora_E": "singular_values"}
+    masked_rank = True
     layers = ("linear", "conv1d", "conv2d")
     loss_reduction = "mean"  # the orthogonality penalty is averaged over the modules
     example = {"r": 1, "target_rank": 2, "init_warmup": 1, "incre_interval": 1, "top_h": 1}

@@ -599,11 +599,10 @@ def _generic_lowrank(lay: BankLinear, method, mcfg, own_file: dict, name: str, p
                                "(it is not (A, B, scale)-shaped); merge it into its own model instead")
     A, B, s = lr.A.detach(), lr.B.detach(), lr.scale
     if new is not None:  # residual init: serve the exact LoRA on the ORIGINAL base
-        init = getattr(a, "initial_lowrank", None)
-        if init is None or lr.magnitude is not None:
+        lr0 = a.initial_lowrank()
+        if lr0 is None or lr.magnitude is not None:
             raise AdapterFileError(f"method '{method.name}' replaces the base weights and has no initial_lowrank(); "
                                    "it cannot be served on a shared base")
-        lr0 = init()
         A = torch.cat([A, lr0.A.detach()], 0)
         B = torch.cat([B, -lr0.B.detach()], 1)
     mag = lr.magnitude.detach() if lr.magnitude is not None else None
