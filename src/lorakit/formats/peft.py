@@ -30,9 +30,9 @@ PREFIX = "base_model.model."
 def confined(path: str | os.PathLike, root: str | os.PathLike | None) -> Path:
     """``path`` with every symlink resolved, refused (:class:`AdapterFileError`) unless it lies inside ``root``.
 
-    ``root=None`` confines nothing and returns ``path`` unchanged. The resolved path is what the caller must read,
-    so the check and the read see the same file (a symlink inside ``root`` pointing outside is refused before the
-    file is opened, and nothing about the outside file is reported)."""
+    ``root=None`` confines nothing and returns ``path`` unchanged. Check right before reading: a symlink inside
+    ``root`` pointing outside is refused before the file is opened, and nothing about the outside file is
+    reported (the message names the link, never its target)."""
     p = Path(path)
     if root is None:
         return p
@@ -72,12 +72,10 @@ def read_adapter_config(directory: str | os.PathLike, root: str | os.PathLike | 
     return conf
 
 
-def read_tensors(directory: str | os.PathLike, root: str | os.PathLike | None = None) -> dict[str, Tensor]:
-    """The tensors of ``adapter_model.safetensors`` (never a pickle).
-
-    ``root``: refuse (before reading) a weights file whose real path lies outside ``root``."""
-    directory = confined(directory, root)
-    wp = confined(directory / WEIGHTS_NAME, root)
+def read_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
+    """The tensors of ``adapter_model.safetensors`` (never a pickle)."""
+    directory = Path(directory)
+    wp = directory / WEIGHTS_NAME
     if not wp.is_file():
         if (directory / "adapter_model.bin").is_file():
             raise AdapterFileError(f"{directory} holds only adapter_model.bin (a pickle). lorakit never unpickles "

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ..config import AttachConfig
 from ..core import Adapted, LayerView, LowRankConfig, get_method, scale_of
 from ..errors import AdapterFileError, ConfigError, LorakitError
-from ..formats.peft import PREFIX, read_adapter_config, read_tensors
+from ..formats.peft import PREFIX, WEIGHTS_NAME, confined, read_adapter_config, read_tensors
 from ..io import _config_from_peft
 from ..targets import match
 
@@ -476,7 +476,10 @@ def _read_served(bank: AdapterBank, directory: str | os.PathLike, name: str,
                  root: str | os.PathLike | None) -> ServedAdapter:
     d = Path(directory)
     conf = read_adapter_config(d, root)
-    tensors = read_tensors(d, root)
+    if root is not None:  # the directory and the weights file must resolve inside root, checked before reading
+        d = confined(d, root)
+        confined(d / WEIGHTS_NAME, root)
+    tensors = read_tensors(d)
     cfg = _config_of(bank, conf, d)
     if cfg.trainable:
         raise AdapterFileError(f"adapter {name!r} trains whole modules ({cfg.trainable}); such an adapter changes "
