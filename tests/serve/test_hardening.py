@@ -235,6 +235,13 @@ HOSTILE = [  # (id, method, path, json body or raw bytes, lowest status, highest
 ]
 
 
+def test_unknown_endpoints_and_methods_get_the_error_shape(srv):
+    c, ad, out, eng = srv
+    _assert_clean_error(c.get("/v1/nope"), 404, 404)
+    _assert_clean_error(c.put("/v1/completions", json={}), 405, 405)
+    _assert_clean_error(c.get("/v1/completions"), 405, 405)
+
+
 @pytest.mark.parametrize("case", HOSTILE, ids=[h[0] for h in HOSTILE])
 def test_hostile_requests_get_clear_4xx(srv, case):
     c, ad, out, eng = srv

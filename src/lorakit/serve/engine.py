@@ -177,6 +177,7 @@ class Engine:
         self.lock = threading.RLock()
         self.wake = threading.Condition(self.lock)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-adapter-load")
+        self._pool_closed = False
         self.thread: threading.Thread | None = None
         self.stopping = False
         self.m = {"requests": 0, "requests_failed": 0, "prompt_tokens": 0, "generated_tokens": 0,
@@ -339,7 +340,7 @@ class Engine:
                 return list(self.tok(prompt, add_special_tokens=True)["input_ids"])
             except Exception:  # lone surrogates and other text the tokenizer cannot take
                 raise EngineError("the prompt cannot be tokenized (invalid unicode, e.g. a lone surrogate?)") from None
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
             raise EngineError("prompt token ids must be integers")
         return [int(t) for t in prompt]
 
@@ -393,6 +394,9 @@ class Engine:
     def start(self) -> "Engine":
         if self.thread is None:
             self.stopping = False
+            if self._pool_closed:  # restarted after stop()
+                self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-adapter-load")
+                self._pool_closed = False
             self.thread = threading.Thread(target=self._run, name="lorakit-engine", daemon=True)
             self.thread.start()
         return self
@@ -409,6 +413,7 @@ class Engine:
                 log.warning("the engine thread did not stop within %.0f s; abandoning it", timeout)
             self.thread = None
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self._pool_closed = True
         with self.lock:
             left = self.waiting + self.rows
             self.waiting, self.rows = [], []

@@ -122,6 +122,20 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
     app = FastAPI(title="lorakit serve", version="1", lifespan=lifespan)
     app.state.engine = engine
 
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):  # unknown path, wrong method: same shape
+        msg = {404: f"no endpoint {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+        return _err(exc.status_code, msg.get(exc.status_code, str(exc.detail)),
+                    _STATUS_TYPE.get(exc.status_code, "invalid_request_error"))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):  # outside the endpoints' own safety net
+        log.error("%s failed", request.url.path, exc_info=exc)
+        return _err(500, f"internal error while handling {request.url.path} (the server log has the details)",
+                    "server_error")
+
     @app.middleware("http")
     async def guard(request: Request, call_next):
         path = request.url.path
