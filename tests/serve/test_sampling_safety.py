@@ -119,6 +119,12 @@ def test_stop_ends_every_waiting_and_running_request(env):
     eng.stop()
     for r in (a, b):
         assert r.done.is_set() and r.status == 503 and "shutting down" in r.error
+    eng.start()  # a stopped engine starts again (with a new adapter-load pool)
+    try:
+        (r,) = eng.generate([[5, 6]], ["lo4"], SamplingParams(max_tokens=3, ignore_eos=True))
+        assert r.error is None and len(r.out_ids) == 3
+    finally:
+        eng.stop()
 
 
 # --- the real server: tiny temperatures mixed with other clients, then SIGTERM with broken requests in flight ------
