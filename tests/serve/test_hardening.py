@@ -250,7 +250,8 @@ def test_hostile_requests_get_clear_4xx(srv, case):
         r = c.post(path, content=body, headers={"Content-Type": "application/json"})
     else:
         r = c.post(path, json=body)
-    _assert_clean_error(r, lo, hi)
+    msg = _assert_clean_error(r, lo, hi)
+    assert len(msg) < 1000  # a 5000-character input is not echoed back whole
     assert c.get("/health").status_code == 200
 
 

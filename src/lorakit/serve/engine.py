@@ -73,6 +73,12 @@ def check_limits(**limits) -> None:
             raise ConfigError(f"{k} must be {'an integer' if integral else 'a number'} in [{lo}, {hi}], got {v!r}")
 
 
+def _show(v: Any, n: int = 80) -> str:
+    """A client-given value for an error message: its repr, cut to ``n`` characters."""
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + f"... ({len(r)} characters)"
+
+
 def valid_adapter_name(name: str) -> bool:
     return isinstance(name, str) and bool(_NAME.match(name)) and ".." not in name
 
@@ -99,8 +105,9 @@ class SamplingParams:
             raise EngineError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not num(self.top_k, numbers.Integral) or self.top_k < -1:
             raise EngineError(f"top_k must be -1, 0 (all tokens) or a positive integer, got {self.top_k!r}")
-        if self.seed is not None and (not num(self.seed, numbers.Integral) or not (SEED_RANGE[0] <= self.seed <= SEED_RANGE[1])):
-            raise EngineError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed!r}")
+        lo, hi = SEED_RANGE
+        if self.seed is not None and (not num(self.seed, numbers.Integral) or not (lo <= self.seed <= hi)):
+            raise EngineError(f"seed must be an integer in [{lo}, {hi}], got {_show(self.seed)}")
         if len(self.stop) > 8 or any(not isinstance(s, str) or not s or len(s) > 64 for s in self.stop):
             raise EngineError("stop: at most 8 non-empty strings of at most 64 characters")
 
@@ -192,7 +199,8 @@ class Engine:
         if name is None or name == "" or name == self.base_name:
             return None
         if not valid_adapter_name(name):
-            raise AdapterNotFound(f"invalid adapter name {name!r} (letters, digits, '.', '_', '-'; no '..')")
+            raise AdapterNotFound(f"invalid adapter name {_show(name)} (letters, digits, '.', '_', '-', at most 128; "
+                                  "no '..')")
         with self.lock:
             if name in self.disabled and name not in self.registry and name not in self.reserving:
                 raise AdapterNotFound(f"adapter {name!r} was unloaded; load it again with POST "
@@ -269,8 +277,8 @@ class Engine:
         loaded from the same path is a no-op; to read changed files, unload it first. Loading an unloaded
         directory adapter makes it servable again."""
         if not valid_adapter_name(name) or name == self.base_name:
-            raise EngineError(f"invalid adapter name {name!r} (letters, digits, '.', '_', '-'; no '..'; not the "
-                              "base model's name)")
+            raise EngineError(f"invalid adapter name {_show(name)} (letters, digits, '.', '_', '-', at most 128; "
+                              "no '..'; not the base model's name)")
         p = self.check_path(path if path is not None else name)
         with self.lock:
             cur = self._claim(name)
