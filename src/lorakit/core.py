@@ -286,6 +286,10 @@ class Adapter(nn.Module):
     layers: ClassVar[tuple[str, ...]] = ("linear", "conv1d")  # supported layer kinds
     init: ClassVar[str] = "noop"  # what attach does to the output: "noop" | "residual" (base replaced) | "changes"
     calibration: ClassVar[str | None] = None  # None | "activations" | "gradients": stats init_from needs
+    # per-option inits (LoRA's ``init``: olora, eva, ...): option value -> (init kind, calibration); a method that
+    # declares it takes ``init``/``calibration`` per config through :meth:`init_of`. Declared per class and NOT
+    # inherited (PiSSA extends LoRA but its init is its own): a subclass that keeps the options redeclares them.
+    inits: ClassVar[dict[str, tuple[str, str | None]]] = {}
     peft_keys: ClassVar[dict[str, dict[str, str]]] = {}  # layer kind -> {internal key: PEFT file key}
     frozen: ClassVar[tuple[str, ...]] = ()  # own parameters that never train (frozen SVD factors, ...)
     example: ClassVar[dict[str, Any]] = {}  # options for tiny test models (the contract suite uses them)
@@ -322,6 +326,21 @@ class Adapter(nn.Module):
 
     def base_bias(self) -> Tensor | None:
         return getattr(self.base, "bias", None)
+
+    @classmethod
+    def init_of(cls, cfg: Any) -> tuple[str, str | None]:
+        """``(init kind, calibration)`` for one module's config: the class values, or the entry of :attr:`inits`
+        for the config's ``init`` option (LoRA's ``init="eva"`` needs activations, ``"olora"`` is residual)."""
+        own = cls.own_inits()
+        opt = getattr(cfg, "init", None)
+        if own and isinstance(opt, str) and opt in own:
+            return own[opt]
+        return cls.init, cls.calibration
+
+    @classmethod
+    def own_inits(cls) -> dict[str, tuple[str, str | None]]:
+        """The :attr:`inits` this class declares itself ({} when it only inherits them)."""
+        return cls.__dict__.get("inits") or {}
 
     # --- lifecycle -----------------------------------------------------------------------------------------------
     def reset_parameters(self) -> None:

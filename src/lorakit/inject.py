@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["attach", "detach", "set_active", "disabled", "summary", "hosts", "adapters", "init_adapters",
            "calibrate", "extra_loss", "output_loss", "adapter_stats", "batch_context", "controllers", "attached", "active_names",
-           "attachment", "Attachment"]
+           "attachment", "Attachment", "calibration_kind"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -161,11 +161,13 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
             host = mod if isinstance(mod, Adapted) else Adapted(base)
             att.members.append(Member(path, host, a))
         method.share(att)
-    if method.calibration and not defer_init and stats is None:
+    kind = calibration_kind(cfg, paths)
+    if kind and not defer_init and stats is None:
         if calibration is None:
-            raise ConfigError(f"method '{method.name}' initialises from {method.calibration} of calibration data: "
+            raise ConfigError(f"method '{method.name}' initialises from {kind} of calibration data: "
                               "pass calibration=<batches> to attach() (the CLI does this from the training set)")
-        stats = calibrate(model, paths, calibration, method.calibration, loss_fn=loss_fn)
+        need = [p for p in paths if method.init_of(cfg.method_config(p, method))[1]]
+        stats = calibrate(model, need, calibration, kind, loss_fn=loss_fn)
 
     # 2) install (rolled back by detach on any failure from here on)
     if meta["grad_flags"] is None:  # the flags before the first attach: restored when the last adapter goes
@@ -213,6 +215,21 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
     log.info("attached '%s' (%s) to %d modules: %s trainable params (%.3f%%)", name, method.name, len(paths),
              f"{n_train:,}", 100.0 * n_train / max(n_all, 1))
     return model
+
+
+def calibration_kind(config: AttachConfig | dict | Any, paths: Iterable[str] | None = None) -> str | None:
+    """The calibration data (``"activations"`` | ``"gradients"`` | None) the init of ``config`` needs, from the
+    method's declaration (per config: LoRA's ``init="eva"`` needs activations). ``paths``: the modules it will
+    adapt (None: the attach-wide options and every override). Mixed kinds in one attach are refused."""
+    cfg = AttachConfig.make(config)
+    method = get_method(cfg.method)
+    cfgs = [cfg.method_config(p, method) for p in paths] if paths is not None else \
+        [cfg.method_config(None, method)] + [cfg.method_config(None, method, ov) for ov in cfg.overrides.values()]
+    kinds = sorted({k for k in (method.init_of(c)[1] for c in cfgs) if k})
+    if len(kinds) > 1:
+        raise ConfigError(f"one attach of '{method.name}' needs both {kinds[0]} and {kinds[1]} calibration; attach "
+                          "the modules that need each separately")
+    return kinds[0] if kinds else None
 
 
 @torch.no_grad()
@@ -459,7 +476,8 @@ def calibrate(model: nn.Module, paths: list[str], batches: Iterable, kind: str,
               train: bool | None = None) -> dict[str, dict[str, Tensor]]:
     """Statistics of the target modules over calibration batches (one shared path for every data-driven init).
 
-    ``kind="activations"``: per module ``{"cov": XᵀX/n (d_in, d_in), "n": rows, "x_abs_mean": (d_in,)}``.
+    ``kind="activations"``: per module ``{"cov": XᵀX/n (d_in, d_in), "n": rows, "x_abs_mean": (d_in,),
+    "x_mean": (d_in,)}``.
     ``kind="gradients"``: per module ``{"grad": mean ∂L/∂W (d_out, d_in), "grad_sq": mean (∂L/∂W)² over batches
     (an empirical Fisher diagonal), "n": batches}`` (fp32).
     ``train``: the mode the model runs in (dropout on or off). Default: train mode for gradients — the official
@@ -493,6 +511,7 @@ def calibrate(model: nn.Module, paths: list[str], batches: Iterable, kind: str,
                     s = stats[path]
                     s["cov"] = s.get("cov", 0) + x.t() @ x
                     s["x_abs_sum"] = s.get("x_abs_sum", 0) + x.abs().sum(0)
+                    s["x_sum"] = s.get("x_sum", 0) + x.sum(0)
                     s["n"] = s.get("n", 0) + x.shape[0]
                 return fn
 
@@ -509,6 +528,7 @@ def calibrate(model: nn.Module, paths: list[str], batches: Iterable, kind: str,
                     continue
                 s["cov"] = s["cov"] / max(s["n"], 1)
                 s["x_abs_mean"] = s.pop("x_abs_sum") / max(s["n"], 1)
+                s["x_mean"] = s.pop("x_sum") / max(s["n"], 1)
         else:
             for p, m in mods.items():
                 if not isinstance(m.weight, nn.Parameter):
