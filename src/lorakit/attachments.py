@@ -45,6 +45,9 @@ class Attachment:
     model: nn.Module
     members: list[Member] = field(default_factory=list)
     trainable: list[str] = field(default_factory=list)  # paths of the ModulesToSave copies it owns
+    # trainable token rows (lorakit.tokens.TrainableTokens on the embedding and a head tied to it): hosted like the
+    # members but not the method's adapters, so method hooks never see them
+    token_members: list[Member] = field(default_factory=list)
     handles: list = field(default_factory=list)  # what ``bind`` returned (removed by detach)
     _controller: Any = None
     _controller_built: bool = False
@@ -58,6 +61,11 @@ class Attachment:
     def active_adapters(self) -> list["Adapter"]:
         """The adapters of members whose host runs this attach now (not merged, name active)."""
         return [m.adapter for m in self.members if self.name in m.host.active]
+
+    @property
+    def all_members(self) -> list[Member]:
+        """The method's members and the trainable-token members (everything installed on hosts)."""
+        return self.members + self.token_members
 
     @property
     def paths(self) -> list[str]:

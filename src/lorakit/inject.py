@@ -161,6 +161,7 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
             host = mod if isinstance(mod, Adapted) else Adapted(base)
             att.members.append(Member(path, host, a))
         method.share(att)
+        _build_token_members(model, att, paths)
     kind = calibration_kind(cfg, paths)
     if kind and not defer_init and stats is None:
         if calibration is None:
@@ -174,7 +175,7 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
         meta["grad_flags"] = _grad_flags(model)
     prev_active, prev_flags = tuple(meta["active"]), _grad_flags(model)
     ctx = meta["ctx"]
-    for m in att.members:
+    for m in att.all_members:
         mod = model.get_submodule(m.path)
         if m.host is not mod:
             m.host.training = m.host.adapters.training = m.host.base_layer.training
@@ -199,7 +200,7 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
     meta["attachments"][name] = att
     try:
         att.handles = list(method.bind(att))
-        for m in att.members:  # new modules (adapters, and what bind added to them) take the layer's mode
+        for m in att.all_members:  # new modules (adapters, and what bind added to them) take the layer's mode
             m.adapter.train(m.host.base_layer.training)
         set_active(model, name)
         if not defer_init:
@@ -240,7 +241,7 @@ def init_adapters(model: nn.Module, name: str = "default", stats: dict | None = 
     """
     att = get_attachment(model, name)
     _check_not_merged(model, f"initialise adapter '{name}'")
-    for m in att.members:
+    for m in att.all_members:
         h, a = m.host, m.adapter
         w = h.base_layer.weight
         if w.device.type == "meta":
@@ -253,6 +254,51 @@ def init_adapters(model: nn.Module, name: str = "default", stats: dict | None = 
         new = a.init_from(a.view.matrix(w).float(), (stats or {}).get(m.path))
         if new is not None:
             h.change_base(name, a.view.native(new).to(w.dtype))
+
+
+def _build_token_members(model: nn.Module, att: Attachment, paths: list[str]) -> None:
+    """Trainable token rows (``trainable_token_indices``): one :class:`lorakit.tokens.TrainableTokens` per named
+    embedding, plus one reading the same rows on every module that shares (ties) its weight Parameter."""
+    from .tokens import TrainableTokens, resolve_token_targets
+
+    spec = resolve_token_targets(model, att.config.trainable_token_indices)
+    if not spec:
+        return
+    users: dict[int, list[str]] = {}
+    for mp, m in model.named_modules():
+        b = m.base_layer if isinstance(m, Adapted) else m
+        if isinstance(m, (Adapter,)) or ".base_layer" in mp:
+            continue
+        w = b._parameters.get("weight") if isinstance(b, (nn.Embedding, nn.Linear)) else None
+        if w is not None:
+            users.setdefault(id(w), []).append(mp)
+    for path, ids in spec.items():
+        mod = model.get_submodule(path)
+        base = mod.base_layer if isinstance(mod, Adapted) else mod
+        if not isinstance(base, nn.Embedding):
+            raise TargetError(f"trainable_token_indices names '{path}' ({type(base).__name__}); it trains rows of an "
+                              "nn.Embedding (a head tied to it follows by itself)")
+        tied = [p for p in users.get(id(base.weight), []) if p != path]
+        for p in [path, *tied]:
+            if p in paths:
+                raise ConfigError(f"'{p}' is both a target of '{att.method.name}' and {'tied to ' if p != path else ''}"
+                                  "the trainable-token embedding; one attach can do one of them: drop it from "
+                                  "`targets` (or attach the tokens separately)")
+            if any(m.path == p for m in att.token_members):
+                raise ConfigError(f"trainable_token_indices names '{p}' twice")
+        cfg = TrainableTokens.Config(indices=list(ids))
+        src = None
+        for p in [path, *tied]:
+            mod = model.get_submodule(p)
+            b = mod.base_layer if isinstance(mod, Adapted) else mod
+            w = b.weight
+            with torch.device(w.device):
+                a = TrainableTokens(b, cfg, LayerView(b), source=src)
+            if w.device.type != "meta":
+                a.reset_parameters()
+            a.to(_adapter_dtype(att.config, w))
+            src = src or a
+            att.token_members.append(Member(p, mod if isinstance(mod, Adapted) else Adapted(b), a))
 
 
 def _check_not_shared(model: nn.Module, paths: list[str]) -> None:

@@ -36,7 +36,7 @@ FORMAT_VERSION = 1
 # PEFT LoraConfig options that change the computed function and that lorakit does not implement: loading a file
 # that sets one of them to a non-default value is refused rather than silently computing something else.
 _UNSUPPORTED_PEFT = {
-    "use_qalora": False, "layer_replication": None, "trainable_token_indices": None, "alora_invocation_tokens": None,
+    "use_qalora": False, "layer_replication": None, "alora_invocation_tokens": None,
     "target_parameters": None, "use_bdlora": None, "arrow_config": None, "lora_bias": False, "megatron_config": None,
 }  # fan_in_fan_out is not here: lorakit reads the layout from the layer type (transformers Conv1D)
 
@@ -56,7 +56,7 @@ def adapter_state(model: nn.Module, name: str = "default") -> dict[str, Tensor]:
     """The tensors of adapter ``name`` under PEFT's file keys."""
     att = get_attachment(model, name)
     out: dict[str, Tensor] = {}
-    for m in att.members:
+    for m in att.all_members:
         a = m.adapter
         for k, v in a.to_file(a.state_dict()).items():
             out[f"{PREFIX}{m.path}.{k}"] = v
@@ -82,6 +82,8 @@ def _peft_config(model: nn.Module, name: str, cfg: AttachConfig, paths: list[str
              "paths": paths}
     base = {"base_model_name_or_path": _base_name(model), "task_type": None, "inference_mode": True,
             "lorakit": block, "modules_to_save": cfg.trainable or None, "bias": cfg.bias}
+    if cfg.trainable_token_indices:  # PEFT's key (read by every PEFT tuner that supports trainable tokens)
+        base["trainable_token_indices"] = cfg.trainable_token_indices
     representable = spec is not None
     if spec is not None:
         # per-module values become PEFT's rank_pattern / alpha_pattern (full paths, exact); other overridden
@@ -198,6 +200,7 @@ def _config_from_peft(model: nn.Module, conf: dict) -> AttachConfig:
     return AttachConfig.make(method.from_peft_config(conf, {"method": method.name, "targets": targets, "exclude": conf.get("exclude_modules"),
                               "layers": layers, "layers_pattern": conf.get("layers_pattern"),
                               "overrides": overrides, "trainable": sorted(set(trainable)),
+                              "trainable_token_indices": conf.get("trainable_token_indices") or None,
                               "bias": conf.get("bias") or "none", **opts}))
 
 
@@ -272,7 +275,7 @@ def _check_saved_base_weights(att: Attachment, tensors: dict[str, Tensor], unexp
 def _load_into(model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
     att = get_attachment(model, name)
     expected: dict[str, tuple[nn.Module, str, Any]] = {}
-    for m in att.members:
+    for m in att.all_members:
         a = m.adapter
         for fk, v in a.to_file(dict(a.state_dict())).items():
             expected[f"{PREFIX}{m.path}.{fk}"] = (a, fk, v)
@@ -305,7 +308,7 @@ def _load_into(model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
             raise AdapterFileError(f"tensor '{k}' has shape {tuple(tensors[k].shape)}, expected {tuple(v.shape)} "
                                    "(wrong rank, or an adapter for another base model?)")
     # residual inits: rebuild the base the adapter was trained against (pushed on the host's snapshot stack)
-    for m in att.members:
+    for m in att.all_members:
         h, a = m.host, m.adapter
         w = h.base_layer.weight
         if any(p.device.type == "meta" for p in a.parameters()):
