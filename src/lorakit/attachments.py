@@ -33,6 +33,7 @@ class Member:
     path: str
     host: "Adapted"
     adapter: "Adapter"
+    param: str | None = None  # a parameter target: "<module path>.<parameter>" (PEFT's target_parameters key)
 
 
 @dataclass(eq=False)
@@ -69,7 +70,13 @@ class Attachment:
 
     @property
     def paths(self) -> list[str]:
-        return [m.path for m in self.members]
+        """The adapted modules (``target_modules``); parameter targets are in :attr:`param_targets`."""
+        return [m.path for m in self.members if m.param is None]
+
+    @property
+    def param_targets(self) -> list[str]:
+        """The adapted parameters, ``"<module path>.<parameter>"`` (PEFT's ``target_parameters``)."""
+        return [m.param for m in self.members if m.param is not None]
 
     def __iter__(self) -> Iterator[Member]:
         return iter(self.members)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .config import AttachConfig
 from .attachments import Attachment, Member, attachments, get_attachment, registry
-from .core import Adapted, Adapter, BatchContext, LayerView, ModulesToSave, get_method
+from .core import Adapted, Adapter, BatchContext, LayerView, ModulesToSave, ParamView, get_method, param_owner
 from .errors import ConfigError, MergeError, TargetError
 from .targets import match
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["attach", "detach", "set_active", "disabled", "summary", "hosts", "adapters", "init_adapters",
            "calibrate", "extra_loss", "output_loss", "adapter_stats", "batch_context", "controllers", "attached", "active_names",
-           "attachment", "Attachment", "calibration_kind"]
+           "attachment", "Attachment", "calibration_kind", "match_parameters"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -128,8 +128,12 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
             model.get_submodule(t)
         except AttributeError:
             raise TargetError(f"trainable module '{t}' does not exist in {type(model).__name__}") from None
-    paths = match(model, cfg.targets, cfg.exclude, cfg.layers, cfg.layers_pattern, skip=cfg.trainable)
+    if cfg.target_parameters and not cfg.targets:  # only parameters (PEFT: target_modules=[])
+        paths = []
+    else:
+        paths = match(model, cfg.targets, cfg.exclude, cfg.layers, cfg.layers_pattern, skip=cfg.trainable)
     _check_not_shared(model, paths)
+    ptargets = match_parameters(model, cfg.target_parameters) if cfg.target_parameters else []
     if provides is not None:
         provided = set(provides)
         missing = sorted({k for p in [None, *paths] for k in method.context_keys(cfg.method_config(p, method))}
@@ -160,6 +164,7 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
             a.to(_adapter_dtype(cfg, w))
             host = mod if isinstance(mod, Adapted) else Adapted(base)
             att.members.append(Member(path, host, a))
+        _build_param_members(model, att, method, ptargets)
         method.share(att)
         _build_token_members(model, att, paths)
     kind = calibration_kind(cfg, paths)
@@ -243,17 +248,83 @@ def init_adapters(model: nn.Module, name: str = "default", stats: dict | None = 
     _check_not_merged(model, f"initialise adapter '{name}'")
     for m in att.all_members:
         h, a = m.host, m.adapter
-        w = h.base_layer.weight
+        w = h.base_weight()
         if w.device.type == "meta":
             raise ConfigError(f"'{m.path}' still has meta weights: load the base weights before init_adapters()")
         if any(p.device.type == "meta" for p in a.parameters()):
             a.to_empty(device=w.device)
             a.reset_parameters()
         h.release_base(name)  # a second init starts again from the base it was given
-        w = h.base_layer.weight
+        w = h.base_weight()
         new = a.init_from(a.view.matrix(w).float(), (stats or {}).get(m.path))
         if new is not None:
             h.change_base(name, a.view.native(new).to(w.dtype))
+
+
+def match_parameters(model: nn.Module, targets: Iterable[str]) -> list[tuple[str, str]]:
+    """``target_parameters`` -> ``[(module path, parameter name)]`` as PEFT matches them: ``"<module>.<param>"``
+    equal to a target or ending with ``"." + target``, the parameter held by the module itself (not a child), in
+    ``named_modules`` order and, within a module, in parameter registration order. Raises if none match."""
+    if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
+        raise ConfigError(f"target_parameters must be a list of '<module>.<parameter>' names, got {targets!r}")
+    names = sorted(set(targets))
+    out: list[tuple[str, str]] = []
+    for path, mod in model.named_modules():
+        if isinstance(mod, (Adapted, Adapter, ModulesToSave)) or ".adapters." in f".{path}." \
+                or ".copies." in f".{path}." or ".original_module" in path:
+            continue
+        clean = ".".join(s for s in path.split(".") if s != "base_layer")
+        for pname, _ in mod.named_parameters(recurse=False):
+            key = f"{clean}.{pname}" if clean else pname
+            if key in names or any(key.endswith("." + t) for t in names):
+                out.append((clean, pname))
+    if not out:
+        raise TargetError(f"target_parameters={list(targets)!r} matched no parameter of {type(model).__name__} "
+                          "(give '<module path or suffix>.<parameter>', e.g. 'mlp.experts.gate_up_proj')")
+    return out
+
+
+def _build_param_members(model: nn.Module, att: Attachment, method: type, ptargets: list[tuple[str, str]]) -> None:
+    """One host per targeted parameter, nested on its module as PEFT nests its ParamWrappers: the first parameter
+    (registration order) innermost, so the file keys are PEFT's (``experts.base_layer.lora_A.weight`` for the inner
+    one). Every adapter on a module's parameters must target the same set (PEFT's rule), so paths never shift."""
+    by_mod: dict[str, list[str]] = {}
+    for path, pname in ptargets:
+        by_mod.setdefault(path, []).append(pname)
+    for path, params in by_mod.items():
+        mod = model.get_submodule(path)
+        chain, m = [], mod
+        while isinstance(m, Adapted):
+            if m.param is None:
+                raise TargetError(f"'{path}' is adapted as a layer; it cannot also take parameter targets "
+                                  f"{params} (adapt the layer, or its parameters)")
+            chain.append(m)
+            m = m.base_layer
+        owner = m
+        if chain and {h.param for h in chain} != set(params):
+            raise ConfigError(f"the parameters of '{path}' already adapted are {sorted(h.param for h in chain)}; "
+                              f"every adapter on them must target the same set (as in PEFT), got {sorted(params)}")
+        hosts_ = {h.param: h for h in chain}
+        k = len(params)
+        built: list[Member] = []
+        inner: nn.Module = owner
+        for i, pname in enumerate(params):  # innermost first
+            host = hosts_.get(pname) or Adapted(inner, param=pname)
+            inner = host
+            view = ParamView(owner, pname)
+            if view.kind not in method.layers:
+                raise TargetError(f"method '{method.name}' cannot adapt parameter '{path}.{pname}'; methods that "
+                                  "declare the 'param' layer kind can (LoRA)")
+            key = f"{path}.{pname}" if path else pname
+            mcfg = att.config.method_config(key, method)
+            w = owner._parameters[pname]
+            with torch.device(w.device):
+                a = method(owner, mcfg, view)
+            if w.device.type != "meta":
+                a.reset_parameters()
+            a.to(_adapter_dtype(att.config, w))
+            built.append(Member(path + ".base_layer" * (k - 1 - i), host, a, param=key))
+        att.members.extend(reversed(built))  # outermost first: installing it makes the inner paths resolvable
 
 
 def _build_token_members(model: nn.Module, att: Attachment, paths: list[str]) -> None:
@@ -419,7 +490,7 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
     for n in names:
         for handle in meta["attachments"][n].handles:
             handle.remove()
-    for path, h in list(hosts(model)):
+    for path, h in reversed(list(hosts(model))):  # nested (parameter) hosts: the inner one first
         h.unmerge()
         for n in names:
             if n in h.adapters:

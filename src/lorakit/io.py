@@ -37,7 +37,7 @@ FORMAT_VERSION = 1
 # that sets one of them to a non-default value is refused rather than silently computing something else.
 _UNSUPPORTED_PEFT = {
     "use_qalora": False, "layer_replication": None, "alora_invocation_tokens": None,
-    "target_parameters": None, "use_bdlora": None, "arrow_config": None, "lora_bias": False, "megatron_config": None,
+    "use_bdlora": None, "arrow_config": None, "lora_bias": False, "megatron_config": None,
 }  # fan_in_fan_out is not here: lorakit reads the layout from the layer type (transformers Conv1D)
 
 
@@ -80,6 +80,8 @@ def _peft_config(model: nn.Module, name: str, cfg: AttachConfig, paths: list[str
     spec = method.peft
     block = {"method": method.name, "version": _version(), "format": FORMAT_VERSION, "config": cfg.to_dict(),
              "paths": paths}
+    if att is not None and att.param_targets:
+        block["params"] = att.param_targets
     base = {"base_model_name_or_path": _base_name(model), "task_type": None, "inference_mode": True,
             "lorakit": block, "modules_to_save": cfg.trainable or None, "bias": cfg.bias}
     if cfg.trainable_token_indices:  # PEFT's key (read by every PEFT tuner that supports trainable tokens)
@@ -109,6 +111,7 @@ def _peft_config(model: nn.Module, name: str, cfg: AttachConfig, paths: list[str
                 d[key] = to_dict(getattr(default, f))
             d.update(spec.fixed)
             d.update(target_modules=sorted(paths), exclude_modules=None, layers_to_transform=None,
+                     target_parameters=sorted(att.param_targets) if att is not None and att.param_targets else None,
                      layers_pattern=None, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                      peft_version=None, revision=None, auto_mapping=None)
             if spec.peft_type == "LORA":  # the LoRA schema is validated and serialised by its one writer
@@ -201,6 +204,7 @@ def _config_from_peft(model: nn.Module, conf: dict) -> AttachConfig:
                               "layers": layers, "layers_pattern": conf.get("layers_pattern"),
                               "overrides": overrides, "trainable": sorted(set(trainable)),
                               "trainable_token_indices": conf.get("trainable_token_indices") or None,
+                              "target_parameters": conf.get("target_parameters") or None,
                               "bias": conf.get("bias") or "none", **opts}))
 
 
@@ -220,6 +224,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
             c = dict(block["config"])
             if "paths" in block:  # exact module list of the saved adapter
                 c["targets"], c["exclude"], c["layers"] = list(block["paths"]), None, None
+                if "params" in block:
+                    c["target_parameters"] = list(block["params"])
             cfg = AttachConfig.make(c)
         elif conf["peft_type"] == "LORAKIT":
             raise AdapterFileError(f"{directory}: peft_type LORAKIT but no 'lorakit' block")
@@ -310,7 +316,7 @@ def _load_into(model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
     # residual inits: rebuild the base the adapter was trained against (pushed on the host's snapshot stack)
     for m in att.all_members:
         h, a = m.host, m.adapter
-        w = h.base_layer.weight
+        w = h.base_weight()
         if any(p.device.type == "meta" for p in a.parameters()):
             a.to_empty(device=w.device)
         file_part = {fk: tensors[f"{PREFIX}{m.path}.{fk}"] for fk in a.to_file(a.state_dict())}

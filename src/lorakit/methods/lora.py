@@ -77,7 +77,7 @@ class LoRA(Adapter):
     _PEFT_INIT = {"default": True}  # init option -> PEFT's init_lora_weights (the others: the same string)
 
     roles = {"lora_A.weight": "A", "lora_B.weight": "B"}
-    layers = ("linear", "conv1d", "embedding", "conv2d")
+    layers = ("linear", "conv1d", "embedding", "conv2d", "param")
     peft_keys = {"embedding": {"lora_A.weight": "lora_embedding_A", "lora_B.weight": "lora_embedding_B"}}
 
     def __init__(self, base: nn.Module, cfg: Config, view=None):
@@ -86,8 +86,15 @@ class LoRA(Adapter):
             raise ValueError(f"r must be positive, got {cfg.r}")
         v = self.view
         conv = v.kind == "conv2d"
-        self.lora_A = Factor(cfg.r, *v.in_shape) if conv else Factor(cfg.r, v.d_in)
-        self.lora_B = Factor(v.d_out, cfg.r, 1, 1) if conv else Factor(v.d_out, cfg.r)
+        if v.kind == "param":  # a targeted parameter (PEFT's ParamWrapper): one rank-r factor pair per expert
+            if cfg.dropout or cfg.lora_bias:
+                raise ConfigError(f"{self.name} on a parameter target ('{v.param}') cannot use dropout or lora_bias "
+                                  "(the delta is a weight patch, as in PEFT's ParamWrapper)")
+            self.lora_A = Factor(cfg.r * v.experts, v.d_in)
+            self.lora_B = Factor(v.d_out, cfg.r * v.experts)
+        else:
+            self.lora_A = Factor(cfg.r, *v.in_shape) if conv else Factor(cfg.r, v.d_in)
+            self.lora_B = Factor(v.d_out, cfg.r, 1, 1) if conv else Factor(v.d_out, cfg.r)
         if cfg.lora_bias:
             self.lora_B.bias = nn.Parameter(torch.zeros(v.d_out))
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
@@ -233,9 +240,20 @@ class LoRA(Adapter):
             from ..errors import MergeError
 
             raise MergeError("a LoRA with lora_bias=True adds a bias and cannot be merged into the weight alone")
+        v = self.view
+        if v.kind == "param" and v.ndim == 3:
+            # PEFT's expert layout: A rows are (expert, rank) expert-major, B columns (rank, expert) rank-major
+            A = self.lora_A.weight.reshape(v.experts, self.cfg.r, v.d_in)
+            B = self.lora_B.weight.reshape(v.d_out, self.cfg.r, v.experts)
+            return torch.einsum("ore,eri->eoi", B, A) * self.scale  # (E, d_out, d_in)
         return (self.B @ self.A) * self.scale
 
     def lowrank(self) -> LowRank:
+        if self.view.kind == "param" and self.view.ndim == 3:
+            from ..errors import MergeError
+
+            raise MergeError(f"the LoRA on the fused expert parameter '{self.view.param}' is one low-rank update per "
+                             "expert, not one (A, B) pair; merge it (lorakit.merge_and_unload) to serve it")
         return LowRank(self.A, self.B, self.scale)
 
 
