@@ -170,3 +170,15 @@ def test_refusals():
     lorakit.attach(m, {"method": "lora", "target_parameters": ["mlp.experts.gate_up_proj"]}, "b")  # same set: fine
     with pytest.raises(LorakitError, match="per expert"):
         next(a for _, a in lorakit.adapters(m)).lowrank()
+
+
+def test_export_refuses_expert_lora_clearly(tmp_path):
+    from lorakit.serve.export import export_adapter
+
+    m = tiny_qwen3_moe()
+    lorakit.attach(m, {"method": "lora", "targets": ["q_proj"], "target_parameters": PARAMS, "r": 2})
+    lorakit.save_adapter(m, tmp_path / "a")
+    for fmt in ("vllm", "gguf"):
+        with pytest.raises(ConfigError, match="target_parameters.*merge_and_unload"):
+            export_adapter(tmp_path / "a", tmp_path / f"out_{fmt}", fmt, model=tiny_qwen3_moe())
+        assert not (tmp_path / f"out_{fmt}").exists()
