@@ -187,3 +187,27 @@ def test_eva_without_calibration_and_bad_options_are_refused():
     with pytest.raises(LorakitError):
         lorakit.attach(m, {"method": "dora", "targets": ["q_proj"], "init": "olora"})  # DoRA keeps its own inits
     assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
+
+
+def test_olora_exports_as_exact_lora_on_the_original_base_and_loftq_is_refused(tmp_path):
+    from lorakit.serve.export import export_adapter
+
+    x = torch.randint(0, 64, (2, 9))
+    m = tiny_llama()
+    lorakit.attach(m, {"method": "lora", "targets": TARGETS, "r": 4, "alpha": 8, "init": "olora"})
+    with torch.no_grad():
+        for _, a in lorakit.adapters(m):
+            a.lora_B.weight.add_(0.05 * torch.randn_like(a.lora_B.weight))
+    ref = run(m.eval(), x).detach()
+    lorakit.save_adapter(m, tmp_path / "olora")
+    export_adapter(tmp_path / "olora", tmp_path / "vllm", "vllm", model=tiny_llama())
+    conf = lorakit.read_adapter_config(tmp_path / "vllm")
+    assert conf["r"] == 8 and conf.get("init_lora_weights") in (True, None)  # rank 2r, a plain LoRA
+    pm = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "vllm")).eval()  # on the ORIGINAL base
+    assert (run(pm, x) - ref).abs().max().item() <= 1e-5
+
+    m2 = tiny_llama()
+    lorakit.attach(m2, {"method": "lora", "targets": TARGETS, "r": 4, "alpha": 4, "init": "loftq"})
+    lorakit.save_adapter(m2, tmp_path / "loftq")
+    with pytest.raises(LorakitError, match="quantised base"):
+        export_adapter(tmp_path / "loftq", tmp_path / "vllm2", "vllm", model=tiny_llama())

@@ -115,3 +115,13 @@ def test_bad_token_specs_are_refused_before_any_change():
     assert not lorakit.attached(m)
     assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
     assert type(m.get_input_embeddings()) is torch.nn.Embedding
+
+
+def test_export_refuses_trainable_tokens(tmp_path):
+    from lorakit.serve.export import export_adapter
+
+    m = tiny_llama()
+    lorakit.attach(m, {"method": "lora", "targets": ["q_proj"], "trainable_token_indices": IDS})
+    lorakit.save_adapter(m, tmp_path / "a")
+    with pytest.raises(ConfigError, match="trainable_token_indices"):
+        export_adapter(tmp_path / "a", tmp_path / "out", "vllm", model=tiny_llama())

@@ -384,6 +384,12 @@ class Adapter(nn.Module):
         return cls.init, cls.calibration
 
     @classmethod
+    def changes_base(cls, cfg: Any) -> bool:
+        """Whether the init for ``cfg`` writes a new base weight (residual inits; LoRA's ``olora``/``loftq``): the
+        file's factors then apply to that base, not the original (servers must not take the fast path)."""
+        return cls.init_of(cfg)[0] == "residual"
+
+    @classmethod
     def own_inits(cls) -> dict[str, tuple[str, str | None]]:
         """The :attr:`inits` this class declares itself ({} when it only inherits them)."""
         return cls.__dict__.get("inits") or {}
@@ -753,7 +759,8 @@ class Adapted(nn.Module):
         return names
 
     def extra_repr(self) -> str:
-        return f"active={self.active}" + (f", merged={self.merged_names}" if self.merged_names else "")
+        return (f"param={self.param!r}, " if self.param is not None else "") + f"active={self.active}" + \
+            (f", merged={self.merged_names}" if self.merged_names else "")
 
 
 def untie(host: Adapted) -> bool:

@@ -167,6 +167,7 @@ class LoRA(Adapter):
             Q, R = torch.linalg.qr(weight.float())
             B.copy_(Q[:, : self.cfg.r])
             A.copy_(R[: self.cfg.r])
+            self._initial = (A.detach().clone(), B.detach().clone())  # for initial_lowrank (not saved)
             return weight - self.scale * (B.float() @ A.float())
         if init == "loftq":
             Q, L, R = loftq(weight, self.cfg.r, self.cfg.loftq_bits, self.cfg.loftq_iter)
@@ -192,6 +193,25 @@ class LoRA(Adapter):
         if self._init_option() in self._BASE_CHANGING:
             return self.init_from(weight, None)
         return super().on_load(weight, state)
+
+    @classmethod
+    def changes_base(cls, cfg) -> bool:
+        init = getattr(cfg, "init", "default")
+        return (init in cls._BASE_CHANGING and init in cls.own_inits()) or super().changes_base(cfg)
+
+    def initial_lowrank(self) -> LowRank:
+        """The initial factors of a residual init (the base is ``W − s·B₀A₀``), so a server can apply the adapter
+        to the original base as the exact rank-2r LoRA ``[B | −B₀][A; A₀]``. OLoRA only: LoftQ's base is a
+        quantisation of W, which no LoRA on the original base reproduces."""
+        init = self._init_option()
+        if init == "olora" and getattr(self, "_initial", None) is not None:
+            return LowRank(*self._initial, self.scale)
+        from ..errors import AdapterFileError
+
+        raise AdapterFileError(f"{self.name} with init={init!r} runs on a quantised base (LoftQ) that no adapter on the "
+                               "original base reproduces: merge it into its own model (lorakit.merge_and_unload) and "
+                               "serve that" if init == "loftq" else
+                               f"{self.name} with init={init!r} has no initial factors to serve on the original base")
 
     @classmethod
     def file_config(cls, att, conf: dict) -> dict:
