@@ -211,3 +211,13 @@ def test_olora_exports_as_exact_lora_on_the_original_base_and_loftq_is_refused(t
     lorakit.save_adapter(m2, tmp_path / "loftq")
     with pytest.raises(LorakitError, match="quantised base"):
         export_adapter(tmp_path / "loftq", tmp_path / "vllm2", "vllm", model=tiny_llama())
+
+
+def test_calibration_kind_reads_the_declared_init():
+    from lorakit.inject import calibration_kind
+
+    assert calibration_kind({"method": "lora", "init": "eva"}) == "activations"
+    assert calibration_kind({"method": "lora", "overrides": {"q_proj": {"init": "eva"}}}) == "activations"
+    assert calibration_kind({"method": "lora", "init": "olora"}) is None
+    assert calibration_kind({"method": "lora_ga"}) == "gradients"  # class-level declarations still count
+    assert calibration_kind({"method": "pissa"}) is None  # LoRA's inits are not inherited
