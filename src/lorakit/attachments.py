@@ -33,6 +33,7 @@ class Member:
     path: str
     host: "Adapted"
     adapter: "Adapter"
+    param: str | None = None  # a parameter target: "<module path>.<parameter>" (PEFT's target_parameters key)
 
 
 @dataclass(eq=False)
@@ -45,6 +46,9 @@ class Attachment:
     model: nn.Module
     members: list[Member] = field(default_factory=list)
     trainable: list[str] = field(default_factory=list)  # paths of the ModulesToSave copies it owns
+    # trainable token rows (lorakit.tokens.TrainableTokens on the embedding and a head tied to it): hosted like the
+    # members but not the method's adapters, so method hooks never see them
+    token_members: list[Member] = field(default_factory=list)
     handles: list = field(default_factory=list)  # what ``bind`` returned (removed by detach)
     _controller: Any = None
     _controller_built: bool = False
@@ -60,8 +64,19 @@ class Attachment:
         return [m.adapter for m in self.members if self.name in m.host.active]
 
     @property
+    def all_members(self) -> list[Member]:
+        """The method's members and the trainable-token members (everything installed on hosts)."""
+        return self.members + self.token_members
+
+    @property
     def paths(self) -> list[str]:
-        return [m.path for m in self.members]
+        """The adapted modules (``target_modules``); parameter targets are in :attr:`param_targets`."""
+        return [m.path for m in self.members if m.param is None]
+
+    @property
+    def param_targets(self) -> list[str]:
+        """The adapted parameters, ``"<module path>.<parameter>"`` (PEFT's ``target_parameters``)."""
+        return [m.param for m in self.members if m.param is not None]
 
     def __iter__(self) -> Iterator[Member]:
         return iter(self.members)

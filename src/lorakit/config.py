@@ -175,6 +175,10 @@ class AttachConfig:
     layers_pattern: Any = None
     overrides: dict[str, dict] = field(default_factory=dict)  # {regex: {r: 4, alpha: 8, ...}}
     trainable: list[str] = field(default_factory=list)  # PEFT's modules_to_save
+    # PEFT's target_parameters: parameters adapted by name (fused MoE expert weights), "<module path or suffix>.<param>"
+    target_parameters: list[str] | None = None
+    # PEFT's trainable_token_indices: [ids] (the input embedding) | {module: [ids]}: only those rows train
+    trainable_token_indices: Any = None
     bias: str = "none"  # "none" | "all" | "lora_only": also train base biases (of all / of adapted modules)
     seed: int | None = None
     dtype: str | None = None  # adapter parameter dtype; default: fp32 for fp16/bf16 bases, else the base dtype
@@ -228,7 +232,7 @@ class AttachConfig:
             return from_dict(method.Config, opts, where=where)
         except ConfigError as e:
             raise ConfigError(f"{e} (method '{method.name}'; common keys: method, targets, exclude, layers, "
-                              "layers_pattern, overrides, trainable, bias, seed, dtype)") from None
+                              "layers_pattern, overrides, trainable, target_parameters, trainable_token_indices, bias, seed, dtype)") from None
 
     def to_dict(self) -> dict:
         d = {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "options"}

@@ -38,7 +38,7 @@ from .errors import ConfigError, MergeError, TargetError
 
 __all__ = [
     "LowRank", "LowRankConfig", "PeftSpec", "LayerView", "Adapter", "Adapted", "ModulesToSave", "BatchContext",
-    "register", "REGISTRY", "get_method", "adaptable", "Factor", "embed_scale",
+    "register", "REGISTRY", "get_method", "adaptable", "Factor", "embed_scale", "ParamView", "param_owner",
 ]
 
 
@@ -265,6 +265,52 @@ class LayerView:
         return x.reshape(-1, self.d_in)
 
 
+class ParamView(LayerView):
+    """A parameter targeted by name (PEFT's ``target_parameters``), kind ``"param"``: a 2-D ``(d_out, d_in)`` weight,
+    or the fused 3-D weight of ``E`` experts that transformers' MoE blocks hold as one Parameter, ``(E, d_out, d_in)``
+    (or ``(E, d_in, d_out)`` when the module declares ``is_transposed``, as gpt-oss does; PEFT reads the same flag).
+
+    ``matrix``/``native`` map it to ``(E, d_out, d_in)`` (2-D: ``(d_out, d_in)``). Such a weight is not applied to an
+    input by the adapter: the host patches the parameter with ``adapter.merge(W)`` for the forward of its module,
+    so ``down``/``up``/``dense`` are not available."""
+
+    def __init__(self, owner: nn.Module, param: str):
+        p = owner._parameters.get(param)
+        if not isinstance(p, Tensor):
+            raise TargetError(f"{type(owner).__name__} has no parameter '{param}'")
+        self.kind, self.param, self.ndim = "param", param, p.dim()
+        self.transposed = False
+        if p.dim() == 3:
+            self.experts = p.shape[0]
+            self.transposed = bool(getattr(owner, "is_transposed", False))
+            self.d_in, self.d_out = (p.shape[1], p.shape[2]) if self.transposed else (p.shape[2], p.shape[1])
+        elif p.dim() == 2:
+            self.experts = 1
+            self.d_out, self.d_in = p.shape
+        else:
+            raise TargetError(f"parameter '{param}' of {type(owner).__name__} has {p.dim()} dimensions; "
+                              "target_parameters adapts 2-D and 3-D (fused experts) parameters")
+
+    def matrix(self, weight: Tensor) -> Tensor:
+        return weight.transpose(-1, -2) if self.transposed else weight
+
+    def native(self, matrix: Tensor) -> Tensor:
+        return (matrix.transpose(-1, -2) if self.transposed else matrix).contiguous()
+
+    def _patch_only(self, *_a: Any, **_k: Any) -> Tensor:
+        raise TargetError(f"parameter target '{self.param}' is applied as a weight patch (adapter.merge), not to "
+                          "inputs")
+
+    down = up = rank_scale = rank_mix = out_scale = dense = input_features = _patch_only
+
+
+def param_owner(m: nn.Module) -> nn.Module:
+    """The module that really holds the parameters under a chain of hosts."""
+    while isinstance(m, Adapted):
+        m = m.base_layer
+    return m
+
+
 class Factor(nn.Module):
     """A bare parameter holder so a factor's file key is ``<name>.weight`` as in PEFT (``lora_A.weight``)."""
 
@@ -306,6 +352,10 @@ class Adapter(nn.Module):
     layers: ClassVar[tuple[str, ...]] = ("linear", "conv1d")  # supported layer kinds
     init: ClassVar[str] = "noop"  # what attach does to the output: "noop" | "residual" (base replaced) | "changes"
     calibration: ClassVar[str | None] = None  # None | "activations" | "gradients": stats init_from needs
+    # per-option inits (LoRA's ``init``: olora, eva, ...): option value -> (init kind, calibration); a method that
+    # declares it takes ``init``/``calibration`` per config through :meth:`init_of`. Declared per class and NOT
+    # inherited (PiSSA extends LoRA but its init is its own): a subclass that keeps the options redeclares them.
+    inits: ClassVar[dict[str, tuple[str, str | None]]] = {}
     peft_keys: ClassVar[dict[str, dict[str, str]]] = {}  # layer kind -> {internal key: PEFT file key}
     frozen: ClassVar[tuple[str, ...]] = ()  # own parameters that never train (frozen SVD factors, ...)
     example: ClassVar[dict[str, Any]] = {}  # options for tiny test models (the contract suite uses them)
@@ -346,6 +396,27 @@ class Adapter(nn.Module):
 
     def base_bias(self) -> Tensor | None:
         return getattr(self.base, "bias", None)
+
+    @classmethod
+    def init_of(cls, cfg: Any) -> tuple[str, str | None]:
+        """``(init kind, calibration)`` for one module's config: the class values, or the entry of :attr:`inits`
+        for the config's ``init`` option (LoRA's ``init="eva"`` needs activations, ``"olora"`` is residual)."""
+        own = cls.own_inits()
+        opt = getattr(cfg, "init", None)
+        if own and isinstance(opt, str) and opt in own:
+            return own[opt]
+        return cls.init, cls.calibration
+
+    @classmethod
+    def changes_base(cls, cfg: Any) -> bool:
+        """Whether the init for ``cfg`` writes a new base weight (residual inits; LoRA's ``olora``/``loftq``): the
+        file's factors then apply to that base, not the original (servers must not take the fast path)."""
+        return cls.init_of(cfg)[0] == "residual"
+
+    @classmethod
+    def own_inits(cls) -> dict[str, tuple[str, str | None]]:
+        """The :attr:`inits` this class declares itself ({} when it only inherits them)."""
+        return cls.__dict__.get("inits") or {}
 
     # --- lifecycle -----------------------------------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -573,9 +644,12 @@ class Adapted(nn.Module):
     the original weight is stashed so unmerging is exact.
     """
 
-    def __init__(self, base_layer: nn.Module):
+    def __init__(self, base_layer: nn.Module, param: str | None = None):
         super().__init__()
         self.base_layer = base_layer
+        # a parameter host (PEFT's target_parameters): adapts parameter ``param`` of the module under the chain of
+        # hosts (hosts nest, one per parameter, as PEFT's ParamWrapper does); None: a layer host
+        self.param = param
         self.adapters = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
         self.merged_names: tuple[str, ...] = ()
@@ -603,10 +677,57 @@ class Adapted(nn.Module):
             return getattr(self.base_layer, item)  # in_features, num_embeddings, padding_idx, ...
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.param is not None:
+            return self._patched_forward(x, *args, **kwargs)
         y = self.base_layer(x, *args, **kwargs)
         for name in self.active:
             y = self.adapters[name](x, y)
         return y
+
+    def _patched_forward(self, *args: Any, **kwargs: Any) -> Any:
+        """A parameter host: the module runs with ``W' = merge(W)`` of each active adapter in place of its
+        parameter (differentiable in the adapter's parameters), and gets its own Parameter back after."""
+        if not self.active:
+            return self.base_layer(*args, **kwargs)
+        owner = param_owner(self.base_layer)
+        p = owner._parameters[self.param]
+        view = next(iter(self.adapters.values())).view
+        m = view.matrix(p)
+        for name in self.active:
+            m = self.adapters[name].merge(m)
+        owner._parameters[self.param] = view.native(m).to(p.dtype)
+        try:
+            return self.base_layer(*args, **kwargs)
+        finally:
+            owner._parameters[self.param] = p
+
+    # --- the base weight, layer or parameter ----------------------------------------------------------------------
+    def base_weight(self) -> Tensor:
+        """The native weight this host adapts (the layer's weight, or the targeted parameter)."""
+        if self.param is not None:
+            return param_owner(self.base_layer)._parameters[self.param]
+        return self.base_layer.weight
+
+    def _get_w(self) -> Tensor:
+        return self.base_weight() if self.param is not None else quant.get_weight(self.base_layer)
+
+    @torch.no_grad()
+    def _set_w(self, w: Tensor) -> None:
+        if self.param is not None:
+            p = self.base_weight()
+            p.copy_(w.to(p.dtype))
+        else:
+            quant.set_weight(self.base_layer, w)
+
+    def _snapshot(self) -> Any:
+        return self.base_weight().detach().clone() if self.param is not None else quant.snapshot(self.base_layer)
+
+    @torch.no_grad()
+    def _restore(self, snap: Any) -> None:
+        if self.param is not None:
+            self.base_weight().copy_(snap)
+        else:
+            quant.restore(self.base_layer, snap)
 
     # --- the base's snapshot stack (exact restores for merges and base-changing inits) ----------------------------
     # ``_snapshots`` holds ``(owner, weight storage before owner changed the base)``, oldest first. Owners are adapter
@@ -624,8 +745,8 @@ class Adapted(nn.Module):
         if not self.owns_base_change(owner):
             if not self._snapshots:
                 untie(self)  # a tied base: the change is this module's alone (the last release reties)
-            self._snapshots.append((owner, quant.snapshot(self.base_layer)))
-        quant.set_weight(self.base_layer, native_weight)
+            self._snapshots.append((owner, self._snapshot()))
+        self._set_w(native_weight)
 
     @torch.no_grad()
     def release_base(self, owner: str) -> None:
@@ -634,20 +755,20 @@ class Adapted(nn.Module):
         if idx is None:
             return
         if idx == len(self._snapshots) - 1:
-            quant.restore(self.base_layer, self._snapshots.pop()[1])
+            self._restore(self._snapshots.pop()[1])
             if not self._snapshots:
                 retie(self)  # every change released: a tied base shares the original Parameter again
             return
         before, after = self._dense(self._snapshots[idx][1]), self._dense(self._snapshots[idx + 1][1])
-        w = quant.get_weight(self.base_layer)
-        quant.set_weight(self.base_layer, (w.float() - (after - before)).to(w.dtype))
+        w = self._get_w()
+        self._set_w((w.float() - (after - before)).to(w.dtype))
         self._snapshots[idx + 1] = (self._snapshots[idx + 1][0], self._snapshots[idx][1])
         del self._snapshots[idx]
 
     @torch.no_grad()
     def _dense(self, snap: Any) -> Tensor:
         """The fp32 weight a snapshot holds (quantised snapshots are decoded through the layer itself)."""
-        if isinstance(snap, Tensor):
+        if isinstance(snap, Tensor) or self.param is not None:
             return snap.float()
         now = quant.snapshot(self.base_layer)
         quant.restore(self.base_layer, snap)
@@ -668,7 +789,7 @@ class Adapted(nn.Module):
                 raise MergeError(f"adapter '{n}' ({a.name}) is not mergeable: its output depends on the input "
                                  "(routing/gating), so it cannot be folded into one weight")
         view = next(iter(self.adapters.values())).view
-        w = quant.get_weight(self.base_layer)
+        w = self._get_w()
         m = view.matrix(w).float()
         for n in names:
             m = self.adapters[n].merge(m)
@@ -684,7 +805,8 @@ class Adapted(nn.Module):
         return names
 
     def extra_repr(self) -> str:
-        return f"active={self.active}" + (f", merged={self.merged_names}" if self.merged_names else "")
+        return (f"param={self.param!r}, " if self.param is not None else "") + f"active={self.active}" + \
+            (f", merged={self.merged_names}" if self.merged_names else "")
 
 
 def untie(host: Adapted) -> bool:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .config import AttachConfig
 from .attachments import Attachment, Member, attachments, get_attachment, registry
-from .core import Adapted, Adapter, BatchContext, LayerView, ModulesToSave, get_method
+from .core import Adapted, Adapter, BatchContext, LayerView, ModulesToSave, ParamView, get_method, param_owner
 from .errors import ConfigError, MergeError, TargetError
 from .targets import match
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["attach", "detach", "set_active", "disabled", "summary", "hosts", "adapters", "init_adapters",
            "calibrate", "extra_loss", "output_loss", "adapter_stats", "batch_context", "controllers", "attached", "active_names",
-           "attachment", "Attachment"]
+           "attachment", "Attachment", "calibration_kind", "match_parameters"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -128,8 +128,12 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
             model.get_submodule(t)
         except AttributeError:
             raise TargetError(f"trainable module '{t}' does not exist in {type(model).__name__}") from None
-    paths = match(model, cfg.targets, cfg.exclude, cfg.layers, cfg.layers_pattern, skip=cfg.trainable)
+    if cfg.target_parameters and not cfg.targets:  # only parameters (PEFT: target_modules=[])
+        paths = []
+    else:
+        paths = match(model, cfg.targets, cfg.exclude, cfg.layers, cfg.layers_pattern, skip=cfg.trainable)
     _check_not_shared(model, paths)
+    ptargets = match_parameters(model, cfg.target_parameters) if cfg.target_parameters else []
     if provides is not None:
         provided = set(provides)
         missing = sorted({k for p in [None, *paths] for k in method.context_keys(cfg.method_config(p, method))}
@@ -160,19 +164,23 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
             a.to(_adapter_dtype(cfg, w))
             host = mod if isinstance(mod, Adapted) else Adapted(base)
             att.members.append(Member(path, host, a))
+        _build_param_members(model, att, method, ptargets)
         method.share(att)
-    if method.calibration and not defer_init and stats is None:
+        _build_token_members(model, att, paths)
+    kind = calibration_kind(cfg, paths)
+    if kind and not defer_init and stats is None:
         if calibration is None:
-            raise ConfigError(f"method '{method.name}' initialises from {method.calibration} of calibration data: "
+            raise ConfigError(f"method '{method.name}' initialises from {kind} of calibration data: "
                               "pass calibration=<batches> to attach() (the CLI does this from the training set)")
-        stats = calibrate(model, paths, calibration, method.calibration, loss_fn=loss_fn)
+        need = [p for p in paths if method.init_of(cfg.method_config(p, method))[1]]
+        stats = calibrate(model, need, calibration, kind, loss_fn=loss_fn)
 
     # 2) install (rolled back by detach on any failure from here on)
     if meta["grad_flags"] is None:  # the flags before the first attach: restored when the last adapter goes
         meta["grad_flags"] = _grad_flags(model)
     prev_active, prev_flags = tuple(meta["active"]), _grad_flags(model)
     ctx = meta["ctx"]
-    for m in att.members:
+    for m in att.all_members:
         mod = model.get_submodule(m.path)
         if m.host is not mod:
             m.host.training = m.host.adapters.training = m.host.base_layer.training
@@ -197,7 +205,7 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
     meta["attachments"][name] = att
     try:
         att.handles = list(method.bind(att))
-        for m in att.members:  # new modules (adapters, and what bind added to them) take the layer's mode
+        for m in att.all_members:  # new modules (adapters, and what bind added to them) take the layer's mode
             m.adapter.train(m.host.base_layer.training)
         set_active(model, name)
         if not defer_init:
@@ -215,6 +223,21 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
     return model
 
 
+def calibration_kind(config: AttachConfig | dict | Any, paths: Iterable[str] | None = None) -> str | None:
+    """The calibration data (``"activations"`` | ``"gradients"`` | None) the init of ``config`` needs, from the
+    method's declaration (per config: LoRA's ``init="eva"`` needs activations). ``paths``: the modules it will
+    adapt (None: the attach-wide options and every override). Mixed kinds in one attach are refused."""
+    cfg = AttachConfig.make(config)
+    method = get_method(cfg.method)
+    cfgs = [cfg.method_config(p, method) for p in paths] if paths is not None else \
+        [cfg.method_config(None, method)] + [cfg.method_config(None, method, ov) for ov in cfg.overrides.values()]
+    kinds = sorted({k for k in (method.init_of(c)[1] for c in cfgs) if k})
+    if len(kinds) > 1:
+        raise ConfigError(f"one attach of '{method.name}' needs both {kinds[0]} and {kinds[1]} calibration; attach "
+                          "the modules that need each separately")
+    return kinds[0] if kinds else None
+
+
 @torch.no_grad()
 def init_adapters(model: nn.Module, name: str = "default", stats: dict | None = None) -> None:
     """Run each adapter's ``init_from`` on its fp32 base matrix; write back a returned base (PiSSA-like inits).
@@ -223,19 +246,130 @@ def init_adapters(model: nn.Module, name: str = "default", stats: dict | None = 
     """
     att = get_attachment(model, name)
     _check_not_merged(model, f"initialise adapter '{name}'")
-    for m in att.members:
+    for m in att.all_members:
         h, a = m.host, m.adapter
-        w = h.base_layer.weight
+        w = h.base_weight()
         if w.device.type == "meta":
             raise ConfigError(f"'{m.path}' still has meta weights: load the base weights before init_adapters()")
         if any(p.device.type == "meta" for p in a.parameters()):
             a.to_empty(device=w.device)
             a.reset_parameters()
         h.release_base(name)  # a second init starts again from the base it was given
-        w = h.base_layer.weight
+        w = h.base_weight()
         new = a.init_from(a.view.matrix(w).float(), (stats or {}).get(m.path))
         if new is not None:
             h.change_base(name, a.view.native(new).to(w.dtype))
+
+
+def match_parameters(model: nn.Module, targets: Iterable[str]) -> list[tuple[str, str]]:
+    """``target_parameters`` -> ``[(module path, parameter name)]`` as PEFT matches them: ``"<module>.<param>"``
+    equal to a target or ending with ``"." + target``, the parameter held by the module itself (not a child), in
+    ``named_modules`` order and, within a module, in parameter registration order. Raises if none match."""
+    if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
+        raise ConfigError(f"target_parameters must be a list of '<module>.<parameter>' names, got {targets!r}")
+    names = sorted(set(targets))
+    out: list[tuple[str, str]] = []
+    for path, mod in model.named_modules():
+        if isinstance(mod, (Adapted, Adapter, ModulesToSave)) or ".adapters." in f".{path}." \
+                or ".copies." in f".{path}." or ".original_module" in path:
+            continue
+        clean = ".".join(s for s in path.split(".") if s != "base_layer")
+        for pname, _ in mod.named_parameters(recurse=False):
+            key = f"{clean}.{pname}" if clean else pname
+            if key in names or any(key.endswith("." + t) for t in names):
+                out.append((clean, pname))
+    if not out:
+        raise TargetError(f"target_parameters={list(targets)!r} matched no parameter of {type(model).__name__} "
+                          "(give '<module path or suffix>.<parameter>', e.g. 'mlp.experts.gate_up_proj')")
+    return out
+
+
+def _build_param_members(model: nn.Module, att: Attachment, method: type, ptargets: list[tuple[str, str]]) -> None:
+    """One host per targeted parameter, nested on its module as PEFT nests its ParamWrappers: the first parameter
+    (registration order) innermost, so the file keys are PEFT's (``experts.base_layer.lora_A.weight`` for the inner
+    one). Every adapter on a module's parameters must target the same set (PEFT's rule), so paths never shift."""
+    by_mod: dict[str, list[str]] = {}
+    for path, pname in ptargets:
+        by_mod.setdefault(path, []).append(pname)
+    for path, params in by_mod.items():
+        mod = model.get_submodule(path)
+        chain, m = [], mod
+        while isinstance(m, Adapted):
+            if m.param is None:
+                raise TargetError(f"'{path}' is adapted as a layer; it cannot also take parameter targets "
+                                  f"{params} (adapt the layer, or its parameters)")
+            chain.append(m)
+            m = m.base_layer
+        owner = m
+        if chain and {h.param for h in chain} != set(params):
+            raise ConfigError(f"the parameters of '{path}' already adapted are {sorted(h.param for h in chain)}; "
+                              f"every adapter on them must target the same set (as in PEFT), got {sorted(params)}")
+        hosts_ = {h.param: h for h in chain}
+        k = len(params)
+        built: list[Member] = []
+        inner: nn.Module = owner
+        for i, pname in enumerate(params):  # innermost first
+            host = hosts_.get(pname) or Adapted(inner, param=pname)
+            inner = host
+            view = ParamView(owner, pname)
+            if view.kind not in method.layers:
+                raise TargetError(f"method '{method.name}' cannot adapt parameter '{path}.{pname}'; methods that "
+                                  "declare the 'param' layer kind can (LoRA)")
+            key = f"{path}.{pname}" if path else pname
+            mcfg = att.config.method_config(key, method)
+            w = owner._parameters[pname]
+            with torch.device(w.device):
+                a = method(owner, mcfg, view)
+            if w.device.type != "meta":
+                a.reset_parameters()
+            a.to(_adapter_dtype(att.config, w))
+            built.append(Member(path + ".base_layer" * (k - 1 - i), host, a, param=key))
+        att.members.extend(reversed(built))  # outermost first: installing it makes the inner paths resolvable
+
+
+def _build_token_members(model: nn.Module, att: Attachment, paths: list[str]) -> None:
+    """Trainable token rows (``trainable_token_indices``): one :class:`lorakit.tokens.TrainableTokens` per named
+    embedding, plus one reading the same rows on every module that shares (ties) its weight Parameter."""
+    from .tokens import TrainableTokens, resolve_token_targets
+
+    spec = resolve_token_targets(model, att.config.trainable_token_indices)
+    if not spec:
+        return
+    users: dict[int, list[str]] = {}
+    for mp, m in model.named_modules():
+        b = m.base_layer if isinstance(m, Adapted) else m
+        if isinstance(m, (Adapter,)) or ".base_layer" in mp:
+            continue
+        w = b._parameters.get("weight") if isinstance(b, (nn.Embedding, nn.Linear)) else None
+        if w is not None:
+            users.setdefault(id(w), []).append(mp)
+    for path, ids in spec.items():
+        mod = model.get_submodule(path)
+        base = mod.base_layer if isinstance(mod, Adapted) else mod
+        if not isinstance(base, nn.Embedding):
+            raise TargetError(f"trainable_token_indices names '{path}' ({type(base).__name__}); it trains rows of an "
+                              "nn.Embedding (a head tied to it follows by itself)")
+        tied = [p for p in users.get(id(base.weight), []) if p != path]
+        for p in [path, *tied]:
+            if p in paths:
+                raise ConfigError(f"'{p}' is both a target of '{att.method.name}' and {'tied to ' if p != path else ''}"
+                                  "the trainable-token embedding; one attach can do one of them: drop it from "
+                                  "`targets` (or attach the tokens separately)")
+            if any(m.path == p for m in att.token_members):
+                raise ConfigError(f"trainable_token_indices names '{p}' twice")
+        cfg = TrainableTokens.Config(indices=list(ids))
+        src = None
+        for p in [path, *tied]:
+            mod = model.get_submodule(p)
+            b = mod.base_layer if isinstance(mod, Adapted) else mod
+            w = b.weight
+            with torch.device(w.device):
+                a = TrainableTokens(b, cfg, LayerView(b), source=src)
+            if w.device.type != "meta":
+                a.reset_parameters()
+            a.to(_adapter_dtype(att.config, w))
+            src = src or a
+            att.token_members.append(Member(p, mod if isinstance(mod, Adapted) else Adapted(b), a))
 
 
 def _check_not_shared(model: nn.Module, paths: list[str]) -> None:
@@ -356,7 +490,7 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
     for n in names:
         for handle in meta["attachments"][n].handles:
             handle.remove()
-    for path, h in list(hosts(model)):
+    for path, h in reversed(list(hosts(model))):  # nested (parameter) hosts: the inner one first
         h.unmerge()
         for n in names:
             if n in h.adapters:
@@ -459,7 +593,8 @@ def calibrate(model: nn.Module, paths: list[str], batches: Iterable, kind: str,
               train: bool | None = None) -> dict[str, dict[str, Tensor]]:
     """Statistics of the target modules over calibration batches (one shared path for every data-driven init).
 
-    ``kind="activations"``: per module ``{"cov": XᵀX/n (d_in, d_in), "n": rows, "x_abs_mean": (d_in,)}``.
+    ``kind="activations"``: per module ``{"cov": XᵀX/n (d_in, d_in), "n": rows, "x_abs_mean": (d_in,),
+    "x_mean": (d_in,)}``.
     ``kind="gradients"``: per module ``{"grad": mean ∂L/∂W (d_out, d_in), "grad_sq": mean (∂L/∂W)² over batches
     (an empirical Fisher diagonal), "n": batches}`` (fp32).
     ``train``: the mode the model runs in (dropout on or off). Default: train mode for gradients — the official
@@ -493,6 +628,7 @@ def calibrate(model: nn.Module, paths: list[str], batches: Iterable, kind: str,
                     s = stats[path]
                     s["cov"] = s.get("cov", 0) + x.t() @ x
                     s["x_abs_sum"] = s.get("x_abs_sum", 0) + x.abs().sum(0)
+                    s["x_sum"] = s.get("x_sum", 0) + x.sum(0)
                     s["n"] = s.get("n", 0) + x.shape[0]
                 return fn
 
@@ -509,6 +645,7 @@ def calibrate(model: nn.Module, paths: list[str], batches: Iterable, kind: str,
                     continue
                 s["cov"] = s["cov"] / max(s["n"], 1)
                 s["x_abs_mean"] = s.pop("x_abs_sum") / max(s["n"], 1)
+                s["x_mean"] = s.pop("x_sum") / max(s["n"], 1)
         else:
             for p, m in mods.items():
                 if not isinstance(m.weight, nn.Parameter):

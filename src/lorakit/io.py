@@ -36,8 +36,8 @@ FORMAT_VERSION = 1
 # PEFT LoraConfig options that change the computed function and that lorakit does not implement: loading a file
 # that sets one of them to a non-default value is refused rather than silently computing something else.
 _UNSUPPORTED_PEFT = {
-    "use_qalora": False, "layer_replication": None, "trainable_token_indices": None, "alora_invocation_tokens": None,
-    "target_parameters": None, "use_bdlora": None, "arrow_config": None, "lora_bias": False, "megatron_config": None,
+    "use_qalora": False, "layer_replication": None, "alora_invocation_tokens": None,
+    "use_bdlora": None, "arrow_config": None, "lora_bias": False, "megatron_config": None,
 }  # fan_in_fan_out is not here: lorakit reads the layout from the layer type (transformers Conv1D)
 
 
@@ -56,7 +56,7 @@ def adapter_state(model: nn.Module, name: str = "default") -> dict[str, Tensor]:
     """The tensors of adapter ``name`` under PEFT's file keys."""
     att = get_attachment(model, name)
     out: dict[str, Tensor] = {}
-    for m in att.members:
+    for m in att.all_members:
         a = m.adapter
         for k, v in a.to_file(a.state_dict()).items():
             out[f"{PREFIX}{m.path}.{k}"] = v
@@ -80,8 +80,12 @@ def _peft_config(model: nn.Module, name: str, cfg: AttachConfig, paths: list[str
     spec = method.peft
     block = {"method": method.name, "version": _version(), "format": FORMAT_VERSION, "config": cfg.to_dict(),
              "paths": paths}
+    if att is not None and att.param_targets:
+        block["params"] = att.param_targets
     base = {"base_model_name_or_path": _base_name(model), "task_type": None, "inference_mode": True,
             "lorakit": block, "modules_to_save": cfg.trainable or None, "bias": cfg.bias}
+    if cfg.trainable_token_indices:  # PEFT's key (read by every PEFT tuner that supports trainable tokens)
+        base["trainable_token_indices"] = cfg.trainable_token_indices
     representable = spec is not None
     if spec is not None:
         # per-module values become PEFT's rank_pattern / alpha_pattern (full paths, exact); other overridden
@@ -107,6 +111,7 @@ def _peft_config(model: nn.Module, name: str, cfg: AttachConfig, paths: list[str
                 d[key] = to_dict(getattr(default, f))
             d.update(spec.fixed)
             d.update(target_modules=sorted(paths), exclude_modules=None, layers_to_transform=None,
+                     target_parameters=sorted(att.param_targets) if att is not None and att.param_targets else None,
                      layers_pattern=None, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                      peft_version=None, revision=None, auto_mapping=None)
             if spec.peft_type == "LORA":  # the LoRA schema is validated and serialised by its one writer
@@ -198,6 +203,8 @@ def _config_from_peft(model: nn.Module, conf: dict) -> AttachConfig:
     return AttachConfig.make(method.from_peft_config(conf, {"method": method.name, "targets": targets, "exclude": conf.get("exclude_modules"),
                               "layers": layers, "layers_pattern": conf.get("layers_pattern"),
                               "overrides": overrides, "trainable": sorted(set(trainable)),
+                              "trainable_token_indices": conf.get("trainable_token_indices") or None,
+                              "target_parameters": conf.get("target_parameters") or None,
                               "bias": conf.get("bias") or "none", **opts}))
 
 
@@ -217,6 +224,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
             c = dict(block["config"])
             if "paths" in block:  # exact module list of the saved adapter
                 c["targets"], c["exclude"], c["layers"] = list(block["paths"]), None, None
+                if "params" in block:
+                    c["target_parameters"] = list(block["params"])
             cfg = AttachConfig.make(c)
         elif conf["peft_type"] == "LORAKIT":
             raise AdapterFileError(f"{directory}: peft_type LORAKIT but no 'lorakit' block")
@@ -272,7 +281,7 @@ def _check_saved_base_weights(att: Attachment, tensors: dict[str, Tensor], unexp
 def _load_into(model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
     att = get_attachment(model, name)
     expected: dict[str, tuple[nn.Module, str, Any]] = {}
-    for m in att.members:
+    for m in att.all_members:
         a = m.adapter
         for fk, v in a.to_file(dict(a.state_dict())).items():
             expected[f"{PREFIX}{m.path}.{fk}"] = (a, fk, v)
@@ -305,9 +314,9 @@ def _load_into(model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
             raise AdapterFileError(f"tensor '{k}' has shape {tuple(tensors[k].shape)}, expected {tuple(v.shape)} "
                                    "(wrong rank, or an adapter for another base model?)")
     # residual inits: rebuild the base the adapter was trained against (pushed on the host's snapshot stack)
-    for m in att.members:
+    for m in att.all_members:
         h, a = m.host, m.adapter
-        w = h.base_layer.weight
+        w = h.base_weight()
         if any(p.device.type == "meta" for p in a.parameters()):
             a.to_empty(device=w.device)
         file_part = {fk: tensors[f"{PREFIX}{m.path}.{fk}"] for fk in a.to_file(a.state_dict())}

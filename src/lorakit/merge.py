@@ -95,7 +95,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     _check_mergeable(model)
     meta = _meta(model)
     flags = meta["grad_flags"]
-    for path, h in list(hosts(model)):
+    for path, h in reversed(list(hosts(model))):  # nested (parameter) hosts: the inner one first
         h.merge(h.active)
         h._snapshots.clear()  # for good: the merged weight is the new base
         if h._untied is not None and flags:  # a tied base's merged private copy takes the shared weight's flag

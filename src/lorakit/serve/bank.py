@@ -506,7 +506,8 @@ def _read_served(bank: AdapterBank, directory: str | os.PathLike, name: str,
         if isinstance(mcfg, LowRankConfig) and mcfg.lora_bias:
             raise AdapterFileError(f"adapter {name!r} adds a trained bias to the low-rank output (lora_bias); the "
                                    "bank serves factors only (merge it into its own model instead)")
-        if method.fast_serve is not None:  # declared: the file's factors and the LowRankConfig scale are the adapter
+        if method.fast_serve is not None and not method.changes_base(mcfg):
+            # declared: the file's factors and the LowRankConfig scale are the adapter (on the original base)
             try:
                 A, B = own_file["lora_A.weight"], own_file["lora_B.weight"]
             except KeyError as e:

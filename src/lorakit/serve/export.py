@@ -48,6 +48,24 @@ def _lowrank_of(model, adapter_dir: Path, target: str):
     return sa
 
 
+def _refuse_unservable(conf: dict, adapter_dir: Path, target: str) -> None:
+    """Adapters the target server does not document loading, refused before any work with what to do instead.
+
+    * ``target_parameters`` (LoRA on fused MoE expert weights): vLLM's documentation does not list PEFT's
+      ParamWrapper layout (one ``(E·r, d_in)``/``(d_out, r·E)`` pair per expert stack); its loader's support is
+      per model and has dropped such adapters silently or failed on shapes (vllm PRs 41384, 52194, 47088), and
+      llama.cpp has no expert LoRA. Merged weights serve everywhere.
+    * ``trainable_token_indices``: neither server loads replaced embedding rows."""
+    if conf.get("target_parameters"):
+        raise ConfigError(f"{adapter_dir} adapts parameters by name (target_parameters={conf['target_parameters']}, "
+                          f"LoRA on fused MoE expert weights): {target} does not document loading that layout. "
+                          "Merge it into the base (lorakit.merge_and_unload, then save_pretrained) and serve the "
+                          "merged model instead")
+    if conf.get("trainable_token_indices"):
+        raise ConfigError(f"{adapter_dir} trains embedding rows (trainable_token_indices): {target} loads LoRA "
+                          "factors only. Merge it into the base (lorakit.merge_and_unload) and serve the merged model")
+
+
 def _permute_rows(B: torch.Tensor, n_head: int) -> torch.Tensor:
     """llama.cpp's q/k layout: within each head, the two rotary halves are interleaved."""
     d = B.shape[0]
@@ -62,6 +80,7 @@ def export_adapter(adapter_dir: str | Path, out: str | Path, fmt: str, model=Non
     adapter_dir, out = Path(adapter_dir), Path(out)
     if fmt not in ("vllm", "gguf"):
         raise ConfigError(f"unknown export format {fmt!r}; use 'vllm' or 'gguf'")
+    _refuse_unservable(read_adapter_config(adapter_dir), adapter_dir, "vLLM" if fmt == "vllm" else "llama.cpp")
     if model is None:
         if base is None:
             raise ConfigError("export needs the base model (--base): DoRA/PiSSA and the GGUF layout depend on it")

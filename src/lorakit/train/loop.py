@@ -279,7 +279,7 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
     # ---- adapter (calibration batches from the training set when the method initialises from data) ----------
     method = get_method(cfg.adapter["method"])
     calib = None
-    if method.calibration:
+    if inject.calibration_kind(cfg.adapter):
         calib = [to_device({k: v for k, v in batch(i).items() if k not in task.context_keys}, device)  # no adapters
                  for i in range(max(tc.calibration_batches, 1))]
     seed_everything(tc.seed)
