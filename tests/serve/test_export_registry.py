@@ -165,3 +165,23 @@ def test_what_a_lora_file_cannot_carry_is_refused(env, fmt, case, opts, why):
     with pytest.raises(LorakitError, match=why) as e:
         export_adapter(src, out, fmt, model=base)
     assert "instead" in str(e.value) and not out.exists()
+
+
+def test_gguf_refuses_modules_llama_cpp_cannot_name(env):
+    d, base, _, _, _ = env
+    src = _lora(env, "head", targets=["q_proj", "lm_head"])
+    with pytest.raises(LorakitError, match="lm_head' has no llama.cpp LoRA tensor name") as e:
+        export_adapter(src, d / "head.gguf", "gguf", model=base)
+    assert "instead" in str(e.value) and not (d / "head.gguf").exists()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_half_precision_base_exports_without_a_false_refusal(env, fmt):
+    """The probe check runs in fp32, so a bf16 base (rounding ~1e-2) is not mistaken for an adapter that computes
+    something its low-rank form does not; the factors written are the fp32 ones."""
+    d, base, ids, _, _ = env
+    src, ref = _adapter(env, "lora")
+    out = export_adapter(src, d / f"bf16.{fmt}", fmt, model=copy.deepcopy(base).to(torch.bfloat16))
+    with torch.no_grad():
+        got = (_vllm_read(out, base) if fmt == "vllm" else _gguf_read(out, base))(ids).logits
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)

@@ -73,9 +73,10 @@ def env(tmp_path_factory):
 
 
 def _llama(base_gguf, lora=None):
+    # one thread: the cores are shared (more threads spin-wait); type_k/type_v 0 = GGML_TYPE_F32: an f32 KV cache
     return llama_cpp.Llama(model_path=str(base_gguf), lora_path=str(lora) if lora else None, logits_all=True,
-                           n_ctx=128, n_batch=128, n_threads=2, type_k=0, type_v=0,  # GGML_TYPE_F32 KV cache
-                           seed=0, verbose=False)
+                           n_ctx=128, n_batch=128, n_threads=1, n_threads_batch=1, type_k=0, type_v=0, seed=0,
+                           verbose=False)
 
 
 def _llamacpp_run(base_gguf, lora=None):
@@ -104,8 +105,9 @@ def _lorakit_run(model, ids):
 
 
 def _adapter(base, out, method, seed, zero_std, rel, **opts):
-    """``method`` on every attention/MLP projection of SmolLM2 with all factors moved well off their init: factors
-    that start at zero (LoRA's B, VeRA's λ_b) are drawn from N(0, zero_std²), the others scaled by 1 + rel·N(0, 1)."""
+    """``method`` on every attention/MLP projection of SmolLM2 with all factors moved well off their init: the
+    factors that start at zero (LoRA's B, VeRA's λ_b) are drawn from N(0, zero_std²), the others are scaled by
+    1 + rel·N(0, 1)."""
     m = copy.deepcopy(base)
     lorakit.attach(m, {"method": method, "targets": "all-linear", "seed": seed, **opts}, "a")
     g = torch.Generator().manual_seed(seed)

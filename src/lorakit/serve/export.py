@@ -67,7 +67,7 @@ def _lowrank_of(model, adapter_dir: Path, target: str) -> dict[str, tuple[torch.
     from .. import attached, adapters, load_adapter
     from ..core import get_method
 
-    m = copy.deepcopy(model).eval()
+    m = copy.deepcopy(model).float().eval()  # fp32: the factors are written in fp32, the probe is exact
     load_adapter(m, adapter_dir, "export")
     cfg = attached(m)["export"]["config"]
     method = get_method(cfg.method)
@@ -101,9 +101,9 @@ def _lowrank_of(model, adapter_dir: Path, target: str) -> dict[str, tuple[torch.
                     f"row, which a plain LoRA cannot express and {target} does not load", _MERGE)
         orig = originals[path]
         A, B = lr.A.detach().float(), lr.B.detach().float() * float(lr.scale)
-        x = torch.randn(4, a.view.d_in, generator=g).to(orig.weight.dtype)
-        y0 = orig(x).float()
-        if not torch.allclose(a.base(x).float(), y0):
+        x = torch.randn(4, a.view.d_in, generator=g)
+        y0 = torch.nn.functional.linear(x, orig.weight.float(), None if orig.bias is None else orig.bias.float())
+        if not torch.allclose(a.base(x).float(), y0, rtol=1e-5, atol=1e-6):
             init = getattr(a, "initial_lowrank", None)
             if init is None:
                 _refuse(adapter_dir, target, f"{name} replaces the base weights of '{path}' when it is loaded (e.g. "
@@ -113,7 +113,7 @@ def _lowrank_of(model, adapter_dir: Path, target: str) -> dict[str, tuple[torch.
             A = torch.cat([A, lr0.A.detach().float()], 0)
             B = torch.cat([B, -lr0.B.detach().float() * float(lr0.scale)], 1)
         want = a(x, a.base(x)).float()
-        got = y0 + (x.float() @ A.T) @ B.T
+        got = y0 + (x @ A.T) @ B.T
         err = (want - got).abs().max().item()
         if not (err <= 1e-4 * max(1.0, want.abs().max().item())):
             _refuse(adapter_dir, target, f"{name} at '{path}' computes something its low-rank form does not (max "
@@ -174,9 +174,20 @@ def export_adapter(adapter_dir: str | Path, out: str | Path, fmt: str, model=Non
     mt = getattr(model.config, "model_type", None)
     if mt not in _GGUF_ARCHS:
         raise ConfigError(f"GGUF export supports Llama-family bases ({', '.join(sorted(_GGUF_ARCHS))}); this base is "
-                          f"{mt!r}")
+                          f"{mt!r}. Merge the adapter into the base instead (lorakit.merge_and_unload(model)) and "
+                          "convert the merged model with llama.cpp's convert_hf_to_gguf.py")
     n_head = model.config.num_attention_heads
     n_kv = getattr(model.config, "num_key_value_heads", None) or n_head
+    pat = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn\.[a-z_]+|mlp\.[a-z_]+)$")
+    where = {}
+    for p in ranks:
+        m = pat.search(p)
+        if m is None or m.group(2) not in GGUF_NAMES:
+            raise ConfigError(f"cannot export {adapter_dir} for llama.cpp: module '{p}' has no llama.cpp LoRA tensor "
+                              f"name (llama.cpp adapters name the base GGUF's tensors; supported: "
+                              f"{', '.join(GGUF_NAMES)}). Train the adapter on those projections only, or merge it "
+                              "into the base instead (lorakit.merge_and_unload(model)) and convert the merged model")
+        where[p] = (int(m.group(1)), m.group(2))
     out.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(out), _GGUF_ARCHS[mt])
     w.add_string("general.type", "adapter")
@@ -184,13 +195,9 @@ def export_adapter(adapter_dir: str | Path, out: str | Path, fmt: str, model=Non
     w.add_float32("adapter.lora.alpha", float(r_max))
     if base_name:
         w.add_string("general.name", f"lorakit adapter for {Path(str(base_name)).name}")
-    pat = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn\.[a-z_]+|mlp\.[a-z_]+)$")
     for p in sorted(ranks, key=lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]):
         A, sB = layers[p]
-        m = pat.search(p)
-        if m is None or m.group(2) not in GGUF_NAMES:
-            raise ConfigError(f"module '{p}' has no llama.cpp tensor name (supported: {', '.join(GGUF_NAMES)})")
-        i, kind = int(m.group(1)), m.group(2)
+        i, kind = where[p]
         B = sB.float() * (ranks[p] / float(r_max))  # llama.cpp multiplies by alpha / r = r_max / r
         if mt in _PERMUTE_ARCHS and kind == "self_attn.q_proj":
             B = _permute_rows(B, n_head)
