@@ -1,12 +1,18 @@
-# Two entry points that work on a fresh machine (nothing but Python 3.10+ and pip):
+# Entry points that work on a fresh machine (nothing but Python 3.10+ and pip):
 #   make demo   set up, prepare the offline assets, run the embedded default job (`lorakit train`)
 #   make test   set up, run the whole test suite (what CI runs)
+#   make llamacpp-check   build the pinned llama-cpp-python into the venv (llama.cpp from source with cmake and the
+#               system compiler: ~25 min on 2 busy cores), then load lorakit's GGUF exports in llama.cpp itself
+#               (tests/serve/test_llamacpp.py; `make test` runs it too once the bindings are installed, else skips it)
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.lorakit-setup
+LLAMACPP = llama-cpp-python==0.3.36
+# only libllama/libggml are needed (the multimodal and common libraries would double the build)
+LLAMACPP_CMAKE_ARGS = -DLLAVA_BUILD=OFF -DLLAMA_BUILD_COMMON=OFF
 
-.PHONY: setup demo test assets clean
+.PHONY: setup demo test assets clean llamacpp-check
 
 setup: $(STAMP)
 
@@ -31,6 +37,11 @@ demo: assets
 test: setup
 	$(VENV)/bin/lorakit assets prepare || true
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+llamacpp-check: assets
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(PY) -m pip install -q "$(LLAMACPP)"
+	$(PY) -m pytest -q -p no:cacheprovider tests/serve/test_llamacpp.py -o log_cli=true --log-cli-level=INFO \
+		--log-cli-format="%(message)s"
 
 clean:
 	rm -rf $(VENV)

@@ -199,19 +199,13 @@ class LoRA(Adapter):
         init = getattr(cfg, "init", "default")
         return (init in cls._BASE_CHANGING and init in cls.own_inits()) or super().changes_base(cfg)
 
-    def initial_lowrank(self) -> LowRank:
+    def initial_lowrank(self) -> LowRank | None:
         """The initial factors of a residual init (the base is ``W − s·B₀A₀``), so a server can apply the adapter
         to the original base as the exact rank-2r LoRA ``[B | −B₀][A; A₀]``. OLoRA only: LoftQ's base is a
-        quantisation of W, which no LoRA on the original base reproduces."""
-        init = self._init_option()
-        if init == "olora" and getattr(self, "_initial", None) is not None:
+        quantisation of W, which no LoRA on the original base reproduces (None: callers refuse with their reason)."""
+        if self._init_option() == "olora" and getattr(self, "_initial", None) is not None:
             return LowRank(*self._initial, self.scale)
-        from ..errors import AdapterFileError
-
-        raise AdapterFileError(f"{self.name} with init={init!r} runs on a quantised base (LoftQ) that no adapter on the "
-                               "original base reproduces: merge it into its own model (lorakit.merge_and_unload) and "
-                               "serve that" if init == "loftq" else
-                               f"{self.name} with init={init!r} has no initial factors to serve on the original base")
+        return None
 
     @classmethod
     def file_config(cls, att, conf: dict) -> dict:

@@ -11,10 +11,19 @@
   ((n_out, r))). llama.cpp scales each pair by ``alpha / r``; lorakit writes ``alpha`` = the largest rank and folds
   each module's remaining factor into ``lora_b``. For Llama/Mistral the q/k rows are permuted the way llama.cpp's
   converter permutes the base q/k weights (rotary halves interleaved), so the adapter matches a llama.cpp base.
+  llama.cpp loads ``adapter.type=lora`` only (no DoRA magnitude).
+
+What neither consumer can represent is refused with a :class:`ConfigError` saying why and what to do instead,
+before anything is written: methods without a low-rank form (merge them into the base), routing/gating mixtures
+(input-dependent, not mergeable: use them from PyTorch), DoRA magnitudes, bases replaced on load without an exact
+low-rank residual (QLoRA, LQ-LoRA, ...), trained biases / whole modules / ``lora_bias``, and LoRA on embeddings or
+convolutions. Each exported module's low-rank form is checked against the adapter's own forward on a probe input,
+so nothing it computes is dropped silently.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -36,16 +45,83 @@ _PERMUTE_ARCHS = {"llama", "mistral"}
 _GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
-def _lowrank_of(model, adapter_dir: Path, target: str):
-    from .bank import install, read_served
+def _refuse(adapter_dir: Path, target: str, why: str, instead: str) -> None:
+    raise ConfigError(f"cannot export {adapter_dir} for {target}: {why}. {instead}")
 
-    bank = install(model)
-    sa = read_served(bank, adapter_dir, "export")
-    if any(g is not None for _, _, g in sa.layers.values()):
-        raise ConfigError(f"{adapter_dir} is a DoRA adapter: {target} does not serve DoRA (its magnitude vector "
-                          "rescales every output row, which a plain LoRA cannot express). Merge it into the base "
-                          "(lorakit.merge_and_unload) and serve the merged model instead")
-    return sa
+
+_MERGE = ("Merge it into the base instead (lorakit.merge_and_unload(model), then save the model) and serve the "
+          "merged model")
+
+
+@torch.no_grad()
+def _lowrank_of(model, adapter_dir: Path, target: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The adapter as a plain LoRA on the ORIGINAL base weights of ``model``: ``{module path: (A (r, d_in),
+    sB (d_out, r))}`` with the scale folded into B, so ``W + sB @ A`` is the adapted weight.
+
+    The adapter is loaded with :func:`lorakit.load_adapter` on a copy of ``model`` (so shared bases, residual inits
+    and data-driven inits are rebuilt exactly as for training), and each module's ``lowrank()`` is checked against
+    the module's own forward on a probe input: whatever the low-rank form does not capture (a bias on B, a
+    magnitude vector, routing, a replaced base weight) is refused with the reason, never exported half-right."""
+    import copy
+
+    from .. import attached, adapters, load_adapter
+    from ..core import get_method
+
+    m = copy.deepcopy(model).float().eval()  # fp32: the factors are written in fp32, the probe is exact
+    load_adapter(m, adapter_dir, "export")
+    cfg = attached(m)["export"]["config"]
+    method = get_method(cfg.method)
+    name = f"method '{method.name}'"
+    if cfg.trainable:
+        _refuse(adapter_dir, target, f"the adapter trains whole modules ({', '.join(cfg.trainable)}; PEFT "
+                "modules_to_save), and a LoRA adapter file carries only low-rank factors", _MERGE)
+    if cfg.bias != "none":
+        _refuse(adapter_dir, target, f"the adapter trains biases (bias={cfg.bias!r}), and a LoRA adapter file "
+                "carries only low-rank factors", _MERGE)
+    originals = dict(model.named_modules())
+    g = torch.Generator().manual_seed(0)
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for path, a in adapters(m, "export"):
+        if a.view.kind != "linear":
+            _refuse(adapter_dir, target, f"'{path}' is a {a.view.kind} layer; lorakit exports LoRA on linear layers "
+                    "only (an embedding/convolution LoRA has no place in the exported file)",
+                    "Train the adapter on linear layers only (e.g. targets='all-linear'), or " + _MERGE[0].lower()
+                    + _MERGE[1:])
+        lr = a.lowrank()
+        if lr is None:
+            if not method.mergeable:
+                _refuse(adapter_dir, target, f"{name} has no low-rank form: its output depends on the input "
+                        "(routing/gating over several experts), which a LoRA adapter (one fixed low-rank update per "
+                        "layer) cannot express, and it cannot be merged into the base either",
+                        "Use it from PyTorch instead (lorakit.load_adapter on the base model)")
+            _refuse(adapter_dir, target, f"{name} has no low-rank form at '{path}' (its update is not "
+                    "ΔW = s·B·A, so it is no LoRA)", _MERGE)
+        if lr.magnitude is not None:
+            _refuse(adapter_dir, target, f"{name} is a DoRA adapter: its magnitude vector rescales every output "
+                    f"row, which a plain LoRA cannot express and {target} does not load", _MERGE)
+        orig = originals[path]
+        A, B = lr.A.detach().float(), lr.B.detach().float() * float(lr.scale)
+        x = torch.randn(4, a.view.d_in, generator=g)
+        y0 = torch.nn.functional.linear(x, orig.weight.float(), None if orig.bias is None else orig.bias.float())
+        if not torch.allclose(a.base(x).float(), y0, rtol=1e-5, atol=1e-6):
+            lr0 = a.initial_lowrank()
+            if lr0 is None:
+                _refuse(adapter_dir, target, f"{name} replaces the base weights of '{path}' when it is loaded (e.g. "
+                        "quantised or residual), and that change is no low-rank term on the original base",
+                        _MERGE)
+            # residual init: W' = W − s₀B₀A₀, so W' + sBA = W + [sB | −s₀B₀][A; A₀]
+            A = torch.cat([A, lr0.A.detach().float()], 0)
+            B = torch.cat([B, -lr0.B.detach().float() * float(lr0.scale)], 1)
+        want = a(x, a.base(x)).float()
+        got = y0 + (x @ A.T) @ B.T
+        err = (want - got).abs().max().item()
+        if not (err <= 1e-4 * max(1.0, want.abs().max().item())):
+            _refuse(adapter_dir, target, f"{name} at '{path}' computes something its low-rank form does not (max "
+                    f"difference {err:.3g} on a probe input; e.g. a bias on lora_B, lora_bias=True)", _MERGE)
+        out[path] = (A.contiguous(), B.contiguous())
+    if not out:
+        raise AdapterFileError(f"{adapter_dir}: the adapter has no weights to export")
+    return out
 
 
 def _refuse_unservable(conf: dict, adapter_dir: Path, target: str) -> None:
@@ -87,13 +163,10 @@ def export_adapter(adapter_dir: str | Path, out: str | Path, fmt: str, model=Non
         from .server import load_base_model
 
         model, _ = load_base_model(base)
-    import copy
-
-    model = copy.deepcopy(model)
-    sa = _lowrank_of(model, adapter_dir, "vLLM" if fmt == "vllm" else "llama.cpp")
+    layers = _lowrank_of(model, adapter_dir, "vLLM" if fmt == "vllm" else "llama.cpp")
     conf_in = read_adapter_config(adapter_dir)
     base_name = conf_in.get("base_model_name_or_path") or getattr(model.config, "_name_or_path", None)
-    ranks = {p: A.shape[0] for p, (A, _, _) in sa.layers.items()}
+    ranks = {p: A.shape[0] for p, (A, _) in layers.items()}
     r_max = max(ranks.values())
     if fmt == "vllm":
         from ..formats.peft_lora import PeftLoraConfig, write_lora
@@ -102,7 +175,7 @@ def export_adapter(adapter_dir: str | Path, out: str | Path, fmt: str, model=Non
         cfg = PeftLoraConfig.for_modules(ranks, {p: r for p, r in ranks.items()},
                                          target_modules=sorted({p.rsplit(".", 1)[-1] for p in ranks}),
                                          task_type="CAUSAL_LM", base_model_name_or_path=base_name)
-        write_lora(out, cfg, {p: (A, sB) for p, (A, sB, _) in sa.layers.items()})
+        write_lora(out, cfg, layers)
         return out
 
     import gguf
@@ -111,9 +184,20 @@ def export_adapter(adapter_dir: str | Path, out: str | Path, fmt: str, model=Non
     mt = getattr(model.config, "model_type", None)
     if mt not in _GGUF_ARCHS:
         raise ConfigError(f"GGUF export supports Llama-family bases ({', '.join(sorted(_GGUF_ARCHS))}); this base is "
-                          f"{mt!r}")
+                          f"{mt!r}. Merge the adapter into the base instead (lorakit.merge_and_unload(model)) and "
+                          "convert the merged model with llama.cpp's convert_hf_to_gguf.py")
     n_head = model.config.num_attention_heads
     n_kv = getattr(model.config, "num_key_value_heads", None) or n_head
+    pat = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn\.[a-z_]+|mlp\.[a-z_]+)$")
+    where = {}
+    for p in ranks:
+        m = pat.search(p)
+        if m is None or m.group(2) not in GGUF_NAMES:
+            raise ConfigError(f"cannot export {adapter_dir} for llama.cpp: module '{p}' has no llama.cpp LoRA tensor "
+                              f"name (llama.cpp adapters name the base GGUF's tensors; supported: "
+                              f"{', '.join(GGUF_NAMES)}). Train the adapter on those projections only, or merge it "
+                              "into the base instead (lorakit.merge_and_unload(model)) and convert the merged model")
+        where[p] = (int(m.group(1)), m.group(2))
     out.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(out), _GGUF_ARCHS[mt])
     w.add_string("general.type", "adapter")
@@ -121,13 +205,9 @@ def export_adapter(adapter_dir: str | Path, out: str | Path, fmt: str, model=Non
     w.add_float32("adapter.lora.alpha", float(r_max))
     if base_name:
         w.add_string("general.name", f"lorakit adapter for {Path(str(base_name)).name}")
-    pat = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn\.[a-z_]+|mlp\.[a-z_]+)$")
     for p in sorted(ranks, key=lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]):
-        A, sB, _ = sa.layers[p]
-        m = pat.search(p)
-        if m is None or m.group(2) not in GGUF_NAMES:
-            raise ConfigError(f"module '{p}' has no llama.cpp tensor name (supported: {', '.join(GGUF_NAMES)})")
-        i, kind = int(m.group(1)), m.group(2)
+        A, sB = layers[p]
+        i, kind = where[p]
         B = sB.float() * (ranks[p] / float(r_max))  # llama.cpp multiplies by alpha / r = r_max / r
         if mt in _PERMUTE_ARCHS and kind == "self_attn.q_proj":
             B = _permute_rows(B, n_head)
