@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .config import AttachConfig
 from .attachments import Attachment, Member, attachments, get_attachment, registry
+from . import quant
 from .core import Adapted, Adapter, BatchContext, LayerView, ModulesToSave, get_method
 from .errors import ConfigError, MergeError, TargetError
 from .targets import match
@@ -232,7 +233,7 @@ def init_adapters(model: nn.Module, name: str = "default", stats: dict | None = 
             a.to_empty(device=w.device)
             a.reset_parameters()
         h.release_base(name)  # a second init starts again from the base it was given
-        w = h.base_layer.weight
+        w = quant.get_weight(h.base_layer)  # dense (dequantised for quantised storage)
         new = a.init_from(a.view.matrix(w).float(), (stats or {}).get(m.path))
         if new is not None:
             h.change_base(name, a.view.native(new).to(w.dtype))
