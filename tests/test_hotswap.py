@@ -112,6 +112,14 @@ def test_swapped_adapter_saves_as_itself(tmp_path):
         assert torch.allclose(again(_ids()).logits, want2, atol=1e-5)
     a = dict(lorakit.adapters(again))["model.layers.0.self_attn.q_proj"]
     assert a.lora_A.weight.shape[0] == 2
+    # without prepare_for_hotswap (eager use): a smaller rank goes into the existing tensors, saved unpadded too
+    model = _loaded(d1)
+    lorakit.hotswap(model, d2)
+    with torch.no_grad():
+        assert torch.allclose(model(_ids()).logits, want2, atol=1e-5)
+    lorakit.save_adapter(model, tmp_path / "out2")
+    with torch.no_grad():
+        assert torch.allclose(_loaded(tmp_path / "out2")(_ids()).logits, want2, atol=1e-5)
 
 
 def _state(model):
@@ -151,3 +159,19 @@ def test_incompatible_adapters_raise_and_change_nothing(tmp_path):
     with lorakit.merged(model):
         with pytest.raises(ConfigError, match="merged"):
             lorakit.hotswap(model, d1)
+
+
+def test_hotswap_a_peft_written_adapter(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    d1, _ = saved_adapter(tmp_path, "a1", 1, r=4, alpha=8)
+    torch.manual_seed(0)
+    pm = get_peft_model(tiny_llama(seed=0), LoraConfig(r=3, lora_alpha=5, target_modules=["q_proj", "v_proj"],
+                                                      rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 7},
+                                                      use_rslora=True, init_lora_weights=False)).eval()
+    pm.save_pretrained(tmp_path / "peft")
+    model = _loaded(d1)
+    lorakit.prepare_for_hotswap(model, max_rank=4)
+    lorakit.hotswap(model, tmp_path / "peft")
+    with torch.no_grad():
+        assert torch.allclose(model(_ids()).logits, pm(_ids()).logits, atol=1e-5)

@@ -24,6 +24,7 @@ Dropout is a training-time module and is not swapped.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -97,6 +98,7 @@ def prepare_for_hotswap(model: nn.Module, max_rank: int, name: str | None = None
             a = m.adapter
             a.lora_A.weight = _pad(a.lora_A.weight, 0, max_rank)
             a.lora_B.weight = _pad(a.lora_B.weight, 1, max_rank)
+            a.padded_rank = True  # LoRA.to_file / lowrank use the adapter's own rank cfg.r, not the padded one
             if not isinstance(a.scale, Tensor):
                 s = float(a.scale)
                 del a.scale
@@ -161,8 +163,8 @@ def hotswap(model: nn.Module, directory: str | os.PathLike, name: str = "default
         if cfg.lora_bias != a.cfg.lora_bias:
             raise ConfigError(f"{directory}: lora_bias={cfg.lora_bias} but adapter '{name}' has lora_bias="
                               f"{a.cfg.lora_bias}; a hot swap cannot add or remove the bias term")
-        if not present:
-            plan.append((m, cfg, None))
+        if not present:  # the new adapter leaves this module alone: zero factors, at a rank the tensors hold
+            plan.append((m, dataclasses.replace(cfg, r=min(cfg.r, a.lora_A.weight.shape[0])), None))
             continue
         if len(present) != len(keys):
             missing = sorted(set(keys.values()) - set(present))
@@ -209,6 +211,7 @@ def hotswap(model: nn.Module, directory: str | os.PathLike, name: str = "default
             a.scale.fill_(s)
         else:
             a.scale = s  # not prepared: works, but a compiled model recompiles for a new Python constant
+        a.padded_rank = True
         for f in ("r", "alpha", "rslora"):  # the adapter now describes the swapped-in one (in place: the compiled
             setattr(a.cfg, f, getattr(cfg, f))  # forward reads none of these, and the config object stays the same)
         a.clear_cache()

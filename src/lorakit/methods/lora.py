@@ -105,8 +105,8 @@ class LoRA(Adapter):
         return y + self.delta(x).to(y.dtype)
 
     def to_file(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        # factors zero-padded by lorakit.prepare_for_hotswap are written at the adapter's own rank cfg.r
-        if isinstance(self.scale, Tensor):
+        # factors zero-padded by lorakit.prepare_for_hotswap / hotswap are written at the adapter's own rank cfg.r
+        if self.__dict__.get("padded_rank"):
             state = dict(state)
             for k, dim in (("lora_A.weight", 0), ("lora_B.weight", 1)):
                 if k in state and state[k].shape[dim] > self.cfg.r:
@@ -121,7 +121,8 @@ class LoRA(Adapter):
         return (self.B @ self.A) * self.scale
 
     def lowrank(self) -> LowRank:
-        if isinstance(self.scale, Tensor):  # prepared for hot-swapping: the own rank, without the zero padding
+        s = float(self.scale) if isinstance(self.scale, Tensor) else self.scale
+        if self.__dict__.get("padded_rank"):  # hot-swapping: the own rank, without the zero padding
             r = self.cfg.r
-            return LowRank(self.A[:r], self.B[:, :r], float(self.scale))
-        return LowRank(self.A, self.B, self.scale)
+            return LowRank(self.A[:r], self.B[:, :r], s)
+        return LowRank(self.A, self.B, s)
