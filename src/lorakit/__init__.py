@@ -9,6 +9,8 @@ from .attachments import Attachment, Member
 from .inject import (active_names, adapter_stats, adapters, attach, attached, attachment, batch_context, calibrate,
                      detach, disabled, extra_loss, hosts, output_loss, init_adapters, set_active, summary)
 from .inject import controllers as training_controllers
+from .extract import extract_lora
+from .hotswap import hotswap, prepare_for_hotswap
 from .io import load_adapter, read_adapter_config, save_adapter
 from .merge import merge, merge_and_unload, merged, unmerge
 from . import controllers, formats, methods, rank  # noqa: E402  the modules, never shadowed by functions
@@ -28,5 +30,6 @@ __all__ = [
     "adapter_stats", "batch_context", "training_controllers", "calibrate", "init_adapters", "hosts", "adapters",
     "attached", "attachment", "Attachment", "Member", "active_names", "AttachConfig", "Adapter", "Adapted", "LowRank",
     "LowRankConfig", "PeftSpec", "register", "REGISTRY", "Controller", "LorakitError", "ConfigError", "TargetError",
-    "AdapterFileError", "MergeError", "AssetError",
+    "AdapterFileError", "MergeError", "AssetError", "extract_lora", "hotswap",
+    "prepare_for_hotswap",
 ]

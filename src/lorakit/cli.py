@@ -6,6 +6,7 @@
   methods   [--markdown [PATH]]                                         the registered methods
   inspect   MODEL [--targets SPEC] [--exclude SPEC] [--layers N ...]    which modules a target spec matches
   assets    [list | prepare [NAME ...]]                                 offline models and datasets
+  extract   --base B --tuned T (--rank R | --energy F) --out DIR         a PEFT LoRA from a fully tuned model
   arena     run [--methods ..] [--tasks ..] [--seeds 0,1,2] [--budget ..] | report | plan
                                                                         every method on the same tasks and budget
 
@@ -270,6 +271,23 @@ def cmd_inspect(a) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------- extract
+def cmd_extract(a) -> int:
+    from .extract import extract_lora, load_pretrained
+
+    base, tuned = load_pretrained(a.base), load_pretrained(a.tuned)
+    ex = extract_lora(base, tuned, rank=a.rank, energy=a.energy, max_rank=a.max_rank,
+                      targets=parse_targets(a.targets), exclude=parse_targets(a.exclude))
+    out = ex.save(a.out)
+    rows = [[p, ex.ranks[p], f"{ex.energy[p]:.4f}", f"{ex.errors[p]:.3g}", "yes" if ex.biases[p] is not None else ""]
+            for p in ex.factors]
+    _out(_table(rows, ["module", "rank", "energy kept", "rel. error", "bias"]))
+    if ex.skipped:
+        _out(f"\nnot expressible as a LoRA on linear layers (left at the base values): {', '.join(ex.skipped)}")
+    _out(f"\nwrote a PEFT LoRA on {len(ex.factors)} layers to {out}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- assets
 def cmd_assets(a) -> int:
     from . import assets
@@ -368,6 +386,7 @@ COMMANDS = {
     "methods": (cmd_methods, "list the registered PEFT methods"),
     "inspect": (cmd_inspect, "show which modules of a model a target spec matches"),
     "assets": (cmd_assets, "list / prepare the offline models and datasets"),
+    "extract": (cmd_extract, "extract a PEFT LoRA approximating a fully fine-tuned model (truncated SVD)"),
     "arena": (cmd_arena, "compare every method on the same real tasks under the same budget"),
 }
 
@@ -402,6 +421,16 @@ def build_parser() -> argparse.ArgumentParser:
     s["inspect"].add_argument("--summary", action="store_true", help="counts only")
     s["assets"].add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
     s["assets"].add_argument("names", nargs="*")
+    ex = s["extract"]
+    ex.add_argument("--base", required=True, help="the base model directory (save_pretrained)")
+    ex.add_argument("--tuned", required=True, help="the fully fine-tuned model directory (same architecture)")
+    how = ex.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rank", type=int, help="the rank of every layer")
+    how.add_argument("--energy", type=float, help="per layer, the smallest rank keeping this share of ||dW||^2")
+    ex.add_argument("--max-rank", type=int, help="with --energy: at most this rank")
+    ex.add_argument("--targets", nargs="+", help="only these layers (a regex or names); default: every linear")
+    ex.add_argument("--exclude", nargs="+")
+    ex.add_argument("--out", required=True, help="the adapter directory to write")
     ar = s["arena"]
     ar.add_argument("action", choices=["run", "report", "plan"],
                     help="run: train and record (resumes); report: Markdown + HTML; plan: the matched budgets")

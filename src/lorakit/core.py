@@ -169,6 +169,12 @@ class LayerView:
                               "nn.Embedding and nn.Conv2d")
         self.kind = kind
         w = base.weight
+        if not w.is_floating_point():  # packed storage (bitsandbytes, ...): its shape is not the layer's
+            if not quant.has_weight_io(base):
+                raise TargetError(f"cannot adapt a {type(base).__name__}: its weight is stored as {w.dtype} "
+                                  f"({type(w).__name__}) and lorakit has no reader for it; teach it one with "
+                                  "lorakit.quant.register_weight_io")
+            w = quant.get_weight(base)  # the dense weight (also checks that this storage can be read here)
         if kind == "linear":
             self.d_out, self.d_in = w.shape
         elif kind == "conv1d":
@@ -387,7 +393,7 @@ class Adapter(nn.Module):
 
     def base_matrix(self) -> Tensor:
         """The base weight as a (d_out, d_in) matrix (a view where possible)."""
-        return self.view.matrix(self.base.weight)
+        return self.view.matrix(quant.get_weight(self.base))
 
     def cast_in(self, x: Tensor) -> Tensor:
         """The layer input in the adapter's dtype (token ids pass through)."""

@@ -255,7 +255,7 @@ def init_adapters(model: nn.Module, name: str = "default", stats: dict | None = 
             a.to_empty(device=w.device)
             a.reset_parameters()
         h.release_base(name)  # a second init starts again from the base it was given
-        w = h.base_weight()
+        w = h._get_w()  # dense (dequantised for quantised storage)
         new = a.init_from(a.view.matrix(w).float(), (stats or {}).get(m.path))
         if new is not None:
             h.change_base(name, a.view.native(new).to(w.dtype))

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import quant
 from .config import AttachConfig, to_dict
 from .core import REGISTRY, Adapted, Adapter, ModulesToSave, get_method
 from .errors import AdapterFileError, ConfigError, LorakitError
@@ -316,7 +317,7 @@ def _load_into(model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
     # residual inits: rebuild the base the adapter was trained against (pushed on the host's snapshot stack)
     for m in att.all_members:
         h, a = m.host, m.adapter
-        w = h.base_weight()
+        w = h._get_w()  # dense (dequantised for quantised storage)
         if any(p.device.type == "meta" for p in a.parameters()):
             a.to_empty(device=w.device)
         file_part = {fk: tensors[f"{PREFIX}{m.path}.{fk}"] for fk in a.to_file(a.state_dict())}

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["NF4", "QuantConfig", "nf_code", "dynamic_code", "quantize", "dequantize", "pack", "unpack",
            "QuantLinear", "quantize_model", "dequantize_model", "is_quantized", "get_weight", "set_weight",
-           "snapshot", "restore", "register_weight_io", "model_bytes", "bits_per_weight"]
+           "snapshot", "restore", "register_weight_io", "register_lazy_weight_io", "has_weight_io", "model_bytes",
+           "bits_per_weight"]
 
 # The 16 NF4 levels of QLoRA / bitsandbytes (fp32 values as bitsandbytes stores them).
 NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -222,20 +223,52 @@ def _warn_once(msg: str) -> None:
 
 
 # --- weight I/O registry: how the host reads, writes, stashes and restores a base layer's weight --------------------
-_IO: list[tuple[type, Callable, Callable, Callable]] = []  # (type, set_weight, snapshot, restore)
+_IO: list[tuple[type, Callable, Callable, Callable, Callable | None]] = []  # (type, set, snapshot, restore, get)
+# storage types from other libraries, registered on first sight of one of their layers (so importing lorakit never
+# imports them): top-level package of the layer's class -> the lorakit module whose import registers them
+_LAZY: dict[str, str] = {"bitsandbytes": "lorakit.integrations.bnb"}
+_LAZY_DONE: set[str] = set()
 
 
-def register_weight_io(tp: type, set_fn: Callable, snap_fn: Callable, restore_fn: Callable) -> None:
-    """Teach lorakit to write into another storage type (bnb / torchao layers, ...). Later registrations win."""
-    _IO.insert(0, (tp, set_fn, snap_fn, restore_fn))
+def register_weight_io(tp: type, set_fn: Callable, snap_fn: Callable, restore_fn: Callable,
+                       get_fn: Callable | None = None) -> None:
+    """Teach lorakit to read and write another storage type (bnb / torchao layers, ...). Later registrations win.
+
+    ``get_fn(m) -> Tensor``: the dense weight in the layer's native layout (default ``m.weight``);
+    ``set_fn(m, w)``: store a dense weight (requantising); ``snap_fn(m) -> snapshot`` / ``restore_fn(m, snapshot)``:
+    an exact copy of the storage and putting it back bit-exactly."""
+    _IO.insert(0, (tp, set_fn, snap_fn, restore_fn, get_fn))
+
+
+def register_lazy_weight_io(package: str, module: str) -> None:
+    """Register the weight I/O of ``package``'s layers by importing ``module`` the first time a layer whose class
+    lives in ``package`` is met (the import must call :func:`register_weight_io`)."""
+    _LAZY[package] = module
+    _LAZY_DONE.discard(package)
 
 
 def _io(m: nn.Module):
-    return next((e for e in _IO if isinstance(m, e[0])), None)
+    e = next((e for e in _IO if isinstance(m, e[0])), None)
+    if e is None:
+        pkg = type(m).__module__.partition(".")[0]
+        if pkg in _LAZY and pkg not in _LAZY_DONE:
+            import importlib
+
+            importlib.import_module(_LAZY[pkg])  # registers (or raises an error naming what is missing)
+            _LAZY_DONE.add(pkg)
+            e = next((e for e in _IO if isinstance(m, e[0])), None)
+    return e
+
+
+def has_weight_io(m: nn.Module) -> bool:
+    """Whether ``m``'s weight storage has registered readers/writers (loading a lazy integration if needed)."""
+    return _io(m) is not None
 
 
 def get_weight(m: nn.Module) -> Tensor:
-    return m.weight
+    """The dense weight of module ``m`` in its native layout (dequantised for quantised storage)."""
+    e = _io(m)
+    return e[4](m) if e is not None and e[4] is not None else m.weight
 
 
 @torch.no_grad()

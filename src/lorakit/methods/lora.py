@@ -232,7 +232,8 @@ class LoRA(Adapter):
 
     def delta(self, x: Tensor) -> Tensor:
         h = self.view.down(self.dropout(self.cast_in(x)), self.A)
-        out = self.view.up(h * self.scale, self.B)
+        s = self.scale
+        out = self.view.up(h * (s.to(h.dtype) if isinstance(s, Tensor) else s), self.B)
         if self.cfg.lora_bias:
             b = self.lora_B.bias
             out = out + (b.view(1, -1, 1, 1) if self.view.kind == "conv2d" else b)
@@ -243,11 +244,23 @@ class LoRA(Adapter):
             # fused: one GEMM with accumulate into y (no extra pass over the (…, d_out) output)
             h = nn.functional.linear(self.dropout(x), self.lora_A.weight)
             y2 = y.reshape(-1, y.shape[-1])
+            if isinstance(self.scale, Tensor):  # lorakit.prepare_for_hotswap: the scale is data, not a constant
+                h = h * self.scale.to(h.dtype)
+                return torch.addmm(y2, h.reshape(-1, h.shape[-1]), self.lora_B.weight.t()).view_as(y)
             if not torch.is_grad_enabled() and y2.data_ptr() == y.data_ptr() and y.is_contiguous():
                 # inference: accumulate into the base output in place (no new (…, d_out) tensor)
                 return y2.addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.weight.t(), alpha=self.scale).view_as(y)
             return torch.addmm(y2, h.reshape(-1, h.shape[-1]), self.lora_B.weight.t(), alpha=self.scale).view_as(y)
         return y + self.delta(x).to(y.dtype)
+
+    def to_file(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        # factors zero-padded by lorakit.prepare_for_hotswap / hotswap are written at the adapter's own rank cfg.r
+        if self.__dict__.get("padded_rank"):
+            state = dict(state)
+            for k, dim in (("lora_A.weight", 0), ("lora_B.weight", 1)):
+                if k in state and state[k].shape[dim] > self.cfg.r:
+                    state[k] = state[k].narrow(dim, 0, self.cfg.r)
+        return super().to_file(state)
 
     def delta_weight(self) -> Tensor:
         if self.cfg.lora_bias:
@@ -268,7 +281,11 @@ class LoRA(Adapter):
 
             raise MergeError(f"the LoRA on the fused expert parameter '{self.view.param}' is one low-rank update per "
                              "expert, not one (A, B) pair; merge it (lorakit.merge_and_unload) to serve it")
-        return LowRank(self.A, self.B, self.scale)
+        s = float(self.scale) if isinstance(self.scale, Tensor) else self.scale
+        if self.__dict__.get("padded_rank"):  # hot-swapping: the own rank, without the zero padding
+            r = self.cfg.r
+            return LowRank(self.A[:r], self.B[:, :r], s)
+        return LowRank(self.A, self.B, s)
 
 
 @torch.no_grad()
