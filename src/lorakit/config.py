@@ -91,8 +91,11 @@ def _hints(cls: type) -> dict[str, Any]:
         return {f.name: Any for f in dataclasses.fields(cls)}
 
 
-def from_dict(cls: type, data: dict | None, where: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are errors naming the valid keys."""
+def from_dict(cls: type, data: dict | None, where: str = "", options: bool = False) -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are errors naming the valid keys.
+
+    Then every float must be finite, ``options=True`` (a method's Config) adds :func:`check_options`, and the
+    class's own ``validate()`` runs last."""
     data = dict(data or {})
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = _hints(cls)
@@ -103,7 +106,60 @@ def from_dict(cls: type, data: dict | None, where: str = "") -> Any:
         raise ConfigError(f"unknown key '{(where + '.') if where else ''}{k}'{_suggest(k, valid)}; "
                           f"valid keys: {', '.join(valid)}")
     kwargs = {k: check_type(v, hints.get(k, Any), f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        obj = cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:  # a dataclass's own __post_init__ refusing a value
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+    check_finite(obj, where)
+    if options:
+        check_options(obj, where)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):  # a Config's declared checks (ranges, relations between options)
+        validate()
+    return obj
+
+
+def _name(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def check_finite(obj: Any, where: str = "") -> None:
+    """Every float field (and float list entry) of dataclass ``obj`` is finite: NaN and ±inf are refused."""
+    import math
+
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name, None)
+        vals = v if isinstance(v, (list, tuple)) else [v]
+        for x in vals:
+            if isinstance(x, float) and not math.isfinite(x):
+                raise ConfigError(f"{_name(where, f.name)}={x} must be a finite number")
+
+
+def check_options(obj: Any, where: str = "") -> None:
+    """The generic range checks every method ``Config`` gets (declared by the class, never by method name):
+
+    * integer options are >= 0 (seeds excepted), and the ones the class lists in ``positive`` (a ClassVar;
+      default ``("r",)``) are >= 1;
+    * an option whose name contains ``dropout`` lies in [0, 1);
+    * float options are finite (:func:`check_finite`, already run by :func:`from_dict`).
+
+    Method-specific relations live in the Config's own ``validate()``, which :func:`from_dict` calls."""
+    positive = getattr(type(obj), "positive", ("r",))
+    for f in dataclasses.fields(obj):
+        if not f.init:
+            continue
+        v = getattr(obj, f.name)
+        key = _name(where, f.name)
+        if isinstance(v, bool) or v is None:
+            continue
+        if isinstance(v, int):
+            lo = 1 if f.name in positive else (None if "seed" in f.name else 0)
+            if lo is not None and v < lo:
+                raise ConfigError(f"{key}={v} must be >= {lo}")
+        if isinstance(v, (int, float)) and "dropout" in f.name and not 0.0 <= v < 1.0:
+            raise ConfigError(f"{key}={v} must lie in [0, 1)")
 
 
 def to_dict(obj: Any) -> Any:
@@ -205,6 +261,17 @@ class AttachConfig:
             raise ConfigError(f"bias={out.bias!r}; valid: 'none', 'all', 'lora_only'")
         if out.dtype not in (None, "float32", "bfloat16", "float16", "float64"):
             raise ConfigError(f"dtype={out.dtype!r}; valid: float32, bfloat16, float16, float64 or null")
+        _check_spec(out.targets, "targets", allow_keywords=True)
+        _check_spec(out.exclude, "exclude")
+        _check_spec(out.layers_pattern, "layers_pattern", regex=False)
+        if not isinstance(out.overrides, dict):
+            raise ConfigError(f"overrides must be a mapping of regex -> options, got {out.overrides!r}")
+        for pat in out.overrides:
+            _check_regex(pat, f"overrides key {pat!r}")
+        if out.layers is not None and any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in out.layers):
+            raise ConfigError(f"layers={out.layers!r} must be a list of non-negative layer indices")
+        if not all(isinstance(t, str) and t for t in out.trainable):
+            raise ConfigError(f"trainable={out.trainable!r} must be a list of module paths (strings)")
         method = get_method(out.method)
         out.method_config(None, method)  # validates option keys now, before anything is touched
         for pat, ov in out.overrides.items():
@@ -225,7 +292,7 @@ class AttachConfig:
         if path is not None and self.overrides:
             opts.update(pattern_lookup(path, self.overrides))
         try:
-            return from_dict(method.Config, opts, where=where)
+            return from_dict(method.Config, opts, where=where, options=True)
         except ConfigError as e:
             raise ConfigError(f"{e} (method '{method.name}'; common keys: method, targets, exclude, layers, "
                               "layers_pattern, overrides, trainable, bias, seed, dtype)") from None
@@ -234,6 +301,45 @@ class AttachConfig:
         d = {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "options"}
         d.update(to_dict(self.options))
         return d
+
+
+TARGET_KEYWORDS = ("all-linear", "all-attention")
+
+
+def _check_regex(pat: Any, what: str) -> None:
+    import re
+
+    if not isinstance(pat, str):
+        raise ConfigError(f"{what} must be a string (a regex), got {type(pat).__name__} {pat!r}")
+    try:
+        re.compile(pat)
+    except re.error as e:
+        raise ConfigError(f"{what} is not a valid regular expression: {e}") from None
+
+
+def _check_spec(spec: Any, key: str, allow_keywords: bool = False, regex: bool = True) -> None:
+    """A target spec: null, a string (a regex matched against the full path; for ``targets`` also the keywords
+    ``all-linear`` / ``all-attention``), or a non-empty list of module names/suffixes (strings)."""
+    if spec is None:
+        return
+    if isinstance(spec, str):
+        if allow_keywords and spec in TARGET_KEYWORDS:
+            return
+        if regex:
+            _check_regex(spec, f"{key}={spec!r}")
+        return
+    if isinstance(spec, (list, tuple)):
+        bad = [t for t in spec if not isinstance(t, str) or not t]
+        if bad:
+            raise ConfigError(f"{key}: every entry must be a module name (a non-empty string), got {bad[0]!r} in "
+                              f"{list(spec)!r}")
+        if not spec and key == "targets":
+            raise ConfigError("targets is an empty list; give module names, a regex, 'all-linear', "
+                              "'all-attention' or null (the architecture's default)")
+        return
+    raise ConfigError(f"{key}={spec!r} must be null, a regex string"
+                      f"{', ' + ' or '.join(repr(k) for k in TARGET_KEYWORDS) if allow_keywords else ''} "
+                      "or a list of module names")
 
 
 def _registry():

@@ -152,6 +152,11 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
                 raise TargetError(f"method '{method.name}' cannot adapt '{path}' ({type(base).__name__}); it supports "
                                   f"{', '.join(method.layers)}. Narrow `targets` or add it to `exclude`.")
             mcfg = cfg.method_config(path, method)
+            problem = method.check_layer(mcfg, view)
+            if problem:
+                raise ConfigError(f"method '{method.name}' cannot adapt '{path}': {problem}. Lower the option, "
+                                  f"give this layer its own value in `overrides` (e.g. {{{path!r}: {{...}}}}) or "
+                                  "leave it out with `exclude`")
             w = base.weight
             with torch.device(w.device):
                 a = method(base, mcfg, view)

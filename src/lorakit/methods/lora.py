@@ -9,6 +9,8 @@ as PEFT does; ``init="gaussian"`` draws A ~ N(0, 1/r). Merge: ``W + s·BA``.
 """
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import math
 from dataclasses import dataclass
 
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Adapter, Factor, LowRank, LowRankConfig, PeftSpec, register, scale_of
+from ..errors import ConfigError
 
 
 _LORA_FIELDS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "rslora": "use_rslora"}
@@ -41,7 +44,7 @@ class LoRA(Adapter):
     @dataclass
     class Config(LowRankConfig):
         lora_bias: bool = False
-        init: str = "default"  # "default" (kaiming A, zero B) | "gaussian"
+        init: Literal["default", "gaussian"] = "default"  # "default" (kaiming A, zero B) | "gaussian"
 
     roles = {"lora_A.weight": "A", "lora_B.weight": "B"}
     layers = ("linear", "conv1d", "embedding", "conv2d")
@@ -50,7 +53,7 @@ class LoRA(Adapter):
     def __init__(self, base: nn.Module, cfg: Config, view=None):
         super().__init__(base, cfg, view)
         if cfg.r <= 0:
-            raise ValueError(f"r must be positive, got {cfg.r}")
+            raise ConfigError(f"r must be positive, got {cfg.r}")
         v = self.view
         conv = v.kind == "conv2d"
         self.lora_A = Factor(cfg.r, *v.in_shape) if conv else Factor(cfg.r, v.d_in)

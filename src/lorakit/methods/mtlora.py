@@ -14,6 +14,8 @@ LoRA ``[s_sh B_sh | s_t B_t] [A_sh; A_t]``.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import math
 from dataclasses import dataclass
 
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import Adapter, Factor, register
+from ..errors import ConfigError
 from ._mixture import write_lora
 
 
@@ -45,6 +48,7 @@ class MTLoRA(Adapter):
         n_tasks: int = 2
         alpha: float = 16.0
         dropout: float = 0.05
+        positive: ClassVar = ("r", "r_task", "n_tasks")
 
     @classmethod
     def check_context(cls, cfg, values: dict) -> None:
@@ -53,7 +57,7 @@ class MTLoRA(Adapter):
     def __init__(self, base, cfg: Config, view=None):
         super().__init__(base, cfg, view)
         if min(cfg.r, cfg.r_task, cfg.n_tasks) <= 0:
-            raise ValueError("MTLoRA: r, r_task and n_tasks must be positive")
+            raise ConfigError("MTLoRA: r, r_task and n_tasks must be positive")
         v = self.view
         self.lora_A, self.lora_B = Factor(cfg.r, v.d_in), Factor(v.d_out, cfg.r)
         self.task_A = nn.Parameter(torch.empty(cfg.n_tasks, cfg.r_task, v.d_in))

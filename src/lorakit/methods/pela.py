@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Adapter, Factor, LowRank, register
+from ..errors import ConfigError
 
 
 def pela_rank(d_in: int, d_out: int, ratio: float = 3.0) -> int:
@@ -39,6 +40,10 @@ class PELA(Adapter):
         r: int | None = None  # None: k from compress_ratio
         compress_ratio: float = 3.0
 
+        def validate(self) -> None:
+            if not self.compress_ratio > 0:
+                raise ConfigError(f"compress_ratio={self.compress_ratio} must be > 0")
+
     roles = {"pela_L.weight": "A", "pela_R.weight": "B"}
     layers = ("linear", "conv1d")
     budget_exempt = ("compression: the rank is the compressed model's capacity (every adapted weight is replaced by "
@@ -49,7 +54,7 @@ class PELA(Adapter):
         v = self.view
         self.k = min(cfg.r or pela_rank(v.d_in, v.d_out, cfg.compress_ratio), v.d_in, v.d_out)
         if self.k <= 0:
-            raise ValueError(f"rank must be positive, got {cfg.r}")
+            raise ConfigError(f"rank must be positive, got {cfg.r}")
         self.pela_L = Factor(self.k, v.d_in)
         self.pela_R = Factor(v.d_out, self.k)
 
