@@ -149,3 +149,27 @@ def test_loldu_default_is_each_layers_full_rank():
     lorakit.attach(m, {"method": "loldu", "targets": ["lin0", "out"]})
     ranks = {p: a.loldu_z.numel() for p, a in lorakit.adapters(m)}
     assert ranks == {"lin0": 12, "out": 10}
+
+
+# ---------------------------------------------------------------- item 10: non-finite weights in a file
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("method", ["lora", "dora", "vera"])
+def test_load_adapter_refuses_non_finite_weights(tmp_path, method, bad):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    m = MLP()
+    lorakit.attach(m, {"method": method, "targets": ["lin0", "lin1"], "r": 2})
+    lorakit.save_adapter(m, tmp_path / "a")
+    f = tmp_path / "a" / "adapter_model.safetensors"
+    t = load_file(str(f))
+    key = sorted(k for k in t if t[k].is_floating_point())[-1]
+    t[key] = t[key].clone()
+    t[key].view(-1)[0] = bad
+    save_file(t, str(f))
+    fresh = MLP()
+    before = snapshot(fresh)
+    with pytest.raises(lorakit.AdapterFileError, match=key.replace(".", r"\.")):
+        lorakit.load_adapter(fresh, tmp_path / "a")
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in before.items())
+    assert not any(isinstance(x, lorakit.core.Adapted) for x in fresh.modules())
