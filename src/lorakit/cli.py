@@ -211,12 +211,12 @@ def cmd_methods(a) -> int:
 
 # ---------------------------------------------------------------------------------------------------- inspect
 def parse_targets(values: list[str] | None):
-    """``all-linear`` | a regex (has regex characters) | names (comma/space separated) -> a targets spec."""
+    """``all-linear`` | ``all-attention`` | a regex (has regex characters) | names (comma/space separated) -> a targets spec."""
     if not values:
         return None
     if len(values) == 1:
         v = values[0]
-        if v == "all-linear":
+        if v in ("all-linear", "all-attention"):
             return v
         if any(c in v for c in "*+?[](){}|^$\\"):
             return v

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -78,6 +79,9 @@ def check_type(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
         return value
     if tp is str:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got the boolean {value!r} (YAML reads true/false as "
+                              f"booleans: quote it, '{str(value).lower()}')")
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
@@ -173,12 +177,30 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+class YamlLoader(yaml.SafeLoader):
+    """YAML 1.2's booleans: only ``true``/``false`` are booleans, so ``yes``/``no``/``on``/``off`` (YAML 1.1
+    booleans) stay strings: ``data.label_words=[yes, no]`` means the words "yes" and "no"."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p} is not UTF-8 text: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -189,7 +211,7 @@ def load_yaml(path: str | Path) -> dict:
 def parse_value(text: str) -> Any:
     """``key=value`` values are YAML scalars/lists: ``1e-4`` -> float, ``[q_proj,v_proj]`` -> list, ``null``."""
     try:
-        v = yaml.safe_load(text)
+        v = yaml_load(text)
     except yaml.YAMLError:
         return text
     if isinstance(v, str):  # YAML reads 1e-4 as a string; be helpful

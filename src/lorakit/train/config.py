@@ -14,6 +14,60 @@ from typing import Any, Literal
 from ..config import AttachConfig, apply_overrides, from_dict, load_yaml, to_dict
 from ..errors import ConfigError
 
+
+def _range(key: str, v, gt=None, ge=None, le=None) -> None:
+    """A number's range (None is left alone: 'not set'); NaN/inf are refused by ``from_dict`` already."""
+    if v is None:
+        return
+    if (gt is not None and not v > gt) or (ge is not None and not v >= ge) or (le is not None and not v <= le):
+        rng = " and ".join(x for x in (f"> {gt}" if gt is not None else "", f">= {ge}" if ge is not None else "",
+                                       f"<= {le}" if le is not None else "") if x)
+        raise ConfigError(f"{key}={v} must be {rng}")
+
+
+OUTPUT_FIELDS = ("task", "method")  # the placeholders output.dir may use
+
+
+def check_template(text: str | None, key: str, fields: tuple[str, ...], required: str | None = None) -> None:
+    """A ``str.format`` template uses only ``fields`` (``{{``/``}}`` for literal braces) and has ``required``."""
+    import string
+
+    if text is None:
+        return
+    try:
+        used = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(text) if name is not None]
+    except ValueError as e:
+        raise ConfigError(f"{key}={text!r} is not a valid template ({e}); write literal braces as {{{{ and }}}}") \
+            from None
+    for name, spec, conv in used:
+        if name not in fields or spec or conv:
+            valid = ", ".join("{" + f + "}" for f in fields) or "none"
+            raise ConfigError(f"{key}={text!r} uses the placeholder {{{name}{'!' + conv if conv else ''}"
+                              f"{':' + spec if spec else ''}}}; valid placeholders: {valid} (literal braces: {{{{ }}}})")
+    if required and required not in [u[0] for u in used]:
+        raise ConfigError(f"{key}={text!r} must contain {{{required}}}")
+
+
+def check_device(name: str) -> None:
+    """``train.device``: auto, cpu, cuda, cuda:N or mps, and available on this machine."""
+    import re
+
+    import torch
+
+    m = re.fullmatch(r"(auto|cpu|mps|cuda)(?::(\d+))?", name or "")
+    if m is None or (m.group(2) is not None and m.group(1) != "cuda"):
+        raise ConfigError(f"train.device={name!r}; valid: auto, cpu, cuda, cuda:N, mps")
+    kind = m.group(1)
+    if kind == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(f"train.device={name!r} but no CUDA device is available here (torch "
+                              f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use auto or cpu")
+        if m.group(2) is not None and int(m.group(2)) >= n:
+            raise ConfigError(f"train.device={name!r} but this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"train.device={name!r} but MPS is not available here; use auto or cpu")
+
 __all__ = ["ModelSection", "OptimSection", "DataSection", "TrainSection", "OutputSection", "RunConfig",
            "DEFAULT", "resolve", "method_file", "CONFIG_DIRS"]
 
@@ -43,6 +97,17 @@ class OptimSection:
     max_grad_norm: float | None = 1.0
     trainable_lr: float | None = None  # learning rate of the `adapter.trainable` modules (a new head); None: lr
     options: dict[str, Any] = field(default_factory=dict)  # the procedure's own options (written flat in YAML)
+
+    def validate(self) -> None:
+        _range("optim.lr", self.lr, gt=0)
+        _range("optim.weight_decay", self.weight_decay, ge=0)
+        _range("optim.eps", self.eps, gt=0)
+        _range("optim.warmup", self.warmup, ge=0)
+        _range("optim.min_lr_ratio", self.min_lr_ratio, ge=0, le=1)
+        _range("optim.max_grad_norm", self.max_grad_norm, gt=0)
+        _range("optim.trainable_lr", self.trainable_lr, ge=0)  # 0: the head stays fixed
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1) (e.g. [0.9, 0.999])")
 
     def hyper(self):
         from ..procedures import Hyper
@@ -74,6 +139,18 @@ class DataSection:
     gen_samples: int = 0  # GSM8K: greedy exact match on this many eval rows
     max_new_tokens: int = 160
 
+    def validate(self) -> None:
+        for k, lo in (("max_length", 8), ("batch_size", 1), ("eval_batch_size", 1), ("train_size", 1),
+                      ("eval_size", 1), ("gen_samples", 0), ("max_new_tokens", 1)):
+            _range(f"data.{k}", getattr(self, k), ge=lo)
+        for k in ("labels", "label_words"):
+            v = getattr(self, k)
+            if v is not None and (not v or len(set(v)) != len(v)):
+                raise ConfigError(f"data.{k}={v!r} must be a non-empty list of distinct strings")
+        for k in ("path", "eval_path"):
+            if getattr(self, k) == "":
+                raise ConfigError(f"data.{k} is empty: give a JSONL/CSV file or null")
+
 
 @dataclass
 class TrainSection:
@@ -90,11 +167,20 @@ class TrainSection:
     keep_checkpoints: int = 2
     calibration_batches: int = 4  # for methods that initialise from data (get_method(m).calibration)
 
+    def validate(self) -> None:
+        for k, lo in (("steps", 1), ("grad_accum", 1), ("threads", 1), ("log_every", 0), ("eval_every", 0),
+                      ("save_every", 0), ("keep_checkpoints", 1), ("calibration_batches", 1)):
+            _range(f"train.{k}", getattr(self, k), ge=lo)
+        check_device(self.device)
+
 
 @dataclass
 class OutputSection:
     dir: str = "runs/{task}-{method}"  # {task} and {method} are filled in
     save_adapter: bool = True
+
+    def validate(self) -> None:
+        check_template(self.dir, "output.dir", OUTPUT_FIELDS)
 
 
 @dataclass
@@ -118,10 +204,12 @@ class RunConfig:
 
 
 # The embedded default: `lorakit train` with no arguments (identical to configs/sentiment-smollm2-lora.yaml).
+# targets "all-attention": every projection in an attention block, derived from the model (q/k/v/o_proj on
+# SmolLM2, query/key/value/attention.output.dense on MiniLM), so `model.name=...` keeps a working default.
 # Measured: see docs/training.md.
 DEFAULT: dict[str, Any] = {
     "model": {"name": "smollm2-135m"},
-    "adapter": {"method": "lora", "targets": ["q_proj", "k_proj", "v_proj", "o_proj"], "r": 8, "alpha": 16,
+    "adapter": {"method": "lora", "targets": "all-attention", "r": 8, "alpha": 16,
                 "seed": 0},
     "optim": {"lr": 1e-3, "warmup": 0.1, "schedule": "cosine"},
     "data": {"task": "sentiment-smollm2", "max_length": 64, "batch_size": 8, "eval_size": 200,
@@ -196,11 +284,8 @@ def resolve(path: str | Path | None = None, overrides: list[str] | None = None, 
     proc = cfg.optim.procedure()  # unknown procedure or option: ConfigError naming the valid ones
     cfg.optim.options = options_dict(proc)  # every option written out, defaults included
     preflight(proc, cfg.adapter)  # a method this procedure cannot train fails now, before any model loads
-    t = cfg.train
-    for name, v, lo in (("train.steps", t.steps, 1), ("train.grad_accum", t.grad_accum, 1),
-                        ("data.batch_size", cfg.data.batch_size, 1), ("data.max_length", cfg.data.max_length, 8)):
-        if v < lo:
-            raise ConfigError(f"{name}={v} must be >= {lo}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0")
+    # the task: its data.prompt placeholders, and your data files (read now: a bad file fails before any model)
+    from ..tasks import get_task
+
+    get_task(cfg.data.task, cfg.data).check_config()
     return cfg
