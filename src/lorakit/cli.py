@@ -39,9 +39,13 @@ def _fmt(v) -> str:
 
 
 def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
-    if items and "=" not in items[0]:
-        return items[0], items[1:]
-    return None, items
+    """``[CONFIG] key=value ...`` in any order: the one item without ``=`` is the config (or task)."""
+    from .errors import ConfigError
+
+    plain = [x for x in items if "=" not in x]
+    if len(plain) > 1:
+        raise ConfigError(f"more than one config/task given: {plain}; overrides are key=value")
+    return (plain[0] if plain else None), [x for x in items if "=" in x]
 
 
 # ---------------------------------------------------------------------------------------------------- train
@@ -450,7 +454,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lorakit {argv[0]}: error: {e}", file=sys.stderr)
             return 2
     parser = build_parser()
-    a = parser.parse_args(argv)
+    # options and positionals in any order (`train recipe.yaml --method dora key=value`): argparse stops a
+    # positional list at the first option, so the positionals after it come back as extras and are appended
+    a, extra = parser.parse_known_args(argv)
+    if extra:
+        if a.cmd not in ("train", "eval") or any(x.startswith("-") and "=" not in x for x in extra):
+            parser.parse_args(argv)  # the usual "unrecognized arguments" error, exit 2
+        a.args = list(a.args) + extra
     if a.cmd is None:
         parser.print_help()
         return 0

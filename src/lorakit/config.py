@@ -43,7 +43,10 @@ def check_type(value: Any, tp: Any, where: str) -> Any:
             try:
                 return check_type(value, t, where)
             except ConfigError as e:
-                errors.append(str(e))
+                if t is not type(None):
+                    errors.append(str(e))
+        if value is not None and len(errors) == 1:  # `X | None` given a wrong X: say what is wrong with it
+            raise ConfigError(errors[0])
         raise ConfigError(f"{where}: {value!r} is not of type {tp}")
     if tp is type(None):
         if value is None:
