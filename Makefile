@@ -1,12 +1,12 @@
 # Two entry points that work on a fresh machine (nothing but Python 3.10+ and pip):
 #   make demo   set up, prepare the offline assets, run the embedded default job (`lorakit train`)
-#   make test   set up, run the whole test suite (what CI runs)
+#   make test   set up, run the whole test suite (what CI runs, then `make wheel-check`)
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.lorakit-setup
 
-.PHONY: setup demo test assets clean
+.PHONY: setup demo test assets clean wheel-check
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: assets
 test: setup
 	$(VENV)/bin/lorakit assets prepare || true
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# build the wheel, install it in a fresh venv outside the checkout, run the packaged default and --method (tiny)
+wheel-check:
+	PYTHON=$(PYTHON) bash .ci/wheel_check.sh
 
 clean:
 	rm -rf $(VENV)

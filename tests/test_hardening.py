@@ -173,3 +173,37 @@ def test_load_adapter_refuses_non_finite_weights(tmp_path, method, bad):
         lorakit.load_adapter(fresh, tmp_path / "a")
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in before.items())
     assert not any(isinstance(x, lorakit.core.Adapted) for x in fresh.modules())
+
+
+# ---------------------------------------------------------------- item 16: recipes ship in the package
+def test_recipes_are_package_data_and_listed(capsys):
+    import fnmatch
+    import pathlib
+    import tomllib
+
+    from lorakit.cli import main
+    from lorakit.train.config import RECIPES_DIR, list_recipes, method_file, recipe_path, resolve
+
+    pkg = pathlib.Path(lorakit.__file__).parent
+    assert RECIPES_DIR.parent == pkg.resolve()
+    root = pkg.parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["lorakit"]
+    files = [p.relative_to(pkg).as_posix() for p in (pkg / "recipes").rglob("*.yaml")]
+    assert files and all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files)
+    names = {r["name"] for r in list_recipes()}
+    assert {"sentiment-smollm2-lora", "sentiment-minilm-lora", "vera", "loldu"} <= names
+    assert method_file("vera").resolve().parent == RECIPES_DIR / "methods"  # ./configs is a link to it here
+    for spec in ("sentiment-minilm-lora", "sentiment-minilm-lora.yaml", "configs/sentiment-minilm-lora.yaml"):
+        assert recipe_path(spec).resolve() == RECIPES_DIR / "sentiment-minilm-lora.yaml"
+    assert resolve(None, [], method="vera").optim.lr == 4e-3  # the method file's paper rate
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "sentiment-smollm2-lora" in out and "vera" in out
+    assert main(["recipes", "methods/vera"]) == 0 and "method: vera" in capsys.readouterr().out
+    assert main(["recipes", "nope"]) == 2
+
+
+def test_packaged_default_recipe_matches_the_embedded_default():
+    from lorakit.train.config import DEFAULT, resolve
+
+    assert resolve("sentiment-smollm2-lora").to_dict() == resolve(base=DEFAULT).to_dict()

@@ -6,6 +6,7 @@
   methods   [--markdown [PATH]]                                         the registered methods
   inspect   MODEL [--targets SPEC] [--exclude SPEC] [--layers N ...]    which modules a target spec matches
   assets    [list | prepare [NAME ...]]                                 offline models and datasets
+  recipes   [NAME]                                                      the packaged recipes and method files
   arena     run [--methods ..] [--tasks ..] [--seeds 0,1,2] [--budget ..] | report | plan
                                                                         every method on the same tasks and budget
 
@@ -291,6 +292,28 @@ def cmd_assets(a) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------- recipes
+def cmd_recipes(a) -> int:
+    from .errors import ConfigError
+    from .train.config import RECIPES_DIR, list_recipes
+
+    recipes = list_recipes()
+    if a.name:
+        hit = [r for r in recipes if r["name"] == a.name or f"{r['kind']}s/{r['name']}" == a.name
+               or (r["kind"] == "method" and f"methods/{r['name']}" == a.name)]
+        if not hit:
+            raise ConfigError(f"no packaged recipe '{a.name}'; known: {', '.join(r['name'] for r in recipes)}")
+        sys.stdout.write(hit[0]["path"].read_text(encoding="utf-8"))
+        return 0
+    _out(f"packaged recipes ({RECIPES_DIR}):")
+    _out(_table([[r["name"], r["description"][:90]] for r in recipes if r["kind"] == "recipe"],
+                ["recipe (lorakit train NAME)", "description"]))
+    _out("")
+    _out(_table([[r["name"], r["description"][:90]] for r in recipes if r["kind"] == "method"],
+                ["method file (--method NAME)", "description"]))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- arena
 def _csv(v: str | None) -> list[str] | None:
     return [x.strip() for x in v.split(",") if x.strip()] if v else None
@@ -373,6 +396,7 @@ COMMANDS = {
     "inspect": (cmd_inspect, "show which modules of a model a target spec matches"),
     "assets": (cmd_assets, "list / prepare the offline models and datasets"),
     "arena": (cmd_arena, "compare every method on the same real tasks under the same budget"),
+    "recipes": (cmd_recipes, "list the packaged recipes and method files (or print one)"),
 }
 
 
@@ -385,8 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, _, h) in PASSTHROUGH.items():
         sub.add_parser(name, help=h + f" (see `lorakit {name} --help`)", add_help=False)
     s["train"].add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value]",
-                            help="a recipe (configs/*.yaml) and/or overrides such as adapter.r=16 optim.lr=1e-4")
-    s["train"].add_argument("--method", help="swap in configs/methods/NAME.yaml (or just set adapter.method)")
+                            help="a recipe (a YAML file, or a packaged recipe's name: see `lorakit recipes`) and/or "
+                            "overrides such as adapter.r=16 optim.lr=1e-4")
+    s["train"].add_argument("--method", help="swap in the method's paper settings (lorakit recipes: methods/NAME.yaml; or just set "
+                            "adapter.method)")
     s["train"].add_argument("--resume", action="store_true", help="continue from the last checkpoint in output.dir")
     s["eval"].add_argument("--adapter", required=True, help="adapter directory (output.dir/adapter)")
     s["eval"].add_argument("args", nargs="*", metavar="[TASK] [key=value]")
@@ -404,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     s["inspect"].add_argument("--exclude", nargs="+")
     s["inspect"].add_argument("--layers", nargs="+", type=int)
     s["inspect"].add_argument("--summary", action="store_true", help="counts only")
+    s["recipes"].add_argument("name", nargs="?", help="print this recipe (e.g. sentiment-minilm-lora, methods/vera)")
     s["assets"].add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
     s["assets"].add_argument("names", nargs="*")
     ar = s["arena"]
@@ -421,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--isolate", default="fork", choices=["fork", "spawn", "none"],
                     help="each run in a forked (default) or fresh process, or in this one")
     ar.add_argument("--lr", default="paper", choices=["paper", "recipe"],
-                    help="paper: each method's rate from configs/methods (default); recipe: the task's rate for all")
+                    help="paper: each method's rate from its packaged method file (default); recipe: the task's rate for all")
     ar.add_argument("--plugins", help="comma-separated modules to import first (they register your own methods)")
     ar.add_argument("--timeout", type=float, default=3600.0, help="seconds per run before it is killed")
     ar.add_argument("--no-report", action="store_true", help="do not write the report after running")

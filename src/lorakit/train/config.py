@@ -1,7 +1,7 @@
 """The training config: YAML sections mirror these dataclasses (``model``, ``adapter``, ``optim``, ``data``,
 ``train``, ``output``). ``adapter`` is a :class:`lorakit.AttachConfig` dict (method, targets, r, ...).
 
-Precedence: built-in defaults < recipe YAML < ``--method NAME`` (``configs/methods/NAME.yaml``) < ``key=value``.
+Precedence: built-in defaults < recipe YAML < ``--method NAME`` (``lorakit/recipes/methods/NAME.yaml``, or ``./configs/methods/NAME.yaml``) < ``key=value``.
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def check_device(name: str) -> None:
         raise ConfigError(f"train.device={name!r} but MPS is not available here; use auto or cpu")
 
 __all__ = ["ModelSection", "OptimSection", "DataSection", "TrainSection", "OutputSection", "RunConfig",
-           "DEFAULT", "resolve", "method_file", "CONFIG_DIRS"]
+           "DEFAULT", "resolve", "method_file", "CONFIG_DIRS", "RECIPES_DIR", "list_recipes", "recipe_path"]
 
 
 @dataclass
@@ -203,7 +203,7 @@ class RunConfig:
         return Path(self.output.dir.format(task=self.data.task, method=self.adapter.get("method", "lora")))
 
 
-# The embedded default: `lorakit train` with no arguments (identical to configs/sentiment-smollm2-lora.yaml).
+# The embedded default: `lorakit train` with no arguments (identical to the packaged recipe sentiment-smollm2-lora.yaml).
 # targets "all-attention": every projection in an attention block, derived from the model (q/k/v/o_proj on
 # SmolLM2, query/key/value/attention.output.dense on MiniLM), so `model.name=...` keeps a working default.
 # Measured: see docs/training.md.
@@ -218,7 +218,10 @@ DEFAULT: dict[str, Any] = {
     "output": {"dir": "runs/{task}-{method}"},
 }
 
-CONFIG_DIRS = [Path.cwd() / "configs", Path(__file__).resolve().parents[3] / "configs"]
+# The recipes ship inside the package (lorakit/recipes: <task>-lora.yaml and methods/<name>.yaml), so a wheel
+# install has them; a ./configs directory (a user's own method files) is looked at first.
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+CONFIG_DIRS = [Path.cwd() / "configs", RECIPES_DIR]
 
 
 def method_file(name: str) -> Path | None:
@@ -227,6 +230,41 @@ def method_file(name: str) -> Path | None:
         if p.is_file():
             return p
     return None
+
+
+def _describe(p: Path) -> str:
+    """The first comment line of a recipe file (its one-line description)."""
+    for line in p.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+        if line.strip():
+            break
+    return ""
+
+
+def list_recipes() -> list[dict]:
+    """The packaged recipes: ``{"kind": "recipe" | "method", "name", "path", "description"}`` each."""
+    out = [{"kind": "recipe", "name": p.stem, "path": p, "description": _describe(p)}
+           for p in sorted(RECIPES_DIR.glob("*.yaml"))]
+    out += [{"kind": "method", "name": p.stem, "path": p, "description": _describe(p)}
+            for p in sorted((RECIPES_DIR / "methods").glob("*.yaml"))]
+    return out
+
+
+def recipe_path(path: str | Path) -> Path:
+    """A recipe file: ``path`` itself when it exists, else the packaged recipe of that name
+    (``sentiment-minilm-lora``, ``sentiment-minilm-lora.yaml`` and ``configs/sentiment-minilm-lora.yaml`` all work
+    from a wheel install)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    sub = "methods" if p.parent.name == "methods" else ""
+    cand = RECIPES_DIR / sub / f"{name}.yaml"
+    if cand.is_file():
+        return cand
+    names = [r["name"] for r in list_recipes() if r["kind"] == "recipe"]
+    raise ConfigError(f"config file not found: {p} (packaged recipes: {', '.join(names)}; see `lorakit recipes`)")
 
 
 def _apply_method(data: dict, name: str) -> dict:
@@ -255,7 +293,7 @@ def _apply_method(data: dict, name: str) -> dict:
 def resolve(path: str | Path | None = None, overrides: list[str] | None = None, method: str | None = None,
             base: dict | None = None) -> RunConfig:
     """Build a validated :class:`RunConfig` from a recipe (or the embedded default), a method, overrides."""
-    data = copy.deepcopy(base if base is not None else DEFAULT) if path is None else load_yaml(path)
+    data = copy.deepcopy(base if base is not None else DEFAULT) if path is None else load_yaml(recipe_path(path))
     if method:
         _apply_method(data, method)
     apply_overrides(data, list(overrides or []))
