@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     # positional list at the first option, so the positionals after it come back as extras and are appended
     a, extra = parser.parse_known_args(argv)
     if extra:
-        if a.cmd not in ("train", "eval") or any(x.startswith("-") and "=" not in x for x in extra):
+        if a.cmd not in ("train", "eval") or any(x.startswith("-") for x in extra):
             parser.parse_args(argv)  # the usual "unrecognized arguments" error, exit 2
         a.args = list(a.args) + extra
     if a.cmd is None:
