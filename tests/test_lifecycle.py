@@ -179,3 +179,66 @@ def test_one_attachment_per_attach(method, case):
         assert model.get_submodule(m.path) is m.host and m.host.adapters["default"] is m.adapter
     c1, c2 = lorakit.training_controllers(model), lorakit.training_controllers(model)
     assert len(c1) == len(c2) and all(a is b for a, b in zip(c1, c2)), "controllers must be built once per attach"
+
+
+@pytest.mark.parametrize("method,case", FIRST)
+def test_rank_surgery_goes_by_declared_capability(method, case):
+    """lorakit.rank picks adapters by what the class declares (nested ranks / a rank mask), never by an attribute
+    that happens to share the name (KaSA's truncate() is an SVD truncation of the base, not a rank cut)."""
+    from lorakit.errors import ConfigError
+
+    model, x, cfg, kw = build(method, case)
+    lorakit.attach(model, cfg, **kw)
+    cls = REGISTRY[method]
+    if not cls.nested_ranks:
+        with pytest.raises(ConfigError, match="nested ranks"):
+            lorakit.rank.truncate(model, 1)
+    if not cls.masked_rank:
+        with pytest.raises(ConfigError, match="rank mask"):
+            lorakit.rank.to_lora(model)
+    lr0 = lorakit.adapters(model).__next__()[1].initial_lowrank()
+    assert lr0 is None or cls.init == "residual"
+
+
+def test_the_design_docs_example_method_works():
+    """The method example in docs/design.md registers, attaches, and its loss is the mean over modules."""
+    import re
+    from pathlib import Path
+
+    from conftest import MLP
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text()
+    block = re.search(r"A minimal\nmethod with a whole-attach piece:\n\n```python\n(.*?)```", text, re.S).group(1)
+    try:
+        exec(compile(block, "design.md", "exec"), {})
+        model = lorakit.attach(MLP(), {"method": "lora_l2", "targets": ["lin0", "lin1"], "r": 2, "l2": 0.5})
+        perturb(model)
+        Bs = [a.lora_B.weight for _, a in lorakit.adapters(model)]
+        want = sum(0.5 * B.pow(2).sum() for B in Bs) / len(Bs)
+        assert torch.allclose(lorakit.extra_loss(model), want)
+    finally:
+        REGISTRY.pop("lora_l2", None)
+
+
+@pytest.mark.parametrize("method,case", MERGEABLE)
+def test_merged_is_as_close_to_the_exact_function_as_the_unmerged_forward(method, case):
+    """Merge precision, stated as a bound: the merged fp32 model is no further from the exact (float64) function
+    than the unmerged fp32 forward is, up to a small factor. Base-changing inits whose factors are large and cancel
+    against the residual base (CorDA with an ill-conditioned covariance: calibrated on fewer rows than d_in) are the
+    stress case: both fp32 paths lose about eps·(‖W_res‖ + ‖B‖‖A‖)·‖x‖ there, and merging adds no more than that."""
+    import copy
+
+    model, x, cfg, kw = build(method, case)
+    lorakit.attach(model, cfg, **kw)
+    perturb(model, std=0.2)
+    model.eval()
+    with torch.no_grad():
+        exact = run(copy.deepcopy(model).double(), x if not x.is_floating_point() else x.double())
+        unmerged = run(model, x).double()
+        with lorakit.merged(model):
+            merged = run(model, x).double()
+    scale = exact.abs().max()
+    err_u = float((unmerged - exact).abs().max() / scale)
+    err_m = float((merged - exact).abs().max() / scale)
+    assert err_u < 1e-4, f"{method}: the unmerged fp32 forward is {err_u:.1e} from the exact function"
+    assert err_m <= 4 * err_u + 1e-6, f"{method}: merging lost precision ({err_m:.1e} vs {err_u:.1e} unmerged)"

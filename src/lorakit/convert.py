@@ -27,11 +27,9 @@ def residual_to_lora(model: nn.Module, name: str) -> tuple[dict[str, Tensor], di
     rslora = bool(cfg.options.get("rslora", False))
     for m in att.members:
         path, a = m.path, m.adapter
-        init = getattr(a, "initial_lowrank", None)
-        lr = a.lowrank()
-        if init is None or lr is None or lr.magnitude is not None:
+        lr, lr0 = a.lowrank(), a.initial_lowrank()
+        if lr0 is None or lr is None or lr.magnitude is not None:
             raise ConfigError(f"method '{a.name}' has no conversion to a plain LoRA on the original base")
-        lr0 = init()
         A = torch.cat([lr.A, lr0.A], 0)
         B = torch.cat([lr.B, -lr0.B], 1)
         r = A.shape[0]

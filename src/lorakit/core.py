@@ -96,6 +96,19 @@ class PeftSpec:
     defaults: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class GrownSlots:
+    """Slots ``start:stop`` along dimension ``dim`` of an adapter's parameter ``param`` (its local name) that a
+    growth step just made new (see :meth:`Adapter.note_grown`)."""
+
+    param: str
+    dim: int
+    start: int
+    stop: int
+    warmup: int | None = None  # None: the run's LR warmup
+    weight_decay: float | None = None
+
+
 class BatchContext:
     """Per-batch information shared by every adapter of one model (task ids for multi-task methods, ...).
 
@@ -283,6 +296,13 @@ class Adapter(nn.Module):
     # why the arena must not shrink/grow this method's rank-like knob to a shared trainable budget (None: it may)
     budget_exempt: ClassVar[str | None] = None
     roles: ClassVar[dict[str, str]] = {}  # parameter name -> role ("A", "B", "magnitude", "gate", ...)
+    # optimiser defaults per role, as the method's authors train it: ``{"router": {"lr": 0.1, "weight_decay": 0.0}}``
+    # (absolute lr; keys lr / weight_decay). The default param groups honour it; ``optim.role_optim`` overrides it.
+    role_optim: ClassVar[dict[str, dict[str, float]]] = {}
+    # the method grows its rank by turning slices of existing tensors into new slots during training (IncreLoRA,
+    # TriAdaptLoRA): it reports them with ``note_grown`` and ``procedures.setup`` gives them fresh optimiser state
+    # and a warmup (``lorakit.procedures.slots``), as a new parameter group would have in the authors' code.
+    grows_slots: ClassVar[bool] = False
     layers: ClassVar[tuple[str, ...]] = ("linear", "conv1d")  # supported layer kinds
     init: ClassVar[str] = "noop"  # what attach does to the output: "noop" | "residual" (base replaced) | "changes"
     calibration: ClassVar[str | None] = None  # None | "activations" | "gradients": stats init_from needs
@@ -311,6 +331,10 @@ class Adapter(nn.Module):
                         f"kind {view.kind})")
         return None
     file_fields: ClassVar[tuple[str, ...]] = ()  # per-module Config fields that file_config encodes itself
+    # rank surgery after training (lorakit.rank): every prefix rank is trained, so ``truncate(b)`` keeps the first b
+    # (DyLoRA); or the rank is a mask over slots and ``kept_lowrank()`` gives the surviving ones (SoRA, AdaLoRA)
+    nested_ranks: ClassVar[bool] = False
+    masked_rank: ClassVar[bool] = False
     # how the per-module extra_loss() values of ONE attach combine (see attach_loss): "sum" | "mean"
     loss_reduction: ClassVar[str] = "sum"
     # The server's fast path (set with @register(..., fast_serve=...), so subclasses do not inherit it): the file
@@ -382,6 +406,28 @@ class Adapter(nn.Module):
 
     def lowrank(self) -> LowRank | None:
         return None
+
+    def initial_lowrank(self) -> LowRank | None:
+        """For base-changing inits (PiSSA, CorDA, ...): the factors the init took out of the base, so that
+        ``base + lowrank − initial_lowrank`` is a plain LoRA on the ORIGINAL base (served on a shared base, saved
+        with ``as_lora=True``). None: the method does not change the base, or cannot say how."""
+        return None
+
+    # --- growing ranks ------------------------------------------------------------------------------------------
+    def note_grown(self, param: str, dim: int, start: int, stop: int, *, warmup: int | None = None,
+                   weight_decay: float | None = None) -> None:
+        """Record that ``param[start:stop]`` along ``dim`` just became new slots (call from a growth step of a
+        ``grows_slots`` method): the optimiser treats them as a new parameter group would be treated (fresh AdamW
+        moments and step count, lr ramped from 0 over ``warmup`` steps (None: the run's LR warmup), and
+        ``weight_decay`` if given (None: the tensor's group's))."""
+        if stop > start:
+            self.__dict__.setdefault("_grown", []).append(
+                GrownSlots(param, dim, int(start), int(stop), None if warmup is None else int(warmup),
+                           weight_decay))
+
+    def take_grown(self) -> list["GrownSlots"]:
+        """The slots grown since the last call (and forget them)."""
+        return self.__dict__.pop("_grown", [])
 
     # --- training-time extras ------------------------------------------------------------------------------------
     def extra_loss(self) -> Tensor | None:

@@ -30,7 +30,7 @@ def truncate(model: nn.Module, rank: int, name: str = "default") -> nn.Module:
     The adapter's config is updated (``r = rank``), so saving and reloading give the truncated adapter."""
     info = _info(model, name)
     mods = list(adapters(model, name))
-    if not all(hasattr(a, "truncate") for _, a in mods):
+    if not mods or not all(a.nested_ranks for _, a in mods):
         raise ConfigError(f"adapter {name!r} ({info.config.method}) has no nested ranks to truncate; "
                           "truncate() works on DyLoRA adapters")
     if not isinstance(rank, int) or rank < 1:
@@ -59,7 +59,7 @@ def to_lora(model: nn.Module, name: str = "default") -> nn.Module:
 
     info = _info(model, name)
     mods = list(adapters(model, name))
-    if not all(hasattr(a, "kept_lowrank") for _, a in mods):
+    if not mods or not all(a.masked_rank for _, a in mods):
         raise ConfigError(f"adapter {name!r} ({info.config.method}) has no rank mask to prune")
     lora_cls = get_method("lora")
     cfg = info.config

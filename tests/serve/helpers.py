@@ -65,3 +65,51 @@ def merged_model(base, adapter_dir: Path):
     m = copy.deepcopy(base)
     lorakit.load_adapter(m, adapter_dir, "x")
     return lorakit.merge_and_unload(m)
+
+
+# --- a real server over loopback ---------------------------------------------------------------------------------
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind((LOOPBACK, 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class http_server:
+    """Run ``app`` with uvicorn in a thread on 127.0.0.1 (a port the OS picks); ``with http_server(app) as url``."""
+
+    def __init__(self, app, start_timeout: float = 60.0):
+        self.app, self.start_timeout = app, start_timeout
+
+    def __enter__(self) -> str:
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind((LOOPBACK, 0))
+        self.sock.listen(64)
+        port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="off",
+                                                   timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            if time.monotonic() - t0 > self.start_timeout or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return f"http://{LOOPBACK}:{port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.sock.close()

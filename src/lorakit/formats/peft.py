@@ -20,26 +20,54 @@ from torch import Tensor
 
 from ..errors import AdapterFileError
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "read_adapter_config", "read_tensors", "atomic_dir_write",
-           "write_adapter_dir"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "confined", "read_adapter_config", "read_tensors",
+           "atomic_dir_write", "write_adapter_dir"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 
-def read_adapter_config(directory: str | os.PathLike) -> dict:
-    """The parsed ``adapter_config.json`` of an adapter directory (any ``peft_type``)."""
-    d = Path(directory)
+def confined(path: str | os.PathLike, root: str | os.PathLike | None) -> Path:
+    """``path`` with every symlink resolved, refused (:class:`AdapterFileError`) unless it lies inside ``root``.
+
+    ``root=None`` confines nothing and returns ``path`` unchanged. Check right before reading: a symlink inside
+    ``root`` pointing outside is refused before the file is opened, and nothing about the outside file is
+    reported (the message names the link, never its target)."""
+    p = Path(path)
+    if root is None:
+        return p
+    try:
+        rp = p.resolve()
+        rootp = Path(root).resolve()
+    except (OSError, RuntimeError, ValueError):
+        raise AdapterFileError(f"cannot resolve '{p.name}' (a symlink loop or an invalid path)") from None
+    if not rp.is_relative_to(rootp):
+        raise AdapterFileError(f"'{p.name}' in adapter '{p.parent.name}' resolves to a place outside the adapter "
+                               "directory (a symlink pointing outside?): refused")
+    return rp
+
+
+def read_adapter_config(directory: str | os.PathLike, root: str | os.PathLike | None = None) -> dict:
+    """The parsed ``adapter_config.json`` of an adapter directory (any ``peft_type``).
+
+    ``root``: refuse (before reading) a directory or config file whose real path lies outside ``root``."""
+    d = confined(directory, root)
     if not d.is_dir():
         raise AdapterFileError(f"adapter directory not found: {d}")
-    cp = d / CONFIG_NAME
+    cp = confined(d / CONFIG_NAME, root)
     if not cp.is_file():
         raise AdapterFileError(f"{d} has no {CONFIG_NAME}: not an adapter directory")
     try:
         conf = json.loads(cp.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError:
+        raise AdapterFileError(f"{cp} is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
         raise AdapterFileError(f"{cp} is not valid JSON: {e}") from None
+    except ValueError:  # an integer over Python's digit limit
+        raise AdapterFileError(f"{cp} is not valid JSON: a number is too long") from None
+    except RecursionError:
+        raise AdapterFileError(f"{cp} is nested too deeply to be an adapter config") from None
     if not isinstance(conf, dict) or "peft_type" not in conf:
         raise AdapterFileError(f"{cp} has no 'peft_type': not a PEFT/lorakit adapter config")
     return conf

@@ -107,6 +107,9 @@ class AdapterCallback(TrainerCallback):
         self.ctrls = controllers(model)
         for c in self.ctrls:
             c.on_train_begin(model, optimizer, state.max_steps)
+        if optimizer is not None and getattr(args, "get_warmup_steps", None) is not None:
+            from ..procedures.slots import set_run_warmup  # grown rank slots warm up as the run does
+            set_run_warmup(optimizer, args.get_warmup_steps(state.max_steps))
         self.proc = procedure_of(optimizer)
         if self.proc is not None:
             self.proc.on_train_begin(model, optimizer, state.max_steps)

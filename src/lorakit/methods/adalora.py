@@ -73,6 +73,7 @@ class AdaLoRA(Adapter):
                 raise ConfigError(f"beta1={self.beta1}, beta2={self.beta2} must lie in (0, 1)")
 
     roles = {"lora_A": "A", "lora_B": "B", "lora_E": "singular_values"}
+    masked_rank = True
     layers = ("linear", "conv1d", "conv2d")
     loss_reduction = "mean"  # the orthogonality penalty is averaged over the modules
     file_fields = ("kept",)

@@ -32,6 +32,7 @@ from .lora import LoRA
 @register("dylora", family="adaptive rank", paper="Valipour et al. 2023, DyLoRA, arXiv:2210.07558")
 class DyLoRA(LoRA):
     __doc__ = __doc__
+    nested_ranks = True
 
     @dataclass
     class Config(LowRankConfig):

@@ -23,6 +23,12 @@ total rank is below the budget ``target_rank × #modules``: each module's score 
 budget is reached the reserves are dropped (e = 0, as the official code zeroes them) and scoring stops. Loss extra
 (``extra_loss``): ``orth_reg_weight · Σ_modules (‖AAᵀ−I‖_F + ‖BᵀB−I‖_F) / (2·#modules)`` over the used slots.
 
+Optimiser (official ``Multi_LambdaLR``): every growth's new tensors (the activated ``e_i`` and the fresh reserves'
+``a_i, b_i``) are a NEW parameter group: zero AdamW moments, its own step count, its own warmup from lr 0 over the
+run's warmup steps. Here the slots stay inside their tensors and ``grows_slots`` lets
+:mod:`lorakit.procedures.slots` give exactly those entries that state (``grow_warmup`` steps; None = the run's
+warmup). Without it a new slot inherits the tensor's step count and takes ≈3× the nominal step for ~100 steps.
+
 Defaults: the official README/scripts use r=1, target_rank=2, α=32, top_h=2..12, init_warmup=incre_interval=
 100..1000 steps, β1=β2=0.85, regulariser 0.1, incre_rank_num {2:1, 4:2, 6:3, 8:4}[target_rank]. Here
 init_warmup=20 and incre_interval=10 so a short run exercises growth (set the paper's values for long runs).
@@ -30,10 +36,9 @@ init_warmup=20 and incre_interval=10 so a short run exercises growth (set the pa
 Decisions (official code unclear or not transferable): the budget is a hard cap — a module grows by at most the
 remaining budget, and exactly ``top_h`` modules grow (the official ``>= k-th score`` threshold may pick more on
 ties and overshoot). A module's rank is capped at ``max_r`` (default ``max(r, 4·target_rank)``; the official
-lists are unbounded); capped modules are skipped. The regulariser uses each module's whole used-slot matrices
-(the official code sums it over every stored chunk: the initial r-block and each added rank-1 component
-separately). Under gradient accumulation the per-micro-batch scores are summed. The official "LR warmup restart"
-after each growth is not reproduced (it is a trainer setting there). Without a controller (inference) the
+lists are unbounded); capped modules are skipped. The regulariser uses each module's whole used-slot matrices,
+as the official trainer's ``compute_svd_orth_regu`` does (it concatenates every stored chunk of A and of B, reserves
+included, and divides by 2·#modules; loralib's per-chunk regulariser is never called). Under gradient accumulation the per-micro-batch scores are summed. Without a controller (inference) the
 efficient ``B·diag(s·e)·A x`` path is used; while scoring, ΔW is materialised (as the official forward does).
 """
 from __future__ import annotations
@@ -75,6 +80,7 @@ class IncreLoRA(Adapter):
         beta1: float = 0.85
         beta2: float = 0.85
         orth_reg_weight: float = 0.1
+        grow_warmup: int | None = None  # lr warmup of each growth's new slots; None: the run's LR warmup (official)
         positive: ClassVar = ("r", "target_rank", "top_h", "incre_interval", "incre_rank_num", "max_r")
 
         def validate(self) -> None:
@@ -84,7 +90,9 @@ class IncreLoRA(Adapter):
             if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1):
                 raise ConfigError(f"beta1={self.beta1}, beta2={self.beta2} must lie in (0, 1)")
 
+    grows_slots = True  # new components get fresh AdamW state + a warmup (lorakit.procedures.slots)
     roles = {"lora_A": "A", "lora_B": "B", "lora_E": "singular_values"}
+    masked_rank = True
     layers = ("linear", "conv1d", "conv2d")
     loss_reduction = "mean"  # the orthogonality penalty is averaged over the modules
     example = {"r": 1, "target_rank": 2, "init_warmup": 1, "incre_interval": 1, "top_h": 1}
@@ -161,6 +169,8 @@ class IncreLoRA(Adapter):
     def _redraw(self, lo: int, hi: int, gen: torch.Generator | None) -> None:
         for p, sl in ((self.lora_A, (slice(lo, hi),)), (self.lora_B, (slice(None), slice(lo, hi)))):
             p[sl] = (torch.randn(p[sl].shape, generator=gen) * 0.02).to(p)
+        self.note_grown("lora_A", 0, lo, hi, warmup=self.cfg.grow_warmup)
+        self.note_grown("lora_B", 1, lo, hi, warmup=self.cfg.grow_warmup)
 
     @torch.no_grad()
     def activate(self, n: int, gen: torch.Generator | None = None) -> None:
@@ -170,6 +180,7 @@ class IncreLoRA(Adapter):
         if not self.cfg.advance_learn:
             self._redraw(k, k + n, gen)
         self.lora_E[k:k + n] = RESERVE_E if self.cfg.advance_learn else 0.0
+        self.note_grown("lora_E", 0, k, k + n, warmup=self.cfg.grow_warmup)  # official: a new param group
         self.slots.copy_(torch.tensor([k + n, max(int(self.slots[1]) - n, 0)]))
 
     @torch.no_grad()

@@ -9,6 +9,11 @@ are PEFT's. Per sample task t (``task_ids`` from the batch context, task 0 when 
 (``einsum bqs,qsdr->bqdr``), likewise B; ``h = W0 x + x A_t B_t / r``. Init as PEFT: A kaiming (per (r, d) slice),
 B = 0, logits U(−1e-3, 1e-3).
 
+Training (the authors' code): the routing logits are a separate optimiser group with lr 0.1 and no weight decay
+(the adapters 1e-3 in the paper's runs), declared as ``role_optim`` for role ``router``; override with
+``optim.role_optim: {router: {lr: ..., weight_decay: ...}}``. At the adapters' rate the logits barely move from
+their U(−1e-3, 1e-3) init, the routing stays near uniform and MHR degenerates toward MHR-μ.
+
 Modes (recipes): ``mode="z"`` (MHR-z) trains only the routing logits; ``mode="mu"`` (MHR-μ) discards routing and
 uses the uniform average of the skills (``w = 1/n_skills``) with the router frozen. Parity with PEFT Poly is tested
 in tests/methods/test_mhr.py. No PeftSpec: PEFT's Poly refuses a forward without ``task_ids`` and 2-D inputs,
@@ -45,6 +50,8 @@ class MHR(Adapter):
     mergeable = False
     layers = ("linear",)
     roles = {"poly_lora_A": "A", "poly_lora_B": "B", "poly_router.module_logits": "router"}
+    # the authors' optimiser (mttl, Caccia et al.): routing logits in their own group, lr 0.1, no weight decay
+    role_optim = {"router": {"lr": 0.1, "weight_decay": 0.0}}
     example = {"r": 2, "n_tasks": 2, "n_skills": 3, "n_splits": 2}
 
     @classmethod

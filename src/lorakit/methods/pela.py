@@ -11,8 +11,16 @@ the rank-k approximation, error ``‖W − RL‖_F = ‖σ_{k+1:}‖``). In lora
 original is stashed, so ``detach`` restores it bit-exactly) and the adapter adds ``R L x``; reloading zeroes the
 base again (``on_load``). The factored form is the saving and is what the file holds (``pela_L/pela_R.weight``).
 Merging is supported for export: it materialises ``R L`` as a dense weight (``merge(W) = W + RL`` with W = 0).
-The paper's intermediate pre-training (0.1·feature KD + the weight-perturbation regulariser) is a training recipe
-(teacher = the original model) and is not part of the adapter.
+
+Training as the authors do (``ALBEF/Pretrain.py``, ``models/model_pretrain.py``): loss = task losses
++ 0.1·feature KD + ``L_norm``, with the weight-perturbation regulariser ``L_norm = mean over layers of
+(‖R L − W‖_∞ − ε)²`` (``inf_norm``: the largest absolute entry of the residual against the original weight W, MSE
+to the scalar ε = 1e-3). It is ``extra_loss`` here, weighted by ``norm_reg`` (official 1.0; 0 switches it off and
+frees the copy of W it keeps, a non-persistent buffer rebuilt from the original weight at init and on load) and
+averaged over the modules (``loss_reduction = "mean"``). The biases stay trainable in the official code (the bias
+moves onto R, and every student parameter trains): here the base bias is kept and trains with the attach option
+``bias: lora_only`` (the recipe sets it). The feature distillation needs a teacher model run beside the student
+and is left to the user's training loop (not part of the adapter).
 """
 from __future__ import annotations
 
@@ -39,12 +47,17 @@ class PELA(Adapter):
     class Config:
         r: int | None = None  # None: k from compress_ratio
         compress_ratio: float = 3.0
+        norm_reg: float = 1.0  # weight of the weight-perturbation regulariser (official 1.0; 0: off)
+        norm_eps: float = 1e-3  # its target ε for ‖RL − W‖_∞ (official 1e-3)
 
         def validate(self) -> None:
             if not self.compress_ratio > 0:
                 raise ConfigError(f"compress_ratio={self.compress_ratio} must be > 0")
+            if min(self.norm_reg, self.norm_eps) < 0:
+                raise ConfigError(f"norm_reg={self.norm_reg} and norm_eps={self.norm_eps} must be >= 0")
 
     roles = {"pela_L.weight": "A", "pela_R.weight": "B"}
+    loss_reduction = "mean"  # L_norm is the mean over the compressed layers
     layers = ("linear", "conv1d")
     budget_exempt = ("compression: the rank is the compressed model's capacity (every adapted weight is replaced by "
                      "R·L), so matching LoRA's budget would leave rank 2-3 weights; the paper's ratio c=3 is kept")
@@ -57,6 +70,13 @@ class PELA(Adapter):
             raise ConfigError(f"rank must be positive, got {cfg.r}")
         self.pela_L = Factor(self.k, v.d_in)
         self.pela_R = Factor(v.d_out, self.k)
+        if cfg.norm_reg < 0 or cfg.norm_eps < 0:
+            raise ConfigError(f"PELA: norm_reg and norm_eps must be >= 0, got {cfg.norm_reg}, {cfg.norm_eps}")
+        self.register_buffer("teacher", None, persistent=False)  # the original W, for the regulariser
+
+    def _keep_teacher(self, weight: Tensor) -> None:
+        if self.cfg.norm_reg > 0:
+            self.teacher = weight.detach().to(self.pela_L.weight.dtype).clone()
 
     def reset_parameters(self) -> None:  # the real init needs the weight (init_from)
         nn.init.kaiming_uniform_(self.pela_L.weight, a=math.sqrt(5))
@@ -68,10 +88,19 @@ class PELA(Adapter):
         root = S[: self.k].sqrt()
         self.pela_L.weight.copy_(root[:, None] * Vh[: self.k])
         self.pela_R.weight.copy_(U[:, : self.k] * root)
+        self._keep_teacher(weight)
         return torch.zeros_like(weight)
 
     def on_load(self, weight: Tensor, state: dict[str, Tensor]) -> Tensor:
+        self._keep_teacher(weight)
         return torch.zeros_like(weight)
+
+    def extra_loss(self) -> Tensor | None:
+        """``norm_reg · (‖R L − W‖_∞ − ε)²`` (the official ``inf_norm`` term of this layer)."""
+        if not self.cfg.norm_reg or self.teacher is None or not self.training:
+            return None
+        residual = (self.delta_weight().float() - self.teacher.float()).abs().max()
+        return self.cfg.norm_reg * (residual - self.cfg.norm_eps) ** 2
 
     def delta(self, x: Tensor) -> Tensor:
         return self.view.up(self.view.down(self.cast_in(x), self.pela_L.weight), self.pela_R.weight)

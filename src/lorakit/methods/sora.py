@@ -47,6 +47,7 @@ class SoRA(LoRA):
         lambda_num: int = 1
 
     roles = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_gate": "gate"}
+    masked_rank = True
     layers = ("linear", "conv1d", "embedding", "conv2d")
 
     def __init__(self, base, cfg: Config, view=None):

@@ -39,8 +39,11 @@ Decisions (lead, after comparing the author's versions, which disagree; see docs
   it jump). The rescaling leaves C alone; the new 2I block and the extra piece enter ‖C‖_F/#pieces at the next
   allocation (as the author's identity pieces do).
 * Hard budget cap: modules grow in score order by at most the remaining budget and at most ``max_r`` (default
-  ``max(r, 4·reference_rank)``); the author's threshold can overshoot on ties. New parameters need no new optimiser
-  group (the slots already exist, so they share the group's weight decay; the author adds groups with decay 0).
+  ``max(r, 4·reference_rank)``); the author's threshold can overshoot on ties.
+* Optimiser: the author adds each growth's parameters as a new group (fresh AdamW state, weight decay 0, its own
+  warmup). The slots stay inside their tensors here and ``grows_slots`` lets :mod:`lorakit.procedures.slots` give
+  the new row/column pieces exactly that state (``grow_warmup`` steps; None = the run's warmup); otherwise they
+  would inherit the tensor's step count with zero moments and take ≈3× the nominal step for ~100 steps.
 """
 from __future__ import annotations
 
@@ -78,12 +81,14 @@ class TriAdaptLoRA(Adapter):
         rank_growth_model: Literal["linear", "non-linear"] = "linear"  # or "non-linear"
         orth_reg_weight: float = 0.5
         total_step: int | None = None  # None: the trainer's planned step count (on_train_begin)
+        grow_warmup: int | None = None  # lr warmup of each growth's new slots; None: the run's LR warmup
         positive: ClassVar = ("r", "reference_rank", "incre_interval", "incre_rank_num", "max_r", "target_total_rank", "total_step")
 
         def validate(self) -> None:
             if self.max_r is not None and self.max_r < self.r:
                 raise ConfigError(f"max_r={self.max_r} must be >= r={self.r}")
 
+    grows_slots = True  # new slots get fresh AdamW state, no weight decay, a warmup (lorakit.procedures.slots)
     roles = {"lora_A": "A", "lora_B": "B", "lora_L": "core", "lora_U": "core"}
     layers = ("linear", "conv1d", "conv2d")
     loss_reduction = "mean"  # the orthogonality penalty is averaged over the modules
@@ -169,6 +174,8 @@ class TriAdaptLoRA(Adapter):
         self.lora_U[:, n:m] = 0
         self.lora_U[n:m, n:m] = eye
         self.pieces[n:m] = m
+        for name, dim in (("lora_A", 0), ("lora_B", 1), ("lora_L", 0), ("lora_U", 1)):  # the author: a new group
+            self.note_grown(name, dim, n, m, warmup=self.cfg.grow_warmup, weight_decay=0.0)
 
     def extra_loss(self) -> Tensor | None:
         w = self.cfg.orth_reg_weight

@@ -193,14 +193,15 @@ def xlora_from_loras(model: nn.Module, directories: list, name: str = "default",
     """Attach X-LoRA ``name`` with the LoRA adapters in ``directories`` as its experts (expert i <- directories[i]),
     as in the paper. Each LoRA's scale α_i/r_i is folded into its B; ranks may differ (zero-padded to the largest)
     and so may targets (the union is adapted; an expert absent from a module contributes zero there)."""
-    from ..inject import adapters, attach
+    from ..attachments import get_attachment
+    from ..inject import attach
 
     experts = [read_lora_factors(d) for d in directories]
     paths = sorted({p for f in experts for p in f})
     r = max(A.shape[0] for f in experts for A, _ in f.values())
     attach(model, {**options, "method": "x_lora", "targets": paths, "r": r, "alpha": float(r),
                    "num_experts": len(experts)}, name)
-    for path, a in adapters(model, name):  # noqa: B007
+    for path, a in ((m.path, m.adapter) for m in get_attachment(model, name).members):
         a.experts_A.zero_(), a.experts_B.zero_()
         for i, f in enumerate(experts):
             if path in f:

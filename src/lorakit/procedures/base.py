@@ -34,7 +34,7 @@ from ..errors import ConfigError
 log = logging.getLogger(__name__)
 
 __all__ = ["ROLES", "TrainParam", "Hyper", "Procedure", "register_procedure", "get_procedure", "PROCEDURES",
-           "make_procedure", "trainable_parameters", "adapter_roles", "setup"]
+           "make_procedure", "trainable_parameters", "adapter_roles", "setup", "role_settings", "check_role_optim"]
 
 # The role vocabulary: what a parameter *is* in an adapter's structure (``Adapter.roles`` values must be one of these;
 # tests/test_contract.py checks every registered method). Procedures group and treat parameters by role, never by
@@ -85,6 +85,8 @@ class Hyper:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     trainable_lr: float | None = None  # the rate of `adapter.trainable` copies (role "head"); None: lr
+    # per-role settings ``{role: {"lr": ..., "weight_decay": ...}}`` over the methods' declared ``role_optim``
+    role_optim: dict[str, dict[str, float]] | None = None
 
     @property
     def head_lr(self) -> float:
@@ -131,6 +133,42 @@ def trainable_parameters(model: nn.Module) -> list[TrainParam]:
             for n, p in model.named_parameters() if p.requires_grad]
 
 
+ROLE_OPTIM_KEYS = ("lr", "weight_decay")
+
+
+def check_role_optim(spec: Any, where: str) -> dict[str, dict[str, float]]:
+    """Validate a ``{role: {"lr": x, "weight_decay": y}}`` mapping (a method's ``role_optim`` or the user's
+    ``optim.role_optim``); raise :class:`ConfigError` naming the bad role/key/value and the valid ones."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where} must be a mapping role -> {{lr, weight_decay}}, got {spec!r}")
+    out = {}
+    for role, opts in spec.items():
+        if role not in ROLES or role == "head":
+            raise ConfigError(f"{where}: unknown role {role!r}{_suggest(str(role), list(ROLES))}; valid roles: "
+                              f"{', '.join(r for r in ROLES if r != 'head')} (heads take optim.trainable_lr)")
+        if not isinstance(opts, dict):
+            raise ConfigError(f"{where}.{role} must be a mapping with keys {', '.join(ROLE_OPTIM_KEYS)}, got {opts!r}")
+        for k, v in opts.items():
+            if k not in ROLE_OPTIM_KEYS:
+                raise ConfigError(f"{where}.{role}: unknown key {k!r}; valid keys: {', '.join(ROLE_OPTIM_KEYS)}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ConfigError(f"{where}.{role}.{k}={v!r} must be a number >= 0")
+        out[role] = {k: float(v) for k, v in opts.items()}
+    return out
+
+
+def role_settings(t: TrainParam, hp: Hyper) -> dict[str, float]:
+    """The optimiser settings a parameter's role asks for: its method's declared ``role_optim[role]`` updated by the
+    user's ``optim.role_optim[role]`` (either may give ``lr`` and/or ``weight_decay``); {} when neither does."""
+    if t.role == "head":
+        return {}
+    out = dict(getattr(type(t.adapter), "role_optim", {}).get(t.role, {})) if t.adapter is not None else {}
+    out.update((hp.role_optim or {}).get(t.role, {}))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The abstraction
 # ----------------------------------------------------------------------------------------------------------------
@@ -162,15 +200,33 @@ class Procedure:
     def param_groups(self, params: list[TrainParam]) -> list[dict]:
         """Optimiser parameter groups. Default (lorakit's classic AdamW groups, ``optim.name=adamw``): parameters of
         2 or more dimensions with ``weight_decay``, the rest (vectors, scalars) without, heads (role "head") with
-        ``weight_decay`` at ``trainable_lr``; empty groups are dropped."""
+        ``weight_decay`` at ``trainable_lr``; empty groups are dropped. A role with settings (the method's declared
+        ``role_optim``, overridden by ``optim.role_optim``; see :func:`role_settings`) gets its own group per
+        distinct setting, named ``role:<role>``: its ``lr`` (else ``optim.lr``) and its ``weight_decay`` (else the
+        rule above)."""
         hp = self.hp
-        body = [t for t in params if t.role != "head"]
+        own = [(t, role_settings(t, hp)) for t in params]
+        body = [t for t, s in own if t.role != "head" and not s]
         groups = [{"name": "decay", "params": [t.param for t in body if t.param.ndim >= 2],
                    "weight_decay": hp.weight_decay},
                   {"name": "no_decay", "params": [t.param for t in body if t.param.ndim < 2], "weight_decay": 0.0},
                   {"name": "head", "params": [t.param for t in params if t.role == "head"],
                    "weight_decay": hp.weight_decay, "lr": hp.head_lr}]
+        groups += self.role_groups([(t, s) for t, s in own if s])
         return [g for g in groups if g["params"]]
+
+    def role_groups(self, params: list[tuple[TrainParam, dict]]) -> list[dict]:
+        """Groups for parameters with role settings (``(param, settings)`` pairs): one per (role, lr, weight decay),
+        weight decay defaulting to adamw's rule (``optim.weight_decay`` on 2-D and larger, none on vectors)."""
+        hp, out = self.hp, {}
+        for t, s in params:
+            lr = s.get("lr", hp.lr)
+            wd = s.get("weight_decay", hp.weight_decay if t.param.ndim >= 2 else 0.0)
+            key = (t.role, lr, wd)
+            if key not in out:
+                out[key] = {"name": f"role:{t.role}", "params": [], "weight_decay": wd, "lr": lr}
+            out[key]["params"].append(t.param)
+        return list(out.values())
 
     def build_optimizer(self, params: list[TrainParam]) -> torch.optim.Optimizer:
         """The optimiser (one per run). Default: ``torch.optim.AdamW`` over :meth:`param_groups`."""
@@ -255,8 +311,8 @@ def get_procedure(name: str) -> type[Procedure]:
     return PROCEDURES[name]
 
 
-COMMON_KEYS = ("betas", "eps", "lr", "max_grad_norm", "min_lr_ratio", "name", "schedule", "trainable_lr", "warmup",
-               "weight_decay")
+COMMON_KEYS = ("betas", "eps", "lr", "max_grad_norm", "min_lr_ratio", "name", "role_optim", "schedule", "trainable_lr",
+               "warmup", "weight_decay")
 
 
 def make_procedure(name: str = "adamw", options: dict | None = None, hyper: Hyper | None = None,
@@ -273,7 +329,10 @@ def make_procedure(name: str = "adamw", options: dict | None = None, hyper: Hype
         raise ConfigError(f"unknown key '{where}.{k}'{_suggest(k, fields + list(common))}: procedure '{name}' {own}; "
                           f"common keys: {', '.join(common)}")
     cfg = from_dict(cls.Config, opts, where=where)
-    proc = cls(cfg, hyper or Hyper())
+    hyper = hyper or Hyper()
+    if hyper.role_optim:
+        hyper = dataclasses.replace(hyper, role_optim=check_role_optim(hyper.role_optim, f"{where}.role_optim"))
+    proc = cls(cfg, hyper)
     proc.validate()
     return proc
 
@@ -290,6 +349,9 @@ def setup(model: nn.Module, proc: Procedure) -> tuple[list[TrainParam], torch.op
         raise ConfigError("the model has no trainable parameters: attach an adapter first (lorakit.attach)")
     proc.check(params)
     opt = proc.build_optimizer(params)
+    from .slots import install_slot_warmup
+
+    install_slot_warmup(opt, params)  # grown rank slots: fresh AdamW state + warmup (methods with grows_slots)
     if log.isEnabledFor(logging.INFO):
         groups = ", ".join(f"{g.get('name', i)}: {sum(p.numel() for p in g['params']):,} params at lr {g['lr']:g}"
                            for i, g in enumerate(opt.param_groups))

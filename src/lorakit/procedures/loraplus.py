@@ -19,6 +19,9 @@ Which parameters take which rate (by declared role, never by name):
   fixed 1e-6 ignores ``optim.lr`` and, with a one-hot input, the width argument behind λ does not single embeddings
   out for a tiny rate.
 
+A role with settings of its own (a method's declared ``role_optim`` such as MHR's routing logits, or
+``optim.role_optim``) takes them here too, as with adamw: the authors' rate for that role beats the λ rule.
+
 Weight decay follows adamw (``optim.weight_decay`` on 2-D and larger, none on vectors), so ``ratio=1`` reproduces
 ``optim.name=adamw`` bit for bit (tested). The check refuses methods with no trainable A and B (VeRA, LoRA-XS, ...).
 """
@@ -27,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
-from .base import ROLES, Procedure, TrainParam, register_procedure
+from .base import ROLES, Procedure, TrainParam, register_procedure, role_settings
 
 __all__ = ["LoRAPlus"]
 
@@ -76,10 +79,12 @@ class LoRAPlus(Procedure):
             for decay in (True, False):
                 key = name if decay else f"{name}_no_decay"
                 groups[key] = {"name": key, "params": [], "weight_decay": wd if decay else 0.0, "lr": None}
-        for t in params:
+        own = [(t, role_settings(t, self.hp)) for t in params]
+        for t in (t for t, st in own if not st):
             name, lr = self.rate(t)
             decay = name == "head" or t.param.ndim >= 2  # as adamw: heads always decay, vectors never elsewhere
             g = groups[name if decay else f"{name}_no_decay"]
             g["params"].append(t.param)
             g["lr"] = lr
-        return [g for g in groups.values() if g["params"]]
+        out = list(groups.values()) + self.role_groups([(t, st) for t, st in own if st])
+        return [g for g in out if g["params"]]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -34,8 +35,8 @@ from torch import Tensor, nn
 
 from ..config import AttachConfig
 from ..core import Adapted, LayerView, LowRankConfig, get_method, scale_of
-from ..errors import AdapterFileError, ConfigError
-from ..formats.peft import PREFIX, read_adapter_config, read_tensors
+from ..errors import AdapterFileError, ConfigError, LorakitError
+from ..formats.peft import PREFIX, WEIGHTS_NAME, confined, read_adapter_config, read_tensors
 from ..io import _config_from_peft
 from ..targets import match
 
@@ -434,15 +435,50 @@ def _config_of(bank: AdapterBank, conf: dict, where: Path) -> AttachConfig:
         if conf["peft_type"] == "LORAKIT":
             raise AdapterFileError(f"{where}: peft_type LORAKIT but no 'lorakit' block")
         return _config_from_peft(bank.model, conf)
-    except (ConfigError, KeyError, TypeError) as e:
+    except AdapterFileError:
+        raise
+    except LorakitError as e:
         raise AdapterFileError(f"{where}/adapter_config.json: {e}") from None
+    except KeyError as e:
+        raise AdapterFileError(f"{where}/adapter_config.json: missing key {e}") from None
+    except (TypeError, ValueError, AttributeError):
+        log.warning("%s/adapter_config.json: unexpected value", where, exc_info=True)
+        raise AdapterFileError(f"{where}/adapter_config.json: a value has the wrong type or form (for example a "
+                               "number where a list or mapping is expected)") from None
+
+
+def read_served(bank: AdapterBank, directory: str | os.PathLike, name: str,
+                root: str | os.PathLike | None = None) -> ServedAdapter:
+    """Read an adapter directory (lorakit or PEFT format) into a :class:`ServedAdapter` for ``bank``.
+
+    ``root``: every file read must resolve (symlinks followed) inside it. Any failure raises
+    :class:`AdapterFileError` with a message naming the problem: a crafted file that trips an unexpected exception
+    deep inside a method (a division by zero, a missing key, a too-deep structure) is reported as an invalid adapter,
+    never as the raw exception (the details go to the log)."""
+    try:
+        return _read_served(bank, directory, name, root)
+    except LorakitError:
+        raise
+    except RecursionError:
+        raise AdapterFileError(f"adapter {name!r}: its config is nested too deeply") from None
+    except MemoryError:
+        raise AdapterFileError(f"adapter {name!r} is too large to load") from None
+    except Exception as e:
+        log.warning("adapter %r at %s: unexpected %s while reading it", name, directory, type(e).__name__,
+                    exc_info=True)
+        raise AdapterFileError(f"adapter {name!r} is invalid: its adapter_config.json holds values the method "
+                               "cannot be built from (a zero, negative or wrongly typed rank/alpha/option?) or its "
+                               "weights do not fit them") from None
 
 
 @torch.no_grad()
-def read_served(bank: AdapterBank, directory: str | os.PathLike, name: str) -> ServedAdapter:
-    """Read an adapter directory (lorakit or PEFT format) into a :class:`ServedAdapter` for ``bank``."""
+def _read_served(bank: AdapterBank, directory: str | os.PathLike, name: str,
+                 root: str | os.PathLike | None) -> ServedAdapter:
     d = Path(directory)
-    conf = read_adapter_config(d)
+    conf = read_adapter_config(d, root)
+    if root is not None:  # the directory and the weights file must resolve inside root, checked before reading
+        d = confined(d, root)
+        confined(d / WEIGHTS_NAME, root)
     tensors = read_tensors(d)
     cfg = _config_of(bank, conf, d)
     if cfg.trainable:
@@ -475,7 +511,15 @@ def read_served(bank: AdapterBank, directory: str | os.PathLike, name: str) -> S
                 A, B = own_file["lora_A.weight"], own_file["lora_B.weight"]
             except KeyError as e:
                 raise AdapterFileError(f"adapter {name!r}: '{p}' lacks {e}") from None
-            s = scale_of(mcfg.alpha, mcfg.r, mcfg.rslora)
+            r, alpha = mcfg.r, mcfg.alpha
+            if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+                raise AdapterFileError(f"adapter {name!r}: r must be a positive integer, got {r!r} at '{p}'")
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+                raise AdapterFileError(f"adapter {name!r}: alpha must be a finite number, got {alpha!r} at '{p}'")
+            if A.dim() == 2 and A.shape[0] != r:
+                raise AdapterFileError(f"adapter {name!r}: the config gives '{p}' rank r={r} but its weights have "
+                                       f"rank {A.shape[0]}")
+            s = scale_of(alpha, r, mcfg.rslora)
             mag = None
             if method.fast_serve == "lowrank+magnitude":
                 mag = own_file.get("lora_magnitude_vector")
@@ -484,12 +528,17 @@ def read_served(bank: AdapterBank, directory: str | os.PathLike, name: str) -> S
         else:
             A, B, s, mag = _generic_lowrank(lay, method, mcfg, own_file, name, p)
         W = lay.base_layer.weight
+        if not (A.is_floating_point() and B.is_floating_point()) or mag is not None and not mag.is_floating_point():
+            raise AdapterFileError(f"adapter {name!r}: '{p}' holds non-floating-point factors ({A.dtype}, {B.dtype})")
         if A.dim() != 2 or B.dim() != 2 or A.shape[1] != W.shape[1] or B.shape[0] != W.shape[0] or \
-                A.shape[0] != B.shape[1]:
+                A.shape[0] != B.shape[1] or A.shape[0] == 0:
             raise AdapterFileError(f"adapter {name!r}: '{p}' has A {tuple(A.shape)}, B {tuple(B.shape)}; the base "
                                    f"layer is {tuple(W.shape)} (an adapter for another base model?)")
         A = A.to(W.dtype).contiguous()
         sB = (B.float() * s).to(W.dtype).contiguous()
+        if mag is not None and mag.numel() != W.shape[0]:
+            raise AdapterFileError(f"adapter {name!r}: '{p}' has a magnitude vector of {mag.numel()} values; the "
+                                   f"base layer has {W.shape[0]} outputs")
         g = _gain(lay, A, sB, mag.reshape(-1)) if mag is not None else None
         out.layers[p] = (A, sB, g)
     if not out.layers:
@@ -497,8 +546,11 @@ def read_served(bank: AdapterBank, directory: str | os.PathLike, name: str) -> S
     flat = [t for v in out.layers.values() for t in v if t is not None]
     norms = torch._foreach_norm(flat) if hasattr(torch, "_foreach_norm") else [t.norm() for t in flat]
     if not bool(torch.isfinite(torch.stack(list(norms))).all()):
-        bad = next(p for p, v in out.layers.items() if not all(bool(torch.isfinite(t).all()) for t in v if t is not None))
-        raise AdapterFileError(f"adapter {name!r}: non-finite weights at '{bad}'")
+        # (a norm can overflow on large finite weights: only a tensor with a NaN/inf entry is refused)
+        bad = next((p for p, v in out.layers.items()
+                    if not all(bool(torch.isfinite(t).all()) for t in v if t is not None)), None)
+        if bad is not None:
+            raise AdapterFileError(f"adapter {name!r}: non-finite weights at '{bad}'")
     return out
 
 
@@ -535,8 +587,14 @@ def _generic_lowrank(lay: BankLinear, method, mcfg, own_file: dict, name: str, p
         own = a.from_file(own_file)
         new = a.on_load(base.weight.detach().float(), own)
         a.load_state_dict({k: v.to(a.state_dict()[k].dtype) for k, v in own.items()}, strict=True)
-    except (RuntimeError, KeyError) as e:
-        raise AdapterFileError(f"adapter {name!r} ({method.name}) at '{p}': {e}") from None
+    except KeyError as e:
+        raise AdapterFileError(f"adapter {name!r} ({method.name}) at '{p}': the weights file lacks {e} (are the "
+                               f"files really a {method.name} adapter?)") from None
+    except RuntimeError:
+        log.warning("adapter %r (%s) at %r: state does not load", name, method.name, p, exc_info=True)
+        raise AdapterFileError(f"adapter {name!r} ({method.name}) at '{p}': its weights do not match the "
+                               f"{method.name} layout for this layer (missing, unexpected or mis-shaped "
+                               "tensors)") from None
     a.eval()
     lr = a.lowrank()
     if lr is None:
@@ -544,11 +602,10 @@ def _generic_lowrank(lay: BankLinear, method, mcfg, own_file: dict, name: str, p
                                "(it is not (A, B, scale)-shaped); merge it into its own model instead")
     A, B, s = lr.A.detach(), lr.B.detach(), lr.scale
     if new is not None:  # residual init: serve the exact LoRA on the ORIGINAL base
-        init = getattr(a, "initial_lowrank", None)
-        if init is None or lr.magnitude is not None:
+        lr0 = a.initial_lowrank()
+        if lr0 is None or lr.magnitude is not None:
             raise AdapterFileError(f"method '{method.name}' replaces the base weights and has no initial_lowrank(); "
                                    "it cannot be served on a shared base")
-        lr0 = init()
         A = torch.cat([A, lr0.A.detach()], 0)
         B = torch.cat([B, -lr0.B.detach()], 1)
     mag = lr.magnitude.detach() if lr.magnitude is not None else None
@@ -566,6 +623,6 @@ def served_from_model(bank: AdapterBank, model: nn.Module, adapter: str, name: s
         return read_served(bank, t, name or adapter)
 
 
-def adapter_info(directory: str | os.PathLike) -> dict:
-    conf = read_adapter_config(directory)
+def adapter_info(directory: str | os.PathLike, root: str | os.PathLike | None = None) -> dict:
+    conf = read_adapter_config(directory, root)
     return {"peft_type": conf.get("peft_type"), "r": conf.get("r"), "base": conf.get("base_model_name_or_path")}

@@ -54,7 +54,8 @@ def run_load_test(engine, refs: dict[tuple[str, int], str], prompts: list[list[i
     """Start the HTTP server on loopback, fire ``n_requests`` at ``concurrency``, churn adapters, check outputs.
 
     ``names``: adapters (sub-directories of the engine's adapter dir) requests pick from at random; every
-    ``churn_every`` requests one of them is unloaded (requests for it then reload it on demand).
+    ``churn_every`` requests one of them is unloaded and loaded again (an unloaded adapter is not served until it is
+    loaded again, so the churn waits until no request for it is in flight and holds new ones back meanwhile).
     ``alias``: (new name, lora_path, name whose reference it shares) registered through ``load_lora_adapter``.
     """
     import httpx
@@ -84,10 +85,12 @@ def run_load_test(engine, refs: dict[tuple[str, int], str], prompts: list[list[i
     errors: list[str] = []
     mismatches: list[tuple] = []
     churn = {"unloads": 0, "loads": 0}
+    inflight = {n: 0 for n in pool}
 
     async def main():
         sem = asyncio.Semaphore(concurrency)
         limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+        locks = {n: asyncio.Lock() for n in pool}
         async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as c:
             if alias:
                 r = await c.post("/v1/load_lora_adapter", json={"lora_name": alias[0], "lora_path": alias[1]})
@@ -97,9 +100,19 @@ def run_load_test(engine, refs: dict[tuple[str, int], str], prompts: list[list[i
             async def one(k, name, pi):
                 async with sem:
                     if churn_every and k and k % churn_every == 0:
-                        victim = rng.choice(names)
-                        r = await c.post("/v1/unload_lora_adapter", json={"lora_name": victim})
-                        churn["unloads"] += r.status_code == 200  # 404 = not resident at that moment: fine
+                        victim = rng.choice([n for n in names if n != engine.base_name] or [None])
+                        if victim is not None:
+                            async with locks[victim]:
+                                while inflight[victim]:
+                                    await asyncio.sleep(0.005)
+                                r = await c.post("/v1/unload_lora_adapter", json={"lora_name": victim})
+                                churn["unloads"] += r.status_code == 200
+                                r = await c.post("/v1/load_lora_adapter", json={"lora_name": victim})
+                                churn["loads"] += r.status_code == 200
+                                if r.status_code != 200:
+                                    errors.append(f"reload {victim}: HTTP {r.status_code}: {r.text[:200]}")
+                    async with locks[name]:  # not while a churn of this adapter runs
+                        inflight[name] += 1
                     t = time.perf_counter()
                     try:
                         r = await c.post("/v1/completions", json={"model": name, "prompt": prompts[pi],
@@ -108,6 +121,8 @@ def run_load_test(engine, refs: dict[tuple[str, int], str], prompts: list[list[i
                     except httpx.HTTPError as e:
                         errors.append(f"{name}: {type(e).__name__}: {e}")
                         return
+                    finally:
+                        inflight[name] -= 1
                     lat.append(time.perf_counter() - t)
                     if r.status_code != 200:
                         errors.append(f"{name}: HTTP {r.status_code}: {r.text[:200]}")

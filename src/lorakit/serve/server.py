@@ -7,8 +7,10 @@ Endpoints: ``/v1/completions`` and ``/v1/chat/completions`` (``stream: true`` gi
 
 import argparse
 import asyncio
+import hmac
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AssetError, LorakitError
-from .engine import AdapterNotFound, Engine, EngineError, SamplingParams
+from .engine import LIMITS, SEED_RANGE, AdapterConflict, AdapterNotFound, Engine, EngineError, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,10 @@ def _err(status: int, message: str, typ: str = "invalid_request_error"):
     return JSONResponse({"error": {"message": message, "type": typ, "code": status}}, status_code=status)
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
 class _Bad(Exception):
     def __init__(self, status: int, msg: str, typ: str = "invalid_request_error"):
         super().__init__(msg)
@@ -79,26 +85,63 @@ def _get(body: dict, key: str, typ, default, lo=None, hi=None):
     if v is None:
         return default
     if typ is float and isinstance(v, int) and not isinstance(v, bool):
-        v = float(v)
+        try:
+            v = float(v)
+        except OverflowError:
+            raise _Bad(400, f"'{key}' is out of range") from None
     if not isinstance(v, typ) or isinstance(v, bool) and typ is not bool:
         raise _Bad(400, f"'{key}' must be of type {typ.__name__}")
+    if typ is float and not math.isfinite(v):
+        raise _Bad(400, f"'{key}' must be a finite number")
     if lo is not None and v < lo or hi is not None and v > hi:
-        raise _Bad(400, f"'{key}' must be in [{lo}, {hi}], got {v}")
+        shown = v if typ is not int or abs(v) < 10**30 else f"an integer of {len(str(abs(v)))} digits"
+        raise _Bad(400, f"'{key}' must be in [{lo}, {hi}], got {shown}")
     return v
 
 
+_STATUS_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                408: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error", 503: "server_error"}
+
+
 def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               default_max_tokens: int = 16):
+               default_max_tokens: int = 16, stop_engine_on_shutdown: bool = False, body_timeout_s: float = 60.0):
+    """The FastAPI app over ``engine``. ``stop_engine_on_shutdown``: the app's shutdown (after the server's graceful
+    wait) stops the engine, which ends every request still waiting or running with a 503. ``body_timeout_s``: a
+    request body must arrive completely within this many seconds (408 otherwise)."""
+    import contextlib
+
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
 
-    app = FastAPI(title="lorakit serve", version="1")
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        if stop_engine_on_shutdown:
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="lorakit serve", version="1", lifespan=lifespan)
     app.state.engine = engine
+
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):  # unknown path, wrong method: same shape
+        msg = {404: f"no endpoint {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+        return _err(exc.status_code, msg.get(exc.status_code, str(exc.detail)),
+                    _STATUS_TYPE.get(exc.status_code, "invalid_request_error"))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):  # outside the endpoints' own safety net
+        log.error("%s failed", request.url.path, exc_info=exc)
+        return _err(500, f"internal error while handling {request.url.path} (the server log has the details)",
+                    "server_error")
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        if request.url.path.startswith("/v1/") and api_key:
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+        path = request.url.path
+        if api_key and (path.startswith("/v1/") or path.rstrip("/") == "/metrics"):
+            got = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(got, f"Bearer {api_key}".encode("utf-8", "surrogateescape")):
                 return _err(401, "missing or wrong API key (Authorization: Bearer <key>)", "authentication_error")
         cl = request.headers.get("content-length")
         if cl is not None and cl.isdigit() and int(cl) > max_body_bytes:
@@ -106,13 +149,28 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         return await call_next(request)
 
     async def read_json(request: Request) -> dict:
-        raw = await request.body()
-        if len(raw) > max_body_bytes:
-            raise _Bad(413, f"request body larger than {max_body_bytes} bytes")
+        chunks: list[bytes] = []
+
+        async def receive():
+            n = 0
+            async for chunk in request.stream():  # counted as it arrives: a chunked body cannot exceed the limit
+                n += len(chunk)
+                if n > max_body_bytes:
+                    raise _Bad(413, f"request body larger than {max_body_bytes} bytes")
+                chunks.append(chunk)
+
+        try:  # a client that never finishes sending its body does not hold a handler forever
+            await asyncio.wait_for(receive(), body_timeout_s)
+        except asyncio.TimeoutError:
+            raise _Bad(408, f"the request body did not arrive within {body_timeout_s:g} s") from None
+        raw = b"".join(chunks)
         try:
-            body = json.loads(raw or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _Bad(400, f"body is not valid JSON: {e}") from None
+            body = json.loads(raw or b"{}", parse_constant=_no_constant)
+        except RecursionError:
+            raise _Bad(400, "body is nested too deeply") from None
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, NaN/Infinity, ints over the digit limit
+            msg = str(e) if isinstance(e, json.JSONDecodeError) else "a number is invalid or too long"
+            raise _Bad(400, f"body is not valid JSON: {msg}") from None
         if not isinstance(body, dict):
             raise _Bad(400, "body must be a JSON object")
         return body
@@ -126,8 +184,11 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
             raise _Bad(400, "only n=1 is supported")
         p = SamplingParams(max_tokens=_get(body, "max_tokens", int, default_max_tokens, 1, engine.max_new_tokens),
                            temperature=_get(body, "temperature", float, 1.0 if body.get("top_p") else 0.0, 0.0, 10.0),
-                           top_p=_get(body, "top_p", float, 1.0, 1e-9, 1.0), seed=_get(body, "seed", int, None),
+                           top_p=_get(body, "top_p", float, 1.0, 1e-9, 1.0),
+                           top_k=_get(body, "top_k", int, 0, -1, 1 << 30),
+                           seed=_get(body, "seed", int, None, *SEED_RANGE),
                            stop=stop, ignore_eos=_get(body, "ignore_eos", bool, False))
+        _get(body, "stream", bool, False)
         if "max_completion_tokens" in body:
             p.max_tokens = _get(body, "max_completion_tokens", int, 16, 1, engine.max_new_tokens)
         try:
@@ -153,6 +214,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
             raise _Bad(404, str(e), "not_found_error") from None
         except (EngineError, LorakitError) as e:
             raise _Bad(400, str(e)) from None
+        if engine.stopping:
+            engine.cancel(req)
+            raise _Bad(503, "the server is shutting down", "server_error")
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
@@ -163,6 +227,15 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
                     "total_tokens": len(req.prompt_ids) + n}
 
         if body.get("stream"):
+            try:  # the first event decides the status: a request that fails before its first token gets a 4xx/5xx
+                pending = [await q.get()]
+            except asyncio.CancelledError:
+                engine.cancel(req)
+                raise
+            if pending[0][0] == "done" and req.error:
+                st = req.status or 500
+                return _err(st, req.error, _STATUS_TYPE.get(st, "server_error"))
+
             async def sse():
                 try:
                     if chat:
@@ -170,13 +243,15 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
                                  "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
                         yield f"data: {json.dumps(first)}\n\n"
                     while True:
-                        kind, payload = await q.get()
+                        kind, payload = pending.pop() if pending else await q.get()
                         if kind == "delta":
                             ch = ({"index": 0, "delta": {"content": payload}, "finish_reason": None} if chat else
                                   {"index": 0, "text": payload, "finish_reason": None, "logprobs": None})
                         else:
                             if req.error:
-                                yield f"data: {json.dumps({'error': {'message': req.error, 'type': 'server_error'}})}\n\n"
+                                err = {"message": req.error, "type": _STATUS_TYPE.get(req.status, "server_error"),
+                                       "code": req.status}
+                                yield f"data: {json.dumps({'error': err})}\n\n"
                                 break
                             ch = ({"index": 0, "delta": {}, "finish_reason": req.finish_reason} if chat else
                                   {"index": 0, "text": "", "finish_reason": req.finish_reason, "logprobs": None})
@@ -202,7 +277,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
             engine.cancel(req)
             raise
         if req.error:
-            return _err(500 if "internal" in req.error else 400, req.error, "server_error")
+            st = req.status or 500
+            return _err(st, req.error, _STATUS_TYPE.get(st, "server_error"))
         choice = ({"index": 0, "message": {"role": "assistant", "content": req.text},
                    "finish_reason": req.finish_reason} if chat else
                   {"index": 0, "text": req.text, "finish_reason": req.finish_reason, "logprobs": None})
@@ -215,6 +291,12 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
                 return await fn(request)
             except _Bad as e:
                 return _err(e.status, e.msg, e.typ)
+            except RecursionError:
+                return _err(400, "the request is nested too deeply")
+            except Exception:  # never a bare 500 or a raw exception text: say what failed, log the rest
+                log.exception("%s failed", request.url.path)
+                return _err(500, f"internal error while handling {request.url.path} (the server log has the "
+                            "details)", "server_error")
         wrapped.__name__ = fn.__name__
         return wrapped
 
@@ -242,13 +324,18 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
                 for m in msgs):
             raise _Bad(400, "'messages' must be a non-empty list of {role, content} objects with string content")
         tok = engine.tok
-        if getattr(tok, "chat_template", None):
-            prompt = tok.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in msgs],
-                                             add_generation_prompt=True, tokenize=False)
-            ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tok("".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:",
-                      add_special_tokens=True)["input_ids"]
+        try:
+            if getattr(tok, "chat_template", None):
+                prompt = tok.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in msgs],
+                                                 add_generation_prompt=True, tokenize=False)
+                ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            else:
+                ids = tok("".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:",
+                          add_special_tokens=True)["input_ids"]
+        except Exception:
+            log.info("chat template failed", exc_info=True)
+            raise _Bad(400, "'messages' cannot be formatted by the model's chat template (unknown roles, an order "
+                       "the template refuses, or invalid unicode)") from None
         return await run(request, body, list(ids), chat=True)
 
     @app.get("/v1/models")
@@ -268,9 +355,11 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         if not isinstance(name, str) or (path is not None and not isinstance(path, str)):
             raise _Bad(400, "body must be {\"lora_name\": str, \"lora_path\": str}")
         try:
-            await asyncio.to_thread(engine.load_adapter, name, path or name)
+            await asyncio.to_thread(engine.load_adapter, name, path if path is not None else name)
         except AdapterNotFound as e:
             raise _Bad(404, str(e), "not_found_error") from None
+        except AdapterConflict as e:
+            raise _Bad(409, str(e), "conflict_error") from None
         except LorakitError as e:
             raise _Bad(400, str(e)) from None
         return {"status": "ok", "lora_name": name}
@@ -286,6 +375,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
             engine.unload_adapter(name)
         except AdapterNotFound as e:
             raise _Bad(404, str(e), "not_found_error") from None
+        except AdapterConflict as e:
+            raise _Bad(409, str(e), "conflict_error") from None
         return {"status": "ok", "lora_name": name}
 
     @app.get("/health")
@@ -312,27 +403,48 @@ def _port_free(host: str, port: int) -> str | None:
         s.close()
 
 
+def _ranged(kind, lo, hi):
+    """An argparse type: ``kind`` (int/float) in ``[lo, hi]``; anything else exits 2 with the allowed range."""
+    def conv(text: str):
+        try:
+            v = kind(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} in [{lo}, {hi}], "
+                                             f"got {text!r}") from None
+        if not math.isfinite(v) or not (lo <= v <= hi):
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {text}")
+        return v
+    conv.__name__ = kind.__name__
+    return conv
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lorakit serve", description="Serve a base model with many LoRA-family "
                                 "adapters (OpenAI-compatible API; the request's `model` names the adapter).")
     p.add_argument("--base", required=True, help=f"local HF model directory, or '{SMOLLM2}' (offline asset)")
     p.add_argument("--adapters", help="directory whose sub-directories are adapters (lorakit/PEFT format)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_ranged(int, 0, 65535), default=8000)
     p.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $LORAKIT_API_KEY)")
     p.add_argument("--served-name", help="name of the base model in `model` (default: the --base name)")
-    p.add_argument("--max-loras", type=int, default=8, help="adapters resident in memory at once (LRU)")
-    p.add_argument("--gather-cache-mb", type=float, default=2048,
+    p.add_argument("--max-loras", type=_ranged(int, *LIMITS["max_loras"]), default=8,
+                   help="adapters resident in memory at once (LRU)")
+    p.add_argument("--gather-cache-mb", type=_ranged(float, *LIMITS["gather_cache_mb"]), default=2048,
                    help="memory for the running batch's gathered adapter weights, reused across decode steps (0 = off)")
-    p.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
-    p.add_argument("--max-tokens", type=int, default=512, help="upper bound on a request's max_tokens")
-    p.add_argument("--max-prompt-tokens", type=int, default=None)
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--max-batch", type=_ranged(int, *LIMITS["max_batch"]), default=32, help="requests decoded together")
+    p.add_argument("--max-tokens", type=_ranged(int, *LIMITS["max_new_tokens"]), default=512,
+                   help="upper bound on a request's max_tokens")
+    p.add_argument("--max-prompt-tokens", type=_ranged(int, *LIMITS["max_prompt_tokens"]), default=None)
+    p.add_argument("--max-body-bytes", type=_ranged(int, 64, 1 << 30), default=1 << 20)
+    p.add_argument("--body-timeout", type=_ranged(float, 1, 3600), default=60.0,
+                   help="seconds a client has to send its whole request body (408 otherwise; default 60)")
+    p.add_argument("--shutdown-timeout", type=_ranged(float, 0, 3600), default=10.0,
+                   help="seconds SIGTERM/Ctrl-C waits for running requests before it cancels them (default 10)")
     p.add_argument("--targets", default="all-linear", help="layers the adapter bank hosts (default all-linear)")
     p.add_argument("--preload", nargs="*", default=[], help="adapter names to load at start")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_ranged(int, 1, 1024), default=None, help="torch CPU threads")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -371,12 +483,14 @@ def serve_main(argv: list[str] | None = None) -> int:
     engine.start()
     import uvicorn
 
-    app = create_app(engine, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    app = create_app(engine, api_key=args.api_key, max_body_bytes=args.max_body_bytes, stop_engine_on_shutdown=True,
+                     body_timeout_s=args.body_timeout)
     log.info("serving %s with adapters from %s on http://%s:%d", name, args.adapters, args.host, args.port)
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    try:  # SIGTERM: stop accepting, let running requests finish for --shutdown-timeout s, cancel the rest
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                    timeout_graceful_shutdown=args.shutdown_timeout)
     finally:
-        engine.stop()
+        engine.stop(timeout=max(1.0, args.shutdown_timeout))
     return 0
 
 

@@ -96,6 +96,8 @@ class OptimSection:
     min_lr_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
     trainable_lr: float | None = None  # learning rate of the `adapter.trainable` modules (a new head); None: lr
+    # per-role lr / weight decay over the method's declared defaults: {router: {lr: 0.1, weight_decay: 0.0}}
+    role_optim: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)  # the procedure's own options (written flat in YAML)
 
     def validate(self) -> None:
@@ -113,7 +115,7 @@ class OptimSection:
         from ..procedures import Hyper
 
         return Hyper(lr=self.lr, weight_decay=self.weight_decay, betas=tuple(self.betas), eps=self.eps,
-                     trainable_lr=self.trainable_lr)
+                     trainable_lr=self.trainable_lr, role_optim=dict(self.role_optim) or None)
 
     def procedure(self):
         """The :class:`lorakit.procedures.Procedure` this section names, with its options (validated)."""

@@ -1,8 +1,8 @@
 """A plain PyTorch training loop that knows nothing about individual methods.
 
 The optimiser comes from the training procedure ``optim.name`` (:mod:`lorakit.procedures`; default adamw).
-Per step: ``grad_accum`` micro-batches (forward under autocast, inside ``lorakit.batch_context`` when a batch has
-``task_ids``; loss = task loss + ``lorakit.extra_loss(model)``), gradient clipping, controllers' ``before_step``,
+Per step: ``grad_accum`` micro-batches (forward under autocast, inside ``lorakit.batch_context`` with the batch's
+``task_ids`` and a copy of its ``attention_mask`` so routing losses can skip padding; loss = task loss + ``lorakit.extra_loss(model)``), gradient clipping, controllers' ``before_step``,
 the procedure's ``before_step``, ``optimizer.step()``, the procedure's ``after_step``, scheduler, controllers'
 ``step``. Data-dependent inits get calibration batches from the training set. Everything a resume needs (adapter
 tensors, optimizer, scheduler, RNG, controllers, the procedure's state) is checkpointed;
@@ -34,6 +34,7 @@ from ..errors import ConfigError, LorakitError
 from ..io import save_adapter
 from ..procedures import options_dict
 from ..procedures import setup as setup_procedure
+from ..procedures.slots import set_run_warmup
 from ..tasks import get_task
 from ..tasks.base import to_device
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -298,6 +299,7 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
     n_train = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, oc.warmup, oc.schedule, oc.min_lr_ratio))
+    set_run_warmup(opt, int(round(oc.warmup * total)) if oc.warmup < 1 else int(oc.warmup))  # grown rank slots
     ctrls = inject.controllers(model)
     for c in ctrls:
         c.on_train_begin(model, opt, total)
@@ -347,6 +349,8 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
             for k in range(accum):
                 b = batch(step * accum + k)
                 ctx_values = {k: b.pop(k) for k in task.context_keys if k in b}
+                if "attention_mask" in b:  # shared, not popped: routing losses skip padding (MeteoRA, LLaVA-MoLE)
+                    ctx_values.setdefault("attention_mask", b["attention_mask"])
                 ntok += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                 b = to_device(b, device)
                 ctx = inject.batch_context(model, **{k: v.to(device) for k, v in ctx_values.items()}) \
