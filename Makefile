@@ -1,6 +1,6 @@
 # Entry points that work on a fresh machine (nothing but Python 3.10+ and pip):
 #   make demo   set up, prepare the offline assets, run the embedded default job (`lorakit train`)
-#   make test   set up, run the whole test suite (what CI runs)
+#   make test   set up, run the whole test suite (what CI runs, then `make wheel-check`)
 #   make llamacpp-check   build the pinned llama-cpp-python into the venv (llama.cpp from source with cmake and the
 #               system compiler: ~25 min on 2 busy cores), then load lorakit's GGUF exports in llama.cpp itself
 #               (tests/serve/test_llamacpp.py; `make test` runs it too once the bindings are installed, else skips it)
@@ -12,7 +12,7 @@ LLAMACPP = llama-cpp-python==0.3.36
 # only libllama/libggml are needed (the multimodal and common libraries would double the build)
 LLAMACPP_CMAKE_ARGS = -DLLAVA_BUILD=OFF -DLLAMA_BUILD_COMMON=OFF
 
-.PHONY: setup demo test assets clean llamacpp-check
+.PHONY: setup demo test assets clean llamacpp-check wheel-check
 
 setup: $(STAMP)
 
@@ -42,6 +42,10 @@ llamacpp-check: assets
 	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(PY) -m pip install -q "$(LLAMACPP)"
 	$(PY) -m pytest -q -p no:cacheprovider tests/serve/test_llamacpp.py -o log_cli=true --log-cli-level=INFO \
 		--log-cli-format="%(message)s"
+
+# build the wheel, install it in a fresh venv outside the checkout, run the packaged default and --method (tiny)
+wheel-check:
+	PYTHON=$(PYTHON) bash .ci/wheel_check.sh
 
 clean:
 	rm -rf $(VENV)

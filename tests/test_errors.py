@@ -140,7 +140,8 @@ def test_calibrated_method_without_data_is_refused():
         pytest.skip("no calibrated method registered")
     m = MLP(); snap = snapshot(m)
     with pytest.raises(lorakit.ConfigError, match="calibration"):
-        lorakit.attach(m, {"method": calibrated[0], "targets": ["lin0"]})
+        # a rank this layer can take (a too large one is refused first, naming the layer)
+        lorakit.attach(m, {"method": calibrated[0], "targets": ["lin0"], "r": 2, **REGISTRY[calibrated[0]].example})
     assert unchanged(m, snap)
 
 

@@ -350,6 +350,18 @@ def load_dataset(name: str) -> dict[str, list[dict]]:
     return split_rows(_READERS[name](), DATASETS[name].sizes)
 
 
+def _read_utf8(p: Path, encoding: str = "utf-8") -> str:
+    """The text of ``p``; a file that is not UTF-8 is a ConfigError naming the line and byte offset."""
+    data = p.read_bytes()
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(f"{p}:{line}: not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}, column {col}: "
+                          f"{e.reason}); save the file as UTF-8") from None
+
+
 def load_user_data(path: str | os.PathLike, columns: tuple[str, str]) -> list[dict]:
     """Rows of a JSONL or CSV file that must have ``columns`` (e.g. ``("text", "label")``)."""
     p = Path(path).expanduser()
@@ -357,7 +369,7 @@ def load_user_data(path: str | os.PathLike, columns: tuple[str, str]) -> list[di
         raise AssetError(f"data file not found: {p}")
     rows: list[dict] = []
     if p.suffix.lower() in (".jsonl", ".json"):
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(_read_utf8(p).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -368,8 +380,11 @@ def load_user_data(path: str | os.PathLike, columns: tuple[str, str]) -> list[di
                 raise ConfigError(f"{p}:{i}: each line must be a JSON object")
             rows.append(r)
     elif p.suffix.lower() in (".csv", ".tsv"):
-        rows = list(csv.DictReader(io.StringIO(p.read_text(encoding="utf-8-sig")),
-                                   delimiter="\t" if p.suffix.lower() == ".tsv" else ","))
+        try:
+            rows = list(csv.DictReader(io.StringIO(_read_utf8(p, "utf-8-sig")),
+                                       delimiter="\t" if p.suffix.lower() == ".tsv" else ","))
+        except csv.Error as e:
+            raise ConfigError(f"{p}: not a valid CSV file ({e})") from None
     else:
         raise ConfigError(f"{p}: unsupported data file type '{p.suffix}' (use .jsonl or .csv)")
     if not rows:

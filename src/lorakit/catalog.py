@@ -14,7 +14,7 @@ def methods_markdown() -> str:
         fams.setdefault(cls.family or "other", []).append((name, cls))
     out = ["# Methods", "", f"{len(REGISTRY)} registered methods, generated from the registry "
            "(`lorakit methods --markdown`). Each class docstring holds the formula with shapes and the decisions "
-           "taken where the paper was unclear; `configs/methods/<name>.yaml` holds the recipe.", ""]
+           "taken where the paper was unclear; `lorakit/recipes/methods/<name>.yaml` (`lorakit recipes`) holds the recipe.", ""]
     out += ["| method | family | paper | mergeable | PEFT type | init | layers | options |",
             "|---|---|---|---|---|---|---|---|"]
     for fam in sorted(fams):

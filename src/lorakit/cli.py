@@ -7,6 +7,7 @@
   inspect   MODEL [--targets SPEC] [--exclude SPEC] [--layers N ...]    which modules a target spec matches
   assets    [list | prepare [NAME ...]]                                 offline models and datasets
   extract   --base B --tuned T (--rank R | --energy F) --out DIR         a PEFT LoRA from a fully tuned model
+  recipes   [NAME]                                                      the packaged recipes and method files
   arena     run [--methods ..] [--tasks ..] [--seeds 0,1,2] [--budget ..] | report | plan
                                                                         every method on the same tasks and budget
 
@@ -40,9 +41,13 @@ def _fmt(v) -> str:
 
 
 def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
-    if items and "=" not in items[0]:
-        return items[0], items[1:]
-    return None, items
+    """``[CONFIG] key=value ...`` in any order: the one item without ``=`` is the config (or task)."""
+    from .errors import ConfigError
+
+    plain = [x for x in items if "=" not in x]
+    if len(plain) > 1:
+        raise ConfigError(f"more than one config/task given: {plain}; overrides are key=value")
+    return (plain[0] if plain else None), [x for x in items if "=" in x]
 
 
 # ---------------------------------------------------------------------------------------------------- train
@@ -212,12 +217,12 @@ def cmd_methods(a) -> int:
 
 # ---------------------------------------------------------------------------------------------------- inspect
 def parse_targets(values: list[str] | None):
-    """``all-linear`` | a regex (has regex characters) | names (comma/space separated) -> a targets spec."""
+    """``all-linear`` | ``all-attention`` | a regex (has regex characters) | names (comma/space separated) -> a targets spec."""
     if not values:
         return None
     if len(values) == 1:
         v = values[0]
-        if v == "all-linear":
+        if v in ("all-linear", "all-attention"):
             return v
         if any(c in v for c in "*+?[](){}|^$\\"):
             return v
@@ -305,6 +310,28 @@ def cmd_assets(a) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------- recipes
+def cmd_recipes(a) -> int:
+    from .errors import ConfigError
+    from .train.config import RECIPES_DIR, list_recipes
+
+    recipes = list_recipes()
+    if a.name:
+        hit = [r for r in recipes if r["name"] == a.name or f"{r['kind']}s/{r['name']}" == a.name
+               or (r["kind"] == "method" and f"methods/{r['name']}" == a.name)]
+        if not hit:
+            raise ConfigError(f"no packaged recipe '{a.name}'; known: {', '.join(r['name'] for r in recipes)}")
+        sys.stdout.write(hit[0]["path"].read_text(encoding="utf-8"))
+        return 0
+    _out(f"packaged recipes ({RECIPES_DIR}):")
+    _out(_table([[r["name"], r["description"][:90]] for r in recipes if r["kind"] == "recipe"],
+                ["recipe (lorakit train NAME)", "description"]))
+    _out("")
+    _out(_table([[r["name"], r["description"][:90]] for r in recipes if r["kind"] == "method"],
+                ["method file (--method NAME)", "description"]))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- arena
 def _csv(v: str | None) -> list[str] | None:
     return [x.strip() for x in v.split(",") if x.strip()] if v else None
@@ -388,6 +415,7 @@ COMMANDS = {
     "assets": (cmd_assets, "list / prepare the offline models and datasets"),
     "extract": (cmd_extract, "extract a PEFT LoRA approximating a fully fine-tuned model (truncated SVD)"),
     "arena": (cmd_arena, "compare every method on the same real tasks under the same budget"),
+    "recipes": (cmd_recipes, "list the packaged recipes and method files (or print one)"),
 }
 
 
@@ -400,8 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, _, h) in PASSTHROUGH.items():
         sub.add_parser(name, help=h + f" (see `lorakit {name} --help`)", add_help=False)
     s["train"].add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value]",
-                            help="a recipe (configs/*.yaml) and/or overrides such as adapter.r=16 optim.lr=1e-4")
-    s["train"].add_argument("--method", help="swap in configs/methods/NAME.yaml (or just set adapter.method)")
+                            help="a recipe (a YAML file, or a packaged recipe's name: see `lorakit recipes`) and/or "
+                            "overrides such as adapter.r=16 optim.lr=1e-4")
+    s["train"].add_argument("--method", help="swap in the method's paper settings (lorakit recipes: methods/NAME.yaml; or just set "
+                            "adapter.method)")
     s["train"].add_argument("--resume", action="store_true", help="continue from the last checkpoint in output.dir")
     s["eval"].add_argument("--adapter", required=True, help="adapter directory (output.dir/adapter)")
     s["eval"].add_argument("args", nargs="*", metavar="[TASK] [key=value]")
@@ -419,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     s["inspect"].add_argument("--exclude", nargs="+")
     s["inspect"].add_argument("--layers", nargs="+", type=int)
     s["inspect"].add_argument("--summary", action="store_true", help="counts only")
+    s["recipes"].add_argument("name", nargs="?", help="print this recipe (e.g. sentiment-minilm-lora, methods/vera)")
     s["assets"].add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
     s["assets"].add_argument("names", nargs="*")
     ex = s["extract"]
@@ -446,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--isolate", default="fork", choices=["fork", "spawn", "none"],
                     help="each run in a forked (default) or fresh process, or in this one")
     ar.add_argument("--lr", default="paper", choices=["paper", "recipe"],
-                    help="paper: each method's rate from configs/methods (default); recipe: the task's rate for all")
+                    help="paper: each method's rate from its packaged method file (default); recipe: the task's rate for all")
     ar.add_argument("--plugins", help="comma-separated modules to import first (they register your own methods)")
     ar.add_argument("--timeout", type=float, default=3600.0, help="seconds per run before it is killed")
     ar.add_argument("--no-report", action="store_true", help="do not write the report after running")
@@ -479,7 +510,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lorakit {argv[0]}: error: {e}", file=sys.stderr)
             return 2
     parser = build_parser()
-    a = parser.parse_args(argv)
+    # options and positionals in any order (`train recipe.yaml --method dora key=value`): argparse stops a
+    # positional list at the first option, so the positionals after it come back as extras and are appended
+    a, extra = parser.parse_known_args(argv)
+    if extra:
+        if a.cmd not in ("train", "eval") or any(x.startswith("-") for x in extra):
+            parser.parse_args(argv)  # the usual "unrecognized arguments" error, exit 2
+        a.args = list(a.args) + extra
     if a.cmd is None:
         parser.print_help()
         return 0

@@ -365,6 +365,27 @@ class Adapter(nn.Module):
     peft_keys: ClassVar[dict[str, dict[str, str]]] = {}  # layer kind -> {internal key: PEFT file key}
     frozen: ClassVar[tuple[str, ...]] = ()  # own parameters that never train (frozen SVD factors, ...)
     example: ClassVar[dict[str, Any]] = {}  # options for tiny test models (the contract suite uses them)
+    rank_options: ClassVar[tuple[str, ...]] = ("r",)  # the options bounded by a layer's max rank (check_layer)
+
+    @classmethod
+    def max_rank(cls, view: "LayerView") -> int:
+        """The largest value a rank option may take on this layer: ``min(d_out, d_in)`` (a rank above it adds
+        nothing to ΔW and breaks the SVD/LU-based inits). A method whose rank means something else overrides it."""
+        return min(view.d_out, view.d_in)
+
+    @classmethod
+    def check_layer(cls, cfg: Any, view: "LayerView") -> str | None:
+        """What keeps this layer from hosting an adapter with ``cfg`` (None: nothing). ``attach`` calls it for every
+        target before the first adapter is built, so an impossible rank (``r=2**40``) fails before any allocation
+        and names the layer. The policy is the same for every method: a rank above the layer's maximum is an
+        error, never silently clamped (docs/design.md)."""
+        cap = cls.max_rank(view)
+        for k in cls.rank_options:
+            v = getattr(cfg, k, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > cap:
+                return (f"{k}={v} exceeds this layer's maximum {cap} (d_out={view.d_out}, d_in={view.d_in}, "
+                        f"kind {view.kind})")
+        return None
     file_fields: ClassVar[tuple[str, ...]] = ()  # per-module Config fields that file_config encodes itself
     # rank surgery after training (lorakit.rank): every prefix rank is trained, so ``truncate(b)`` keeps the first b
     # (DyLoRA); or the rank is a mask over slots and ``kept_lowrank()`` gives the surviving ones (SoRA, AdaLoRA)

@@ -22,7 +22,7 @@ from .targets import match
 
 log = logging.getLogger(__name__)
 
-__all__ = ["attach", "detach", "set_active", "disabled", "summary", "hosts", "adapters", "init_adapters",
+__all__ = ["attach", "check_attach", "detach", "set_active", "disabled", "summary", "hosts", "adapters", "init_adapters",
            "calibrate", "extra_loss", "output_loss", "adapter_stats", "batch_context", "controllers", "attached", "active_names",
            "attachment", "Attachment", "calibration_kind", "match_parameters"]
 
@@ -98,6 +98,38 @@ def _check_not_merged(model: nn.Module, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+def check_attach(model: nn.Module, config: AttachConfig | dict | Any) -> list[str]:
+    """Every check :func:`attach` makes about ``model`` before it builds anything, with nothing built or changed:
+    the targets match, each matched layer is of a kind the method supports, and each can take the options (a rank
+    above the layer's maximum is refused naming the layer: ``Adapter.check_layer``). Returns the matched paths.
+    The trainer calls it right after the model loads, so a wrong target fails before any evaluation runs."""
+    cfg = AttachConfig.make(config)
+    method = get_method(cfg.method)
+    for t in cfg.trainable:
+        try:
+            model.get_submodule(t)
+        except AttributeError:
+            raise TargetError(f"trainable module '{t}' does not exist in {type(model).__name__}") from None
+    if cfg.target_parameters and not cfg.targets:  # only parameters (PEFT: target_modules=[])
+        paths = []
+    else:
+        paths = match(model, cfg.targets, cfg.exclude, cfg.layers, cfg.layers_pattern, skip=cfg.trainable)
+    _check_not_shared(model, paths)
+    for path in paths:
+        mod = model.get_submodule(path)
+        base = mod.base_layer if isinstance(mod, Adapted) else mod
+        view = LayerView(base)
+        if view.kind not in method.layers:
+            raise TargetError(f"method '{method.name}' cannot adapt '{path}' ({type(base).__name__}); it supports "
+                              f"{', '.join(method.layers)}. Narrow `targets` or add it to `exclude`.")
+        problem = method.check_layer(cfg.method_config(path, method), view)
+        if problem:
+            raise ConfigError(f"method '{method.name}' cannot adapt '{path}': {problem}. Lower the option, give "
+                              f"this layer its own value in `overrides` (e.g. {{{path!r}: {{...}}}}) or leave it "
+                              "out with `exclude`")
+    return paths
+
+
 def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "default", *, defer_init: bool = False,
            calibration: Iterable | None = None, loss_fn: Callable | None = None, stats: dict | None = None,
            provides: Iterable[str] | None = None) -> nn.Module:
@@ -123,16 +155,7 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
         raise ConfigError(f"an adapter named '{name}' is already attached; detach it first or pick another name "
                           f"(attached: {sorted(meta['attachments'])})")
     _check_not_merged(model, f"attach adapter '{name}'")
-    for t in cfg.trainable:
-        try:
-            model.get_submodule(t)
-        except AttributeError:
-            raise TargetError(f"trainable module '{t}' does not exist in {type(model).__name__}") from None
-    if cfg.target_parameters and not cfg.targets:  # only parameters (PEFT: target_modules=[])
-        paths = []
-    else:
-        paths = match(model, cfg.targets, cfg.exclude, cfg.layers, cfg.layers_pattern, skip=cfg.trainable)
-    _check_not_shared(model, paths)
+    paths = check_attach(model, cfg)
     ptargets = match_parameters(model, cfg.target_parameters) if cfg.target_parameters else []
     if provides is not None:
         provided = set(provides)
@@ -152,9 +175,6 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
             mod = model.get_submodule(path)
             base = mod.base_layer if isinstance(mod, Adapted) else mod
             view = LayerView(base)
-            if view.kind not in method.layers:
-                raise TargetError(f"method '{method.name}' cannot adapt '{path}' ({type(base).__name__}); it supports "
-                                  f"{', '.join(method.layers)}. Narrow `targets` or add it to `exclude`.")
             mcfg = cfg.method_config(path, method)
             w = base.weight
             with torch.device(w.device):

@@ -3,6 +3,10 @@
 * a ``str`` is ``re.fullmatch`` against the full dotted module path;
 * a ``list`` matches an exact path or a dotted suffix (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``);
 * ``"all-linear"`` is every Linear/Conv1D except the output head (and a sequence-classification head);
+* ``"all-attention"`` (lorakit's own) is every Linear/Conv1D inside an attention block: a module whose path has a
+  component naming attention (``self_attn``, ``attention``, ``attn``, ``SelfAttention``, ...) before its own name.
+  It is derived from the model, not from a table, so one recipe fits Llama (q/k/v/o_proj), BERT (query, key,
+  value, attention.output.dense), GPT-2 (c_attn, c_proj) and any other architecture;
 * ``exclude`` (same forms) is applied first; ``layers`` keeps only the given layer indices
   (the first number after ``layers_pattern``, default any of PEFT's layer-list names).
 """
@@ -26,6 +30,11 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 }
 LAYER_LIST_NAMES = ("layers", "h", "block", "blocks", "layer")
 _CLS_HEADS = ("score", "classifier")
+_ATTN = re.compile(r"attn|attention", re.I)
+
+
+def _in_attention(path: str) -> bool:
+    return any(_ATTN.search(c) for c in path.split(".")[:-1])
 
 
 def _spec_match(path: str, spec: str | Iterable[str]) -> bool:
@@ -56,10 +65,14 @@ def _output_heads(model: nn.Module) -> set[str]:
     return heads
 
 
-def default_targets(model: nn.Module) -> list[str]:
+def default_targets(model: nn.Module) -> list[str] | str:
+    """PEFT's per-architecture default for known model types; otherwise every projection inside an attention
+    block (``"all-attention"``) when the model has any; otherwise an error asking for targets."""
     mt = getattr(getattr(model, "config", None), "model_type", None)
     if mt in DEFAULT_TARGETS:
         return DEFAULT_TARGETS[mt]
+    if any(adaptable(m) in ("linear", "conv1d") and _in_attention(p) for p, m in model.named_modules()):
+        return "all-attention"
     raise TargetError("no `targets` given and no default is known for "
                       f"{'model type ' + repr(mt) if mt else type(model).__name__}; pass targets=\"all-linear\", "
                       "a regex, or a list of module names")
@@ -72,7 +85,8 @@ def match(model: nn.Module, targets, exclude=None, layers: list[int] | None = No
         targets = default_targets(model)
     if isinstance(targets, (list, tuple, set)) and not targets:
         raise TargetError("`targets` is an empty list")
-    all_linear = targets == "all-linear"
+    all_linear = targets in ("all-linear", "all-attention")
+    attention = targets == "all-attention"
     heads = _output_heads(model) if all_linear else set()
     skip = set(skip)
     found: list[str] = []
@@ -88,7 +102,7 @@ def match(model: nn.Module, targets, exclude=None, layers: list[int] | None = No
         if exclude and _spec_match(path, exclude):
             continue
         if all_linear:
-            if kind not in ("linear", "conv1d") or path in heads:
+            if kind not in ("linear", "conv1d") or path in heads or (attention and not _in_attention(path)):
                 continue
         elif not _spec_match(path, targets):
             continue

@@ -36,8 +36,8 @@ def test_lora_formula_and_scaling():
 
 def test_rslora_scaling():
     m = _lin()
-    lorakit.attach(m, {"method": "lora", "targets": ["0"], "r": 16, "alpha": 8, "rslora": True})
-    assert m[0].adapters["default"].scale == 8 / math.sqrt(16)
+    lorakit.attach(m, {"method": "lora", "targets": ["0"], "r": 9, "alpha": 8, "rslora": True})
+    assert m[0].adapters["default"].scale == 8 / math.sqrt(9)  # r <= min(d_out, d_in) = 12 (a larger rank is refused)
     m1 = _lin()
     lorakit.attach(m1, {"method": "lora", "targets": ["0"], "r": 1, "alpha": 8, "rslora": True})
     assert m1[0].adapters["default"].scale == 8.0  # r = 1: identical to LoRA

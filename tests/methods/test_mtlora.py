@@ -112,4 +112,4 @@ def test_bad_mode_and_task_targets_are_refused():
     with pytest.raises(ConfigError, match="mode='addition'; valid: matrix, matrixv2"):
         lorakit.attach(MLP(), {"method": "mtlora", "targets": ["lin0"], "mode": "addition"})
     with pytest.raises(ConfigError, match="matches none of the adapted modules"):
-        lorakit.attach(MLP(), {"method": "mtlora", "targets": ["lin0"], "task_targets": ["nope"]})
+        lorakit.attach(MLP(), {"method": "mtlora", "targets": ["lin0"], "task_targets": ["nope"], "r": 4})  # r <= 12

@@ -203,7 +203,7 @@ def test_named_task_and_arena_entries():
     assert PRIMARY["multitask-smollm2"] == "mean_accuracy"
     cfg = resolve(recipe("multitask-smollm2"))
     assert cfg.data.task == "multitask-smollm2" and cfg.adapter["r"] == 8
-    assert cfg.adapter["targets"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert cfg.adapter["targets"] == "all-attention"
 
 
 @pytest.mark.slow

@@ -42,14 +42,12 @@ PRIMARY = {"sentiment-minilm": "accuracy", "bbc-minilm": "macro_f1", "sentiment-
 
 
 def recipe(task: str) -> Path:
-    from ..train.config import CONFIG_DIRS
+    from ..train.config import RECIPES_DIR
 
-    for d in CONFIG_DIRS:
-        p = d / f"{task}-lora.yaml"
-        if p.is_file():
-            return p
-    raise ConfigError(f"no recipe for arena task '{task}' (looked for {task}-lora.yaml in "
-                      f"{', '.join(str(d) for d in CONFIG_DIRS)})")
+    p = RECIPES_DIR / f"{task}-lora.yaml"  # packaged: a wheel install has it
+    if p.is_file():
+        return p
+    raise ConfigError(f"no recipe for arena task '{task}' (looked for {p})")
 
 
 def budget_overrides(task: str, budget: str) -> list[str]:

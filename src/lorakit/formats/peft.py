@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+import torch
 from torch import Tensor
 
 from ..errors import AdapterFileError
@@ -73,7 +74,8 @@ def read_adapter_config(directory: str | os.PathLike, root: str | os.PathLike | 
 
 
 def read_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
-    """The tensors of ``adapter_model.safetensors`` (never a pickle)."""
+    """The tensors of ``adapter_model.safetensors`` (never a pickle). A floating-point tensor holding NaN or ±inf
+    is refused (AdapterFileError naming it): such a file would poison every output it touches."""
     directory = Path(directory)
     wp = directory / WEIGHTS_NAME
     if not wp.is_file():
@@ -83,9 +85,14 @@ def read_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
                                    "save_pretrained(..., safe_serialization=True)")
         raise AdapterFileError(f"{directory} has no {WEIGHTS_NAME}")
     try:
-        return load_file(str(wp))
+        tensors = load_file(str(wp))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise AdapterFileError(f"{wp} is not a valid safetensors file: {e}") from None
+    for k, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            bad = "NaN" if bool(torch.isnan(t).any()) else "inf"
+            raise AdapterFileError(f"{wp}: tensor '{k}' holds non-finite values ({bad}); refusing the file")
+    return tensors
 
 
 def atomic_dir_write(directory: Path, files: dict[str, Callable[[str], Any]]) -> None:

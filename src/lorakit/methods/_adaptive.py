@@ -26,7 +26,7 @@ class Sensitivity:
 
     def __init__(self, beta1: float = 0.85, beta2: float = 0.85):
         if not (0 < beta1 < 1 and 0 < beta2 < 1):
-            raise ValueError(f"beta1/beta2 must lie in (0, 1), got {beta1}, {beta2}")
+            raise ConfigError(f"beta1/beta2 must lie in (0, 1), got {beta1}, {beta2}")
         self.beta1, self.beta2 = beta1, beta2
         self.ipt: dict[str, Tensor] = {}
         self.unc: dict[str, Tensor] = {}

@@ -18,6 +18,8 @@ mergeable: the output depends on the input through the router.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import math
 from dataclasses import dataclass
 
@@ -32,6 +34,7 @@ from ..errors import ConfigError
 
 @dataclass
 class MixConfig:
+    positive: ClassVar = ("r", "num_experts")
     r: int = 8  # rank of EACH expert
     alpha: float = 16.0  # expert scale s = alpha / r
     num_experts: int = 4
@@ -78,7 +81,7 @@ class Mixture(Adapter):
         E = cfg.num_experts if num_experts is None else num_experts
         r = cfg.r if rank is None else rank
         if E <= 0 or r <= 0:
-            raise ValueError(f"num_experts and r must be positive, got num_experts={E}, r={r}")
+            raise ConfigError(f"num_experts and r must be positive, got num_experts={E}, r={r}")
         self.E, self.r = E, r
         v = self.view
         self.experts_A = nn.Parameter(torch.empty(E, r, v.d_in))
@@ -175,7 +178,7 @@ def write_lora(model: nn.Module, directory, factors: dict[str, tuple[Tensor, Ten
 
     ranks = {A.shape[0] for A, _ in factors.values()}
     if len(ranks) != 1:
-        raise ValueError(f"write_lora needs one rank for every module, got {sorted(ranks)}")
+        raise ConfigError(f"write_lora needs one rank for every module, got {sorted(ranks)}")
     r = ranks.pop()
     a = float(r if alpha is None else alpha)
     paths = sorted(factors)
@@ -191,7 +194,7 @@ def export_expert(model: nn.Module, directory, expert: int, name: str = "default
     out = {}
     for path, a in ((m.path, m.adapter) for m in get_attachment(model, name).members):
         if not isinstance(a, Mixture) or not 0 <= expert < a.E:
-            raise ValueError(f"'{path}' has no expert {expert}")
+            raise ConfigError(f"'{path}' has no expert {expert}")
         s = a.expert_scale()
         s = float(s[expert]) if isinstance(s, Tensor) else float(s)
         out[path] = (a.experts_A[expert], a.experts_B[expert] * s)

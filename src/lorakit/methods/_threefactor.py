@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Adapter, Factor, LowRank
+from ..errors import ConfigError
 
 __all__ = ["FrozenFactor", "ThreeFactor", "canonical_signs"]
 
@@ -51,7 +52,7 @@ class ThreeFactor(Adapter):
         super().__init__(base, cfg, view)
         r = cfg.r
         if r <= 0:
-            raise ValueError(f"r must be positive, got {r}")
+            raise ConfigError(f"r must be positive, got {r}")
         v = self.view
 
         def make(train: bool, *shape: int) -> nn.Module:

@@ -16,6 +16,8 @@ e.g. ``embed_tokens``).
 """
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import math
 from dataclasses import dataclass
 
@@ -36,7 +38,7 @@ class AdaLink(Adapter):
     @dataclass
     class Config:
         r: int = 4
-        activation: str = "none"
+        activation: Literal["none", "relu", "gelu"] = "none"
 
     roles = {"adalink_down.weight": "A", "adalink_up.weight": "B"}
     layers = ("embedding",)
@@ -46,7 +48,7 @@ class AdaLink(Adapter):
         if cfg.activation not in _ACT:
             raise ConfigError(f"activation={cfg.activation!r}; valid: {', '.join(_ACT)}")
         if cfg.r <= 0:
-            raise ValueError(f"r must be positive, got {cfg.r}")
+            raise ConfigError(f"r must be positive, got {cfg.r}")
         d = self.view.d_out  # embedding dim
         self.adalink_down = Factor(cfg.r, d)
         self.adalink_up = Factor(d, cfg.r)

@@ -27,6 +27,8 @@ turns the result into a plain LoRA.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import re
 from dataclasses import dataclass
 
@@ -34,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Adapter, LowRank, PeftSpec, register
+from ..errors import ConfigError
 from ._adaptive import AdaLoRAController, orth_penalty
 
 _FIELDS = {k: k for k in ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
@@ -61,6 +64,13 @@ class AdaLoRA(Adapter):
         orth_reg_weight: float = 0.5
         total_step: int | None = None
         kept: int | None = None  # stored triplets of a pruned module (set when loading a pruned file)
+        positive: ClassVar = ("deltaT",)
+
+        def validate(self) -> None:
+            if self.kept is not None and not 0 <= self.kept <= self.init_r:
+                raise ConfigError(f"kept={self.kept} must lie in [0, init_r={self.init_r}]")
+            if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1):
+                raise ConfigError(f"beta1={self.beta1}, beta2={self.beta2} must lie in (0, 1)")
 
     roles = {"lora_A": "A", "lora_B": "B", "lora_E": "singular_values"}
     masked_rank = True
@@ -68,11 +78,12 @@ class AdaLoRA(Adapter):
     loss_reduction = "mean"  # the orthogonality penalty is averaged over the modules
     file_fields = ("kept",)
     example = {"init_r": 4, "target_r": 2}
+    rank_options = ("init_r",)
 
     def __init__(self, base, cfg: Config, view=None):
         super().__init__(base, cfg, view)
         if cfg.init_r < 0 or cfg.target_r < 0 or (cfg.kept is not None and not 0 <= cfg.kept <= cfg.init_r):
-            raise ValueError(f"need init_r >= 0, target_r >= 0 and 0 <= kept <= init_r; got {cfg}")
+            raise ConfigError(f"need init_r >= 0, target_r >= 0 and 0 <= kept <= init_r; got {cfg}")
         R = cfg.init_r if cfg.kept is None else cfg.kept
         v = self.view
         self.lora_A = nn.Parameter(torch.empty(R, v.d_in))

@@ -23,6 +23,8 @@ of the (B, C) batch matrix (the only matrix there), both in fp32. (2) log-softma
 """
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import contextlib
 from dataclasses import dataclass
 from typing import Any
@@ -95,7 +97,7 @@ class BALoRA(PiSSA):
         alpha: float = 8.0
         niter: int = 0
         seed: int = 0
-        task: str = "nlg"  # "nlg" (token logits) | "nlu" (one logit vector per example)
+        task: Literal["nlg", "nlu"] = "nlg"  # "nlg" (token logits) | "nlu" (one logit vector per example)
         lambda1: float = 1e-4  # consistency
         lambda2: float = 3e-4  # diversity
         lambda3: float = 1e-4  # SVD

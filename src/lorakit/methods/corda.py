@@ -19,6 +19,8 @@ cannot load without running ``preprocess_corda`` on data; the PEFT shipping form
 """
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +54,7 @@ class CorDA(SavedResidualLoRA):
     class Config(LowRankConfig):
         r: int = 128
         alpha: float = 128.0
-        mode: str = "ipm"  # "ipm": largest r components | "kpm": smallest r
+        mode: Literal["ipm", "kpm"] = "ipm"  # "ipm": largest r components | "kpm": smallest r
         damping: float = 0.01  # initial λ (doubled until Ĉ is safely invertible)
         niter: int = 0  # IPM only: K > 0 -> randomised SVD with K subspace iterations
         seed: int = 0

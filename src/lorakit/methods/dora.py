@@ -18,6 +18,8 @@ Merge: ``W' = g ⊙ (W0 + s·BA)``.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +37,7 @@ class DoRA(LoRA):
 
     @dataclass
     class Config(LowRankConfig):
-        init: str = "default"
+        init: Literal["default", "gaussian"] = "default"
 
     roles = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "magnitude"}
     layers = ("linear", "conv1d", "conv2d")

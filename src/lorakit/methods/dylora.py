@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..controllers import Controller
 from ..core import LowRank, LowRankConfig, register
+from ..errors import ConfigError
 from .lora import LoRA
 
 
@@ -40,12 +41,16 @@ class DyLoRA(LoRA):
         frozen_lower: bool = False  # only the sampled b-th component trains each step
         seed: int = 0  # seeds the per-step rank sampler
 
+        def validate(self) -> None:
+            if self.eval_rank is not None and not 1 <= self.eval_rank <= self.r:
+                raise ConfigError(f"eval_rank={self.eval_rank} must lie in [1, r={self.r}]")
+
     layers = ("linear", "conv1d", "embedding", "conv2d")
 
     def __init__(self, base, cfg: Config, view=None):
         super().__init__(base, cfg, view)
         if cfg.eval_rank is not None and not 1 <= cfg.eval_rank <= cfg.r:
-            raise ValueError(f"eval_rank must lie in [1, r={cfg.r}], got {cfg.eval_rank}")
+            raise ConfigError(f"eval_rank must lie in [1, r={cfg.r}], got {cfg.eval_rank}")
         self.b = cfg.r  # training rank, set by the controller each step
 
     def rank(self) -> int:

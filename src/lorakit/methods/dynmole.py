@@ -20,11 +20,14 @@ the loss (no attention mask reaches the adapters).
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 from ..core import register
 from ._mixture import MixConfig, Mixture, switch_loss
 
@@ -56,6 +59,11 @@ class DynMoLE(Mixture):
         entropy_eps: float = 1e-5
         dyn_coef: float = 0.01
         aux_coef: float = 0.001
+        positive: ClassVar = ("r", "num_experts")
+
+        def validate(self) -> None:
+            if not 0 < self.top_p <= 1:
+                raise ConfigError(f"top_p={self.top_p} must lie in (0, 1]")
 
     def route(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         c = self.cfg

@@ -25,6 +25,8 @@ The residual is rebuilt from the base on load.
 """
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import math
 from dataclasses import dataclass
 
@@ -32,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ..core import register
+from ..errors import ConfigError
 from ._mixture import MixConfig, Mixture
 
 
@@ -50,17 +53,30 @@ class GOAT(Mixture):
         top_k: int = 2
         dropout: float = 0.05
         aux_coef: float = 1e-3
-        scaling: str = "lora"  # "lora": α / r_e (released code) | "goat": √(3η d_in / r_e) | "rslora": α / √r_e
-        init: str = "goat"  # "goat" (first r_e of each segment) | "goat_mini" (last r_e)
+        scaling: Literal["lora", "goat", "rslora"] = "lora"  # "lora": α / r_e (released code) | "goat": √(3η d_in / r_e) | "rslora": α / √r_e
+        init: Literal["goat", "goat_mini"] = "goat"  # "goat" (first r_e of each segment) | "goat_mini" (last r_e)
         rho: float = 10.0
         eta: float = 1.0
         init_cof: float | None = None  # c; None = 1/num_experts
+        positive: ClassVar = ("r", "num_experts")
+
+        def validate(self) -> None:
+            if self.r < self.num_experts:
+                raise ConfigError(f"r={self.r} must be >= num_experts={self.num_experts} (rank per expert r/E)")
+
+    @classmethod
+    def check_layer(cls, cfg, view) -> str | None:
+        k, E = min(view.d_out, view.d_in), cfg.num_experts
+        if k // E < cfg.r // E:
+            return (f"r={cfg.r} gives r/num_experts={cfg.r // E} singular components per expert, but min(d_out, d_in)"
+                    f"={k} splits into segments of {k // E}; the maximum here is r={(k // E) * E}")
+        return super().check_layer(cfg, view)
 
     def __init__(self, base, cfg: Config, view=None):
         if cfg.r // cfg.num_experts <= 0:
-            raise ValueError(f"GOAT: r={cfg.r} must be >= num_experts={cfg.num_experts} (rank per expert r/E)")
+            raise ConfigError(f"GOAT: r={cfg.r} must be >= num_experts={cfg.num_experts} (rank per expert r/E)")
         if cfg.scaling not in ("goat", "lora", "rslora") or cfg.init not in ("goat", "goat_mini"):
-            raise ValueError(f"GOAT: scaling must be 'lora'|'goat'|'rslora' and init 'goat'|'goat_mini', got "
+            raise ConfigError(f"GOAT: scaling must be 'lora'|'goat'|'rslora' and init 'goat'|'goat_mini', got "
                              f"{cfg.scaling!r}, {cfg.init!r}")
         super().__init__(base, cfg, view, rank=cfg.r // cfg.num_experts)
 
@@ -74,7 +90,7 @@ class GOAT(Mixture):
     def segments(self, k: int) -> list[range]:
         L = k // self.E
         if L < self.r:
-            raise ValueError(f"GOAT: min(d_out, d_in)={k} gives segments of {L} < r/E={self.r} singular components")
+            raise ConfigError(f"GOAT: min(d_out, d_in)={k} gives segments of {L} < r/E={self.r} singular components")
         off = 0 if self.cfg.init == "goat" else L - self.r
         return [range(i * L + off, i * L + off + self.r) for i in range(self.E)]
 

@@ -43,6 +43,8 @@ efficient ``B·diag(s·e)·A x`` path is used; while scoring, ΔW is materialise
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import math
 from dataclasses import dataclass
 
@@ -50,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Adapter, LowRank, register
+from ..errors import ConfigError
 from ._adaptive import IncreLoRAController, masked_orth_penalty
 
 RESERVE_E = 1e-5
@@ -78,6 +81,14 @@ class IncreLoRA(Adapter):
         beta2: float = 0.85
         orth_reg_weight: float = 0.1
         grow_warmup: int | None = None  # lr warmup of each growth's new slots; None: the run's LR warmup (official)
+        positive: ClassVar = ("r", "target_rank", "top_h", "incre_interval", "incre_rank_num", "max_r")
+
+        def validate(self) -> None:
+            if self.target_rank < self.r or (self.max_r is not None and self.max_r < self.r):
+                raise ConfigError(f"need r <= target_rank and r <= max_r; got r={self.r}, target_rank="
+                                  f"{self.target_rank}, max_r={self.max_r}")
+            if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1):
+                raise ConfigError(f"beta1={self.beta1}, beta2={self.beta2} must lie in (0, 1)")
 
     grows_slots = True  # new components get fresh AdamW state + a warmup (lorakit.procedures.slots)
     roles = {"lora_A": "A", "lora_B": "B", "lora_E": "singular_values"}
@@ -92,7 +103,7 @@ class IncreLoRA(Adapter):
         self.max_r = cfg.max_r if cfg.max_r is not None else max(cfg.r, 4 * cfg.target_rank)
         if cfg.r < 1 or cfg.target_rank < cfg.r or self.max_r < cfg.r or self.add_r < 1 or cfg.top_h < 1 \
                 or cfg.incre_interval < 1:
-            raise ValueError(f"need 1 <= r <= target_rank, r <= max_r, incre_rank_num, top_h, incre_interval >= 1;"
+            raise ConfigError(f"need 1 <= r <= target_rank, r <= max_r, incre_rank_num, top_h, incre_interval >= 1;"
                              f" got {cfg}")
         R = self.max_r + (self.add_r if cfg.advance_learn else 0)
         v = self.view

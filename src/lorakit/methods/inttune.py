@@ -11,6 +11,8 @@ base weight on load; ``save_bases=True`` stores them instead.
 """
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -31,7 +33,7 @@ class IntTune(NLoRA):
         r: int = 8
         alpha: float = 8.0
         dropout: float = 0.0
-        middle: str = "raw"
+        middle: Literal["raw", "pinv"] = "raw"
         residual: bool = False
         save_bases: bool = False  # store the frozen landmarks in the file instead of rebuilding them on load
 

@@ -21,6 +21,8 @@ returns ``overrides`` (``{path: {"r": k}}``) for ``attach``. It must run on real
 """
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import math
 from dataclasses import dataclass
 
@@ -48,7 +50,7 @@ class LaMDA(ThreeFactor):
         r: int = 8
         alpha: float = 16.0
         dropout: float = 0.0
-        init: str = "svd"  # "svd": A = V_rᵀ, B = U_r, S = 0 | "lora": released code (A Kaiming, B = 0, S Kaiming)
+        init: Literal["svd", "lora"] = "svd"  # "svd": A = V_rᵀ, B = U_r, S = 0 | "lora": released code (A Kaiming, B = 0, S Kaiming)
         niter: int = 0  # SVD: 0 exact, K > 0 randomised with K iterations
         seed: int = 0
         freeze_frac: float = 0.3  # B is fully frozen after this fraction of the planned steps

@@ -11,7 +11,8 @@ so the output is preserved at init ("residual"). **Only z (r,) trains** (the ref
 frozen non-persistent buffers: the LU of the original weight is deterministic, so loading recomputes them and the
 residual (``on_load``), and the file holds only ``loldu_z``. Merge: ``W_res + σ (P L_r) diag(z) U_r``.
 
-Decisions: α = 1 (the reference ``from_linear``), i.e. σ = 1/r; z init mode "lu" (the reference default; its
+Decisions: r defaults to each layer's full rank (the reference's 768 is full rank on its 768-wide models; a
+fixed 768 would refuse every smaller model). α = 1 (the reference ``from_linear``), i.e. σ = 1/r; z init mode "lu" (the reference default; its
 other modes are not offered). A zero pivot (singular W) keeps the row of U' unscaled (D taken as 1 there).
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ class LoLDU(Adapter):
 
     @dataclass
     class Config:
-        r: int = 768
+        r: int | None = None  # None: the layer's full rank min(d_out, d_in) (the reference's 768 on 768-wide models)
         alpha: float = 1.0
 
     layers = ("linear", "conv1d", "embedding", "conv2d")
@@ -49,19 +50,20 @@ class LoLDU(Adapter):
     def __init__(self, base: nn.Module, cfg: Config, view=None):
         super().__init__(base, cfg, view)
         v = self.view
-        if not 0 < cfg.r <= min(v.d_in, v.d_out):
-            raise ConfigError(f"LoLDU needs 0 < r <= min(d_out, d_in) = {min(v.d_in, v.d_out)}, got r={cfg.r}")
-        self.loldu_z = nn.Parameter(torch.empty(cfg.r))
-        self.register_buffer("PL", torch.zeros(v.d_out, cfg.r), persistent=False)
-        self.register_buffer("U", torch.zeros(cfg.r, v.d_in), persistent=False)
-        self.scale = cfg.alpha / cfg.r
+        r = self.r = cfg.r if cfg.r is not None else min(v.d_in, v.d_out)
+        if not 0 < r <= min(v.d_in, v.d_out):  # attach refuses it first (Adapter.check_layer), naming the layer
+            raise ConfigError(f"LoLDU needs 0 < r <= min(d_out, d_in) = {min(v.d_in, v.d_out)}, got r={r}")
+        self.loldu_z = nn.Parameter(torch.empty(r))
+        self.register_buffer("PL", torch.zeros(v.d_out, r), persistent=False)
+        self.register_buffer("U", torch.zeros(r, v.d_in), persistent=False)
+        self.scale = cfg.alpha / r
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.loldu_z)  # real init needs the weight: init_from
 
     @torch.no_grad()
     def init_from(self, weight: Tensor, stats=None) -> Tensor:
-        r = self.cfg.r
+        r = self.r
         P, L, D, U = ldu(weight)
         PL, Ur = P @ L[:, :r], U[:r]
         self.PL.copy_(PL)

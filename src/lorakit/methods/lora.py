@@ -30,6 +30,8 @@ Conv1D layers; files say ``init_lora_weights`` as PEFT does and load both ways):
 """
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -83,7 +85,7 @@ class LoRA(Adapter):
     def __init__(self, base: nn.Module, cfg: Config, view=None):
         super().__init__(base, cfg, view)
         if cfg.r <= 0:
-            raise ValueError(f"r must be positive, got {cfg.r}")
+            raise ConfigError(f"r must be positive, got {cfg.r}")
         v = self.view
         conv = v.kind == "conv2d"
         if v.kind == "param":  # a targeted parameter (PEFT's ParamWrapper): one rank-r factor pair per expert

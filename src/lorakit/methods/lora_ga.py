@@ -25,6 +25,8 @@ residual; the PEFT shipping form is ``save_adapter(as_lora=True)`` (a rank-2r Lo
 """
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 from dataclasses import dataclass
 
 import torch
@@ -42,8 +44,8 @@ class LoRAGA(SavedResidualLoRA):
 
     @dataclass
     class Config(LowRankConfig):
-        direction: str = "ArB2r"  # "ArB2r" | "ArBr" | "A2rBr"
-        scale_mode: str = "stable"  # "stable" | "unit" | "gd"
+        direction: Literal["ArB2r", "ArBr", "A2rBr"] = "ArB2r"  # "ArB2r" | "ArBr" | "A2rBr"
+        scale_mode: Literal["stable", "unit", "gd"] = "stable"  # "stable" | "unit" | "gd"
         stable_gamma: float = 16.0
         niter: int = 4  # official: svd_lowrank(niter=4); 0: exact SVD
         seed: int = 0

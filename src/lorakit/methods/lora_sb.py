@@ -25,6 +25,8 @@ Decisions (official code RaghavSinghal10/lora-sb ``utils/gradient_utils.py``):
 """
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +53,7 @@ class LoRASB(ThreeFactor):
         alpha: float | None = None  # None: α = r (s = 1), as the official code
         dropout: float = 0.0
         eta: float = 1e-4  # step size of the simulated first update
-        update: str = "sign"  # "sign": −η·sign(G) (Adam's first step) | "grad": −η·G (SGD)
+        update: Literal["sign", "grad"] = "sign"  # "sign": −η·sign(G) (Adam's first step) | "grad": −η·G (SGD)
         niter: int = 10  # randomised SVD iterations (0: exact SVD)
         seed: int = 0
 

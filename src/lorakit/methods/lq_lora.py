@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 from ..core import LowRankConfig, register
 from ._quant import base_qcfg, fake_quant, lq_decompose, qcfg_of
 from .lora import LoRA
@@ -50,6 +51,10 @@ class LQLoRA(LoRA):
         iters: int = 20
         niter: int = 0  # 0: full SVD; K: seeded randomised SVD with K subspace iterations
         seed: int = 0
+
+        def validate(self) -> None:
+            if self.bits not in (2, 3, 4, 8):
+                raise ConfigError(f"bits={self.bits}; valid: 2, 3, 4, 8")
 
     def __init__(self, base, cfg: Config, view=None):
         super().__init__(base, cfg, view)

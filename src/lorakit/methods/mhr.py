@@ -21,6 +21,8 @@ which the registry-wide round-trip test needs (see the report); files are loraki
 """
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import math
 from dataclasses import dataclass
 
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Adapter, register
+from ..errors import ConfigError
 
 
 class _Router(nn.Module):
@@ -61,13 +64,20 @@ class MHR(Adapter):
         n_tasks: int = 1
         n_skills: int = 4
         n_splits: int = 4  # 1 = Polytropon
-        mode: str = "mhr"  # "mhr" | "z" (train routing only) | "mu" (uniform skill average, no routing)
+        mode: Literal["mhr", "z", "mu"] = "mhr"  # "mhr" | "z" (train routing only) | "mu" (uniform skill average, no routing)
+        positive: ClassVar = ("r", "n_tasks", "n_skills", "n_splits")
+
+    @classmethod
+    def check_layer(cls, cfg, view) -> str | None:
+        if view.d_in % cfg.n_splits or view.d_out % cfg.n_splits:
+            return f"n_splits={cfg.n_splits} must divide d_in={view.d_in} and d_out={view.d_out}"
+        return super().check_layer(cfg, view)
 
     def __init__(self, base, cfg: Config, view=None):
         super().__init__(base, cfg, view)
         v, h = self.view, cfg.n_splits
         if v.d_in % h or v.d_out % h or cfg.mode not in ("mhr", "z", "mu"):
-            raise ValueError(f"MHR: n_splits={h} must divide d_in={v.d_in} and d_out={v.d_out}; mode in mhr|z|mu")
+            raise ConfigError(f"MHR: n_splits={h} must divide d_in={v.d_in} and d_out={v.d_out}; mode in mhr|z|mu")
         self.poly_lora_A = nn.Parameter(torch.empty(h, cfg.n_skills, v.d_in // h, cfg.r))
         self.poly_lora_B = nn.Parameter(torch.empty(h, cfg.n_skills, cfg.r, v.d_out // h))
         self.poly_router = _Router(cfg.n_tasks, h * cfg.n_skills)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,15 @@ class MTLoRA(Adapter):
         mode: str = "matrix"  # "matrix" (task path = W0x + task LoRA) | "matrixv2" (+ the shared LoRA)
         task_targets: Any = None  # modules with task LoRAs: names (suffix match) or one regex; None = every module
         dropout: float = 0.05
+        positive: ClassVar = ("r", "r_task", "n_tasks")
+
+        def validate(self) -> None:  # at config resolution (the __init__ checks stay as a guard)
+            if self.mode not in MODES:
+                raise ConfigError(f"mtlora: mode={self.mode!r}; valid: {', '.join(MODES)}")
+            tt = self.task_targets
+            if tt is not None and not isinstance(tt, str) and not (
+                    isinstance(tt, (list, tuple)) and all(isinstance(t, str) for t in tt)):
+                raise ConfigError(f"mtlora: task_targets must be null, a regex or a list of module names, got {tt!r}")
 
     @classmethod
     def check_context(cls, cfg, values: dict) -> None:
@@ -73,7 +82,7 @@ class MTLoRA(Adapter):
     def __init__(self, base, cfg: Config, view=None):
         super().__init__(base, cfg, view)
         if min(cfg.r, cfg.r_task, cfg.n_tasks) <= 0:
-            raise ValueError("MTLoRA: r, r_task and n_tasks must be positive")
+            raise ConfigError("MTLoRA: r, r_task and n_tasks must be positive")
         if cfg.mode not in MODES:
             raise ConfigError(f"mtlora: mode={cfg.mode!r}; valid: {', '.join(MODES)}")
         tt = cfg.task_targets

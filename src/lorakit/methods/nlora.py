@@ -17,6 +17,8 @@ rebuilt from W0 on load, the landmarks are deterministic). The pseudo-inverse is
 """
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +29,7 @@ from ..errors import ConfigError
 from ._threefactor import ThreeFactor
 
 
-def nystrom_factors(weight: Tensor, r: int, middle: str = "raw") -> tuple[Tensor, Tensor, Tensor]:
+def nystrom_factors(weight: Tensor, r: int, middle: Literal["raw", "pinv"] = "raw") -> tuple[Tensor, Tensor, Tensor]:
     """Index-landmark Nyström factors of an fp32 (d_out, d_in) matrix: A (r, d_in), N (r, r), B (d_out, r)."""
     if r > min(weight.shape):
         raise ConfigError(f"r={r} exceeds min(d_out, d_in)={min(weight.shape)} of a {tuple(weight.shape)} weight")

@@ -25,6 +25,8 @@ Checked against ``gpt/src/model_nola.py`` (``LoRA``, ``NOLALinear``, ``GenerateP
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import math
 from dataclasses import dataclass
 
@@ -32,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Adapter, LowRank, register, scale_of
+from ..errors import ConfigError
 from ._shared import SharedBases
 
 
@@ -54,6 +57,7 @@ class NOLA(Adapter):
         num_basis_A: int = 512  # GPT-2-M E2E script: --nola_num_basis 512 (module default 1024)
         num_basis_B: int = 512
         basis_seed: int = 0
+        positive: ClassVar = ("r", "num_basis_A", "num_basis_B")
 
     layers = ("linear", "conv1d", "embedding", "conv2d")
     example = {"r": 2, "num_basis_A": 8, "num_basis_B": 6}
@@ -61,7 +65,7 @@ class NOLA(Adapter):
     def __init__(self, base: nn.Module, cfg: Config, view=None):
         super().__init__(base, cfg, view)
         if min(cfg.r, cfg.num_basis_A, cfg.num_basis_B) <= 0:
-            raise ValueError("r, num_basis_A and num_basis_B must be positive")
+            raise ConfigError("r, num_basis_A and num_basis_B must be positive")
         self.nola_alpha = nn.Parameter(torch.empty(cfg.num_basis_A))
         self.nola_beta = nn.Parameter(torch.empty(cfg.num_basis_B))
         self.scale = scale_of(cfg.alpha, cfg.r)

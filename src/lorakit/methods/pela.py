@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Adapter, Factor, LowRank, register
+from ..errors import ConfigError
 
 
 def pela_rank(d_in: int, d_out: int, ratio: float = 3.0) -> int:
@@ -49,6 +50,12 @@ class PELA(Adapter):
         norm_reg: float = 1.0  # weight of the weight-perturbation regulariser (official 1.0; 0: off)
         norm_eps: float = 1e-3  # its target ε for ‖RL − W‖_∞ (official 1e-3)
 
+        def validate(self) -> None:
+            if not self.compress_ratio > 0:
+                raise ConfigError(f"compress_ratio={self.compress_ratio} must be > 0")
+            if min(self.norm_reg, self.norm_eps) < 0:
+                raise ConfigError(f"norm_reg={self.norm_reg} and norm_eps={self.norm_eps} must be >= 0")
+
     roles = {"pela_L.weight": "A", "pela_R.weight": "B"}
     loss_reduction = "mean"  # L_norm is the mean over the compressed layers
     layers = ("linear", "conv1d")
@@ -60,11 +67,11 @@ class PELA(Adapter):
         v = self.view
         self.k = min(cfg.r or pela_rank(v.d_in, v.d_out, cfg.compress_ratio), v.d_in, v.d_out)
         if self.k <= 0:
-            raise ValueError(f"rank must be positive, got {cfg.r}")
+            raise ConfigError(f"rank must be positive, got {cfg.r}")
         self.pela_L = Factor(self.k, v.d_in)
         self.pela_R = Factor(v.d_out, self.k)
         if cfg.norm_reg < 0 or cfg.norm_eps < 0:
-            raise ValueError(f"PELA: norm_reg and norm_eps must be >= 0, got {cfg.norm_reg}, {cfg.norm_eps}")
+            raise ConfigError(f"PELA: norm_reg and norm_eps must be >= 0, got {cfg.norm_reg}, {cfg.norm_eps}")
         self.register_buffer("teacher", None, persistent=False)  # the original W, for the regulariser
 
     def _keep_teacher(self, weight: Tensor) -> None:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import quant
+from ..errors import ConfigError
 from ..core import LowRankConfig, register
 from ._quant import base_qcfg, fake_quant, qcfg_of
 from .lora import LoRA
@@ -51,6 +52,10 @@ class QLoRA(LoRA):
         block: int = 64
         double_quant: bool = True
         dq_block: int = 256
+
+        def validate(self) -> None:
+            if self.bits not in (2, 3, 4, 8):
+                raise ConfigError(f"bits={self.bits}; valid: 2, 3, 4, 8")
 
     def __init__(self, base, cfg: Config, view=None):
         super().__init__(base, cfg, view)

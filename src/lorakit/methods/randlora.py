@@ -83,7 +83,7 @@ class RandLoRA(Adapter):
     def __init__(self, base: nn.Module, cfg: Config, view=None):
         super().__init__(base, cfg, view)
         if cfg.r <= 0:
-            raise ValueError(f"r must be positive, got {cfg.r}")
+            raise ConfigError(f"r must be positive, got {cfg.r}")
         v = self.view
         self.m, self.M = min(v.d_in, v.d_out), max(v.d_in, v.d_out)
         self.n = n_bases(self.m, cfg.r)

@@ -25,6 +25,8 @@ with a zero mask replaces the official gather kernels (same result, as its ``den
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +34,7 @@ from torch import Tensor
 
 from ..controllers import Controller
 from ..core import Factor, register
+from ..errors import ConfigError
 from ._mixture import Mixture, topk_mask
 
 
@@ -59,10 +62,16 @@ class SMoRA(Mixture):
         alpha: float = 16.0
         dropout: float = 0.0  # recipe: LLaMA-Factory lora_dropout default 0 (not set in the srmole yaml)
         bias_lr: float = 1e-5  # u
+        positive: ClassVar = ("r", "activate_r", "rank_partition")
+
+        def validate(self) -> None:
+            if self.r % self.rank_partition or self.activate_r > self.r:
+                raise ConfigError(f"need r % rank_partition == 0 and activate_r <= r (r={self.r}, rank_partition="
+                                  f"{self.rank_partition}, activate_r={self.activate_r})")
 
     def __init__(self, base, cfg: Config, view=None):
         if cfg.r % cfg.rank_partition or not 0 < cfg.activate_r <= cfg.r:
-            raise ValueError(f"SMoRA: need r % rank_partition == 0 and 0 < activate_r <= r (r={cfg.r}, "
+            raise ConfigError(f"SMoRA: need r % rank_partition == 0 and 0 < activate_r <= r (r={cfg.r}, "
                              f"rank_partition={cfg.rank_partition}, activate_r={cfg.activate_r})")
         super().__init__(base, cfg, view, num_experts=cfg.r, rank=1, router=False)
         self.router = Factor(cfg.r // cfg.rank_partition, self.view.d_in)

@@ -19,6 +19,8 @@ After training :func:`lorakit.rank.prune_gates` gives the plain LoRA ``B' = s·B
 """
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import math
 from dataclasses import dataclass, field
 
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 
 from ..controllers import Controller
 from ..core import LowRank, LowRankConfig, register
+from ..errors import ConfigError
 from .lora import LoRA
 
 
@@ -39,7 +42,7 @@ class SoRA(LoRA):
         rslora: bool = field(default=False, init=False)  # the paper's scale is α/r
         sparse_lambda_2: float = 3e-4  # ξ: proximal threshold applied after each optimiser step
         l1: float = 1e-3  # weight of l1·Σ|g|/#gates in the loss (official --sparse_lambda, default 1e-3)
-        lambda_schedule: str | None = None  # None | "linear" | "log_linear" | "exp_linear"
+        lambda_schedule: Literal["linear", "log_linear", "exp_linear"] | None = None  # None | "linear" | "log_linear" | "exp_linear"
         max_lambda: float = 1e-3
         lambda_num: int = 1
 
@@ -50,7 +53,7 @@ class SoRA(LoRA):
     def __init__(self, base, cfg: Config, view=None):
         super().__init__(base, cfg, view)
         if cfg.lambda_schedule not in (None, "linear", "log_linear", "exp_linear"):
-            raise ValueError(f"lambda_schedule={cfg.lambda_schedule!r}; valid: linear, log_linear, exp_linear")
+            raise ConfigError(f"lambda_schedule={cfg.lambda_schedule!r}; valid: linear, log_linear, exp_linear")
         self.lora_gate = nn.Parameter(torch.empty(cfg.r))
 
     def reset_parameters(self) -> None:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..controllers import Controller
 from ..core import Adapter, LowRank, register
+from ..errors import ConfigError
 from ._svd import ortho_penalty, svd_top
 
 
@@ -62,7 +63,7 @@ class SORSA(Adapter):
     def __init__(self, base, cfg: Config, view=None):
         super().__init__(base, cfg, view)
         if cfg.r <= 0:
-            raise ValueError(f"r must be positive, got {cfg.r}")
+            raise ConfigError(f"r must be positive, got {cfg.r}")
         v = self.view
         self.sorsa_A = nn.Parameter(torch.empty(cfg.r, v.d_in))
         self.sorsa_S = nn.Parameter(torch.empty(cfg.r))

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Adapter, LowRank, register
+from ..errors import ConfigError
 from ._threefactor import FrozenFactor
 from .lora_xs import svd_bases
 
@@ -46,7 +47,7 @@ class SVFit(Adapter):
     def __init__(self, base, cfg: Config, view=None):
         super().__init__(base, cfg, view)
         if cfg.r <= 0:
-            raise ValueError(f"r must be positive, got {cfg.r}")
+            raise ConfigError(f"r must be positive, got {cfg.r}")
         v, r, keep = self.view, cfg.r, cfg.save_bases
         self.svfit_sigma = nn.Parameter(torch.empty(r))
         self.svfit_U = FrozenFactor(v.d_out, r, persistent=keep)

@@ -47,12 +47,15 @@ Decisions (lead, after comparing the author's versions, which disagree; see docs
 """
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ..core import Adapter, LowRank, register
+from ..errors import ConfigError
 from ._adaptive import TriAdaptController, masked_orth_penalty
 
 EPS = 1e-5
@@ -75,10 +78,15 @@ class TriAdaptLoRA(Adapter):
         incre_interval: int = 1
         incre_rank_num: int | None = None  # None: max(1, reference_rank // 2)
         max_r: int | None = None  # per-module rank cap (slots); None: max(r, 4 · reference_rank)
-        rank_growth_model: str = "linear"  # or "non-linear"
+        rank_growth_model: Literal["linear", "non-linear"] = "linear"  # or "non-linear"
         orth_reg_weight: float = 0.5
         total_step: int | None = None  # None: the trainer's planned step count (on_train_begin)
         grow_warmup: int | None = None  # lr warmup of each growth's new slots; None: the run's LR warmup
+        positive: ClassVar = ("r", "reference_rank", "incre_interval", "incre_rank_num", "max_r", "target_total_rank", "total_step")
+
+        def validate(self) -> None:
+            if self.max_r is not None and self.max_r < self.r:
+                raise ConfigError(f"max_r={self.max_r} must be >= r={self.r}")
 
     grows_slots = True  # new slots get fresh AdamW state, no weight decay, a warmup (lorakit.procedures.slots)
     roles = {"lora_A": "A", "lora_B": "B", "lora_L": "core", "lora_U": "core"}
@@ -92,7 +100,7 @@ class TriAdaptLoRA(Adapter):
         self.max_r = cfg.max_r if cfg.max_r is not None else max(cfg.r, 4 * cfg.reference_rank)
         if cfg.r < 1 or self.max_r < cfg.r or self.add_r < 1 or cfg.incre_interval < 1 \
                 or cfg.rank_growth_model not in ("linear", "non-linear"):
-            raise ValueError(f"need 1 <= r <= max_r, incre_rank_num, incre_interval >= 1, rank_growth_model "
+            raise ConfigError(f"need 1 <= r <= max_r, incre_rank_num, incre_interval >= 1, rank_growth_model "
                              f"'linear' or 'non-linear'; got {cfg}")
         R, v = self.max_r, self.view
         self.lora_A = nn.Parameter(torch.empty(R, v.d_in))
@@ -156,7 +164,7 @@ class TriAdaptLoRA(Adapter):
         n = self.rank
         m = n + k
         if k < 1 or m > self.max_r:
-            raise ValueError(f"cannot grow rank {n} by {k} (max_r {self.max_r})")
+            raise ConfigError(f"cannot grow rank {n} by {k} (max_r {self.max_r})")
         self.lora_B[:, :n] *= (m + EPS) / (n + EPS)  # keeps s·B_old fixed as s = α/(ranknum+ε) drops
         self.lora_B[:, n:m] = 0
         self.lora_A[n:m] = (torch.randn((k, self.lora_A.shape[1]), generator=gen) * 0.02).to(self.lora_A)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Adapter, LowRank, PeftSpec, register
+from ..errors import ConfigError
 from ._shared import attach_shared, kaiming_uniform_gen
 
 KEYS = {"A": "base_model.vera_A", "B": "base_model.vera_B"}
@@ -55,10 +56,16 @@ class VeRA(Adapter):
     roles = {"vera_lambda_d": "scale", "vera_lambda_b": "scale"}
     layers = ("linear", "conv1d")
 
+    @classmethod
+    def max_rank(cls, view) -> int:
+        # r sizes the shared random bases and the trainable λ_d (r,): it may exceed min(d_out, d_in) (PEFT's default
+        # 256 on smaller layers), but more scaling entries than the layer has weights is meaningless
+        return view.d_out * view.d_in
+
     def __init__(self, base: nn.Module, cfg: Config, view=None):
         super().__init__(base, cfg, view)
         if cfg.r <= 0:
-            raise ValueError(f"r must be positive, got {cfg.r}")
+            raise ConfigError(f"r must be positive, got {cfg.r}")
         self.vera_lambda_b = nn.Parameter(torch.empty(self.view.d_out))
         self.vera_lambda_d = nn.Parameter(torch.empty(cfg.r))
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()

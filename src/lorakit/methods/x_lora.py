@@ -25,6 +25,8 @@ PEFT). Linear / Conv1D experts only (PEFT also has embedding and conv2d).
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import functools
 import inspect
 import math
@@ -63,6 +65,11 @@ class XLoRA(Mixture):
         scaling_pass_value: float = 0.0
         global_scaling_weight: float = 1.0
         use_trainable_adapters: bool = False
+        positive: ClassVar = ("r", "num_experts", "xlora_depth", "xlora_size")
+
+        def validate(self) -> None:
+            if not self.softmax_temperature > 0:
+                raise ConfigError(f"softmax_temperature={self.softmax_temperature} must be > 0")
 
     def __init__(self, base, cfg: Config, view=None):
         super().__init__(base, cfg, view, router=False)

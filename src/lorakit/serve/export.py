@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import logging
 import re
 import sys
@@ -156,6 +158,7 @@ def export_adapter(adapter_dir: str | Path, out: str | Path, fmt: str, model=Non
     adapter_dir, out = Path(adapter_dir), Path(out)
     if fmt not in ("vllm", "gguf"):
         raise ConfigError(f"unknown export format {fmt!r}; use 'vllm' or 'gguf'")
+    _check_out(adapter_dir, out, fmt)
     _refuse_unservable(read_adapter_config(adapter_dir), adapter_dir, "vLLM" if fmt == "vllm" else "llama.cpp")
     if model is None:
         if base is None:
@@ -175,7 +178,7 @@ def export_adapter(adapter_dir: str | Path, out: str | Path, fmt: str, model=Non
         cfg = PeftLoraConfig.for_modules(ranks, {p: r for p, r in ranks.items()},
                                          target_modules=sorted({p.rsplit(".", 1)[-1] for p in ranks}),
                                          task_type="CAUSAL_LM", base_model_name_or_path=base_name)
-        write_lora(out, cfg, layers)
+        _replace_dir(out, lambda tmp: write_lora(tmp, cfg, layers))
         return out
 
     import gguf
@@ -199,7 +202,19 @@ def export_adapter(adapter_dir: str | Path, out: str | Path, fmt: str, model=Non
                               "into the base instead (lorakit.merge_and_unload(model)) and convert the merged model")
         where[p] = (int(m.group(1)), m.group(2))
     out.parent.mkdir(parents=True, exist_ok=True)
-    w = gguf.GGUFWriter(str(out), _GGUF_ARCHS[mt])
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        _write_gguf(tmp, gguf, np, mt, layers, where, ranks, r_max, base_name, n_head, n_kv)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _write_gguf(path, gguf, np, mt, layers, where, ranks, r_max, base_name, n_head, n_kv) -> None:
+    w = gguf.GGUFWriter(str(path), _GGUF_ARCHS[mt])
     w.add_string("general.type", "adapter")
     w.add_string("adapter.type", "lora")
     w.add_float32("adapter.lora.alpha", float(r_max))
@@ -220,7 +235,42 @@ def export_adapter(adapter_dir: str | Path, out: str | Path, fmt: str, model=Non
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return out
+
+
+def _check_out(adapter_dir: Path, out: Path, fmt: str) -> None:
+    """``out`` may not be the source directory, lie inside it or contain it (the export would overwrite or mix
+    with the files it reads); a vLLM export is a directory, a GGUF export a file."""
+    src, dst = adapter_dir.resolve(), out.resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        raise ConfigError(f"--out {out} overlaps the adapter being exported ({adapter_dir}): choose a directory "
+                          "outside it (and not one that contains it)")
+    if fmt == "vllm" and dst.exists() and not dst.is_dir():
+        raise ConfigError(f"--out {out} is a file; a vLLM export is a directory")
+    if fmt == "gguf" and dst.is_dir():
+        raise ConfigError(f"--out {out} is a directory; a GGUF export is a file (e.g. {out / 'adapter.gguf'})")
+
+
+def _replace_dir(out: Path, write) -> None:
+    """Write a directory atomically: into a temporary sibling, then renamed into place (an existing ``out`` is
+    moved aside first and removed only once the new one is in place), so a failure leaves ``out`` as it was."""
+    import shutil
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    old = None
+    try:
+        write(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.old{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None and not out.exists():
+            os.replace(old, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_main(argv: list[str] | None = None) -> int:

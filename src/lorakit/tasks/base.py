@@ -39,6 +39,8 @@ class Task:
     is_classification = True
     # per-batch context this task's batches carry (popped by the trainer into ``lorakit.batch_context``)
     context_keys: tuple[str, ...] = ()
+    # the placeholders ``data.prompt`` may use; the first is required (empty: this task has no prompt template)
+    prompt_fields: tuple[str, ...] = ()
 
     def __init__(self, spec, data_cfg=None):
         if data_cfg is None:
@@ -58,6 +60,22 @@ class Task:
             raise ConfigError(f"task '{self.name}' has no default model: set model.name (a lorakit model such as "
                               f"{', '.join(assets.MODELS)} or a local Hugging Face model directory)")
         return name
+
+    def check_config(self) -> None:
+        """What can be checked before any model or dataset loads (``lorakit.train.resolve`` calls it): the
+        ``data.prompt`` template's placeholders, and your data files (read once: not UTF-8, bad JSON, missing
+        columns all fail here, naming the line)."""
+        from ..train.config import check_template
+
+        c = self.cfg
+        if c.prompt is not None:
+            if not self.prompt_fields:
+                raise ConfigError(f"data.prompt is set but task '{self.name}' ({type(self).__name__}) uses no prompt "
+                                  "template; remove it")
+            check_template(c.prompt, "data.prompt", self.prompt_fields, required=self.prompt_fields[0])
+        for key in ("path", "eval_path"):
+            if getattr(c, key, None):
+                assets.load_user_data(getattr(c, key), self.columns)
 
     # ---- rows ---------------------------------------------------------------------------------------------
     def rows(self) -> dict[str, list[dict]]:

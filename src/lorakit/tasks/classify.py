@@ -23,6 +23,7 @@ def _fit(prompt_ids: list[int], tail_ids: list[int], budget: int) -> list[int]:
 class LMClassification(Task):
     """Generative classifier: ``prompt(text) + label_word``; the loss is the label word's NLL, the prediction the
     label whose word is most likely (summed token log-probabilities)."""
+    prompt_fields = ("text",)
 
     def load_model(self, name, dtype="float32"):
         return assets.load_causal_lm(name, dtype)

@@ -47,6 +47,7 @@ def greedy_answers(model, tok, prompts: list[list[int]], max_new_tokens: int, pa
 
 
 class SFT(Task):
+    prompt_fields = ("prompt",)
     columns = ("prompt", "completion")
     is_classification = False
 

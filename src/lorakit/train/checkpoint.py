@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,46 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             if ".adapters." in f".{k}" or ".copies." in f".{k}" or k in grads}
 
 
+_TMP = re.compile(r"^\.(?:step-\d+|latest)\.tmp(\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or cannot tell: keep its files
+    return True
+
+
+def clean_stale(ckdir: Path) -> list[Path]:
+    """Remove the temporaries (``.step-N.tmpPID`` directories, ``.latest.tmpPID`` files) that a writer killed
+    mid-save (kill -9, power loss) left behind. Only those of processes that no longer run are removed, so a
+    concurrent writer's temporaries are kept. Returns what was removed."""
+    gone: list[Path] = []
+    if not ckdir.is_dir():
+        return gone
+    for p in ckdir.iterdir():
+        m = _TMP.match(p.name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        gone.append(p)
+    if gone:
+        log.info("removed %d stale checkpoint temporar%s in %s", len(gone), "y" if len(gone) == 1 else "ies", ckdir)
+    return gone
+
+
 def save_checkpoint(out: Path, step: int, model: nn.Module, state: dict[str, Any], keep: int = 2) -> Path:
     ckdir = out / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
+    clean_stale(ckdir)
     final = ckdir / f"step-{step:06d}"
     tmp = ckdir / f".step-{step:06d}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -73,6 +111,7 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, state: dict[str, Any
 
 def latest_checkpoint(out: Path) -> Path | None:
     ckdir = out / "checkpoints"
+    clean_stale(ckdir)  # a resume after kill -9 starts by removing what the killed run left half-written
     pointer = ckdir / "latest"
     if pointer.is_file():
         p = ckdir / pointer.read_text().strip()

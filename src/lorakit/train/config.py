@@ -1,7 +1,7 @@
 """The training config: YAML sections mirror these dataclasses (``model``, ``adapter``, ``optim``, ``data``,
 ``train``, ``output``). ``adapter`` is a :class:`lorakit.AttachConfig` dict (method, targets, r, ...).
 
-Precedence: built-in defaults < recipe YAML < ``--method NAME`` (``configs/methods/NAME.yaml``) < ``key=value``.
+Precedence: built-in defaults < recipe YAML < ``--method NAME`` (``lorakit/recipes/methods/NAME.yaml``, or ``./configs/methods/NAME.yaml``) < ``key=value``.
 """
 from __future__ import annotations
 
@@ -14,8 +14,62 @@ from typing import Any, Literal
 from ..config import AttachConfig, apply_overrides, from_dict, load_yaml, to_dict
 from ..errors import ConfigError
 
+
+def _range(key: str, v, gt=None, ge=None, le=None) -> None:
+    """A number's range (None is left alone: 'not set'); NaN/inf are refused by ``from_dict`` already."""
+    if v is None:
+        return
+    if (gt is not None and not v > gt) or (ge is not None and not v >= ge) or (le is not None and not v <= le):
+        rng = " and ".join(x for x in (f"> {gt}" if gt is not None else "", f">= {ge}" if ge is not None else "",
+                                       f"<= {le}" if le is not None else "") if x)
+        raise ConfigError(f"{key}={v} must be {rng}")
+
+
+OUTPUT_FIELDS = ("task", "method")  # the placeholders output.dir may use
+
+
+def check_template(text: str | None, key: str, fields: tuple[str, ...], required: str | None = None) -> None:
+    """A ``str.format`` template uses only ``fields`` (``{{``/``}}`` for literal braces) and has ``required``."""
+    import string
+
+    if text is None:
+        return
+    try:
+        used = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(text) if name is not None]
+    except ValueError as e:
+        raise ConfigError(f"{key}={text!r} is not a valid template ({e}); write literal braces as {{{{ and }}}}") \
+            from None
+    for name, spec, conv in used:
+        if name not in fields or spec or conv:
+            valid = ", ".join("{" + f + "}" for f in fields) or "none"
+            raise ConfigError(f"{key}={text!r} uses the placeholder {{{name}{'!' + conv if conv else ''}"
+                              f"{':' + spec if spec else ''}}}; valid placeholders: {valid} (literal braces: {{{{ }}}})")
+    if required and required not in [u[0] for u in used]:
+        raise ConfigError(f"{key}={text!r} must contain {{{required}}}")
+
+
+def check_device(name: str) -> None:
+    """``train.device``: auto, cpu, cuda, cuda:N or mps, and available on this machine."""
+    import re
+
+    import torch
+
+    m = re.fullmatch(r"(auto|cpu|mps|cuda)(?::(\d+))?", name or "")
+    if m is None or (m.group(2) is not None and m.group(1) != "cuda"):
+        raise ConfigError(f"train.device={name!r}; valid: auto, cpu, cuda, cuda:N, mps")
+    kind = m.group(1)
+    if kind == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(f"train.device={name!r} but no CUDA device is available here (torch "
+                              f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use auto or cpu")
+        if m.group(2) is not None and int(m.group(2)) >= n:
+            raise ConfigError(f"train.device={name!r} but this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"train.device={name!r} but MPS is not available here; use auto or cpu")
+
 __all__ = ["ModelSection", "OptimSection", "DataSection", "TrainSection", "OutputSection", "RunConfig",
-           "DEFAULT", "resolve", "method_file", "CONFIG_DIRS"]
+           "DEFAULT", "resolve", "method_file", "CONFIG_DIRS", "RECIPES_DIR", "list_recipes", "recipe_path"]
 
 
 @dataclass
@@ -45,6 +99,17 @@ class OptimSection:
     # per-role lr / weight decay over the method's declared defaults: {router: {lr: 0.1, weight_decay: 0.0}}
     role_optim: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)  # the procedure's own options (written flat in YAML)
+
+    def validate(self) -> None:
+        _range("optim.lr", self.lr, gt=0)
+        _range("optim.weight_decay", self.weight_decay, ge=0)
+        _range("optim.eps", self.eps, gt=0)
+        _range("optim.warmup", self.warmup, ge=0)
+        _range("optim.min_lr_ratio", self.min_lr_ratio, ge=0, le=1)
+        _range("optim.max_grad_norm", self.max_grad_norm, gt=0)
+        _range("optim.trainable_lr", self.trainable_lr, ge=0)  # 0: the head stays fixed
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1) (e.g. [0.9, 0.999])")
 
     def hyper(self):
         from ..procedures import Hyper
@@ -76,6 +141,18 @@ class DataSection:
     gen_samples: int = 0  # GSM8K: greedy exact match on this many eval rows
     max_new_tokens: int = 160
 
+    def validate(self) -> None:
+        for k, lo in (("max_length", 8), ("batch_size", 1), ("eval_batch_size", 1), ("train_size", 1),
+                      ("eval_size", 1), ("gen_samples", 0), ("max_new_tokens", 1)):
+            _range(f"data.{k}", getattr(self, k), ge=lo)
+        for k in ("labels", "label_words"):
+            v = getattr(self, k)
+            if v is not None and (not v or len(set(v)) != len(v)):
+                raise ConfigError(f"data.{k}={v!r} must be a non-empty list of distinct strings")
+        for k in ("path", "eval_path"):
+            if getattr(self, k) == "":
+                raise ConfigError(f"data.{k} is empty: give a JSONL/CSV file or null")
+
 
 @dataclass
 class TrainSection:
@@ -92,11 +169,20 @@ class TrainSection:
     keep_checkpoints: int = 2
     calibration_batches: int = 4  # for methods that initialise from data (get_method(m).calibration)
 
+    def validate(self) -> None:
+        for k, lo in (("steps", 1), ("grad_accum", 1), ("threads", 1), ("log_every", 0), ("eval_every", 0),
+                      ("save_every", 0), ("keep_checkpoints", 1), ("calibration_batches", 1)):
+            _range(f"train.{k}", getattr(self, k), ge=lo)
+        check_device(self.device)
+
 
 @dataclass
 class OutputSection:
     dir: str = "runs/{task}-{method}"  # {task} and {method} are filled in
     save_adapter: bool = True
+
+    def validate(self) -> None:
+        check_template(self.dir, "output.dir", OUTPUT_FIELDS)
 
 
 @dataclass
@@ -119,11 +205,13 @@ class RunConfig:
         return Path(self.output.dir.format(task=self.data.task, method=self.adapter.get("method", "lora")))
 
 
-# The embedded default: `lorakit train` with no arguments (identical to configs/sentiment-smollm2-lora.yaml).
+# The embedded default: `lorakit train` with no arguments (identical to the packaged recipe sentiment-smollm2-lora.yaml).
+# targets "all-attention": every projection in an attention block, derived from the model (q/k/v/o_proj on
+# SmolLM2, query/key/value/attention.output.dense on MiniLM), so `model.name=...` keeps a working default.
 # Measured: see docs/training.md.
 DEFAULT: dict[str, Any] = {
     "model": {"name": "smollm2-135m"},
-    "adapter": {"method": "lora", "targets": ["q_proj", "k_proj", "v_proj", "o_proj"], "r": 8, "alpha": 16,
+    "adapter": {"method": "lora", "targets": "all-attention", "r": 8, "alpha": 16,
                 "seed": 0},
     "optim": {"lr": 1e-3, "warmup": 0.1, "schedule": "cosine"},
     "data": {"task": "sentiment-smollm2", "max_length": 64, "batch_size": 8, "eval_size": 200,
@@ -132,7 +220,10 @@ DEFAULT: dict[str, Any] = {
     "output": {"dir": "runs/{task}-{method}"},
 }
 
-CONFIG_DIRS = [Path.cwd() / "configs", Path(__file__).resolve().parents[3] / "configs"]
+# The recipes ship inside the package (lorakit/recipes: <task>-lora.yaml and methods/<name>.yaml), so a wheel
+# install has them; a ./configs directory (a user's own method files) is looked at first.
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+CONFIG_DIRS = [Path.cwd() / "configs", RECIPES_DIR]
 
 
 def method_file(name: str) -> Path | None:
@@ -141,6 +232,41 @@ def method_file(name: str) -> Path | None:
         if p.is_file():
             return p
     return None
+
+
+def _describe(p: Path) -> str:
+    """The first comment line of a recipe file (its one-line description)."""
+    for line in p.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+        if line.strip():
+            break
+    return ""
+
+
+def list_recipes() -> list[dict]:
+    """The packaged recipes: ``{"kind": "recipe" | "method", "name", "path", "description"}`` each."""
+    out = [{"kind": "recipe", "name": p.stem, "path": p, "description": _describe(p)}
+           for p in sorted(RECIPES_DIR.glob("*.yaml"))]
+    out += [{"kind": "method", "name": p.stem, "path": p, "description": _describe(p)}
+            for p in sorted((RECIPES_DIR / "methods").glob("*.yaml"))]
+    return out
+
+
+def recipe_path(path: str | Path) -> Path:
+    """A recipe file: ``path`` itself when it exists, else the packaged recipe of that name
+    (``sentiment-minilm-lora``, ``sentiment-minilm-lora.yaml`` and ``configs/sentiment-minilm-lora.yaml`` all work
+    from a wheel install)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    sub = "methods" if p.parent.name == "methods" else ""
+    cand = RECIPES_DIR / sub / f"{name}.yaml"
+    if cand.is_file():
+        return cand
+    names = [r["name"] for r in list_recipes() if r["kind"] == "recipe"]
+    raise ConfigError(f"config file not found: {p} (packaged recipes: {', '.join(names)}; see `lorakit recipes`)")
 
 
 def _apply_method(data: dict, name: str) -> dict:
@@ -169,7 +295,7 @@ def _apply_method(data: dict, name: str) -> dict:
 def resolve(path: str | Path | None = None, overrides: list[str] | None = None, method: str | None = None,
             base: dict | None = None) -> RunConfig:
     """Build a validated :class:`RunConfig` from a recipe (or the embedded default), a method, overrides."""
-    data = copy.deepcopy(base if base is not None else DEFAULT) if path is None else load_yaml(path)
+    data = copy.deepcopy(base if base is not None else DEFAULT) if path is None else load_yaml(recipe_path(path))
     if method:
         _apply_method(data, method)
     apply_overrides(data, list(overrides or []))
@@ -198,11 +324,8 @@ def resolve(path: str | Path | None = None, overrides: list[str] | None = None, 
     proc = cfg.optim.procedure()  # unknown procedure or option: ConfigError naming the valid ones
     cfg.optim.options = options_dict(proc)  # every option written out, defaults included
     preflight(proc, cfg.adapter)  # a method this procedure cannot train fails now, before any model loads
-    t = cfg.train
-    for name, v, lo in (("train.steps", t.steps, 1), ("train.grad_accum", t.grad_accum, 1),
-                        ("data.batch_size", cfg.data.batch_size, 1), ("data.max_length", cfg.data.max_length, 8)):
-        if v < lo:
-            raise ConfigError(f"{name}={v} must be >= {lo}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0")
+    # the task: its data.prompt placeholders, and your data files (read now: a bad file fails before any model)
+    from ..tasks import get_task
+
+    get_task(cfg.data.task, cfg.data).check_config()
     return cfg

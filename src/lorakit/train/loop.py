@@ -240,6 +240,8 @@ def run_training(config: RunConfig | dict | None = None, *, resume: bool = False
         from ..quant_model import quantize_model
 
         quantize_model(model, exclude=cfg.adapter.get("trainable") or None)
+    # targets, layer kinds and ranks against this model, now: a wrong target fails before any evaluation runs
+    inject.check_attach(model, cfg.adapter)
     if rank == 0:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
