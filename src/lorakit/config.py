@@ -290,7 +290,8 @@ class AttachConfig:
             raise ConfigError(f"bias={out.bias!r}; valid: 'none', 'all', 'lora_only'")
         if out.dtype not in (None, "float32", "bfloat16", "float16", "float64"):
             raise ConfigError(f"dtype={out.dtype!r}; valid: float32, bfloat16, float16, float64 or null")
-        _check_spec(out.targets, "targets", allow_keywords=True)
+        if not (out.target_parameters and isinstance(out.targets, (list, tuple)) and not out.targets):
+            _check_spec(out.targets, "targets", allow_keywords=True)  # [] + target_parameters: parameters only
         _check_spec(out.exclude, "exclude")
         _check_spec(out.layers_pattern, "layers_pattern", regex=False)
         if not isinstance(out.overrides, dict):
