@@ -89,6 +89,8 @@ class TrainSection:
     save_every: int = 0  # checkpoint every N steps (0: never; Ctrl-C still saves one)
     keep_checkpoints: int = 2
     calibration_batches: int = 4  # for methods that initialise from data (get_method(m).calibration)
+    # where the scalars go besides metrics.jsonl (always written): jsonl, tensorboard, wandb (offline)
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])
 
 
 @dataclass
@@ -203,4 +205,12 @@ def resolve(path: str | Path | None = None, overrides: list[str] | None = None, 
             raise ConfigError(f"{name}={v} must be >= {lo}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0")
+    _check_extras(cfg)
     return cfg
+
+
+def _check_extras(cfg: RunConfig) -> None:
+    """Resolve-time checks of the data-format, packing, DPO and reporter keys (issue 24)."""
+    from .loggers import check_report_to
+
+    cfg.train.report_to = check_report_to(cfg.train.report_to)
