@@ -73,6 +73,11 @@ class DataSection:
     eval_batch_size: int = 32
     gen_samples: int = 0  # GSM8K: greedy exact match on this many eval rows
     max_new_tokens: int = 160
+    # sft tasks: "prompt" (prompt/completion rows) or "messages" (chats rendered with the tokenizer's chat template,
+    # loss on the assistant turns only; your file: a `messages` column, a list of {role, content})
+    format: Literal["prompt", "messages"] = "prompt"
+    packing: bool = False  # sft: pack a batch's samples into rows of max_length, no attention across samples
+    dpo_beta: float = 0.1  # dpo tasks: the KL coefficient beta of the DPO loss
 
 
 @dataclass
@@ -214,3 +219,18 @@ def _check_extras(cfg: RunConfig) -> None:
     from .loggers import check_report_to
 
     cfg.train.report_to = check_report_to(cfg.train.report_to)
+    from ..tasks import TASKS
+
+    d = cfg.data
+    kind = TASKS[d.task].kind if d.task in TASKS else None  # an unknown task is refused when the task is built
+    if d.format == "messages":
+        if kind is not None and kind != "sft":
+            raise ConfigError(f"data.format=messages needs an sft task (sft, gsm8k-smollm2); task '{d.task}' is "
+                              f"a {kind} task")
+        if d.prompt is not None:
+            raise ConfigError("data.prompt does not apply to data.format=messages: the tokenizer's chat template "
+                              "renders the conversation")
+    if d.packing and kind is not None and kind != "sft":
+        raise ConfigError(f"data.packing=true needs an sft task; task '{d.task}' is a {kind} task")
+    if not d.dpo_beta > 0:
+        raise ConfigError(f"data.dpo_beta={d.dpo_beta} must be > 0")
