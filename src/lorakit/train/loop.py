@@ -404,6 +404,7 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
             loss_curve.append(loss_sum)
             logs = {"loss": loss_sum, "lr": lr, "grad_norm": gn, "step_time_s": dt, "tokens_per_s": ntok / dt}
             logs.update({f"adapter/{k}": v for k, v in inject.adapter_stats(model).items()})
+            logs.update(getattr(task, "step_metrics", dict)())
             if tc.log_every and (step % tc.log_every == 0 or step == total):
                 mlog(event="train", step=step, **logs)
             emit("on_step", step, logs)
