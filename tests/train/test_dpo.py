@@ -134,3 +134,69 @@ def test_gsm8k_preference_pairs():
     for r in rows["train"]:
         assert final_number(r["chosen"]) != final_number(r["rejected"])
         assert r["chosen"].split("####")[0].count("\n") == r["rejected"].split("####")[0].count("\n")
+
+
+def _trl_trainer(trl, model, tok, ds, out):
+    args = trl.DPOConfig(output_dir=str(out), per_device_train_batch_size=8, max_steps=12, learning_rate=5e-3,
+                         lr_scheduler_type="constant", beta=0.5, logging_steps=1, report_to=[], use_cpu=True, seed=0,
+                         save_strategy="no", precompute_ref_log_probs=True, disable_tqdm=True)
+    with lorakit.disabled(model):  # the reference log-probs are computed here, by the base model alone
+        return trl.DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+
+
+TRL_TARGETS = {"method": "lora", "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"], "r": 4,
+               "alpha": 8, "seed": 0}
+
+
+def test_trl_dpo_trainer_on_a_lorakit_model_with_the_disabled_model_as_reference(tiny_lm_dir, tmp_path):
+    """The recipe of docs/training.md: build TRL's DPOTrainer inside `lorakit.disabled(model)` with
+    `precompute_ref_log_probs=True`, so the reference log-probs are the base model's and no copy is loaded."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    ds = datasets.Dataset.from_list([{**r, "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]}
+                                     for r in _pairs(32)])
+    base = tiny_llama_model(tiny_lm_dir).eval()
+
+    # 1. the precomputed reference is the base even when the adapter is not at its no-op init
+    model = tiny_llama_model(tiny_lm_dir)
+    lorakit.attach(model, TRL_TARGETS)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(20 * torch.randn_like(p))
+    n_params = sum(p.numel() for p in model.parameters())
+    trainer = _trl_trainer(trl, model, tok, ds, tmp_path / "trl0")
+    assert trainer.ref_model is None  # no second model
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    for row in [trainer.train_dataset[i] for i in range(3)]:
+        prompt = row["prompt_ids"] if "prompt_ids" in row else tok(row["prompt"])["input_ids"]
+        for key, ref_key in (("chosen", "ref_chosen_logps"), ("rejected", "ref_rejected_logps")):
+            ids = row[f"{key}_ids"] if f"{key}_ids" in row else tok(row[key], add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                want = _manual_logp(base, list(prompt), list(ids))
+                policy = _manual_logp(model, list(prompt), list(ids))
+                assert row[ref_key] == pytest.approx(want, abs=2e-3)  # TRL stores them at reduced precision
+                assert abs(policy - want) > 1e-2  # and they are not the policy's
+
+    # 2. training a fresh adapter raises the reward margin and changes only adapter parameters
+    model = tiny_llama_model(tiny_lm_dir)
+    lorakit.attach(model, TRL_TARGETS)
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = _trl_trainer(trl, model, tok, ds, tmp_path / "trl1")
+    trainer.train()
+    margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
+    assert len(margins) == 12 and sum(margins[-3:]) / 3 > sum(margins[:3]) / 3 + 0.05
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == set(trainable)
+    assert any(not torch.equal(p, trainable[n]) for n, p in model.named_parameters() if n in trainable)
+    base_sd = base.state_dict()
+    for n, p in model.named_parameters():
+        if n not in trainable and n in base_sd:
+            assert torch.equal(p, base_sd[n]), n  # the base is untouched
+    # the trained adapter is a lorakit adapter: it saves in PEFT's format
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
