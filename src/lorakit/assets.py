@@ -362,8 +362,9 @@ def _read_utf8(p: Path, encoding: str = "utf-8") -> str:
                           f"{e.reason}); save the file as UTF-8") from None
 
 
-def load_user_data(path: str | os.PathLike, columns: tuple[str, str]) -> list[dict]:
-    """Rows of a JSONL or CSV file that must have ``columns`` (e.g. ``("text", "label")``)."""
+def load_user_data(path: str | os.PathLike, columns: tuple[str, ...], raw: tuple[str, ...] = ()) -> list[dict]:
+    """Rows of a JSONL or CSV file that must have ``columns`` (e.g. ``("text", "label")``). Values are strings,
+    except those of the ``raw`` columns, kept as read (a chat's ``messages`` list)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise AssetError(f"data file not found: {p}")
@@ -394,7 +395,7 @@ def load_user_data(path: str | os.PathLike, columns: tuple[str, str]) -> list[di
         if missing:
             raise ConfigError(f"{p}: row {i + 1} has no column {missing[0]!r}; every row needs columns "
                               f"{list(columns)} (found: {sorted(r)})")
-    return [{c: (r[c] if isinstance(r[c], str) else str(r[c])) for c in columns} for r in rows]
+    return [{c: (r[c] if isinstance(r[c], str) or c in raw else str(r[c])) for c in columns} for r in rows]
 
 
 # ----------------------------------------------------------------------------------------------------------------

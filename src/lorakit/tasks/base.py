@@ -35,7 +35,8 @@ def pad(seqs: list[list[int]], value: int) -> Tensor:
 class Task:
     """Base class. Subclasses set ``columns`` and implement ``load_model``, ``encode``, ``collate``, ``evaluate``."""
 
-    columns: tuple[str, str] = ("text", "label")
+    columns: tuple[str, ...] = ("text", "label")
+    raw_columns: tuple[str, ...] = ()  # columns of a user file kept as read (not turned into strings)
     is_classification = True
     # per-batch context this task's batches carry (popped by the trainer into ``lorakit.batch_context``)
     context_keys: tuple[str, ...] = ()
@@ -82,9 +83,9 @@ class Task:
         """``{"train": [...], "eval": [...]}`` after the size caps; labels checked against the label set."""
         c = self.cfg
         if c.path:
-            train = assets.load_user_data(c.path, self.columns)
+            train = assets.load_user_data(c.path, self.columns, raw=self.raw_columns)
             if c.eval_path:
-                ev = assets.load_user_data(c.eval_path, self.columns)
+                ev = assets.load_user_data(c.eval_path, self.columns, raw=self.raw_columns)
             else:
                 sp = assets.split_rows(train, fractions=(0.9, 0.1), seed=assets.SPLIT_SEED)
                 train, ev = sp["train"], sp["validation"] + sp["test"]
@@ -155,6 +156,10 @@ class Task:
 
     def evaluate(self, model: nn.Module, tok, examples: list[dict], batch_size: int = 32) -> dict[str, float]:
         raise NotImplementedError
+
+    def step_metrics(self) -> dict[str, float]:
+        """Task statistics of the training forwards since the last call (DPO's rewards), logged with each step."""
+        return {}
 
     def describe(self) -> dict:
         return {"task": self.name, "kind": self.spec.kind, "labels": self.labels}

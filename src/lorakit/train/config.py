@@ -140,6 +140,11 @@ class DataSection:
     eval_batch_size: int = 32
     gen_samples: int = 0  # GSM8K: greedy exact match on this many eval rows
     max_new_tokens: int = 160
+    # sft tasks: "prompt" (prompt/completion rows) or "messages" (chats rendered with the tokenizer's chat template,
+    # loss on the assistant turns only; your file: a `messages` column, a list of {role, content})
+    format: Literal["prompt", "messages"] = "prompt"
+    packing: bool = False  # sft: pack a batch's samples into rows of max_length, no attention across samples
+    dpo_beta: float = 0.1  # dpo tasks: the KL coefficient beta of the DPO loss
 
     def validate(self) -> None:
         for k, lo in (("max_length", 8), ("batch_size", 1), ("eval_batch_size", 1), ("train_size", 1),
@@ -168,6 +173,8 @@ class TrainSection:
     save_every: int = 0  # checkpoint every N steps (0: never; Ctrl-C still saves one)
     keep_checkpoints: int = 2
     calibration_batches: int = 4  # for methods that initialise from data (get_method(m).calibration)
+    # where the scalars go besides metrics.jsonl (always written): jsonl, tensorboard, wandb (offline)
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])
 
     def validate(self) -> None:
         for k, lo in (("steps", 1), ("grad_accum", 1), ("threads", 1), ("log_every", 0), ("eval_every", 0),
@@ -328,4 +335,27 @@ def resolve(path: str | Path | None = None, overrides: list[str] | None = None, 
     from ..tasks import get_task
 
     get_task(cfg.data.task, cfg.data).check_config()
+    _check_extras(cfg)
     return cfg
+
+
+def _check_extras(cfg: RunConfig) -> None:
+    """Resolve-time checks of the data-format, packing, DPO and reporter keys (issue 24)."""
+    from .loggers import check_report_to
+
+    cfg.train.report_to = check_report_to(cfg.train.report_to)
+    from ..tasks import TASKS
+
+    d = cfg.data
+    kind = TASKS[d.task].kind if d.task in TASKS else None  # an unknown task is refused when the task is built
+    if d.format == "messages":
+        if kind is not None and kind != "sft":
+            raise ConfigError(f"data.format=messages needs an sft task (sft, gsm8k-smollm2); task '{d.task}' is "
+                              f"a {kind} task")
+        if d.prompt is not None:
+            raise ConfigError("data.prompt does not apply to data.format=messages: the tokenizer's chat template "
+                              "renders the conversation")
+    if d.packing and kind is not None and kind != "sft":
+        raise ConfigError(f"data.packing=true needs an sft task; task '{d.task}' is a {kind} task")
+    if not d.dpo_beta > 0:
+        raise ConfigError(f"data.dpo_beta={d.dpo_beta} must be > 0")

@@ -39,6 +39,7 @@ from ..tasks import get_task
 from ..tasks.base import to_device
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, resolve
+from .loggers import Reporters
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ def _peak_rss_mb() -> float:
 class _Log:
     """metrics.jsonl writer (one JSON object per line, flushed)."""
 
-    def __init__(self, path: Path, keep_until: int | None):
+    def __init__(self, path: Path, keep_until: int | None, reporters=None):
+        self.reporters = reporters
         if keep_until is not None and path.is_file():  # resume: drop what came after the checkpoint
             kept = [ln for ln in path.read_text().splitlines()
                     if ln.strip() and json.loads(ln).get("step", 0) <= keep_until
@@ -109,9 +111,13 @@ class _Log:
     def __call__(self, **rec) -> None:
         self.f.write(json.dumps(rec, default=float) + "\n")
         self.f.flush()
+        if self.reporters is not None:
+            self.reporters(rec)
 
     def close(self) -> None:
         self.f.close()
+        if self.reporters is not None:
+            self.reporters.close()
 
 
 def _prepare_out(out: Path, resume: bool) -> None:
@@ -254,8 +260,10 @@ def run_training(config: RunConfig | dict | None = None, *, resume: bool = False
     ckpt = latest_checkpoint(out) if resume else None
     if resume and ckpt is None:
         log.warning("--resume: no checkpoint in %s; starting from scratch", out)
-    mlog = _Log(out / "metrics.jsonl", keep_until=None if ckpt is None else int(ckpt.name.split("-")[1])) \
-        if rank == 0 else _NoLog()
+    keep_until = None if ckpt is None else int(ckpt.name.split("-")[1])
+    mlog = _Log(out / "metrics.jsonl", keep_until=keep_until,
+                reporters=Reporters(tc.report_to, out, cfg.to_dict(), keep_until)
+                if set(tc.report_to) - {"jsonl"} else None) if rank == 0 else _NoLog()
     info = {"task": task.name, "model": model_name, "method": acfg.get("method"), "device": str(device),
             "train_rows": len(train_ex), "eval_rows": len(eval_ex), "steps": total, "output_dir": str(out)}
     try:
@@ -402,6 +410,7 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
             loss_curve.append(loss_sum)
             logs = {"loss": loss_sum, "lr": lr, "grad_norm": gn, "step_time_s": dt, "tokens_per_s": ntok / dt}
             logs.update({f"adapter/{k}": v for k, v in inject.adapter_stats(model).items()})
+            logs.update(getattr(task, "step_metrics", dict)())
             if tc.log_every and (step % tc.log_every == 0 or step == total):
                 mlog(event="train", step=step, **logs)
             emit("on_step", step, logs)
