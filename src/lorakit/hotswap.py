@@ -109,20 +109,9 @@ def prepare_for_hotswap(model: nn.Module, max_rank: int, name: str | None = None
 
 
 def _file_config(model: nn.Module, directory: Path, conf: dict) -> AttachConfig:
-    from .io import _config_from_peft
+    from .io import config_of_file
 
-    block = conf.get("lorakit")
-    try:
-        if isinstance(block, dict) and "config" in block:
-            c = dict(block["config"])
-            if "paths" in block:
-                c["targets"], c["exclude"], c["layers"] = list(block["paths"]), None, None
-            return AttachConfig.make(c)
-        if conf["peft_type"] == "LORAKIT":
-            raise AdapterFileError(f"{directory}: peft_type LORAKIT but no 'lorakit' block")
-        return _config_from_peft(model, conf)
-    except (ConfigError, KeyError, TypeError) as e:
-        raise AdapterFileError(f"{directory}/adapter_config.json: {e}") from None
+    return config_of_file(model, conf, directory)
 
 
 @torch.no_grad()

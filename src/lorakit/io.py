@@ -209,6 +209,35 @@ def _config_from_peft(model: nn.Module, conf: dict) -> AttachConfig:
                               "bias": conf.get("bias") or "none", **opts}))
 
 
+def config_of_file(model: nn.Module, conf: dict, where: str | os.PathLike) -> AttachConfig:
+    """The AttachConfig an adapter config describes for ``model``: a lorakit file's own block (exact module list,
+    parameter targets), else the mapping of a PEFT config. Any problem is an :class:`AdapterFileError` naming the
+    file and what is wrong (never a raw KeyError/TypeError). The one reader for load_adapter, the server's bank and
+    hot-swapping."""
+    block = conf.get("lorakit")
+    try:
+        if isinstance(block, dict) and "config" in block:
+            c = dict(block["config"])
+            if "paths" in block:  # exact module list of the saved adapter
+                c["targets"], c["exclude"], c["layers"] = list(block["paths"]), None, None
+                if "params" in block:
+                    c["target_parameters"] = list(block["params"])
+            return AttachConfig.make(c)
+        if conf["peft_type"] == "LORAKIT":
+            raise AdapterFileError(f"{where}: peft_type LORAKIT but no 'lorakit' block")
+        return _config_from_peft(model, conf)
+    except AdapterFileError:
+        raise
+    except LorakitError as e:
+        raise AdapterFileError(f"{where}/{CONFIG_NAME}: {e}") from None
+    except KeyError as e:
+        raise AdapterFileError(f"{where}/{CONFIG_NAME}: missing key {e}") from None
+    except (TypeError, ValueError, AttributeError):
+        log.warning("%s/%s: unexpected value", where, CONFIG_NAME, exc_info=True)
+        raise AdapterFileError(f"{where}/{CONFIG_NAME}: a value has the wrong type or form (for example a number "
+                               "where a list or mapping is expected)") from None
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default", *,
                  trainable: bool = False) -> nn.Module:
     """Load an adapter directory (written by lorakit or by PEFT) onto ``model`` as adapter ``name``.
@@ -219,21 +248,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     directory = Path(directory)
     conf = read_adapter_config(directory)
     tensors = _read_tensors(directory)
-    block = conf.get("lorakit")
-    try:
-        if isinstance(block, dict) and "config" in block:
-            c = dict(block["config"])
-            if "paths" in block:  # exact module list of the saved adapter
-                c["targets"], c["exclude"], c["layers"] = list(block["paths"]), None, None
-                if "params" in block:
-                    c["target_parameters"] = list(block["params"])
-            cfg = AttachConfig.make(c)
-        elif conf["peft_type"] == "LORAKIT":
-            raise AdapterFileError(f"{directory}: peft_type LORAKIT but no 'lorakit' block")
-        else:
-            cfg = _config_from_peft(model, conf)
-    except (ConfigError, KeyError, TypeError) as e:
-        raise AdapterFileError(f"{directory}/{CONFIG_NAME}: {e}") from None
+    cfg = config_of_file(model, conf, directory)
     want_base, have_base = conf.get("base_model_name_or_path"), _base_name(model)
     if want_base and have_base and Path(str(want_base)).name != Path(str(have_base)).name:
         log.warning("adapter was trained on %r, loading onto %r", want_base, have_base)

@@ -37,7 +37,6 @@ from ..config import AttachConfig
 from ..core import Adapted, LayerView, LowRankConfig, get_method, scale_of
 from ..errors import AdapterFileError, ConfigError, LorakitError
 from ..formats.peft import PREFIX, WEIGHTS_NAME, confined, read_adapter_config, read_tensors
-from ..io import _config_from_peft
 from ..targets import match
 
 log = logging.getLogger(__name__)
@@ -425,26 +424,9 @@ def _gain(lay: BankLinear, A: Tensor, sB: Tensor, m: Tensor) -> Tensor:
 
 
 def _config_of(bank: AdapterBank, conf: dict, where: Path) -> AttachConfig:
-    block = conf.get("lorakit")
-    try:
-        if isinstance(block, dict) and "config" in block:
-            c = dict(block["config"])
-            if "paths" in block:
-                c["targets"], c["exclude"], c["layers"] = list(block["paths"]), None, None
-            return AttachConfig.make(c)
-        if conf["peft_type"] == "LORAKIT":
-            raise AdapterFileError(f"{where}: peft_type LORAKIT but no 'lorakit' block")
-        return _config_from_peft(bank.model, conf)
-    except AdapterFileError:
-        raise
-    except LorakitError as e:
-        raise AdapterFileError(f"{where}/adapter_config.json: {e}") from None
-    except KeyError as e:
-        raise AdapterFileError(f"{where}/adapter_config.json: missing key {e}") from None
-    except (TypeError, ValueError, AttributeError):
-        log.warning("%s/adapter_config.json: unexpected value", where, exc_info=True)
-        raise AdapterFileError(f"{where}/adapter_config.json: a value has the wrong type or form (for example a "
-                               "number where a list or mapping is expected)") from None
+    from ..io import config_of_file
+
+    return config_of_file(bank.model, conf, where)
 
 
 def read_served(bank: AdapterBank, directory: str | os.PathLike, name: str,
