@@ -300,7 +300,7 @@ def test_bank_and_export_refuse_embedding_adapters(make, what, tmp_path):
         read_served(bank, tmp_path / "a", "a")
     assert "merge_and_unload" in str(e.value) and "embed_tokens" in str(e.value)
     for fmt in ("vllm", "gguf"):
-        with pytest.raises(lorakit.AdapterFileError, match="embed_tokens"):
+        with pytest.raises(lorakit.LorakitError, match="embed_tokens"):
             export_adapter(tmp_path / "a", tmp_path / fmt, fmt, model=make())
         assert not (tmp_path / fmt).exists()
 

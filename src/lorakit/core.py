@@ -501,6 +501,9 @@ class Adapter(nn.Module):
             self.__dict__.setdefault("_grown", []).append(
                 GrownSlots(param, dim, int(start), int(stop), None if warmup is None else int(warmup),
                            weight_decay))
+            listener = self.__dict__.get("_grown_listener")
+            if listener is not None:  # the optimiser's slot hooks take it now, so no pending state outlives a step
+                listener(self)
 
     def take_grown(self) -> list["GrownSlots"]:
         """The slots grown since the last call (and forget them)."""

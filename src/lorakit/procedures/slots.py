@@ -48,22 +48,31 @@ class SlotWarmup:
         self.adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
         self.decoupled = isinstance(optimizer, torch.optim.AdamW) or any(
             g.get("decoupled_weight_decay", False) for g in optimizer.param_groups)
-        self.group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         self._before: dict[int, torch.Tensor] = {}
         self._warned = False
         self.run_warmup = 0  # the run's LR warmup in steps: the default warmup of grown slots (set_run_warmup)
         self.handles = [optimizer.register_step_pre_hook(self.pre), optimizer.register_step_post_hook(self.post)]
+        for a in adapters:  # growth is applied when it happens (a checkpoint between steps then holds all of it)
+            a.__dict__["_grown_listener"] = self.take
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        for a in self.adapters:
+            if a.__dict__.get("_grown_listener") == self.take:
+                del a.__dict__["_grown_listener"]
+
+    @torch.no_grad()
+    def take(self, a: nn.Module) -> None:
+        """Reset the optimiser state of the slots ``a`` just grew (fresh moments, own step count and warmup)."""
+        for g in a.take_grown():
+            self.reset(getattr_path(a, g.param), g)
 
     # --- hooks ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def pre(self, opt, args, kwargs) -> None:
-        for a in self.adapters:
-            for g in a.take_grown():
-                self.reset(getattr_path(a, g.param), g)
+        for a in self.adapters:  # growth noted while no listener was set (e.g. before the optimiser existed)
+            self.take(a)
         self._before = {}
         for p in self.tracked():
             if p.grad is not None:
@@ -87,7 +96,7 @@ class SlotWarmup:
 
     def reset(self, p: nn.Parameter, g) -> None:
         """Zero the moments of the grown entries and start their own step count at 0."""
-        if id(p) not in self.group_of:
+        if self._group(p) is None:
             return  # frozen (e.g. train_experts=False) or not in this optimiser
         st = self.opt.state.get(p)
         if not st or "exp_avg" not in st:  # no state yet: the slice starts fresh anyway
@@ -113,7 +122,7 @@ class SlotWarmup:
 
     def correct(self, p: nn.Parameter, before: torch.Tensor) -> None:
         """Rewrite the grown entries' update as a fresh AdamW group's (own step count, warmup, weight decay)."""
-        st, grp = self.opt.state[p], self.group_of[id(p)]
+        st, grp = self.opt.state[p], self._group(p)
         age = st[AGE]
         fresh = age >= 0
         if not bool(fresh.any()):
@@ -142,6 +151,11 @@ class SlotWarmup:
         age.add_(fresh.to(age.dtype))
         done = fresh & (k >= warm) & (torch.pow(torch.full_like(k, max(b1, b2)), k) < 1e-6)
         age.masked_fill_(done, -1.0)
+
+    def _group(self, p: nn.Parameter) -> dict | None:
+        """The live parameter group of ``p`` (looked up each time: ``optimizer.load_state_dict`` on resume replaces
+        the group dicts, and the LR scheduler writes the rate into the new ones)."""
+        return next((g for g in self.opt.param_groups if any(q is p for q in g["params"])), None)
 
     def _warn(self) -> None:
         if not self._warned:
