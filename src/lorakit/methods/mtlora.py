@@ -83,12 +83,7 @@ class MTLoRA(Adapter):
         super().__init__(base, cfg, view)
         if min(cfg.r, cfg.r_task, cfg.n_tasks) <= 0:
             raise ConfigError("MTLoRA: r, r_task and n_tasks must be positive")
-        if cfg.mode not in MODES:
-            raise ConfigError(f"mtlora: mode={cfg.mode!r}; valid: {', '.join(MODES)}")
-        tt = cfg.task_targets
-        if tt is not None and not isinstance(tt, str) and not (
-                isinstance(tt, (list, tuple)) and all(isinstance(t, str) for t in tt)):
-            raise ConfigError(f"mtlora: task_targets must be null, a regex or a list of module names, got {tt!r}")
+        cfg.validate()  # a Config built by hand skips resolution: the same checks, once
         v = self.view
         self.lora_A, self.lora_B = Factor(cfg.r, v.d_in), Factor(v.d_out, cfg.r)
         self.task_A = nn.Parameter(torch.empty(cfg.n_tasks, cfg.r_task, v.d_in))

@@ -62,6 +62,13 @@ class Task:
                               f"{', '.join(assets.MODELS)} or a local Hugging Face model directory)")
         return name
 
+    def prompt_template(self) -> str:
+        """The ``{prompt}`` template of a prompt/completion task (data.prompt, else the task's own)."""
+        template = self.cfg.prompt or self.spec.prompt or "{prompt}"
+        if "{prompt}" not in template:
+            raise ConfigError(f"data.prompt {template!r} must contain {{prompt}}")
+        return template
+
     def check_config(self) -> None:
         """What can be checked before any model or dataset loads (``lorakit.train.resolve`` calls it): the
         ``data.prompt`` template's placeholders, and your data files (read once: not UTF-8, bad JSON, missing

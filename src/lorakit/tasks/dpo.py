@@ -93,9 +93,7 @@ class DPO(Task):
 
     def encode(self, rows, tok):
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        template = self.cfg.prompt or self.spec.prompt or "{prompt}"
-        if "{prompt}" not in template:
-            raise ConfigError(f"data.prompt {template!r} must contain {{prompt}}")
+        template = self.prompt_template()
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
         L = self.cfg.max_length
         out = []
