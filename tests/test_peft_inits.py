@@ -106,7 +106,7 @@ def test_files_both_ways_with_peft(init, tmp_path):
 
 def test_loftq_base_is_bitsandbytes_quantisation_and_approximates_w():
     bnb = pytest.importorskip("bitsandbytes")
-    from lorakit.methods.lora import quant_dequant
+    from lorakit.methods._loftq import quant_dequant
 
     w = torch.randn(24, 40)
     q, st = bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)

@@ -172,6 +172,8 @@ class LoRA(Adapter):
             self._initial = (A.detach().clone(), B.detach().clone())  # for initial_lowrank (not saved)
             return weight - self.scale * (B.float() @ A.float())
         if init == "loftq":
+            from ._loftq import loftq
+
             Q, L, R = loftq(weight, self.cfg.r, self.cfg.loftq_bits, self.cfg.loftq_iter)
             root = math.sqrt(self.scale)
             B.copy_(L / root)
@@ -288,33 +290,3 @@ class LoRA(Adapter):
             r = self.cfg.r
             return LowRank(self.A[:r], self.B[:, :r], s)
         return LowRank(self.A, self.B, s)
-
-
-@torch.no_grad()
-def quant_dequant(w: Tensor, bits: int) -> Tensor:
-    """``deq(quant(w))`` as bitsandbytes stores a LoftQ base: 4 bits = NF4 in blocks of 64 with fp32 absmax
-    (``Params4bit(compress_statistics=False)``), 8 bits = row-wise absmax int8 (``Int8Params``)."""
-    if bits == 4:
-        from .. import quant
-
-        qc = quant.QuantConfig(bits=4, block=64, double=False)
-        return quant.dequantize(quant.quantize(w, qc), qc, tuple(w.shape))
-    stats = w.abs().amax(1).float()
-    q = torch.round(w * (127.0 / stats[:, None])).to(torch.int8)
-    return q.float() * stats[:, None] * 7.874015718698502e-3
-
-
-@torch.no_grad()
-def loftq(weight: Tensor, r: int, bits: int, n_iter: int) -> tuple[Tensor, Tensor, Tensor]:
-    """LoftQ's alternation: ``Q = deq(quant(W − LR))``, ``LR`` = top-r SVD of ``W − Q`` (``L = U√σ``, ``R = √σVᵀ``).
-    Returns ``(Q, L (d_out, r), R (r, d_in))`` in fp32."""
-    W = weight.float()
-    res = W
-    for i in range(n_iter):
-        Q = quant_dequant(res, bits)
-        U, S, Vh = torch.linalg.svd(W - Q, full_matrices=False)
-        root = S[:r].sqrt()
-        L, R = U[:, :r] * root, root[:, None] * Vh[:r]
-        if i + 1 < n_iter:
-            res = W - L @ R
-    return Q, L, R
