@@ -260,3 +260,26 @@ def test_the_design_docs_example_procedure_works():
             setup(lorakit.attach(MLP(), {"method": "vera", "targets": ["lin0"], "r": 2}), make_procedure("freeze_a"))
     finally:
         PROCEDURES.pop("freeze_a", None)
+
+
+def test_procedures_listing_and_docs_are_current(tmp_path, capsys):
+    """`lorakit procedures` lists every registered procedure with its paper; docs/procedures.md is regenerated
+    from the registry (stale docs fail here: run `lorakit procedures --markdown docs/procedures.md`)."""
+    from pathlib import Path
+
+    from lorakit.cli import main
+    from lorakit.procedures import PROCEDURES, list_procedures, procedures_markdown
+
+    rows = list_procedures()
+    assert [r["name"] for r in rows] == sorted(PROCEDURES)
+    for r in rows:
+        assert r["paper"], f"procedure {r['name']} declares no paper"
+        assert "arXiv" in r["paper"] or "http" in r["paper"] or "doi" in r["paper"].lower(), r
+    assert main(["procedures"]) == 0
+    out = capsys.readouterr().out
+    assert all(n in out for n in PROCEDURES)
+    p = tmp_path / "procedures.md"
+    assert main(["procedures", "--markdown", str(p)]) == 0
+    assert p.read_text() == procedures_markdown()
+    doc = Path(__file__).resolve().parents[1] / "docs" / "procedures.md"
+    assert doc.read_text() == procedures_markdown(), "docs/procedures.md is stale"

@@ -215,6 +215,23 @@ def cmd_methods(a) -> int:
     return 0
 
 
+def cmd_procedures(a) -> int:
+    from .procedures import list_procedures, procedures_markdown
+
+    if a.markdown is not None:
+        md = procedures_markdown()
+        if a.markdown == "-":
+            sys.stdout.write(md)
+        else:
+            Path(a.markdown).write_text(md)
+            _out(f"wrote {a.markdown}")
+        return 0
+    rows = [[r["name"], r["family"], r["paper"][:50] or "-",
+             ", ".join(f"{k}={v!r}" for k, v in r["options"].items())[:70] or "-"] for r in list_procedures()]
+    _out(_table(rows, ["procedure", "family", "paper", "options (optim.<option>=...)"]))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- inspect
 def parse_targets(values: list[str] | None):
     """``all-linear`` | ``all-attention`` | a regex (has regex characters) | names (comma/space separated) -> a targets spec."""
@@ -411,6 +428,7 @@ COMMANDS = {
     "eval": (cmd_eval, "evaluate a trained adapter on its task's held-out data"),
     "generate": (cmd_generate, "generate text with a base model + adapter (streams tokens)"),
     "methods": (cmd_methods, "list the registered PEFT methods"),
+    "procedures": (cmd_procedures, "list the registered training procedures (optim.name=...)"),
     "inspect": (cmd_inspect, "show which modules of a model a target spec matches"),
     "assets": (cmd_assets, "list / prepare the offline models and datasets"),
     "extract": (cmd_extract, "extract a PEFT LoRA approximating a fully fine-tuned model (truncated SVD)"),
@@ -444,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     s["generate"].add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     s["methods"].add_argument("--markdown", nargs="?", const="-", default=None, metavar="PATH",
                               help="write the markdown table (docs/methods.md) to PATH, or stdout")
+    s["procedures"].add_argument("--markdown", nargs="?", const="-", default=None, metavar="PATH",
+                                 help="write docs/procedures.md to PATH, or stdout")
     s["inspect"].add_argument("model", help="smollm2-135m | minilm-l6 | mobilenet-v2 | a local HF model dir")
     s["inspect"].add_argument("--targets", nargs="+", help="all-linear | a regex | names (q_proj,v_proj)")
     s["inspect"].add_argument("--exclude", nargs="+")

@@ -6,10 +6,10 @@
 from __future__ import annotations
 
 from .base import (PROCEDURES, ROLES, Hyper, Procedure, TrainParam, adapter_roles, check_role_optim, get_procedure,
-                   make_procedure, options_dict, role_settings, preflight, probe_parameters, register_procedure, setup, trainable_parameters)
+                   make_procedure, options_dict, list_procedures, procedures_markdown, role_settings, preflight, probe_parameters, register_procedure, setup, trainable_parameters)
 from . import adamw as _adamw  # noqa: F401  (registers "adamw")
 from . import loraplus as _loraplus  # noqa: F401  (registers "loraplus")
 
 __all__ = ["PROCEDURES", "ROLES", "Hyper", "Procedure", "TrainParam", "adapter_roles", "get_procedure",
-           "make_procedure", "options_dict", "preflight", "probe_parameters", "register_procedure", "setup",
+           "make_procedure", "options_dict", "list_procedures", "procedures_markdown", "preflight", "probe_parameters", "register_procedure", "setup",
            "trainable_parameters", "check_role_optim", "role_settings"]

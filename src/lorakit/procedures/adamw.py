@@ -14,4 +14,5 @@ __all__ = ["AdamW"]
 
 @register_procedure("adamw")
 class AdamW(Procedure):
+    paper = "Loshchilov & Hutter 2019, arXiv:1711.05101"
     """AdamW (decoupled weight decay, Loshchilov & Hutter, arXiv:1711.05101) with the default groups. No options."""

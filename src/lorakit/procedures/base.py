@@ -34,7 +34,7 @@ from ..errors import ConfigError
 log = logging.getLogger(__name__)
 
 __all__ = ["ROLES", "TrainParam", "Hyper", "Procedure", "register_procedure", "get_procedure", "PROCEDURES",
-           "make_procedure", "trainable_parameters", "adapter_roles", "setup", "role_settings", "check_role_optim"]
+           "make_procedure", "trainable_parameters", "list_procedures", "procedures_markdown", "adapter_roles", "setup", "role_settings", "check_role_optim"]
 
 # The role vocabulary: what a parameter *is* in an adapter's structure (``Adapter.roles`` values must be one of these;
 # tests/test_contract.py checks every registered method). Procedures group and treat parameters by role, never by
@@ -180,6 +180,10 @@ class Procedure:
     ``self.cfg`` is the validated ``Config``; ``self.hp`` the shared :class:`Hyper` settings (lr, betas, ...)."""
 
     name: ClassVar[str] = ""
+    # what `lorakit procedures` lists: the paper ("Authors Year, arXiv:...") and the kind of procedure
+    # (optimiser | memory | sparse | selection | ...: free text, grouped in docs/procedures.md)
+    paper: ClassVar[str] = ""
+    family: ClassVar[str] = "optimiser"
 
     @dataclass
     class Config:
@@ -299,6 +303,38 @@ def register_procedure(name: str):
         return cls
 
     return deco
+
+
+def list_procedures() -> list[dict]:
+    """Every registered procedure: name, family, paper, its options with defaults and the docstring's first line."""
+    out = []
+    for name in sorted(PROCEDURES):
+        cls = PROCEDURES[name]
+        opts = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else
+                         None if f.default is dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(cls.Config) if f.init}
+        doc = (cls.__doc__ or "").strip()
+        out.append({"name": name, "family": cls.family, "paper": cls.paper, "options": opts,
+                    "summary": doc.split("\n\n")[0].replace("\n", " ") if doc else ""})
+    return out
+
+
+def procedures_markdown() -> str:
+    """docs/procedures.md: the table of registered procedures, then each class docstring (formula and choices)."""
+    rows = list_procedures()
+    out = ["# Training procedures", "", f"{len(rows)} registered procedures (`optim.name=...`), generated from the "
+           "registry (`lorakit procedures --markdown`). A procedure says *how* the trainable parameters train "
+           "(groups, optimiser, gradient transforms, schedules); any method x any procedure either works or is "
+           "refused at config resolution (see docs/design.md).", "",
+           "| procedure | family | paper | options |", "|---|---|---|---|"]
+    for r in rows:
+        opts = ", ".join(f"{k}={v!r}" for k, v in r["options"].items())
+        out.append(f"| `{r['name']}` | {r['family']} | {r['paper'] or '-'} | {opts or '-'} |")
+    out.append("")
+    for r in rows:
+        out += [f"## `{r['name']}`", "", (PROCEDURES[r["name"]].__doc__ or "").strip() or
+                (__import__("sys").modules[PROCEDURES[r["name"]].__module__].__doc__ or "").strip(), ""]
+    return "\n".join(out)
 
 
 def get_procedure(name: str) -> type[Procedure]:

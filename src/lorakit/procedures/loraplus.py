@@ -37,6 +37,7 @@ __all__ = ["LoRAPlus"]
 
 @register_procedure("loraplus")
 class LoRAPlus(Procedure):
+    paper = "Hayou, Ghosh, Yu 2024, arXiv:2402.12354"
     @dataclass
     class Config:
         ratio: float = 16.0  # λ = lr_B / lr_A (the paper's suggestion 2^4)
