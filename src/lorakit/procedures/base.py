@@ -50,6 +50,7 @@ ROLES: dict[str, str] = {
     "router": "input-dependent mixture weights (MoE routers, X-LoRA's classifier, MHR's routing logits)",
     "head": "a trainable copy of a whole module (`adapter.trainable`, PEFT's modules_to_save)",
     "bias": "a base layer's bias trained with `adapter.bias=all|lora_only`",
+    "sparse": "the values of a sparse update on a fixed support (SLTrain's S)",
     "other": "a trainable parameter whose method declares no role for it",
 }
 
