@@ -310,6 +310,25 @@ def cmd_extract(a) -> int:
     return 0
 
 
+def cmd_loram(a) -> int:
+    from . import loram
+    from .errors import ConfigError
+
+    if a.action == "prune":
+        out, mask = loram.prune_files(a.model, a.ratio, a.out)
+        n = sum(1 for e in mask.modules.values() if e["out"] is not None or e["in"] is not None)
+        _out(f"pruned {a.ratio:.0%} of the kv-head groups and MLP channels ({n} matrices narrowed): {out}\n"
+             f"train on it:  lorakit train <recipe> model.name={out}\n"
+             f"then:         lorakit loram recover --pruned {out} --adapter <run>/adapter --base {a.model} "
+             "--out <dir>")
+        return 0
+    if not a.pruned or not a.adapter:
+        raise ConfigError("lorakit loram recover needs --pruned DIR (the pruned model) and --adapter DIR (trained on it)")
+    out = loram.recover_files(a.pruned, a.adapter, a.base, a.out, fill=a.fill)
+    _out(f"wrote the recovered LoRA for {a.base} to {out}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- assets
 def cmd_assets(a) -> int:
     from . import assets
@@ -431,6 +450,7 @@ COMMANDS = {
     "procedures": (cmd_procedures, "list the registered training procedures (optim.name=...)"),
     "inspect": (cmd_inspect, "show which modules of a model a target spec matches"),
     "assets": (cmd_assets, "list / prepare the offline models and datasets"),
+    "loram": (cmd_loram, "LoRAM: prune a model to train LoRA on it, then recover the adapter for the full model"),
     "extract": (cmd_extract, "extract a PEFT LoRA approximating a fully fine-tuned model (truncated SVD)"),
     "arena": (cmd_arena, "compare every method on the same real tasks under the same budget"),
     "recipes": (cmd_recipes, "list the packaged recipes and method files (or print one)"),
@@ -482,6 +502,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--targets", nargs="+", help="only these layers (a regex or names); default: every linear")
     ex.add_argument("--exclude", nargs="+")
     ex.add_argument("--out", required=True, help="the adapter directory to write")
+    lm = s["loram"]
+    lm.add_argument("action", choices=["prune", "recover"],
+                    help="prune: write a structurally pruned copy; recover: scatter its adapter into the full model")
+    lm.add_argument("--model", default="smollm2-135m", help="prune: the model to prune (name or HF directory)")
+    lm.add_argument("--ratio", type=float, default=0.5, help="prune: fraction of kv groups and channels removed")
+    lm.add_argument("--pruned", help="recover: the pruned directory (holds loram_mask.json)")
+    lm.add_argument("--adapter", help="recover: the adapter trained on the pruned model")
+    lm.add_argument("--base", default="smollm2-135m", help="recover: the full model (name or HF directory)")
+    lm.add_argument("--fill", default="zeroA", choices=["zeroA", "normA"], help="recover: pruned columns of A")
+    lm.add_argument("--out", required=True, help="the directory to write")
     ar = s["arena"]
     ar.add_argument("action", choices=["run", "report", "plan"],
                     help="run: train and record (resumes); report: Markdown + HTML; plan: the matched budgets")
