@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError, LorakitError
 
-__all__ = ["PruneMask", "prune_model", "recover_adapter", "recover_lowrank", "MASK_FILE"]
+__all__ = ["PruneMask", "prune_model", "recover_adapter", "recover_lowrank", "narrow_block", "MASK_FILE"]
 
 MASK_FILE = "loram_mask.json"
 
@@ -128,24 +128,10 @@ def prune_model(model: nn.Module, ratio: float, *, prune_heads: bool = True, pru
             s_q = rows(a.q_proj.weight, n_h) + a.o_proj.weight.float().pow(2).view(-1, n_h, hd).sum((0, 2))
             s_kv = s_kv + s_q.view(n_kv, group).sum(1)
             kv = _keep_top(s_kv, keep_kv)
-            q_heads = [g * group + j for g in kv for j in range(group)]
-            kv_rows = [g * hd + i for g in kv for i in range(hd)]
-            q_rows = [h * hd + i for h in q_heads for i in range(hd)]
             s_ch = m.gate_proj.weight.float().pow(2).sum(1) + m.up_proj.weight.float().pow(2).sum(1) \
                 + m.down_proj.weight.float().pow(2).sum(0)
             ch = _keep_top(s_ch, keep_ch)
-        full_q, full_kv = n_h * hd, n_kv * hd
-        for name, out_idx, in_idx in (("self_attn.q_proj", q_rows, None), ("self_attn.k_proj", kv_rows, None),
-                                      ("self_attn.v_proj", kv_rows, None), ("self_attn.o_proj", None, q_rows),
-                                      ("mlp.gate_proj", ch, None), ("mlp.up_proj", ch, None),
-                                      ("mlp.down_proj", None, ch)):
-            lin = blk.get_submodule(name)
-            _narrow_linear(lin, out_idx, in_idx)
-            full_out = {"self_attn.q_proj": full_q, "self_attn.k_proj": full_kv, "self_attn.v_proj": full_kv,
-                        "mlp.gate_proj": inter, "mlp.up_proj": inter}.get(name)
-            full_in = {"self_attn.o_proj": full_q, "mlp.down_proj": inter}.get(name)
-            mask.modules[pre + name] = {"out": out_idx if out_idx is not None and len(out_idx) < full_out else None,
-                                        "in": in_idx if in_idx is not None and len(in_idx) < full_in else None}
+        mask.modules.update({pre + k: v for k, v in narrow_block(blk, kv, ch, n_h, n_kv, hd, inter).items()})
     small.config.num_attention_heads = keep_kv * group
     small.config.num_key_value_heads = keep_kv
     small.config.head_dim = hd
@@ -154,6 +140,28 @@ def prune_model(model: nn.Module, ratio: float, *, prune_heads: bool = True, pru
         if hasattr(blk.self_attn, "num_key_value_groups"):
             blk.self_attn.num_key_value_groups = group
     return small, mask
+
+
+def narrow_block(blk: nn.Module, kv_groups: list[int], channels: list[int], n_h: int, n_kv: int, hd: int,
+                 inter: int) -> dict[str, dict[str, list[int] | None]]:
+    """Physically keep key/value groups ``kv_groups`` (with their query heads) and MLP ``channels`` of one Llama
+    decoder block; returns the per-matrix kept indices (None where a dimension is whole)."""
+    group = n_h // n_kv
+    q_rows = [(g * group + j) * hd + i for g in kv_groups for j in range(group) for i in range(hd)]
+    kv_rows = [g * hd + i for g in kv_groups for i in range(hd)]
+    full_q, full_kv = n_h * hd, n_kv * hd
+    out = {}
+    for name, out_idx, in_idx in (("self_attn.q_proj", q_rows, None), ("self_attn.k_proj", kv_rows, None),
+                                  ("self_attn.v_proj", kv_rows, None), ("self_attn.o_proj", None, q_rows),
+                                  ("mlp.gate_proj", channels, None), ("mlp.up_proj", channels, None),
+                                  ("mlp.down_proj", None, channels)):
+        _narrow_linear(blk.get_submodule(name), out_idx, in_idx)
+        full_out = {"self_attn.q_proj": full_q, "self_attn.k_proj": full_kv, "self_attn.v_proj": full_kv,
+                    "mlp.gate_proj": inter, "mlp.up_proj": inter}.get(name)
+        full_in = {"self_attn.o_proj": full_q, "mlp.down_proj": inter}.get(name)
+        out[name] = {"out": out_idx if out_idx is not None and len(out_idx) < full_out else None,
+                     "in": in_idx if in_idx is not None and len(in_idx) < full_in else None}
+    return out
 
 
 def _narrow_linear(lin: nn.Linear, out_idx: list[int] | None, in_idx: list[int] | None) -> None:
