@@ -18,7 +18,7 @@ from .config import AttachConfig
 from .attachments import Attachment, Member, attachments, get_attachment, registry
 from .core import Adapted, Adapter, BatchContext, LayerView, ModulesToSave, ParamView, get_method, param_owner
 from .errors import ConfigError, MergeError, TargetError
-from .targets import match
+from .targets import match, resolve_trainable
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +105,7 @@ def check_attach(model: nn.Module, config: AttachConfig | dict | Any) -> list[st
     The trainer calls it right after the model loads, so a wrong target fails before any evaluation runs."""
     cfg = AttachConfig.make(config)
     method = get_method(cfg.method)
-    for t in cfg.trainable:
-        try:
-            model.get_submodule(t)
-        except AttributeError:
-            raise TargetError(f"trainable module '{t}' does not exist in {type(model).__name__}") from None
+    cfg.trainable = resolve_trainable(model, cfg.trainable)
     if cfg.target_parameters and not cfg.targets:  # only parameters (PEFT: target_modules=[])
         paths = []
     else:
@@ -148,6 +144,7 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
     """
     cfg = AttachConfig.make(config)
     method = get_method(cfg.method)
+    cfg.trainable = resolve_trainable(model, cfg.trainable)  # PEFT's modules_to_save matching (suffixes)
     if not isinstance(name, str) or not name or "." in name or "/" in name:
         raise ConfigError(f"adapter name {name!r} must be a non-empty string without '.' or '/'")
     meta = _meta(model)

@@ -189,12 +189,9 @@ def _config_from_peft(model: nn.Module, conf: dict) -> AttachConfig:
     rev = {v: k for k, v in method.peft.fields.items()}
     # rank_pattern / alpha_pattern: resolved per module exactly as PEFT does (lorakit.formats.peft_lora)
     overrides = pattern_overrides(conf, rev.get("r"), rev.get("lora_alpha"))
-    trainable = []
-    for t in conf.get("modules_to_save") or []:
-        trainable += [p for p, m in model.named_modules()
-                      if (p == t or p.endswith("." + t)) and not isinstance(m, (Adapted,)) and
-                      ".base_layer" not in p and ".adapters." not in p and ".copies." not in p
-                      and ".original_module" not in p]
+    from .targets import resolve_trainable
+
+    trainable = resolve_trainable(model, conf.get("modules_to_save") or [], strict=False)
     targets = conf.get("target_modules")
     if isinstance(targets, list):
         targets = list(targets)

@@ -128,3 +128,21 @@ def pattern_lookup(path: str, patterns: dict[str, dict]) -> dict:
             for k, v in val.items():
                 out.setdefault(k, v)
     return out
+
+
+def resolve_trainable(model: nn.Module, names: Iterable[str], strict: bool = True) -> list[str]:
+    """``trainable`` / PEFT ``modules_to_save`` names -> module paths, as PEFT matches them: a path equal to the
+    name or ending with ``"." + name`` (``"norm"`` finds ``model.norm`` but not ``input_layernorm``: whole path components), skipping lorakit's own wrappers and copies. A name that
+    matches nothing is a :class:`TargetError` (``strict=False``, for PEFT files: skipped, as PEFT does with its
+    task defaults such as ``["classifier", "score"]``)."""
+    out: list[str] = []
+    for t in names:
+        hits = [p for p, m in model.named_modules()
+                if p and (p == t or p.endswith("." + t)) and not isinstance(m, Adapted)
+                and ".base_layer" not in p and ".adapters." not in p and ".copies." not in p
+                and ".original_module" not in p]
+        if not hits and strict:
+            raise TargetError(f"trainable module '{t}' matches no module of {type(model).__name__} (give a module "
+                              "path or its last components, e.g. 'score' or 'model.norm')")
+        out += [p for p in hits if p not in out]
+    return out
