@@ -310,6 +310,25 @@ def cmd_extract(a) -> int:
     return 0
 
 
+def cmd_continual(a) -> int:
+    import json
+
+    from .continual import ContinualConfig, run_sequence
+
+    cfg = ContinualConfig(mode=a.mode, steps_per_task=a.steps, batch_size=a.batch_size, lr=a.lr,
+                          procedure=a.optim, buffer_size=a.buffer, eval_size=a.eval_size, seed=a.seed)
+    cfg.validate()
+    adapter = {"method": a.method, "targets": parse_targets(a.targets) or ["q_proj", "k_proj", "v_proj", "o_proj"],
+               "r": a.r, "alpha": 2 * a.r}
+    res = run_sequence(cfg, adapter, tuple(a.tasks.split(",")), max_length=a.max_length)
+    rows = [[f"after {res['tasks'][i]}", *[f"{v:.3f}" for v in r]] for i, r in enumerate(res["R"])]
+    _out(_table(rows, ["", *res["tasks"]]))
+    _out(f"\n{a.mode}: average accuracy {res['avg_acc']:.3f}, forgetting {res['forgetting']:.3f}")
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
 def cmd_loram(a) -> int:
     from . import loram
     from .errors import ConfigError
@@ -450,6 +469,7 @@ COMMANDS = {
     "procedures": (cmd_procedures, "list the registered training procedures (optim.name=...)"),
     "inspect": (cmd_inspect, "show which modules of a model a target spec matches"),
     "assets": (cmd_assets, "list / prepare the offline models and datasets"),
+    "continual": (cmd_continual, "continual learning over sentiment -> BBC News -> GSM8K (I-LoRA, replay, sequential)"),
     "loram": (cmd_loram, "LoRAM: prune a model to train LoRA on it, then recover the adapter for the full model"),
     "extract": (cmd_extract, "extract a PEFT LoRA approximating a fully fine-tuned model (truncated SVD)"),
     "arena": (cmd_arena, "compare every method on the same real tasks under the same budget"),
@@ -502,6 +522,21 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--targets", nargs="+", help="only these layers (a regex or names); default: every linear")
     ex.add_argument("--exclude", nargs="+")
     ex.add_argument("--out", required=True, help="the adapter directory to write")
+    cl = s["continual"]
+    cl.add_argument("--mode", default="ilora", choices=["ilora", "replay", "sequential"])
+    cl.add_argument("--tasks", default="sentiment,bbc,gsm8k", help="comma-separated, in order")
+    cl.add_argument("--method", default="lora", help="the adapter method (any registered)")
+    cl.add_argument("--targets", nargs="+", help="default: q/k/v/o projections")
+    cl.add_argument("--r", type=int, default=8)
+    cl.add_argument("--optim", default="adamw", help="the training procedure (optim.name)")
+    cl.add_argument("--steps", type=int, default=50, help="optimiser steps per task")
+    cl.add_argument("--batch-size", type=int, default=8)
+    cl.add_argument("--lr", type=float, default=2e-4)
+    cl.add_argument("--buffer", type=int, default=500, help="replay buffer size (reservoir)")
+    cl.add_argument("--eval-size", type=int, default=100)
+    cl.add_argument("--max-length", type=int, default=128)
+    cl.add_argument("--seed", type=int, default=0)
+    cl.add_argument("--out", help="write the result JSON here")
     lm = s["loram"]
     lm.add_argument("action", choices=["prune", "recover"],
                     help="prune: write a structurally pruned copy; recover: scatter its adapter into the full model")
