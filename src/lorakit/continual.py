@@ -90,12 +90,14 @@ def consistency_loss(h_fast: list[Tensor] | tuple, h_slow: list[Tensor] | tuple)
     return torch.stack(losses).mean()
 
 
-def forgetting(R: list[list[float]]) -> float:
-    """``mean_{j<T} max_{i<T}(R[i][j] − R[T][j])`` over the tasks before the last (0 for one task)."""
+def forgetting(R: list[list[float]], tasks: list[int] | None = None) -> float:
+    """``mean_j max_{j<=i<T}(R[i][j] − R[T][j])`` over the tasks ``j`` before the last (default: all of them; 0 for
+    one task)."""
     T = len(R) - 1
-    if T < 1:
+    cols = list(range(T)) if tasks is None else [j for j in tasks if j < T]
+    if T < 1 or not cols:
         return 0.0
-    return sum(max(R[i][j] for i in range(j, T)) - R[T][j] for j in range(T)) / T
+    return sum(max(R[i][j] for i in range(j, T)) - R[T][j] for j in cols) / len(cols)
 
 
 @dataclass
@@ -240,15 +242,20 @@ def run_continual(model: nn.Module, tok, tasks: list, adapter: dict, cfg: Contin
         if buf is not None:
             for ex in train:
                 buf.add((ti, ex))
-        row = []
+        row, names = [], []
         with _Only(model, "slow" if cfg.mode == "ilora" else "fast"):
             for tj in range(len(tasks)):
                 m = tasks[tj].evaluate(model, tok, data[tj]["eval"][:cfg.eval_size])
-                row.append(float(m.get("accuracy", m.get("exact_match", -m.get("loss", 0.0)))))
+                key = next((k for k in ("accuracy", "exact_match") if k in m), "loss")
+                names.append(key)
+                row.append(float(m[key]))
         R.append(row)
         log.info("continual %s: after task %d: %s", cfg.mode, ti, row)
     T = len(tasks) - 1
-    return {"mode": cfg.mode, "R": R, "avg_acc": sum(R[T]) / len(R[T]), "forgetting": forgetting(R),
+    acc = [j for j, k in enumerate(names) if k != "loss"]  # higher-is-better tasks (a loss is reported apart)
+    return {"mode": cfg.mode, "R": R, "metrics": names,
+            "avg_acc": sum(R[T][j] for j in acc) / len(acc) if acc else float("nan"),
+            "forgetting": forgetting(R, [j for j in acc if j < T]),
             "steps": step}
 
 
