@@ -295,6 +295,7 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
     seed_everything(tc.seed)
     inject.attach(model, cfg.adapter, calibration=calib, loss_fn=task.loss if calib is not None else None,
                   provides=task.context_keys)
+    emit("on_model", model, tok)  # callbacks that measure the model itself (lorakit.diagnostics)
     if cfg.model.gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise ConfigError("model.gradient_checkpointing=true needs a Hugging Face model")
