@@ -405,10 +405,18 @@ def _arena_plan(a):
         seeds = [int(x) for x in _csv(a.seeds) or ["0", "1", "2"]]
     except ValueError:
         raise ConfigError(f"--seeds takes comma-separated integers, got {a.seeds!r}") from None
+    shard = None
+    if a.shard:
+        try:
+            i, n = (int(x) for x in a.shard.split("/"))
+        except ValueError:
+            raise ConfigError(f"--shard takes i/N (e.g. 0/4), got {a.shard!r}") from None
+        shard = (i, n)
     return ArenaPlan(methods=methods, tasks=_csv(a.tasks) or list(DEFAULT_TASKS), seeds=seeds, budget=a.budget,
                      out=Path(a.out), match_params=not a.no_match, lr_sweep=not a.no_lr_sweep, extra=list(a.set),
                      isolate=a.isolate, timeout_s=a.timeout, plugins=_csv(a.plugins) or [],
-                     lr_policy=a.lr)
+                     lr_policy=a.lr, procedures=_csv(a.procedures) or ["adamw"], shard=shard, backend=a.backend,
+                     ray_address=a.ray_address, diagnostics=not a.no_diagnostics)
 
 
 def cmd_arena(a) -> int:
@@ -556,6 +564,14 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     ar.add_argument("--budget", default="default", help="default (recipe: ~1-3 min/run) | quick | smoke | N steps")
     ar.add_argument("--out", default="arena/results", help="results directory (runs.jsonl, report.md, report.html)")
+    ar.add_argument("--procedures", help="comma-separated training procedures, a second axis (default: adamw)")
+    ar.add_argument("--shard", help="i/N: run only this shard's cells (N processes or machines share --out; one "
+                    "`arena report` joins them)")
+    ar.add_argument("--backend", default="local", choices=["local", "ray"],
+                    help="local: one run at a time here; ray: every run a task on a Ray cluster")
+    ar.add_argument("--ray-address", help="the Ray cluster (default: 'auto', else a local instance)")
+    ar.add_argument("--no-diagnostics", action="store_true",
+                    help="skip the per-run intruder count and forgetting perplexity")
     ar.add_argument("--no-match", action="store_true", help="run paper settings without matching the budget")
     ar.add_argument("--no-lr-sweep", action="store_true", help="LoRA baseline at the recipe's rate only")
     ar.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")

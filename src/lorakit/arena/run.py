@@ -53,6 +53,11 @@ class ArenaPlan:
     isolate: str = "fork"  # "fork" (from a clean fork server) | "spawn" | "none" (in this process: tests)
     plugins: list[str] = field(default_factory=list)  # modules that register extra methods (imported everywhere)
     lr_policy: str = "paper"  # "paper": configs/methods/<m>.yaml's rate; "recipe": the task's LoRA-tuned rate for all
+    procedures: list[str] = field(default_factory=lambda: ["adamw"])  # the second axis: optim.name per run
+    shard: tuple[int, int] | None = None  # (i, N): this process runs the (task, method, procedure) cells i mod N
+    backend: str = "local"  # "local" (this machine, one run at a time) | "ray" (tasks on an existing Ray cluster)
+    ray_address: str | None = None  # ray.init(address=...); None: "auto" (a running cluster) or a local instance
+    diagnostics: bool = True  # per run: intruder dimensions and (causal LMs) forgetting perplexity
 
 
 def git_revision() -> str | None:
@@ -93,42 +98,59 @@ def environment() -> dict:
 
 
 def read_records(out: Path) -> list[dict]:
-    f = Path(out) / "runs.jsonl"
-    if not f.is_file():
-        return []
+    """Every record of ``out``: ``runs.jsonl`` and the shards' ``runs-shard-I-of-N.jsonl`` (one file per writer,
+    so processes on several machines sharing the directory never interleave a line)."""
     recs = []
-    for i, line in enumerate(f.read_text().splitlines(), 1):
-        line = line.strip()
-        if line:
-            try:
-                recs.append(json.loads(line))
-            except json.JSONDecodeError:  # a run killed mid-write: that run is simply redone
-                log.warning("%s line %d is not valid JSON (an interrupted write?); ignored", f, i)
+    for f in sorted(Path(out).glob("runs*.jsonl")):
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            line = line.strip()
+            if line:
+                try:
+                    recs.append(json.loads(line))
+                except json.JSONDecodeError:  # a run killed mid-write: that run is simply redone
+                    log.warning("%s line %d is not valid JSON (an interrupted write?); ignored", f, i)
     return recs
 
 
-def _append(out: Path, rec: dict) -> None:
+def records_file(plan: "ArenaPlan") -> str:
+    return "runs.jsonl" if plan.shard is None else f"runs-shard-{plan.shard[0]}-of-{plan.shard[1]}.jsonl"
+
+
+def _append(out: Path, rec: dict, name: str = "runs.jsonl") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "runs.jsonl", "a") as f:
+    with open(out / name, "a") as f:
         f.write(json.dumps(rec, default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
+def cell_shard(task: str, method: str, procedure: str, n: int) -> int:
+    """The shard of a (task, method, procedure) cell: a stable hash, so every seed and rate of a cell (and its
+    LoRA comparison inside the same task) can be joined by one report whatever ran where."""
+    import zlib
+
+    return zlib.crc32(f"{task}|{method}|{procedure}".encode()) % n
+
+
 def expand(plan: ArenaPlan) -> list[dict]:
-    """The runs, seed-major: one per (seed, task, method variant). LoRA also gets the learning-rate sweep."""
+    """The runs, seed-major: one per (seed, task, method variant, procedure). LoRA also gets the learning-rate
+    sweep. Procedures other than adamw are a second axis (``variant = "method + procedure"``, ``optim.name``)."""
     runs = []
     for seed in plan.seeds:
         for task in plan.tasks:
-            for method in plan.methods:
-                variants = [("", 1.0)]
-                if method == "lora" and plan.lr_sweep:
-                    variants = [(f"lr x{m:g}" if m != 1.0 else "", m) for m in LORA_LR_SWEEP]
-                for vname, lr_mult in variants:
-                    variant = method + (f" ({vname})" if vname else "")
-                    runs.append({"key": f"{task}|{variant}|{seed}", "task": task, "method": method,
-                                 "variant": variant, "seed": seed, "lr_mult": lr_mult, "budget": plan.budget,
-                                 "lr_policy": plan.lr_policy})
+            for proc in plan.procedures:
+                for method in plan.methods:
+                    if plan.shard is not None and cell_shard(task, method, proc, plan.shard[1]) != plan.shard[0]:
+                        continue
+                    variants = [("", 1.0)]
+                    if method == "lora" and plan.lr_sweep and proc == "adamw":
+                        variants = [(f"lr x{m:g}" if m != 1.0 else "", m) for m in LORA_LR_SWEEP]
+                    for vname, lr_mult in variants:
+                        base = method if proc == "adamw" else f"{method} + {proc}"
+                        variant = base + (f" ({vname})" if vname else "")
+                        runs.append({"key": f"{task}|{variant}|{seed}", "task": task, "method": method,
+                                     "procedure": proc, "variant": variant, "seed": seed, "lr_mult": lr_mult,
+                                     "budget": plan.budget, "lr_policy": plan.lr_policy})
     return runs
 
 
@@ -156,6 +178,17 @@ def validate(plan: ArenaPlan) -> None:
         raise ConfigError(f"lr_policy must be paper or recipe, not {plan.lr_policy!r}")
     if plan.isolate not in ("fork", "spawn", "none"):
         raise ConfigError(f"isolate must be fork, spawn or none, not {plan.isolate!r}")
+    if plan.backend not in ("local", "ray"):
+        raise ConfigError(f"backend must be local or ray, not {plan.backend!r}")
+    if plan.shard is not None:
+        i, n = plan.shard
+        if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
+            raise ConfigError(f"shard {i}/{n}: give i/N with 0 <= i < N (e.g. --shard 0/4)")
+    from ..procedures import PROCEDURES
+
+    badp = [p for p in plan.procedures if p not in PROCEDURES]
+    if badp or not plan.procedures:
+        raise ConfigError(f"unknown procedure(s) {badp or plan.procedures}; registered: {', '.join(sorted(PROCEDURES))}")
     from .worker import budget_overrides
 
     for t in plan.tasks:
@@ -259,7 +292,9 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
     if not todo:
         return []
     env = environment()
-    table = budgets(plan, pairs={(r["task"], r["method"]) for r in todo}, cache=plan.out / "budgets.json")
+    cache = "budgets.json" if plan.shard is None else f"budgets-shard-{plan.shard[0]}-of-{plan.shard[1]}.json"
+    table = budgets(plan, pairs={(r["task"], r["method"]) for r in todo}, cache=plan.out / cache)
+    refusals = _procedure_refusals(plan, table, todo)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -267,44 +302,126 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
         bar = tqdm(total=len(todo), desc="arena", unit="run", dynamic_ncols=True, file=sys.stderr)
     new = []
     baseline_seen: set[tuple[str, int]] = set()
+    fname = records_file(plan)
+
+    def prepare(run: dict) -> tuple[dict, dict | None]:
+        adapter, info = table[(run["task"], run["method"])]
+        rec = {**run, "budget_info": info}
+        why = info.get("skip") or refusals.get((run["task"], run["method"], run.get("procedure", "adamw")))
+        if why:
+            rec.update(status="skipped", error=f"not run: {why}")
+            return rec, None
+        # the untrained metric is measured once per (task, seed): by the LoRA baseline's run
+        first = run["method"] == "lora" and run["lr_mult"] == 1.0 and run.get("procedure", "adamw") == "adamw" \
+            and (run["task"], run["seed"]) not in baseline_seen
+        if first:
+            baseline_seen.add((run["task"], run["seed"]))
+        proc = run.get("procedure", "adamw")
+        extra = list(plan.extra) + ([f"optim.name={proc}"] if proc != "adamw" else [])
+        return rec, {**run, "adapter": adapter, "extra": extra, "eval_before": first, "plugins": list(plan.plugins),
+                     "diagnostics": plan.diagnostics}
+
+    def finish(rec: dict, t0: float, res: dict | None, err: BaseException | None) -> None:
+        if res is not None:
+            rec.update(status="ok", **res)
+        elif err is not None:
+            rec.update(status="error", error=f"{type(err).__name__}: {err}"[:2000])
+        rec.update(env)
+        rec.setdefault("wall_s", time.time() - t0)
+        rec["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        _append(plan.out, rec, fname)
+        new.append(rec)
+        if on_record:
+            on_record(rec)
+        if bar is not None:
+            bar.update(1)
+            if rec["status"] != "ok":
+                bar.write(f"{rec['key']}: {rec['status']}: {str(rec.get('error'))[:200]}")
+
     try:
-        for run in todo:
-            adapter, info = table[(run["task"], run["method"])]
-            if bar is not None:
-                bar.set_postfix_str(f"{run['task']} | {run['variant']} | seed {run['seed']}")
-            t0 = time.time()
-            rec = {**run, "budget_info": info}
-            if info.get("skip"):
-                rec.update(status="skipped", error=f"not run: {info['skip']}")
-            else:
-                spec_plugins = list(plan.plugins)
-                # the untrained metric is measured once per (task, seed): by the LoRA baseline's run
-                first = run["method"] == "lora" and run["lr_mult"] == 1.0 and (run["task"], run["seed"]) \
-                    not in baseline_seen
-                spec = {**run, "adapter": adapter, "extra": plan.extra, "eval_before": first,
-                        "plugins": spec_plugins}
+        if plan.backend == "ray":
+            _run_on_ray(plan, todo, prepare, finish)
+        else:
+            for run in todo:
+                if bar is not None:
+                    bar.set_postfix_str(f"{run['task']} | {run['variant']} | seed {run['seed']}")
+                t0 = time.time()
+                rec, spec = prepare(run)
+                if spec is None:
+                    finish(rec, t0, None, None)
+                    continue
                 try:
-                    res = _execute(spec, plan)
-                    rec.update(status="ok", **res)
-                    if first:
-                        baseline_seen.add((run["task"], run["seed"]))
+                    res, err = _execute(spec, plan), None
                 except Exception as e:  # recorded, the arena goes on
-                    rec.update(status="error", error=f"{type(e).__name__}: {e}"[:2000])
-            rec.update(env)
-            rec.setdefault("wall_s", time.time() - t0)
-            rec["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-            _append(plan.out, rec)
-            new.append(rec)
-            if on_record:
-                on_record(rec)
-            if bar is not None:
-                bar.update(1)
-                if rec["status"] != "ok":
-                    bar.write(f"{run['key']}: {rec['status']}: {str(rec.get('error'))[:200]}")
+                    res, err = None, e
+                finish(rec, t0, res, err)
     finally:
         if bar is not None:
             bar.close()
     return new
+
+
+def _procedure_refusals(plan: ArenaPlan, table: dict, todo: list[dict]) -> dict[tuple[str, str, str], str]:
+    """(task, method, procedure) -> why the procedure cannot train that method (its ``check`` on a shape-only probe
+    of the adapter), so such cells are recorded as skipped with the reason instead of failing at run time."""
+    from ..procedures import make_procedure, preflight
+
+    out = {}
+    for task, method, proc in {(r["task"], r["method"], r.get("procedure", "adamw")) for r in todo}:
+        if proc == "adamw" or (task, method) not in table:
+            continue
+        try:
+            preflight(make_procedure(proc), table[(task, method)][0])
+        except ConfigError as e:
+            out[(task, method, proc)] = str(e)[:300]
+        except Exception as e:  # noqa: BLE001 - a probe that cannot run is decided at run time
+            log.debug("preflight of %s x %s failed: %s", method, proc, e)
+    return out
+
+
+def _ray_execute(spec: dict) -> dict:
+    """A Ray task: one run in a fresh process on a worker (``isolate="spawn"``), so runs never share state."""
+    return _execute(spec, ArenaPlan(methods=[], tasks=[], seeds=[], isolate="spawn"))
+
+
+def _run_on_ray(plan: ArenaPlan, todo: list[dict], prepare, finish) -> None:
+    """Submit every run as a task to a Ray cluster (``ray.init(address=plan.ray_address or "auto")``, falling back
+    to a local instance); records are written here, on the driver, as results arrive."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--backend ray needs Ray: pip install 'lorakit[ray]' (or pip install ray)") from None
+    if not ray.is_initialized():
+        try:
+            ray.init(address=plan.ray_address or "auto", ignore_reinit_error=True, log_to_driver=False)
+        except (ConnectionError, RuntimeError):
+            if plan.ray_address:
+                raise
+            ray.init(ignore_reinit_error=True, log_to_driver=False)
+    remote = ray.remote(num_cpus=1, max_retries=0)(_ray_execute if plan.isolate != "none" else _inline_execute)
+    pending = {}
+    for run in todo:
+        t0 = time.time()
+        rec, spec = prepare(run)
+        if spec is None:
+            finish(rec, t0, None, None)
+            continue
+        pending[remote.remote(spec)] = (rec, t0)
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        ref = done[0]
+        rec, t0 = pending.pop(ref)
+        try:
+            res, err = ray.get(ref), None
+        except Exception as e:  # noqa: BLE001 - a failed task is a recorded error
+            res, err = None, e
+        finish(rec, t0, res, err)
+
+
+def _inline_execute(spec: dict) -> dict:
+    from .worker import execute
+
+    return execute(spec)
 
 
 # ---- process isolation ------------------------------------------------------------------------------------------

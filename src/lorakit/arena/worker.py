@@ -88,6 +88,44 @@ def _dir_bytes(path: str | None) -> int | None:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+def reference_seconds(threads: int | None = None, n: int = 256, reps: int = 30) -> float:
+    """A fixed CPU/GPU workload timed in this process right before the run (median of ``reps`` (n x n) matmuls):
+    ``time_per_step_s / reference_s`` compares methods across runs made under different machine load."""
+    import statistics
+
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+class _Forgetting:
+    """Arena diagnostic: perplexity on the held-out general text with the adapter / without (causal LMs only)."""
+
+    def __init__(self):
+        self.model = self.tok = None
+
+    def on_model(self, model, tok=None):
+        self.model, self.tok = model, tok
+
+    def on_train_end(self, result: dict) -> None:
+        m = self.model
+        if m is None or self.tok is None or not hasattr(m, "generate") or not type(m).__name__.endswith("CausalLM"):
+            return
+        from ..diagnostics import forgetting_perplexity
+
+        try:
+            result["forgetting"] = forgetting_perplexity(m, self.tok, seq=128, chunks=4)
+        except Exception as e:  # noqa: BLE001 - a diagnostic never fails a run (the asset may be missing)
+            result["forgetting"] = {"error": f"{type(e).__name__}: {e}"[:200]}
+
+
 def execute(spec: dict) -> dict:
     """Train one run and return its measurements (the record minus the run's identity and environment)."""
     import torch
@@ -95,6 +133,12 @@ def execute(spec: dict) -> dict:
     from ..train.loop import run_training
 
     cfg = run_config(spec)
+    ref_s = reference_seconds()
+    callbacks = []
+    if spec.get("diagnostics"):
+        from ..diagnostics import IntruderCallback
+
+        callbacks = [IntruderCallback(every=10 ** 9), _Forgetting()]
     keep = spec.get("keep_dir")
     out = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="lorakit-arena-"))
     cfg.output.dir = str(out)
@@ -102,7 +146,7 @@ def execute(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     try:
-        res = run_training(cfg)
+        res = run_training(cfg, callbacks=callbacks)
         wall = time.perf_counter() - t0
         size = _dir_bytes(res.get("adapter_dir"))
     finally:
@@ -123,6 +167,10 @@ def execute(spec: dict) -> dict:
         "wall_s": wall,
         "train_s": res.get("train_time_s"),
         "time_per_step_s": res.get("time_per_step_s"),
+        "reference_s": ref_s,
+        "time_per_step_norm": (res.get("time_per_step_s") or float("nan")) / ref_s if ref_s else None,
+        "intruders": res.get("intruders"),
+        "forgetting_ratio": (res.get("forgetting") or {}).get("ratio"),
         "tokens_per_s": res.get("tokens_per_s"),
         "peak_rss_mb": res.get("peak_rss_mb"),
         "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
