@@ -92,6 +92,8 @@ def cmd_train(a) -> int:
         _out(f"\ninterrupted at step {e.step}; checkpoint saved to {e.checkpoint}\n"
              f"continue with: lorakit train {' '.join(a.args)}{' --method ' + a.method if a.method else ''} --resume")
         return 130
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # torchrun / accelerate launch: rank 0 reports
+        return 0
     b, f = r["metrics_before"], r["metrics_after"]
     keys = [k for k in f if not k.endswith("_n")]
     rows = [[k, _fmt(b.get(k, "")) if b else "-", _fmt(f[k]),
