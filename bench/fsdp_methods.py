@@ -4,7 +4,9 @@
     PYTHONPATH=src python bench/fsdp_methods.py --out /tmp/fsdp-sweep single
     # 2. the same runs under FSDP2 with 2 ranks:
     PYTHONPATH=src python -m torch.distributed.run --nproc-per-node 2 bench/fsdp_methods.py --out /tmp/fsdp-sweep fsdp
-    # 3. compare (max |difference| of every adapter tensor, per method):
+    # 3. one process, the same global batches as two accumulated micro-batches of 4 (what each rank computes):
+    PYTHONPATH=src python bench/fsdp_methods.py --out /tmp/fsdp-sweep split
+    # 4. compare (max |difference| of every adapter tensor, per method):
     PYTHONPATH=src python bench/fsdp_methods.py --out /tmp/fsdp-sweep compare
 
 The model is a tiny Llama built in code (2 blocks, hidden 32), the task a word-level sentiment classification,
@@ -66,8 +68,10 @@ def config(name: str, model: Path, data: Path, out: Path, mode: str) -> dict:
         "model": {"name": str(model)},
         "adapter": {"method": name, "targets": targets, "seed": 0, **method_options(name)},
         "optim": {"lr": 1e-2, "warmup": 0.1},
-        "data": {"task": "classify-lm", "path": str(data), "max_length": 32, "batch_size": 8, "eval_size": 16},
-        "train": {"steps": 4, "seed": 0, "eval_before": False, "distributed": "none" if mode == "single" else mode, "threads": 1},
+        "data": {"task": "classify-lm", "path": str(data), "max_length": 32, "batch_size": 4 if mode == "split" else 8,
+                 "eval_size": 16},
+        "train": {"steps": 4, "seed": 0, "eval_before": False, "distributed": "fsdp" if mode == "fsdp" else "none",
+                  "threads": 1, "grad_accum": 2 if mode == "split" else 1},
         "output": {"dir": str(out / mode / name)},
     }
 
@@ -77,7 +81,7 @@ def run_all(out: Path, mode: str, only: list[str] | None) -> None:
     from lorakit.errors import ConfigError
     from lorakit.train import run_training
 
-    model, data = make_assets(out) if mode == "single" or int(os.environ.get("RANK", "0")) == 0 else \
+    model, data = make_assets(out) if mode != "fsdp" or int(os.environ.get("RANK", "0")) == 0 else \
         (out / "tiny", out / "train.jsonl")
     if mode == "fsdp":
         torch.distributed.init_process_group("gloo")
@@ -98,31 +102,41 @@ def run_all(out: Path, mode: str, only: list[str] | None) -> None:
             torch.distributed.barrier()
         print(f"[{mode} rank {rank}] {name}: {status[name][:200]}", flush=True)
     if rank == 0:
-        (out / f"status-{mode}.json").write_text(json.dumps(status, indent=1))
+        f = out / f"status-{mode}.json"
+        old = json.loads(f.read_text()) if only and f.is_file() else {}  # --methods: update those entries
+        f.write_text(json.dumps({**old, **status}, indent=1))
     if mode == "fsdp":
         torch.distributed.destroy_process_group()
 
 
-def compare(out: Path) -> None:
+def _diff(a: Path, b: Path) -> str:
     from lorakit.io import _read_tensors
 
-    one = json.loads((out / "status-single.json").read_text())
-    two = json.loads((out / "status-fsdp.json").read_text())
-    print(f"{'method':14s} {'fsdp':10s} max|Δ| vs one process")
-    for name in sorted(one):
-        s = two.get(name, "missing")
-        diff = ""
-        if s == "ok" and one[name] == "ok":
-            a = _read_tensors(out / "single" / name / "adapter")
-            b = _read_tensors(out / "fsdp" / name / "adapter")
-            diff = f"{max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].numel()):.1e}" \
-                if set(a) == set(b) else "different keys"
-        print(f"{name:14s} {s.split(':')[0]:10s} {diff}  {s[len(s.split(':')[0]) + 1:][:150] if s != 'ok' else ''}")
+    ta, tb = _read_tensors(a), _read_tensors(b)
+    if set(ta) != set(tb):
+        return "keys differ"
+    return f"{max((ta[k].float() - tb[k].float()).abs().max().item() for k in ta if ta[k].numel()):.1e}"
+
+
+def compare(out: Path) -> None:
+    """Per method: FSDP2 vs one process (same global batch in one micro-batch), FSDP2 vs one process with the
+    batch as two accumulated micro-batches (each rank's share), and those two single-process runs against each
+    other (how much the method itself depends on the batch split)."""
+    st = {m: json.loads((out / f"status-{m}.json").read_text()) for m in ("single", "split", "fsdp")}
+    print("| method | FSDP2 (2 ranks) | vs 1 process | vs 1 process, 2 micro-batches | 1 process: 1 vs 2 micro-batches |")
+    print("|---|---|---|---|---|")
+    for name in sorted(st["single"]):
+        s = st["fsdp"].get(name, "missing")
+        ok = all(st[m].get(name) == "ok" for m in st)
+        d = [_diff(out / "fsdp" / name / "adapter", out / "single" / name / "adapter"),
+             _diff(out / "fsdp" / name / "adapter", out / "split" / name / "adapter"),
+             _diff(out / "split" / name / "adapter", out / "single" / name / "adapter")] if ok else ["", "", ""]
+        print(f"| {name} | {s if len(s) < 80 else s[:80] + '...'} | {d[0]} | {d[1]} | {d[2]} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["single", "fsdp", "compare"])
+    ap.add_argument("mode", choices=["single", "split", "fsdp", "compare"])
     ap.add_argument("--out", default="/tmp/fsdp-sweep")
     ap.add_argument("--methods", nargs="*")
     a = ap.parse_args()

@@ -546,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
                         "%(message)s" if a.verbose else "%(message)s")
     for noisy in ("httpx", "urllib3", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if int(os.environ.get("RANK", "0") or 0) != 0 and not a.verbose:  # torchrun: rank 0 tells the story
+        logging.getLogger().setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if a.cmd in ("train", "eval", "generate"):

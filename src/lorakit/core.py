@@ -405,6 +405,10 @@ class Adapter(nn.Module):
     # times during training (a controller merging into the base, a forward reading another layer's weight) says
     # so here, and config resolution refuses the combination with this reason.
     fsdp_unsupported: ClassVar[str | None] = None
+    # Buffers that add up a statistic over the rows of the current optimiser step (SMoRA's per-expert token counts
+    # for its bias update). Data-parallel training sums them over the ranks before the controllers run, so every
+    # rank sees the count of the whole global batch, as one process does.
+    summed_buffers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, base: nn.Module, cfg: Any, view: LayerView | None = None):
         super().__init__()

@@ -46,7 +46,7 @@ from ..errors import ConfigError
 log = logging.getLogger(__name__)
 
 __all__ = ["MODES", "launched_world", "check_config", "init_process_group", "rank_world", "shard_model",
-           "average_gradients", "sharded_units"]
+           "average_gradients", "sharded_units", "local_numel", "local_device", "sum_buffers"]
 
 MODES = ("none", "ddp", "fsdp")
 
@@ -163,6 +163,33 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
         fully_shard(unit, mesh=mesh, ignored_params=ignored)
     fully_shard(model, mesh=mesh, ignored_params=ignored)
     return model
+
+
+def sum_buffers(model: nn.Module, world: int) -> None:
+    """All-reduce (sum) every adapter buffer its class lists in ``summed_buffers``: statistics a forward adds up
+    over the step's rows, which each rank only saw its share of."""
+    from ..core import Adapter
+
+    if world <= 1:
+        return
+    bufs = [getattr(m, n) for m in model.modules() if isinstance(m, Adapter) for n in type(m).summed_buffers
+            if isinstance(getattr(m, n, None), torch.Tensor)]
+    if not bufs:
+        return
+    flat = torch.cat([b.reshape(-1).double() for b in bufs])
+    torch.distributed.all_reduce(flat)
+    off = 0
+    with torch.no_grad():
+        for b in bufs:
+            b.copy_(flat[off:off + b.numel()].view_as(b).to(b.dtype))
+            off += b.numel()
+
+
+def local_numel(model: nn.Module) -> int:
+    """Parameter elements this rank holds (a sharded parameter counts its local shard)."""
+    from torch.distributed.tensor import DTensor
+
+    return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
 
 
 def average_gradients(params: Iterable[torch.Tensor], world: int) -> None:

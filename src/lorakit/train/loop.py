@@ -92,6 +92,15 @@ def lr_lambda(total: int, warmup: float, schedule: str, min_ratio: float = 0.0):
     return f
 
 
+def _rss_mb() -> float | None:
+    """The resident set size now (Linux), in MB; None where /proc is missing."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return None
+
+
 def _peak_rss_mb() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
@@ -337,6 +346,13 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
     n_total = sum(p.numel() for p in model.parameters())
     if sharded:  # FSDP2: the frozen base sharded over the ranks, the adapters replicated (train/distributed.py)
         dist_.shard_model(model, device)
+        info.update(params_this_rank=dist_.local_numel(model))  # what this rank holds (the base: about 1/world)
+        from .. import assets
+
+        assets.clear_model_cache()  # the process-wide pristine copy would keep a whole model on every rank
+        import gc
+
+        gc.collect()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, oc.warmup, oc.schedule, oc.min_lr_ratio))
     set_run_warmup(opt, int(round(oc.warmup * total)) if oc.warmup < 1 else int(oc.warmup))  # grown rank slots
     ctrls = inject.controllers(model)
@@ -410,6 +426,7 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
                 loss_sum += float(loss.detach()) / accum
             if world > 1:  # data parallel: average gradients, loss and count tokens over the processes
                 dist_.average_gradients(params, world)
+                dist_.sum_buffers(model, world)  # per-step statistics the controllers read (SMoRA's loads)
                 red = torch.tensor([loss_sum, float(ntok)], dtype=torch.float64)
                 torch.distributed.all_reduce(red)
                 loss_sum, ntok = float(red[0]) / world, int(red[1])
@@ -460,6 +477,7 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
     finally:
         stop.restore()
 
+    rss_train = _rss_mb()  # after the last step, before the final evaluation
     model.eval()
     after = evaluate("after", step)
     adapter_dir = None
@@ -470,7 +488,7 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
         **info, "status": "completed", "steps": step, "metrics_before": before, "metrics_after": after,
         "wall_time_s": time.perf_counter() - t_start, "train_time_s": train_time,
         "time_per_step_s": train_time / max(n_steps, 1), "tokens_per_s": tokens / max(train_time, 1e-9),
-        "peak_rss_mb": _peak_rss_mb(), "loss_curve": loss_curve, "adapter_dir": adapter_dir,
+        "peak_rss_mb": _peak_rss_mb(), "rss_after_train_mb": rss_train, "loss_curve": loss_curve, "adapter_dir": adapter_dir,
         "output_dir": str(out), "config": cfg.to_dict(),
     }
     mlog(event="end", step=step, **{k: v for k, v in result.items() if k not in ("loss_curve", "config")})
