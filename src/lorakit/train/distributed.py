@@ -30,10 +30,12 @@ Choices, and why:
   gradient is small.
 * **Evaluation**: under ``fsdp`` every rank runs the whole evaluation (an FSDP forward is a collective, so every
   rank must run the same forwards); the ranks compute the same numbers and rank 0 logs them. Under ``ddp`` rank 0
-  evaluates alone while the others wait at a barrier. Logging, progress, checkpoints and the adapter file: rank 0.
+  evaluates alone and broadcasts the metrics while the others wait (the group lorakit creates has a 2-hour
+  timeout for that wait). Logging, progress, checkpoints and the adapter file: rank 0.
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from typing import Iterable
@@ -105,7 +107,9 @@ def init_process_group(mode: str, device: str) -> bool:
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    d.init_process_group("nccl" if cuda else "gloo")
+    # under ddp the other ranks wait in a broadcast while rank 0 evaluates (GSM8K generation can take long):
+    # a generous timeout instead of NCCL's 10 minutes
+    d.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
     return True
 
 
