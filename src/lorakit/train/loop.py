@@ -196,9 +196,9 @@ class _GracefulStop:
         sys.stderr.write("\nstopping after this step and saving a checkpoint (Ctrl-C again to stop now)\n")
         sys.stderr.flush()
 
-    def requested(self, world: int = 1) -> bool:
-        if world > 1:
-            flag = torch.tensor([float(self.hits > 0)])
+    def requested(self, world: int = 1, device: torch.device | str = "cpu") -> bool:
+        if world > 1:  # on the training device: NCCL reduces CUDA tensors only
+            flag = torch.tensor([float(self.hits > 0)], device=device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             return bool(flag.item())
         return self.hits > 0
@@ -397,7 +397,7 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
     stop = _GracefulStop()
     try:
         while step < total:
-            if stop.requested(world):  # Ctrl-C: leave between steps, so the checkpoint is a consistent state
+            if stop.requested(world, device):  # Ctrl-C: leave between steps, so the checkpoint is a consistent state
                 raise KeyboardInterrupt
             t0 = time.perf_counter()
             loss_sum, ntok = 0.0, 0
@@ -427,7 +427,7 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
             if world > 1:  # data parallel: average gradients, loss and count tokens over the processes
                 dist_.average_gradients(params, world)
                 dist_.sum_buffers(model, world)  # per-step statistics the controllers read (SMoRA's loads)
-                red = torch.tensor([loss_sum, float(ntok)], dtype=torch.float64)
+                red = torch.tensor([loss_sum, float(ntok)], dtype=torch.float64, device=device)
                 torch.distributed.all_reduce(red)
                 loss_sum, ntok = float(red[0]) / world, int(red[1])
             if oc.max_grad_norm:
