@@ -165,6 +165,13 @@ def _cached(key: tuple, loader):
     return copy.deepcopy(model), tok
 
 
+def clear_model_cache() -> None:
+    """Forget the process-wide pristine copies (``lorakit train`` under FSDP2 calls it once the base is sharded, so
+    a rank does not keep a whole model besides its shard)."""
+    with _LOCK:
+        _LOADED.clear()
+
+
 def load_causal_lm(name: str = "smollm2-135m", dtype: str = "float32"):
     """``(model, tokenizer)`` for a causal LM; the weights are read once per process."""
     import torch

@@ -92,6 +92,8 @@ def cmd_train(a) -> int:
         _out(f"\ninterrupted at step {e.step}; checkpoint saved to {e.checkpoint}\n"
              f"continue with: lorakit train {' '.join(a.args)}{' --method ' + a.method if a.method else ''} --resume")
         return 130
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # torchrun / accelerate launch: rank 0 reports
+        return 0
     b, f = r["metrics_before"], r["metrics_after"]
     keys = [k for k in f if not k.endswith("_n")]
     rows = [[k, _fmt(b.get(k, "")) if b else "-", _fmt(f[k]),
@@ -625,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
                         "%(message)s" if a.verbose else "%(message)s")
     for noisy in ("httpx", "urllib3", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if int(os.environ.get("RANK", "0") or 0) != 0 and not a.verbose:  # torchrun: rank 0 tells the story
+        logging.getLogger().setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if a.cmd in ("train", "eval", "generate"):

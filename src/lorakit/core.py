@@ -399,6 +399,16 @@ class Adapter(nn.Module):
     # ``lora_magnitude_vector`` ("lowrank+magnitude"); the bank then reads the factors without building adapters.
     # None: the bank builds the adapter and asks ``lowrank()``.
     fast_serve: ClassVar[str | None] = None
+    # Why this method cannot train with a sharded base (``train.distributed=fsdp``, FSDP2), or None when it can.
+    # Under FSDP2 the base weight is a local shard outside the base layer's own forward; the adapters themselves
+    # stay whole on every rank (lorakit.train.distributed). A method that reads or writes the base weight at other
+    # times during training (a controller merging into the base, a forward reading another layer's weight) says
+    # so here, and config resolution refuses the combination with this reason.
+    fsdp_unsupported: ClassVar[str | None] = None
+    # Buffers that add up a statistic over the rows of the current optimiser step (SMoRA's per-expert token counts
+    # for its bias update). Data-parallel training sums them over the ranks before the controllers run, so every
+    # rank sees the count of the whole global batch, as one process does.
+    summed_buffers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, base: nn.Module, cfg: Any, view: LayerView | None = None):
         super().__init__()

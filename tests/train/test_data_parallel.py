@@ -34,6 +34,7 @@ def test_two_process_gloo_matches_single_process(tiny_lm_dir, cls_data, tmp_path
     ref = run_training(single)
     dp = json.loads(json.dumps(single))
     dp["output"]["dir"] = str(tmp_path / "dp")
+    dp["train"]["distributed"] = "ddp"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -14,6 +14,11 @@
       opt = create_optimizer(model, args, "loraplus", ratio=16)
       Trainer(model=model, args=args, optimizers=(opt, None), callbacks=[AdapterCallback()], ...)
 
+* works under ``torchrun`` / ``accelerate launch`` (the Trainer's DDP): the controllers and the procedure run on
+  every rank on the averaged gradients, so the replicas stay identical, and only the process the Trainer saves
+  from (``args.should_save``) writes the adapter and state files (tested with 2 gloo processes). The Trainer's
+  FSDP (``fsdp=...`` / an accelerate FSDP config) is not tested with lorakit adapters: use ``lorakit train
+  train.distributed=fsdp`` for a sharded base;
 * adds the adapters' own losses to the loss the model returns in training (``lorakit.extra_loss``: AdaLoRA's
   orthogonality, SoRA's sparsity, MoE load balancing; ``lorakit.output_loss``: BA-LoRA's terms), through a forward
   hook on the model, so the Trainer optimises exactly what ``lorakit train`` does with no Trainer subclass.
@@ -132,6 +137,10 @@ class AdapterCallback(TrainerCallback):
             self._hook = None
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # torchrun: whole-batch stats
+            from ..train.distributed import sum_buffers
+
+            sum_buffers(getattr(model, "module", model), torch.distributed.get_world_size())
         for c in self.ctrls:
             c.before_step(state.global_step, model, optimizer or self._opt)
         if self.proc is not None:
@@ -146,6 +155,8 @@ class AdapterCallback(TrainerCallback):
             c.step(state.global_step, model, optimizer or self._opt)
 
     def on_save(self, args, state, control, model=None, **kw):
+        if not getattr(args, "should_save", True):  # torchrun / accelerate: the process the Trainer saves from
+            return
         ck = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         save_adapter(model, ck, self.name)
         tmp = ck / (STATE + ".tmp")

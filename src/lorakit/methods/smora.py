@@ -53,6 +53,7 @@ class SMoRA(Mixture):
     __doc__ = __doc__
     roles = {"experts_A": "A", "experts_B": "B", "router.weight": "router"}
     example = {"r": 4, "activate_r": 2}
+    summed_buffers = ("_count",)  # the step's expert loads: summed over data-parallel ranks before update_bias
 
     @dataclass
     class Config:

@@ -175,6 +175,9 @@ class TrainSection:
     calibration_batches: int = 4  # for methods that initialise from data (get_method(m).calibration)
     # where the scalars go besides metrics.jsonl (always written): jsonl, tensorboard, wandb (offline)
     report_to: list[str] = field(default_factory=lambda: ["jsonl"])
+    # several processes (torchrun / accelerate launch): ddp (replicated model) or fsdp (FSDP2: the base sharded,
+    # the adapters replicated); data.batch_size is the global micro-batch. See lorakit.train.distributed.
+    distributed: Literal["none", "ddp", "fsdp"] = "none"
 
     def validate(self) -> None:
         for k, lo in (("steps", 1), ("grad_accum", 1), ("threads", 1), ("log_every", 0), ("eval_every", 0),
@@ -336,6 +339,9 @@ def resolve(path: str | Path | None = None, overrides: list[str] | None = None, 
 
     get_task(cfg.data.task, cfg.data).check_config()
     _check_extras(cfg)
+    from .distributed import check_config as check_distributed
+
+    check_distributed(cfg)  # the launch (WORLD_SIZE), the batch split and the method under FSDP2
     return cfg
 
 

@@ -39,6 +39,7 @@ from ..tasks import get_task
 from ..tasks.base import to_device
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, resolve
+from . import distributed as dist_
 from .loggers import Reporters
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,15 @@ def lr_lambda(total: int, warmup: float, schedule: str, min_ratio: float = 0.0):
         shape = 0.5 * (1 + math.cos(math.pi * prog)) if schedule == "cosine" else 1.0 - prog
         return min_ratio + (1 - min_ratio) * shape
     return f
+
+
+def _rss_mb() -> float | None:
+    """The resident set size now (Linux), in MB; None where /proc is missing."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return None
 
 
 def _peak_rss_mb() -> float:
@@ -186,9 +196,9 @@ class _GracefulStop:
         sys.stderr.write("\nstopping after this step and saving a checkpoint (Ctrl-C again to stop now)\n")
         sys.stderr.flush()
 
-    def requested(self, world: int = 1) -> bool:
-        if world > 1:
-            flag = torch.tensor([float(self.hits > 0)])
+    def requested(self, world: int = 1, device: torch.device | str = "cpu") -> bool:
+        if world > 1:  # on the training device: NCCL reduces CUDA tensors only
+            flag = torch.tensor([float(self.hits > 0)], device=device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             return bool(flag.item())
         return self.hits > 0
@@ -205,10 +215,22 @@ def run_training(config: RunConfig | dict | None = None, *, resume: bool = False
     wall time, time/step, tokens/s, peak RSS, loss curve, adapter dir). The arena calls this."""
     cfg = config if isinstance(config, RunConfig) else resolve(base=config or {}) if isinstance(config, dict) \
         else resolve()
+    created = dist_.init_process_group(cfg.train.distributed, cfg.train.device)  # torchrun / accelerate launch
+    try:
+        return _run(cfg, resume, callbacks)
+    finally:
+        if created and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run(cfg: RunConfig, resume: bool, callbacks) -> dict[str, Any]:
     t_start = time.perf_counter()
     tc, dc = cfg.train, cfg.data
     out = cfg.out_dir
     rank, world = _dist()
+    if world > 1 and tc.distributed == "none":
+        raise ConfigError(f"torch.distributed runs {world} processes but train.distributed=none: set "
+                          "train.distributed=ddp or fsdp")
     if dc.batch_size % world:
         raise ConfigError(f"data.batch_size={dc.batch_size} must be divisible by the {world} data-parallel processes")
     if rank == 0:
@@ -217,8 +239,8 @@ def run_training(config: RunConfig | dict | None = None, *, resume: bool = False
         torch.distributed.barrier()
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    device = _device(tc.device)
-    cbs = list(callbacks)
+    device = dist_.local_device(tc.device) if world > 1 else _device(tc.device)
+    cbs = list(callbacks) if rank == 0 else []  # progress and callbacks: rank 0 only
 
     def emit(hook: str, *args) -> None:
         for cb in cbs:
@@ -257,6 +279,10 @@ def run_training(config: RunConfig | dict | None = None, *, resume: bool = False
         share = max(len(idx) // world, 1)
         return task.collate([train_ex[j] for j in idx[rank * share:(rank + 1) * share] or idx[:1]])
 
+    def global_batch(i: int) -> dict:  # the whole global batch (calibration: every rank computes the same init)
+        order = getattr(task, "batch_indices", _batch_indices)
+        return task.collate([train_ex[j] for j in order(i, len(train_ex), bs, tc.seed)])
+
     ckpt = latest_checkpoint(out) if resume else None
     if resume and ckpt is None:
         log.warning("--resume: no checkpoint in %s; starting from scratch", out)
@@ -266,20 +292,31 @@ def run_training(config: RunConfig | dict | None = None, *, resume: bool = False
                 if set(tc.report_to) - {"jsonl"} else None) if rank == 0 else _NoLog()
     info = {"task": task.name, "model": model_name, "method": acfg.get("method"), "device": str(device),
             "train_rows": len(train_ex), "eval_rows": len(eval_ex), "steps": total, "output_dir": str(out)}
+    if world > 1:
+        info.update(distributed=tc.distributed, world_size=world)
     try:
         return _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, info, device, out,
-                      t_start)
+                      t_start, global_batch)
     finally:
         mlog.close()
 
 
-def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, info, device, out, t_start):
+def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, info, device, out, t_start,
+           global_batch=None):
     tc, dc, oc = cfg.train, cfg.data, cfg.optim
     total, accum = tc.steps, tc.grad_accum
     rank, world = _dist()
+    sharded = world > 1 and tc.distributed == "fsdp"
+    if tc.distributed == "fsdp" and not sharded:
+        log.warning("train.distributed=fsdp in a single process: training unsharded")
 
     def evaluate(phase: str, step: int) -> dict:
-        m = task.evaluate(model, tok, eval_ex, dc.eval_batch_size)
+        if world > 1 and not sharded:  # ddp: rank 0 evaluates, the others take its numbers
+            box = [task.evaluate(model, tok, eval_ex, dc.eval_batch_size) if rank == 0 else None]
+            torch.distributed.broadcast_object_list(box, src=0)
+            m = box[0]
+        else:  # one process, or fsdp: every rank runs the same (collective) forwards and gets the same numbers
+            m = task.evaluate(model, tok, eval_ex, dc.eval_batch_size)
         mlog(event="eval", phase=phase, step=step, **m)
         emit("on_eval", phase, m)
         return m
@@ -290,7 +327,8 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
     method = get_method(cfg.adapter["method"])
     calib = None
     if inject.calibration_kind(cfg.adapter):
-        calib = [to_device({k: v for k, v in batch(i).items() if k not in task.context_keys}, device)  # no adapters
+        calib = [to_device({k: v for k, v in (global_batch or batch)(i).items() if k not in task.context_keys},
+                           device)  # the global batches on every rank: the same init everywhere (no adapters)
                  for i in range(max(tc.calibration_batches, 1))]
     seed_everything(tc.seed)
     inject.attach(model, cfg.adapter, calibration=calib, loss_fn=task.loss if calib is not None else None,
@@ -307,6 +345,15 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
     params = [t.param for t in tparams]
     n_train = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
+    if sharded:  # FSDP2: the frozen base sharded over the ranks, the adapters replicated (train/distributed.py)
+        dist_.shard_model(model, device)
+        info.update(params_this_rank=dist_.local_numel(model))  # what this rank holds (the base: about 1/world)
+        from .. import assets
+
+        assets.clear_model_cache()  # the process-wide pristine copy would keep a whole model on every rank
+        import gc
+
+        gc.collect()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, oc.warmup, oc.schedule, oc.min_lr_ratio))
     set_run_warmup(opt, int(round(oc.warmup * total)) if oc.warmup < 1 else int(oc.warmup))  # grown rank slots
     ctrls = inject.controllers(model)
@@ -351,7 +398,7 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
     stop = _GracefulStop()
     try:
         while step < total:
-            if stop.requested(world):  # Ctrl-C: leave between steps, so the checkpoint is a consistent state
+            if stop.requested(world, device):  # Ctrl-C: leave between steps, so the checkpoint is a consistent state
                 raise KeyboardInterrupt
             t0 = time.perf_counter()
             loss_sum, ntok = 0.0, 0
@@ -379,11 +426,9 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
                 (full / accum).backward()
                 loss_sum += float(loss.detach()) / accum
             if world > 1:  # data parallel: average gradients, loss and count tokens over the processes
-                for p in params:
-                    if p.grad is not None:
-                        torch.distributed.all_reduce(p.grad)
-                        p.grad /= world
-                red = torch.tensor([loss_sum, float(ntok)], dtype=torch.float64)
+                dist_.average_gradients(params, world)
+                dist_.sum_buffers(model, world)  # per-step statistics the controllers read (SMoRA's loads)
+                red = torch.tensor([loss_sum, float(ntok)], dtype=torch.float64, device=device)
                 torch.distributed.all_reduce(red)
                 loss_sum, ntok = float(red[0]) / world, int(red[1])
             if oc.max_grad_norm:
@@ -433,6 +478,7 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
     finally:
         stop.restore()
 
+    rss_train = _rss_mb()  # after the last step, before the final evaluation
     model.eval()
     after = evaluate("after", step)
     adapter_dir = None
@@ -443,7 +489,7 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
         **info, "status": "completed", "steps": step, "metrics_before": before, "metrics_after": after,
         "wall_time_s": time.perf_counter() - t_start, "train_time_s": train_time,
         "time_per_step_s": train_time / max(n_steps, 1), "tokens_per_s": tokens / max(train_time, 1e-9),
-        "peak_rss_mb": _peak_rss_mb(), "loss_curve": loss_curve, "adapter_dir": adapter_dir,
+        "peak_rss_mb": _peak_rss_mb(), "rss_after_train_mb": rss_train, "loss_curve": loss_curve, "adapter_dir": adapter_dir,
         "output_dir": str(out), "config": cfg.to_dict(),
     }
     mlog(event="end", step=step, **{k: v for k, v in result.items() if k not in ("loss_curve", "config")})
