@@ -162,6 +162,11 @@ class LoRAProOptimizer(torch.optim.Optimizer):
             g["pairs"] = p
 
 
+def _is(x: Tensor, p: Tensor) -> bool:
+    """``x`` is the parameter ``p`` or a view of it (LoRA's ``A`` is ``lora_A.weight.flatten(1)``)."""
+    return x is p or (getattr(x, "_base", None) is p and x.numel() == p.numel())
+
+
 def _pairs(params: list[TrainParam]) -> tuple[list[tuple[TrainParam, TrainParam, float]], list[str]]:
     """(A, B, scale) per adapter whose trainable A and B are exactly its ``lowrank()`` factors; problems found."""
     by: dict[int, dict[str, list[TrainParam]]] = {}
@@ -181,9 +186,11 @@ def _pairs(params: list[TrainParam]) -> tuple[list[tuple[TrainParam, TrainParam,
             lr, why = None, str(e)
         else:
             why = "its lowrank() is None"
-        if lr is None or lr.magnitude is not None or lr.A.numel() != a[0].param.numel() \
-                or lr.B.numel() != b[0].param.numel():
-            why = "ΔW has a magnitude, not s·B·A" if lr is not None and lr.magnitude is not None else why
+        if lr is not None and lr.magnitude is not None:
+            why = "ΔW has a magnitude, not s·B·A"
+        elif lr is not None and not (_is(lr.A, a[0].param) and _is(lr.B, b[0].param)):
+            lr, why = None, "its low-rank factors are not its trainable A and B themselves"
+        if lr is None or lr.magnitude is not None:
             bad.append(f"'{t0.method}' is not ΔW = s·B·A over its trainable A and B ({why})")
             continue
         out.append((a[0], b[0], float(lr.scale)))
