@@ -14,7 +14,7 @@ from conftest import run
 from test_contract import METHODS, build, cases_for
 
 PROCS = {"allora": {"require_plain": False}, "lorapro": {"log_every": 1}, "ggpo": {"rho": 0.1},
-         "flexora": {"search_fraction": 0.5}}
+         "flexora": {"search_fraction": 0.5, "second_order": False}}  # (second order: the mechanism tests)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -36,7 +36,7 @@ def test_every_method_trains_or_is_refused_clearly(method):
             assert early is not None, f"{name} x {method}: refused on the model but not at config resolution"
             continue
         assert early is None, f"{name} x {method}: refused at config resolution ({early}) but trains on the model"
-        proc.set_validation(lambda i: run(model, x).float().pow(2).mean())
+        proc.set_validation(lambda i, split="validation": run(model, x).float().pow(2).mean())
         try:
             proc.on_train_begin(model, opt, 2)
         except ConfigError as e:  # flexora on a single layer: told before the first step

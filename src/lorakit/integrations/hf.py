@@ -69,7 +69,9 @@ def create_optimizer(model: torch.nn.Module, args: Any = None, procedure: str = 
                               "apart from the training set)")
         batches = list(validation)
 
-        def loss_fn(i: int):
+        def loss_fn(i: int, split: str = "validation"):
+            if split != "validation":
+                raise NotImplementedError("the HF Trainer's training batches are not available to the procedure")
             dev = next(model.parameters()).device
             b = batches[i % len(batches)]
             return model(**{k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in b.items()}).loss

@@ -257,7 +257,9 @@ class Procedure:
         return 0
 
     def set_validation(self, loss_fn) -> None:
-        """Receive ``loss_fn(i) -> loss tensor`` (with grad) on validation batch ``i`` (``needs_validation``)."""
+        """Receive ``loss_fn(i) -> loss tensor`` (with grad) on validation batch ``i`` (``needs_validation``);
+        ``loss_fn(step, split="train")`` is the loss on the first training micro-batch of ``step`` (raises
+        NotImplementedError where the training batches are not available, e.g. in the HF Trainer)."""
         self.validation_loss = loss_fn
 
     def before_forward(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -8,8 +8,8 @@ The adapters train on the training batches (the trainer's ordinary step); the ga
 the bi-level problem ``min_α L_val(θ*(α), α)``, ``θ*(α) = argmin_θ L_train(θ, α)``, solved by one-step unrolled
 differentiation: at each search step (after the training backward, before the optimiser step)::
 
-    θ' = θ − ξ·∇_θ L_train(θ, α)               (ξ = ``unroll_lr``, default the current optim.lr)
-    α  ← Adam_α(∇_α L_val(θ', α))               (``gate_lr``; one validation batch per step)
+    θ'(α) = θ − ξ·∇_θ L_train(θ, α)            (ξ = ``unroll_lr``, default the current optim.lr)
+    α     ← Adam_α(d/dα L_val(θ'(α), α))        (``gate_lr``; one validation batch per step)
 
 Stage 2: the ``keep`` share of the layers with the largest ``α_ℓ`` is selected; the adapters of the other layers
 are reset to their no-op init and frozen (they stay in the file as zero updates, so every layer loads), the gates
@@ -17,10 +17,12 @@ are removed, the selected adapters are re-initialised (``reinit``) and train alo
 
 Choices, and why (the paper body and code were not available to us; methods-training.md A5 is partly unverified):
 
-* **The hyper-gradient drops the second-order term** ``−ξ·∇²_{α,θ}L_train·∇_{θ'}L_val`` (DARTS' first-order
-  approximation evaluated at the look-ahead point θ'): that term needs another forward/backward on the *training*
-  batch, which the trainer has already released at ``before_step``. The gate gradients therefore come from the
-  validation loss only (tested), through the unrolled θ'.
+* **The hyper-gradient** ``d/dα L_val(θ − ξ∇_θL_train(θ, α), α) = ∇_α L_val(θ', α) − ξ·∇²_{α,θ}L_train(θ, α)·v``,
+  ``v = ∇_θ' L_val(θ', α)``, takes the mixed second derivative by DARTS' central difference (two extra
+  forward/backward passes on the step's first training micro-batch, which the trainer supplies through
+  ``loss_fn(step, split="train")``); ``second_order: false`` drops it (first order at the look-ahead point). The HF
+  Trainer does not hand its training batches to callbacks, so there the first-order form is used (logged once).
+  θ' uses the step's gradient after clipping (what the optimiser steps with).
 * **Validation data = held-out training rows** (``val_fraction``, default 10%, taken from the end of the training
   set before training starts), never the evaluation split the reported metrics come from. The trainer honours
   the ``needs_validation`` capability; the HF callback takes ``create_optimizer(..., validation=[batches])``.
@@ -35,6 +37,8 @@ State (checkpointed): the gates, their Adam state and the selected layers.
 """
 from __future__ import annotations
 
+import logging
+import math
 import re
 from dataclasses import dataclass
 
@@ -44,6 +48,8 @@ from ..errors import ConfigError
 from .base import Procedure, TrainParam, register_procedure
 
 __all__ = ["Flexora", "layer_key"]
+
+log = logging.getLogger(__name__)
 
 
 def layer_key(path: str) -> str:
@@ -70,6 +76,7 @@ class Flexora(Procedure):
         unroll_lr: float | None = None  # ξ of the unrolled step; None: the current optim.lr
         val_fraction: float = 0.1  # training rows held out as validation data
         reinit: bool = True  # re-initialise the selected adapters after the search
+        second_order: bool = True  # the unrolled step's second-order term (DARTS finite difference)
 
     def __init__(self, cfg=None, hp=None):
         super().__init__(cfg, hp)
@@ -81,6 +88,7 @@ class Flexora(Procedure):
         self._members: dict[str, list] = {}
         self._hooks: list = []
         self.last_gate_grad: torch.Tensor | None = None
+        self._warned = False
 
     def validate(self) -> None:
         c = self.cfg
@@ -125,12 +133,21 @@ class Flexora(Procedure):
 
     def _install_gates(self) -> None:
         self._remove_gates()
+        base_out: dict[int, torch.Tensor] = {}
+
+        def keep_y(mod, args):
+            base_out[id(mod)] = args[1]
+            if not torch.is_grad_enabled():  # LoRA adds into y in place without grad: give it a copy
+                return (args[0], args[1].clone(), *args[2:])
+            return None
+
         for i, key in enumerate(self.layers):
             for a in self._members[key]:
-                def hook(mod, args, out, i=i):
-                    y = args[1]
+                def gate(mod, args, out, i=i):
+                    y = base_out.pop(id(mod))
                     return y + self.gates[i].to(out.dtype) * (out - y)
-                self._hooks.append(a.register_forward_hook(hook))
+                self._hooks.append(a.register_forward_pre_hook(keep_y))
+                self._hooks.append(a.register_forward_hook(gate))
 
     def _remove_gates(self) -> None:
         for h in self._hooks:
@@ -146,12 +163,14 @@ class Flexora(Procedure):
                   if p.requires_grad and p.grad is not None]
         xi = self.cfg.unroll_lr if self.cfg.unroll_lr is not None else optimizer.param_groups[0]["lr"]
         saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p in params:
-                p.add_(p.grad, alpha=-xi)  # θ' = θ − ξ ∇θ L_train
         try:
-            loss = self.validation_loss(step)
-            (g,) = torch.autograd.grad(loss, [self.gates])
+            with torch.no_grad():
+                for p in params:
+                    p.add_(p.grad, alpha=-xi)  # θ' = θ − ξ ∇θ L_train(θ, α)
+            grads = torch.autograd.grad(self.validation_loss(step), [self.gates, *params], allow_unused=True)
+            g, v = grads[0], [torch.zeros_like(p) if d is None else d for p, d in zip(params, grads[1:])]
+            if self.cfg.second_order and xi > 0:
+                g = g - xi * self._mixed_hvp(step, params, saved, v)
         finally:
             with torch.no_grad():
                 for p, p0 in zip(params, saved):
@@ -161,6 +180,30 @@ class Flexora(Procedure):
         self.gates.grad = g
         self.gate_opt.step()
         self.gates.grad = None
+
+    def _mixed_hvp(self, step, params, saved, v) -> torch.Tensor:
+        """``∇²_{α,θ} L_train(θ, α) · v`` by DARTS' central difference: ``[∇_α L_train(θ + εv) − ∇_α L_train(θ − εv)]
+        / 2ε``, ε = 0.01/‖v‖, on the step's first training micro-batch (zero when the training batches are not
+        available, e.g. in the HF Trainer: then the first-order hyper-gradient, logged once)."""
+        norm = math.sqrt(sum(float(d.pow(2).sum()) for d in v))
+        if not norm > 0:
+            return torch.zeros_like(self.gates)
+        eps = 0.01 / float(norm)
+        out = []
+        for sign in (1.0, -1.0):
+            with torch.no_grad():
+                for p, p0, d in zip(params, saved, v):
+                    p.copy_(p0).add_(d, alpha=sign * eps)
+            try:
+                loss = self.validation_loss(step, split="train")
+            except NotImplementedError as e:
+                if not self._warned:
+                    log.warning("flexora: %s; using the first-order hyper-gradient", e)
+                    self._warned = True
+                return torch.zeros_like(self.gates)
+            (ga,) = torch.autograd.grad(loss, [self.gates])
+            out.append(ga)
+        return (out[0] - out[1]) / (2 * eps)
 
     def after_step(self, step, model, optimizer) -> None:
         if self.selected is None and step + 1 >= self.search_steps:

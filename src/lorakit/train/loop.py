@@ -199,13 +199,17 @@ class _GracefulStop:
             self._prev = None
 
 
-def _validation_loss(task, model, examples, bs, seed, device, bf16):
-    """``loss_fn(i)``: the task loss (with grad) on validation micro-batch ``i`` of ``examples`` (an endless,
-    seeded order like the training batches), for procedures that declare ``needs_validation``."""
+def _validation_loss(task, model, examples, bs, seed, device, bf16, train_batch=None, accum=1):
+    """``loss_fn(i, split="validation")``: the task loss (with grad) on validation micro-batch ``i`` of ``examples``
+    (an endless, seeded order like the training batches), for procedures that declare ``needs_validation``;
+    ``split="train"``: on the first micro-batch of training step ``i`` (Flexora's second-order term)."""
 
-    def loss_fn(i: int):
-        idx = _batch_indices(i, len(examples), min(bs, len(examples)), seed + 1)
-        b = task.collate([examples[j] for j in idx])
+    def loss_fn(i: int, split: str = "validation"):
+        if split == "train":
+            b = dict(train_batch(i * accum))
+        else:
+            idx = _batch_indices(i, len(examples), min(bs, len(examples)), seed + 1)
+            b = task.collate([examples[j] for j in idx])
         ctx_values = {k: b.pop(k) for k in task.context_keys if k in b}
         if "attention_mask" in b:
             ctx_values.setdefault("attention_mask", b["attention_mask"])
@@ -334,7 +338,7 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
     tparams, opt = setup_procedure(model, proc)
     if proc.needs_validation:
         proc.set_validation(_validation_loss(task, model, val_ex, dc.batch_size, tc.seed, device,
-                                             tc.precision == "bf16"))
+                                             tc.precision == "bf16", batch, accum))
         info["validation_rows"] = len(val_ex)
     params = [t.param for t in tparams]
     n_train = sum(p.numel() for p in params)
