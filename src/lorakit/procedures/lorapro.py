@@ -23,12 +23,13 @@ paper's SGD form (adjusted gradients, SGD step).
 Choices, and why:
 
 * **Full gradient for the logged error: taken with a hook, not recovered.** G cannot be recovered from
-  ``(g_A, g_B)`` (they are only its projections ``BᵀG`` and ``GAᵀ``). Every ``log_every`` steps the procedure lets
-  the frozen base weights of the adapted layers collect their gradient for that step (``requires_grad`` on for one
-  backward, in ``before_forward``), then logs ``procedure/equiv_grad_error`` = sqrt(Σ_layers ‖G − g̃‖²_F) with
-  ``g̃`` the LoRA-Pro equivalent gradient of that G, ``procedure/equiv_grad_rel_error`` (over ‖G‖) and, for
-  comparison, ``procedure/lora_grad_rel_error`` (plain LoRA's ``g̃ = s²(BBᵀG + GAᵀA)``). Layers whose base weight
-  has no float gradient (quantised) are skipped; ``log_every: 0`` switches it off (no extra cost).
+  ``(g_A, g_B)`` (they are only its projections ``BᵀG`` and ``GAᵀ``). Every ``log_every`` steps, hooks on the paired
+  adapters keep the layer input ``x`` and, in backward, accumulate ``G = Σ_tokens (∂L/∂y) xᵀ`` from the gradient of
+  the layer output (the frozen base weights never get a gradient, so clipping and memory are untouched); then
+  ``procedure/equiv_grad_error`` = sqrt(Σ_layers ‖G − g̃‖²_F) with ``g̃`` the LoRA-Pro equivalent gradient of that
+  G, ``procedure/equiv_grad_rel_error`` (over ‖G‖) and, for comparison, ``procedure/lora_grad_rel_error`` (plain
+  LoRA's ``g̃ = s²(BBᵀG + GAᵀA)``) are logged. Linear and Conv1D layers only (other kinds are skipped);
+  ``log_every: 0`` switches it off (no extra cost).
 * **The scale comes from the adapter** (``lowrank().scale``; the official code hard-codes 16/8).
 * **Sylvester solve by two symmetric eigendecompositions** (BᵀB = UΛUᵀ, AAᵀ = VMVᵀ, X = U[(UᵀCV)/(λ_i+μ_j)]Vᵀ):
   the same unique solution as the official general ``eig`` solve, but real and stable for these PSD matrices.
@@ -241,31 +242,44 @@ class LoRAPro(Procedure):
         n = self.cfg.log_every
         if not n or step % n:
             return
-        self._watch = []
+        self._remove_watch()
         for a, b, s in self._pairs:
-            base = a.adapter.base
-            w = getattr(base, "weight", None)
-            if isinstance(w, torch.nn.Parameter) and w.is_floating_point() and not w.requires_grad:
-                w.requires_grad_(True)
-                self._watch.append((a, b, s, w))
+            if a.kind not in ("linear", "conv1d"):
+                continue
+            acc = {"G": None}
+
+            def fwd(mod, args, out, acc=acc):
+                x = args[0].detach()
+                if out.requires_grad:
+                    def back(g, x=x):
+                        d_out, d_in = g.shape[-1], x.shape[-1]
+                        G = g.detach().reshape(-1, d_out).float().T @ x.reshape(-1, d_in).float()
+                        acc["G"] = G if acc["G"] is None else acc["G"] + G
+                    out.register_hook(back)
+
+            self._watch.append((a, s, acc, a.adapter.register_forward_hook(fwd)))
+
+    def _remove_watch(self) -> None:
+        for *_, h in self._watch:
+            h.remove()
+        self._watch = []
 
     @torch.no_grad()
     def before_step(self, step, model, optimizer) -> None:
         if not self._watch:
             return
         err = full = lora = 0.0
-        for a, b, s, w in self._watch:
-            if w.grad is not None:
-                G = a.adapter.view.matrix(w.grad).float()
-                lr = a.adapter.lowrank()
-                A, B = lr.A.detach().float(), lr.B.detach().float()
-                ga, gb = lorapro_adjust(A, B, s * (B.T @ G), s * (G @ A.T), s, self.cfg.sylvester)
-                err += float((G - s * (B @ ga) - s * (gb @ A)).pow(2).sum())
-                lora += float((G - s * s * (B @ (B.T @ G)) - s * s * (G @ (A.T @ A))).pow(2).sum())
-                full += float(G.pow(2).sum())
-            w.grad = None
-            w.requires_grad_(False)
-        self._watch = []
+        for a, s, acc, _ in self._watch:
+            G = acc["G"]
+            if G is None:
+                continue
+            lr = a.adapter.lowrank()
+            A, B = lr.A.detach().float(), lr.B.detach().float()
+            ga, gb = lorapro_adjust(A, B, s * (B.T @ G), s * (G @ A.T), s, self.cfg.sylvester)
+            err += float((G - s * (B @ ga) - s * (gb @ A)).pow(2).sum())
+            lora += float((G - s * s * (B @ (B.T @ G)) - s * s * (G @ (A.T @ A))).pow(2).sum())
+            full += float(G.pow(2).sum())
+        self._remove_watch()
         if full > 0:
             self._metrics = {"equiv_grad_error": math.sqrt(err), "equiv_grad_rel_error": math.sqrt(err / full),
                              "lora_grad_rel_error": math.sqrt(lora / full)}
