@@ -236,6 +236,34 @@ def test_ggpo_perturbation_form_and_removal():
                 assert torch.allclose(p, rp[n], atol=1e-6), (step, n)
 
 
+def test_mgpo_perturbs_along_the_momentum_scaled_by_the_gradient_norm_ema():
+    rho, beta = 0.2, 0.5
+    m, ad = _lora()
+    x, t = _data()
+    proc = make_procedure("mgpo", {"rho": rho, "ema": beta}, lorakit.procedures.Hyper(lr=0.05))
+    _, opt = setup(m, proc)
+    proc.on_train_begin(m, opt, 3)
+    params = {n: p for n, p in m.named_parameters() if p.requires_grad and "lora_" in n}
+    ema: dict = {}
+    for step in range(3):
+        theta = {n: p.detach().clone() for n, p in params.items()}
+        proc.before_forward(step, m, opt)
+        if step == 0:
+            assert proc.last_eps == {}  # no momentum yet
+        for n, p in params.items():
+            if step:
+                want = rho * opt.state[p]["exp_avg"] / ema[n]
+                assert torch.allclose(p.detach() - theta[n], want, atol=1e-6), (step, n)
+        _loss(m, x, t).backward()
+        proc.before_step(step, m, opt)
+        for n, p in params.items():
+            assert torch.equal(p.detach(), theta[n])  # removed exactly before the step
+            g = float(p.grad.norm())
+            ema[n] = g if n not in ema else beta * ema[n] + (1 - beta) * g
+        opt.step()
+        opt.zero_grad()
+
+
 # -------------------------------------------------------------------------------------------------------- Flexora
 def _flexora_setup():
     from conftest import tiny_llama

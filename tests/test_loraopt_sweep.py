@@ -13,7 +13,7 @@ from lorakit.procedures import Hyper, make_procedure, preflight, setup
 from conftest import run
 from test_contract import METHODS, build, cases_for
 
-PROCS = {"allora": {"require_plain": False}, "lorapro": {"log_every": 1}, "ggpo": {"rho": 0.1},
+PROCS = {"allora": {"require_plain": False}, "lorapro": {"log_every": 1}, "ggpo": {"rho": 0.1}, "mgpo": {},
          "flexora": {"search_fraction": 0.5, "second_order": False}}  # (second order: the mechanism tests)
 
 

@@ -15,7 +15,7 @@ from lorakit.train import TrainingInterrupted, run_training
 from .conftest import tiny_cfg, tiny_llama_model
 from .test_procedures import _hf
 
-OPTS = {"allora": {}, "lorapro": {"log_every": 1}, "ggpo": {"rho": 0.1},
+OPTS = {"allora": {}, "lorapro": {"log_every": 1}, "ggpo": {"rho": 0.1}, "mgpo": {"rho": 0.1},
         "flexora": {"search_fraction": 0.5, "keep": 0.5, "gate_lr": 0.05}}
 
 
@@ -112,7 +112,7 @@ def test_arena_spec_selects_the_procedures():
     from lorakit.arena.worker import run_config
 
     spec = {"task": "sentiment-minilm", "method": "lora", "seed": 0, "budget": "smoke"}
-    for name in ("lorapro", "ggpo", "flexora"):
+    for name in ("lorapro", "ggpo", "mgpo", "flexora"):
         assert run_config({**spec, "extra": [f"optim.name={name}"]}).optim.name == name
     cfg = run_config({**spec, "extra": ["optim.name=allora", "adapter.alpha=8", "adapter.r=8"]})
     assert cfg.optim.name == "allora"

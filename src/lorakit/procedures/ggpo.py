@@ -25,7 +25,8 @@ recollection of v1, methods-training.md A4, tagged unverified, and its constants
 * **Randomness** comes from the procedure's own generator seeded with (``seed``, step): the run's global RNG is not
   consumed (the data order and dropout stay those of adamw) and a resumed run draws the same ε.
 * **ρ = 0.05, γ = 0.5** (our defaults). With ρ = 0 the procedure is adamw bit for bit (tested).
-* **v2 (LoRA-MGPO, the renamed arXiv v2: momentum-guided direction, EMA-normalised magnitude) is not built.**
+* **v2 (LoRA-MGPO, the renamed arXiv v2)** is ``optim.name=mgpo`` (below): the momentum as direction, an EMA of the
+  gradient norm as scale.
 
 State (checkpointed): the cached per-row gradient norms.
 """
@@ -38,7 +39,7 @@ import torch
 from ..errors import ConfigError
 from .base import Procedure, TrainParam, register_procedure, trainable_parameters
 
-__all__ = ["GGPO", "ggpo_perturbation"]
+__all__ = ["GGPO", "MGPO", "ggpo_perturbation"]
 
 
 def ggpo_perturbation(theta: torch.Tensor, grad_norm: torch.Tensor | None, rho: float, gamma: float,
@@ -119,3 +120,56 @@ class GGPO(Procedure):
 
     def load_state_dict(self, state: dict) -> None:
         self.grad_norms = dict(state.get("grad_norms", {}))
+
+
+@register_procedure("mgpo")
+class MGPO(GGPO):
+    """``optim.name=mgpo``: LoRA-MGPO (arXiv:2502.14538 v2, the renamed LoRA-GGPO: "Mitigating Double Descent in
+    Low-Rank Adaptation via Momentum-Guided Perturbation Optimization"). The perturbation reuses the optimiser's
+    momentum instead of random noise, and its size is normalised by an EMA of the gradient norm::
+
+        ε = ρ · m / (ḡ + δ),   ḡ ← β·ḡ + (1 − β)·‖g‖      (per parameter tensor; m = AdamW's exp_avg)
+
+    then, as GGPO: gradient at θ + ε, ε removed exactly, AdamW step from θ. Before the first step (no momentum yet)
+    nothing is perturbed. The abstract gives the two ingredients; the exact normalisation (per tensor, ḡ of the
+    previous steps' gradient norms, δ = 1e-12) and β = ``ema`` = 0.9 are ours (the paper body and code were not
+    available). Needs an optimiser with ``exp_avg`` state (the default AdamW). State: the EMA of each norm."""
+
+    paper = "Chang et al. 2025, arXiv:2502.14538 (v2)"
+
+    @dataclass
+    class Config:
+        rho: float = 0.05  # perturbation size relative to the normalised momentum
+        ema: float = 0.9  # β of the gradient-norm EMA
+
+    def validate(self) -> None:
+        if self.cfg.rho < 0:
+            raise ConfigError(f"mgpo: rho={self.cfg.rho} must be >= 0 (0: plain adamw)")
+        if not 0 <= self.cfg.ema < 1:
+            raise ConfigError(f"mgpo: ema={self.cfg.ema} must be in [0, 1)")
+
+    @torch.no_grad()
+    def before_forward(self, step, model, optimizer) -> None:
+        self._saved, self.last_eps = [], {}
+        if self.cfg.rho == 0:
+            return
+        for name, p in self._params:
+            m = optimizer.state.get(p, {}).get("exp_avg")
+            gbar = self.grad_norms.get(name)
+            eps = None if m is None or gbar is None else self.cfg.rho * m / (float(gbar) + 1e-12)
+            self._saved.append(p.detach().clone())
+            if eps is not None:
+                self.last_eps[name] = eps
+                p.add_(eps.to(p.dtype))
+
+    @torch.no_grad()
+    def before_step(self, step, model, optimizer) -> None:
+        for (name, p), p0 in zip(self._params, self._saved):
+            p.copy_(p0)
+        self._saved = []
+        b = self.cfg.ema
+        for name, p in self._params:
+            if p.grad is not None:
+                n = p.grad.detach().float().norm().cpu()
+                old = self.grad_norms.get(name)
+                self.grad_norms[name] = n if old is None else b * old + (1 - b) * n
