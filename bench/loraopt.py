@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--eval-size", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--only", nargs="*", default=None)
     a = ap.parse_args()
     rows = []
@@ -41,7 +43,8 @@ def main() -> None:
                 continue
             out = Path(tmp) / label
             cfg = resolve(recipe, [*extra, f"train.steps={a.steps}", f"data.eval_size={a.eval_size}",
-                                   f"train.threads={a.threads}", "train.eval_before=false", "train.log_every=1",
+                                   f"train.threads={a.threads}", "train.eval_before=false",
+                                   f"data.batch_size={a.batch}", f"data.max_length={a.max_length}", "train.log_every=1",
                                    "optim.log_every=1" if label == "lorapro" else "train.log_every=1",
                                    f"output.dir={out}", "output.save_adapter=false"])
             r = run_training(cfg)

@@ -8,8 +8,9 @@
   present), ``step`` right after it (``on_optimizer_step``: the gradients are still there, as in ``lorakit train``;
   at ``on_step_end`` the Trainer has already zeroed them, and AdaLoRA's sensitivities need them);
 * drives a lorakit training procedure (``optim.name`` in ``lorakit train``: adamw, loraplus, ...) when the optimiser
-  comes from :func:`create_optimizer`: its ``before_forward`` at ``on_step_begin``, its ``before_step`` before each optimizer step (after the Trainer's gradient
-  clipping and the controllers), ``after_step`` right after it, and its state in every checkpoint::
+  comes from :func:`create_optimizer`: its ``before_forward`` at ``on_step_begin``, its ``before_step`` before each
+  optimizer step (after the Trainer's gradient clipping and the controllers), ``after_step`` right after it, its
+  ``step_metrics`` in the Trainer's logs, and its state in every checkpoint::
 
       opt = create_optimizer(model, args, "loraplus", ratio=16)
       Trainer(model=model, args=args, optimizers=(opt, None), callbacks=[AdapterCallback()], ...)
