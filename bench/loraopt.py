@@ -24,6 +24,7 @@ RUNS = [("adamw", "sentiment-smollm2-lora", []),
         ("allora", "sentiment-smollm2-allora", []),
         ("lorapro", "sentiment-smollm2-lorapro", ["adapter.rslora=false"]),
         ("ggpo", "sentiment-smollm2-ggpo", []),
+        ("mgpo", "sentiment-smollm2-mgpo", []),
         ("flexora", "sentiment-smollm2-flexora", [])]
 
 
