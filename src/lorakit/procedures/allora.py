@@ -100,11 +100,9 @@ class ALLoRA(Procedure):
                     f"adapter.alpha={r} (= r), adapter.rslora=false (recipe sentiment-smollm2-allora), or "
                     "optim.require_plain=false")
 
-    def on_train_begin(self, model, optimizer, total_steps) -> None:
-        ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        from .base import trainable_parameters
-
-        self._rows = [t.param for t in trainable_parameters(model) if t.role in ("A", "B") and id(t.param) in ids]
+    def build_optimizer(self, params: list[TrainParam]) -> torch.optim.Optimizer:
+        self._rows = [t.param for t in params if t.role in ("A", "B")]
+        return super().build_optimizer(params)
 
     def before_step(self, step, model, optimizer) -> None:
         eta = self.cfg.eta

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from .base import Procedure, TrainParam, register_procedure, trainable_parameters
+from .base import Procedure, TrainParam, register_procedure
 
 __all__ = ["GGPO", "MGPO", "ggpo_perturbation"]
 
@@ -84,10 +84,9 @@ class GGPO(Procedure):
             self.refuse("LoRA-GGPO perturbs the rows of the factors A and B, but no trainable parameter has role "
                         "A or B", params)
 
-    def on_train_begin(self, model, optimizer, total_steps) -> None:
-        ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        self._params = [(t.name, t.param) for t in trainable_parameters(model)
-                        if t.role in ("A", "B") and id(t.param) in ids]
+    def build_optimizer(self, params: list[TrainParam]) -> torch.optim.Optimizer:
+        self._params = [(t.name, t.param) for t in params if t.role in ("A", "B")]
+        return super().build_optimizer(params)
 
     @torch.no_grad()
     def before_forward(self, step, model, optimizer) -> None:
