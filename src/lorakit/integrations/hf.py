@@ -8,8 +8,9 @@
   present), ``step`` right after it (``on_optimizer_step``: the gradients are still there, as in ``lorakit train``;
   at ``on_step_end`` the Trainer has already zeroed them, and AdaLoRA's sensitivities need them);
 * drives a lorakit training procedure (``optim.name`` in ``lorakit train``: adamw, loraplus, ...) when the optimiser
-  comes from :func:`create_optimizer`: its ``before_step`` before each optimizer step (after the Trainer's gradient
-  clipping and the controllers), ``after_step`` right after it, and its state in every checkpoint::
+  comes from :func:`create_optimizer`: its ``before_forward`` at ``on_step_begin``, its ``before_step`` before each
+  optimizer step (after the Trainer's gradient clipping and the controllers), ``after_step`` right after it, its
+  ``step_metrics`` in the Trainer's logs, and its state in every checkpoint::
 
       opt = create_optimizer(model, args, "loraplus", ratio=16)
       Trainer(model=model, args=args, optimizers=(opt, None), callbacks=[AdapterCallback()], ...)
@@ -36,6 +37,7 @@ from transformers import TrainerCallback
 
 from ..inject import controllers, extra_loss, output_loss
 from ..io import save_adapter
+from ..errors import ConfigError
 from ..procedures import Hyper, Procedure, make_procedure, setup
 from ..train.checkpoint import adapter_tensors
 
@@ -48,15 +50,17 @@ STATE = "lorakit_state.pt"
 _PROCEDURES: "weakref.WeakKeyDictionary[torch.optim.Optimizer, Procedure]" = weakref.WeakKeyDictionary()
 
 
-def create_optimizer(model: torch.nn.Module, args: Any = None, procedure: str = "adamw", **options: Any
-                     ) -> torch.optim.Optimizer:
+def create_optimizer(model: torch.nn.Module, args: Any = None, procedure: str = "adamw", validation: Any = None,
+                     **options: Any) -> torch.optim.Optimizer:
     """The optimiser of lorakit training procedure ``procedure`` for the model's trainable parameters, to pass as
     ``Trainer(optimizers=(opt, None))`` next to an :class:`AdapterCallback` (which then runs the procedure's hooks
     and checkpoints its state). ``args`` (``TrainingArguments``) gives ``learning_rate``, ``weight_decay``,
     ``adam_beta1/2`` and ``adam_epsilon``; ``options`` are the procedure's own (``ratio=16`` for loraplus) and may
     override those shared settings by their lorakit names (``lr``, ``weight_decay``, ``betas``, ``eps``,
     ``trainable_lr``). Bad names or options raise :class:`lorakit.ConfigError`, as does a method the procedure
-    cannot train (e.g. LoRA+ on VeRA)."""
+    cannot train (e.g. LoRA+ on VeRA). A procedure that trains on validation losses (``needs_validation``:
+    flexora) needs ``validation``: a list of batches (dicts of tensors the model takes, with ``labels``); its loss
+    is ``model(**batch).loss``; without it a :class:`lorakit.ConfigError` says so."""
     hp = Hyper()
     if args is not None:
         hp = Hyper(lr=args.learning_rate, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
@@ -64,6 +68,23 @@ def create_optimizer(model: torch.nn.Module, args: Any = None, procedure: str = 
     shared = {f.name for f in dataclasses.fields(Hyper)}
     hp = dataclasses.replace(hp, **{k: options.pop(k) for k in list(options) if k in shared})
     proc = make_procedure(procedure, options, hp, where="create_optimizer", common=tuple(sorted(shared)))
+    if proc.needs_validation:
+        if not validation:
+            raise ConfigError(f"procedure '{procedure}' trains on validation losses: pass "
+                              "create_optimizer(..., validation=[batch, ...]) (dicts of tensors with labels, kept "
+                              "apart from the training set)")
+        batches = list(validation)
+
+        def loss_fn(i: int, split: str = "validation"):
+            if split != "validation":
+                raise NotImplementedError("the HF Trainer's training batches are not available to the procedure")
+            dev = next(model.parameters()).device
+            b = batches[i % len(batches)]
+            return model(**{k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in b.items()}).loss
+
+        proc.set_validation(loss_fn)
+    elif validation is not None:
+        raise ConfigError(f"create_optimizer: procedure '{procedure}' takes no validation batches")
     _, opt = setup(model, proc)
     _PROCEDURES[opt] = proc
     return opt
@@ -135,6 +156,19 @@ class AdapterCallback(TrainerCallback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
+        # before the first micro-batch's forward of an optimizer step (weight perturbations: LoRA-GGPO)
+        if self.proc is not None:
+            self.proc.before_forward(state.global_step, model, optimizer or self._opt)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        # the procedure's numbers of the last step (LoRA-Pro's approximation error) as procedure/<key>
+        if self.proc is not None and logs is not None:
+            extra = {f"procedure/{k}": v for k, v in self.proc.step_metrics().items()}
+            logs.update(extra)
+            if state.log_history:
+                state.log_history[-1].update(extra)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
         if torch.distributed.is_available() and torch.distributed.is_initialized():  # torchrun: whole-batch stats

@@ -12,10 +12,13 @@ Order of calls, in ``lorakit train`` and (through ``create_optimizer`` + ``Adapt
     params = trainable_parameters(model)               # [TrainParam], model.named_parameters() order
     proc.check(params)                                 # ConfigError if this method cannot be trained this way
     opt = proc.build_optimizer(params)                 # default: AdamW over proc.param_groups(params)
+    proc.set_validation(loss_fn)                       # only if the class declares needs_validation
     proc.on_train_begin(model, opt, total_steps)
     proc.load_state_dict(...)                          # on resume only
-    per step: backward -> clip -> controllers' before_step -> proc.before_step(step, model, opt)
+    per step: proc.before_forward(step, model, opt) -> forward/backward of the micro-batches -> clip
+              -> controllers' before_step -> proc.before_step(step, model, opt)
               -> opt.step() -> proc.after_step(step, model, opt) -> LR scheduler -> controllers' step
+              -> proc.step_metrics() logged as ``procedure/<key>``
     checkpoint: proc.state_dict()
 """
 from __future__ import annotations
@@ -186,6 +189,12 @@ class Procedure:
     paper: ClassVar[str] = ""
     family: ClassVar[str] = "optimiser"
 
+    # Capability: the procedure needs a loss on held-out validation batches inside the training loop (Flexora's
+    # bi-level search). The trainer then holds out ``validation_rows(n)`` training examples and hands the procedure
+    # ``set_validation(loss_fn)``, ``loss_fn(i)`` being the task loss (with grad) on validation batch ``i``; the HF
+    # callback takes them from ``create_optimizer(..., validation=[batches])``.
+    needs_validation: ClassVar[bool] = False
+
     @dataclass
     class Config:
         pass
@@ -193,6 +202,7 @@ class Procedure:
     def __init__(self, cfg: Any = None, hp: Hyper | None = None):
         self.cfg = cfg if cfg is not None else self.Config()
         self.hp = hp or Hyper()
+        self.validation_loss = None  # set by set_validation (needs_validation procedures)
 
     # --- deciding -------------------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -241,6 +251,26 @@ class Procedure:
     # --- during training ------------------------------------------------------------------------------------------
     def on_train_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
         """Once before the first step (and before a resumed run's state is loaded)."""
+
+    def validation_rows(self, n_train: int) -> int:
+        """How many of the ``n_train`` training examples the trainer holds out as validation data (read only when the
+        class declares ``needs_validation``)."""
+        return 0
+
+    def set_validation(self, loss_fn) -> None:
+        """Receive ``loss_fn(i) -> loss tensor`` (with grad) on validation batch ``i`` (``needs_validation``);
+        ``loss_fn(step, split="train")`` is the loss on the first training micro-batch of ``step`` (raises
+        NotImplementedError where the training batches are not available, e.g. in the HF Trainer)."""
+        self.validation_loss = loss_fn
+
+    def before_forward(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """At the start of step ``step``, before the forward of its first micro-batch (weight perturbations, e.g.
+        LoRA-GGPO, which must be taken off again in :meth:`before_step` so that checkpoints, evaluations and the
+        optimiser never see them)."""
+
+    def step_metrics(self) -> dict[str, float]:
+        """Numbers about the last step, logged with it as ``procedure/<key>`` (LoRA-Pro's approximation error)."""
+        return {}
 
     def before_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Gradient transforms: after backward, gradient clipping and the controllers' ``before_step``, before

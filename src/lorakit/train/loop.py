@@ -209,6 +209,30 @@ class _GracefulStop:
             self._prev = None
 
 
+def _validation_loss(task, model, examples, bs, seed, device, bf16, train_batch=None, accum=1):
+    """``loss_fn(i, split="validation")``: the task loss (with grad) on validation micro-batch ``i`` of ``examples``
+    (an endless, seeded order like the training batches), for procedures that declare ``needs_validation``;
+    ``split="train"``: on the first micro-batch of training step ``i`` (Flexora's second-order term)."""
+
+    def loss_fn(i: int, split: str = "validation"):
+        if split == "train":
+            b = dict(train_batch(i * accum))
+        else:
+            idx = _batch_indices(i, len(examples), min(bs, len(examples)), seed + 1)
+            b = task.collate([examples[j] for j in idx])
+        ctx_values = {k: b.pop(k) for k in task.context_keys if k in b}
+        if "attention_mask" in b:
+            ctx_values.setdefault("attention_mask", b["attention_mask"])
+        b = to_device(b, device)
+        ctx = inject.batch_context(model, **{k: v.to(device) for k, v in ctx_values.items()}) \
+            if ctx_values else contextlib.nullcontext()
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with ctx, autocast:
+            return task.forward(model, b)[0]
+
+    return loss_fn
+
+
 def run_training(config: RunConfig | dict | None = None, *, resume: bool = False,
                  callbacks: list | tuple = ()) -> dict[str, Any]:
     """Train an adapter as ``config`` says; returns the result dict (metrics before/after, trainable params,
@@ -258,6 +282,14 @@ def _run(cfg: RunConfig, resume: bool, callbacks) -> dict[str, Any]:
     model, tok = task.load_model(model_name, cfg.model.dtype)
     model.to(device)
     train_ex, eval_ex = task.encode(rows["train"], tok), task.encode(rows["eval"], tok)
+    val_ex: list = []
+    probe = cfg.optim.procedure()
+    if probe.needs_validation:  # a procedure that trains on validation losses (Flexora): hold out training rows
+        n_val = probe.validation_rows(len(train_ex))
+        if not 0 < n_val < len(train_ex):
+            raise ConfigError(f"optim.name={probe.name} holds out {n_val} of the {len(train_ex)} training examples "
+                              "as validation data; it needs at least 1 and must leave some to train on")
+        train_ex, val_ex = train_ex[:-n_val], train_ex[-n_val:]
     bs, accum, total = dc.batch_size, tc.grad_accum, tc.steps
     acfg = dict(cfg.adapter)
     for k, v in (getattr(task, "adapter_defaults", lambda m: {})(model)).items():
@@ -296,13 +328,13 @@ def _run(cfg: RunConfig, resume: bool, callbacks) -> dict[str, Any]:
         info.update(distributed=tc.distributed, world_size=world)
     try:
         return _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, info, device, out,
-                      t_start, global_batch)
+                      t_start, global_batch, val_ex)
     finally:
         mlog.close()
 
 
 def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, info, device, out, t_start,
-           global_batch=None):
+           global_batch=None, val_ex=()):
     tc, dc, oc = cfg.train, cfg.data, cfg.optim
     total, accum = tc.steps, tc.grad_accum
     rank, world = _dist()
@@ -342,6 +374,10 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
             model.config.use_cache = False
     proc = oc.procedure()  # how the parameters train (optim.name): groups, optimiser, per-step hooks, state
     tparams, opt = setup_procedure(model, proc)
+    if proc.needs_validation:
+        proc.set_validation(_validation_loss(task, model, val_ex, dc.batch_size, tc.seed, device,
+                                             tc.precision == "bf16", batch, accum))
+        info["validation_rows"] = len(val_ex)
     params = [t.param for t in tparams]
     n_train = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
@@ -401,6 +437,7 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
             if stop.requested(world, device):  # Ctrl-C: leave between steps, so the checkpoint is a consistent state
                 raise KeyboardInterrupt
             t0 = time.perf_counter()
+            proc.before_forward(step, model, opt)
             loss_sum, ntok = 0.0, 0
             for k in range(accum):
                 b = batch(step * accum + k)
@@ -457,6 +494,7 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
             logs = {"loss": loss_sum, "lr": lr, "grad_norm": gn, "step_time_s": dt, "tokens_per_s": ntok / dt}
             logs.update({f"adapter/{k}": v for k, v in inject.adapter_stats(model).items()})
             logs.update(getattr(task, "step_metrics", dict)())
+            logs.update({f"procedure/{k}": v for k, v in proc.step_metrics().items()})
             if tc.log_every and (step % tc.log_every == 0 or step == total):
                 mlog(event="train", step=step, **logs)
             emit("on_step", step, logs)
