@@ -14,7 +14,7 @@ The weights ``w`` (batch, K) come per batch through :func:`lorakit.batch_context
   (K, user_dim) shared by every adapted matrix (the user is the same in every layer), owned by the attach's first
   adapter (``reclora_gate``, stored once).
 
-With neither in the context the mixture is uniform (``w = 1/K``): a plain LoRA of rank K·r at 1/K scale, which keeps
+With neither in the context the mixture is uniform (``w = 1/K``; with a gate: a zero user representation): a plain LoRA of rank K·r at 1/K scale, which keeps
 generic evaluation and generation working. Decisions (no official code located): meta-LoRAs are initialised as LoRA
 (A kaiming, B = 0); the gate as nn.Linear without bias; the long-short modality retriever (long ID history in the CRM,
 short text history in the prompt) and the Few2Many strategy are data/workflow choices, shown by the recommendation
@@ -45,7 +45,7 @@ class RecLoRA(Adapter):
 
     roles = {"reclora_A": "A", "reclora_B": "B", "reclora_gate": "router"}
     layers = ("linear", "conv1d")
-    example = {"r": 2, "num_loras": 3}
+    example = {"r": 2, "num_loras": 3, "user_dim": 4}
 
     @classmethod
     def context_keys(cls, cfg) -> tuple[str, ...]:
@@ -110,9 +110,12 @@ class RecLoRA(Adapter):
         if w is not None:
             return torch.as_tensor(w)
         u = None if ctx is None else ctx.get("user_repr")
-        if u is not None and self.cfg.user_dim:
+        if self.cfg.user_dim:
             owner = self.__dict__.get("_gate_owner", self)
-            u = torch.as_tensor(u).to(owner.reclora_gate)
+            # no user in the batch: a zero representation, i.e. the uniform mixture through the gate (same weights
+            # as without a gate, and the gate stays in the graph with a zero gradient)
+            u = torch.zeros(batch, self.cfg.user_dim) if u is None else torch.as_tensor(u)
+            u = u.to(owner.reclora_gate)
             return torch.softmax(u @ owner.reclora_gate.t() / self.cfg.temperature, dim=-1)
         return None
 
