@@ -1,0 +1,201 @@
+"""One federated round on each side, without Flower: the server's global adapter (:class:`ServerSession`) and a
+client's local training (:func:`client_round`, which runs ``lorakit train``'s own loop,
+:func:`lorakit.train.loop.run_training`, from the global adapter on the client's share of the data).
+
+The global state is split by what trains on the clients:
+
+* ``sent``: the adapter tensors the clients train (after the strategy froze its ``frozen_roles``); they go down
+  and up every round and are what the strategy aggregates;
+* ``frozen``: everything else the adapter owns (FFA-LoRA's A, LoRA-SB's B and A buffers): sent to a client once,
+  with its first round, and kept in the client's Flower ``Context.state``.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .. import inject
+from ..config import AttachConfig
+from ..errors import ConfigError
+from ..procedures.base import trainable_parameters
+from .config import FederatedConfig
+from .split import dirichlet_split
+from .strategies import STRATEGIES, Pair
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ServerSession", "client_round", "digest", "nbytes", "freeze_roles", "client_rows"]
+
+
+def digest(state: dict[str, Tensor]) -> str:
+    """A hash of tensors (names, shapes, dtypes and bytes): equal digests = bit-identical tensors."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().contiguous().cpu()
+        h.update(f"{k}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def nbytes(state: dict[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def freeze_roles(model, roles: tuple[str, ...]) -> list[str]:
+    """Turn off ``requires_grad`` of the adapter parameters of these roles; returns their names."""
+    out = []
+    for t in trainable_parameters(model):
+        if t.role in roles:
+            t.param.requires_grad_(False)
+            out.append(t.name)
+    return out
+
+
+def _pairs(model) -> list[Pair]:
+    found: dict[tuple, dict[str, str]] = {}
+    for t in trainable_parameters(model):
+        if t.role in ("A", "B") and t.param.dim() == 2:
+            found.setdefault((t.adapter_name, t.path), {})[t.role] = t.name
+    return [Pair(A=d["A"], B=d["B"]) for d in found.values() if set(d) == {"A", "B"}]
+
+
+def _load(model, state: dict[str, Tensor]) -> None:
+    own = model.state_dict(keep_vars=True)
+    bad = [k for k, v in state.items() if k not in own or tuple(own[k].shape) != tuple(v.shape)]
+    if bad:
+        raise ConfigError(f"the global adapter does not fit this client's model (tensor {bad[0]!r}): do the server "
+                          "and the clients run the same config?")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v)
+
+
+def client_rows(fc: FederatedConfig, rows: dict, cid: int) -> dict:
+    """Client ``cid``'s Dirichlet share of the training rows and the first ``client_eval_rows`` eval rows."""
+    labels = [r["label"] for r in rows["train"]]
+    parts = dirichlet_split(labels, fc.fed.clients, fc.fed.alpha, fc.fed.split_seed, min_rows=1)
+    if not 0 <= cid < len(parts):
+        raise ConfigError(f"partition-id {cid} is outside 0..{len(parts) - 1} (federated.clients={fc.fed.clients})")
+    return {"train": [rows["train"][i] for i in parts[cid]], "eval": rows["eval"][:fc.fed.client_eval_rows]}
+
+
+class ServerSession:
+    """The server's copy of the model with the global adapter: its initial state (the same attach as ``lorakit
+    train``, seeded; data-dependent inits calibrate on the training set), what is sent and what is frozen, the
+    (A, B) pairs, central evaluation and the final PEFT file."""
+
+    def __init__(self, fc: FederatedConfig):
+        from ..tasks import get_task
+        from ..train.checkpoint import adapter_tensors
+        from ..train.loop import _batch_indices, seed_everything
+        from ..tasks.base import to_device
+
+        self.fc = fc
+        run = copy.deepcopy(fc.run)
+        tc, dc = run.train, run.data
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        seed_everything(tc.seed)
+        self.task = task = get_task(dc.task, dc)
+        rows = task.rows()
+        self.train_labels = [r["label"] for r in rows["train"]]
+        name = task.model_name(run.model.name)
+        seed_everything(tc.seed)
+        self.model, self.tok = task.load_model(name, run.model.dtype)
+        train_ex = task.encode(rows["train"], self.tok)
+        self.eval_ex = task.encode(rows["eval"], self.tok)
+        acfg = dict(run.adapter)
+        for k, v in (getattr(task, "adapter_defaults", lambda m: {})(self.model)).items():
+            if not acfg.get(k):
+                acfg[k] = v
+        acfg = AttachConfig.make(acfg).to_dict()
+        if run.model.quantize == "nf4":
+            from ..quant_model import quantize_model
+
+            quantize_model(self.model, exclude=acfg.get("trainable") or None)
+        inject.check_attach(self.model, acfg)
+        calib = None
+        if inject.calibration_kind(acfg):
+            calib = [to_device({k: v for k, v in task.collate(
+                [train_ex[j] for j in _batch_indices(i, len(train_ex), dc.batch_size, tc.seed)]).items()
+                if k not in task.context_keys}, "cpu") for i in range(max(tc.calibration_batches, 1))]
+        seed_everything(tc.seed)
+        inject.attach(self.model, acfg, calibration=calib, loss_fn=task.loss if calib is not None else None,
+                      provides=task.context_keys)
+        strat = STRATEGIES[fc.fed.strategy]
+        self.pairs = _pairs(self.model)
+        freeze_roles(self.model, strat.frozen_roles)
+        trained = trainable_parameters(self.model)
+        roles = {t.role for t in trained}
+        if strat.only_roles is not None and not roles <= set(strat.only_roles):
+            raise ConfigError(f"federated.strategy={strat.name} averages only {strat.only_roles}; this adapter "
+                              f"trains {sorted(roles)}")
+        if strat.pairs and not self.pairs:
+            raise ConfigError(f"federated.strategy={strat.name} needs 2-D (A, B) factor pairs; this adapter has none")
+        self.sent_keys = [t.name for t in trained]
+        state = adapter_tensors(self.model)
+        self.sent = {k: state[k] for k in self.sent_keys}
+        self.frozen = {k: v for k, v in state.items() if k not in self.sent}
+        self.model.eval()
+
+    def set(self, sent: dict[str, Tensor]) -> None:
+        _load(self.model, sent)
+        self.sent = {k: v.detach().clone() for k, v in sent.items()}
+
+    def evaluate(self) -> dict:
+        return self.task.evaluate(self.model, self.tok, self.eval_ex, self.fc.run.data.eval_batch_size)
+
+    def save(self, directory) -> Path:
+        from ..io import save_adapter
+
+        return save_adapter(self.model, directory)
+
+
+class _Round:
+    """The trainer callbacks of one client round: its rows, the global adapter in, the trained tensors out."""
+
+    def __init__(self, fc: FederatedConfig, cid: int, start: dict[str, Tensor]):
+        self.fc, self.cid, self.start = fc, cid, start
+        self.model, self.n_train, self.sent, self.frozen_digest = None, 0, None, None
+
+    def on_rows(self, rows):
+        out = client_rows(self.fc, rows, self.cid)
+        self.n_train = len(out["train"])
+        return out
+
+    def on_attach(self, model):
+        self.model = model
+        _load(model, self.start)
+        freeze_roles(model, STRATEGIES[self.fc.fed.strategy].frozen_roles)
+
+    def on_train_end(self, result):
+        names = [t.name for t in trainable_parameters(self.model)]
+        sd = self.model.state_dict()
+        self.sent = {k: sd[k].detach().clone().cpu() for k in names}
+        self.frozen_digest = digest({k: v for k, v in sd.items() if k in self.start and k not in self.sent})
+
+
+def client_round(fc: FederatedConfig, cid: int, rnd: int, start: dict[str, Tensor], workdir) -> tuple[dict, dict]:
+    """Client ``cid``'s round ``rnd``: ``local_steps`` of ``lorakit train`` from ``start`` (the full global adapter)
+    on its Dirichlet share. Returns the trained tensors and metrics (rows, loss, the frozen tensors' digest,
+    (ε, δ) under DP)."""
+    from ..train.loop import run_training
+
+    run = copy.deepcopy(fc.run)
+    run.train.steps = fc.fed.local_steps
+    run.train.seed = fc.run.train.seed + 1000 * rnd + cid  # a new data order every round and client
+    run.train.eval_before, run.train.eval_every, run.train.save_every = False, 0, 0
+    run.train.report_to = ["jsonl"]
+    run.train.calibration_batches = 1  # a data-dependent init is replaced by the global adapter at once
+    run.output.dir = str(Path(workdir) / f"client-{cid}" / f"round-{rnd}")
+    run.output.save_adapter = False
+    cb = _Round(fc, cid, start)
+    res = run_training(run, callbacks=[cb])
+    metrics = {"num-examples": cb.n_train, "train_loss": float(sum(res["loss_curve"]) / max(len(res["loss_curve"]), 1)),
+               "eval_accuracy": float(res["metrics_after"].get("accuracy", float("nan")))}
+    return cb.sent, {**metrics, "frozen_digest": cb.frozen_digest}
