@@ -73,29 +73,33 @@ class LorakitStrategy(Strategy):
         size = max(1, round(k * self.fc.fed.fraction))
         node_ids, _ = sample_nodes(grid, k, size)
         config["server-round"] = server_round
-        msgs, down = [], 0
+        msgs, down, wire = [], 0, 0
         frozen = _record(self.session.frozen) if self.session.frozen else None
         for nid in node_ids:
             content = RecordDict({"arrays": arrays, "config": config})
-            down += arrays.count_bytes()
+            down += nbytes(self.session.sent)
+            wire += arrays.count_bytes()
             if nid not in self.initialised and frozen is not None:
                 content["frozen"] = frozen
-                down += frozen.count_bytes()
+                down += nbytes(self.session.frozen)
+                wire += frozen.count_bytes()
             msgs.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=nid))
-        self._round = {"round": server_round, "clients": len(node_ids), "bytes_down": down, "t0": time.time()}
+        self._round = {"round": server_round, "clients": len(node_ids), "bytes_down": down,
+                       "wire_bytes_down": wire, "t0": time.time()}
         self._sent_to = set(node_ids)
         return msgs
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        states, weights, up, mets, digests, failed = [], [], 0, [], [], 0
+        states, weights, up, wire, mets, digests, failed = [], [], 0, 0, [], [], 0
         for msg in replies:
             if msg.has_error():
                 failed += 1
                 log.warning("round %d: a client failed: %s", server_round, msg.error.reason)
                 continue
             rec = msg.content["arrays"]
-            up += rec.count_bytes()
+            wire += rec.count_bytes()
             states.append(_torch(rec))
+            up += nbytes(states[-1])
             m = dict(msg.content["metrics"])
             mets.append(m)
             weights.append(float(m["num-examples"]))
@@ -106,7 +110,7 @@ class LorakitStrategy(Strategy):
         new, diag = aggregate(self.fc.fed.strategy, states, weights, self.session.pairs, vars(self.fc.fed))
         self.session.set(new)
         rec = {**self._round, "replies": len(states), "failed": failed, "bytes_up": up,
-               "bytes_up_per_client": up / len(states), "weights": weights,
+               "bytes_up_per_client": up / len(states), "wire_bytes_up": wire, "weights": weights,
                "client_train_loss": [m["train_loss"] for m in mets],
                "frozen_digests": digests, **diag, "round_time_s": time.time() - self._round.pop("t0")}
         rec.pop("t0", None)

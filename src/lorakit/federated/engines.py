@@ -3,16 +3,16 @@ and K SuperNodes as separate processes on loopback, the run submitted with ``flw
 
 Deployment, by hand, is what :func:`run_deployment` does (free ports chosen each time)::
 
-    FLWR_HOME=/tmp/fh flower-superlink --insecure --fleet-api-address 127.0.0.1:9092 \\
-        --control-api-address 127.0.0.1:9093 --port 9091
-    flower-supernode --insecure --superlink 127.0.0.1:9092 --port 9094 \\
+    FLWR_HOME=/tmp/fh flower-superlink --insecure --host 127.0.0.1 --port 9093
+    flower-supernode --insecure --superlink 127.0.0.1:9093 --port 9094 \\
         --node-config "partition-id=0 num-partitions=2"          # and partition-id=1 on --port 9095
     FLWR_HOME=/tmp/fh flwr run APP_DIR local-deployment --stream --run-config overrides.toml
 
 ``APP_DIR`` is a generated Flower app whose components are ``lorakit.federated.app:server_app`` /
 ``client_app`` and whose run config carries the resolved lorakit config (``lorakit-config``, base64 JSON);
 ``$FLWR_HOME/config.toml`` names the SuperLink connection ``local-deployment`` (flwr 1.42's CLI reads SuperLink
-connections from there). Every process is started in its own session and its group is killed at the end, whatever
+connections from there). In flwr 1.42 the SuperLink serves its Fleet, Control and Runtime APIs over HTTP on one
+``--host``/``--port`` (``--fleet-api-address``/``--control-api-address`` are deprecated). Every process is started in its own session and its group is killed at the end, whatever
 happened.
 """
 from __future__ import annotations
@@ -169,9 +169,9 @@ def run_deployment(fc: FederatedConfig, workdir: str | os.PathLike | None = None
     app.mkdir(exist_ok=True)
     (app / "pyproject.toml").write_text(_APP_TOML)
     (app / "overrides.toml").write_text(f'lorakit-config = "{encode_config(fc)}"\n')
-    fleet, control, runtime, *node_ports = _free_ports(3 + fc.fed.clients)
+    link, *node_ports = _free_ports(1 + fc.fed.clients)
     (home / "config.toml").write_text(f'[superlink]\ndefault = "local-deployment"\n\n[superlink.local-deployment]\n'
-                                      f'address = "127.0.0.1:{control}"\ninsecure = true\n')
+                                      f'address = "127.0.0.1:{link}"\ninsecure = true\n')
     bindir = Path(sys.executable).parent
     src = str(Path(__file__).resolve().parents[2])  # the directory holding the lorakit package
     env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -189,13 +189,11 @@ def run_deployment(fc: FederatedConfig, workdir: str | os.PathLike | None = None
         return p
 
     try:
-        start("superlink", [str(bindir / "flower-superlink"), "--insecure", "--fleet-api-address",
-                            f"127.0.0.1:{fleet}", "--control-api-address", f"127.0.0.1:{control}",
-                            "--host", "127.0.0.1", "--port", str(runtime)])
-        _wait_port(control, start_timeout_s, procs[0], work / "superlink.log")
+        start("superlink", [str(bindir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link)])
+        _wait_port(link, start_timeout_s, procs[0], work / "superlink.log")
         for k in range(fc.fed.clients):
             start(f"supernode-{k}", [str(bindir / "flower-supernode"), "--insecure", "--superlink",
-                                     f"127.0.0.1:{fleet}", "--host", "127.0.0.1", "--port", str(node_ports[k]),
+                                     f"127.0.0.1:{link}", "--host", "127.0.0.1", "--port", str(node_ports[k]),
                                      "--node-config", f"partition-id={k} num-partitions={fc.fed.clients}"])
         runner = start("flwr-run", [str(bindir / "flwr"), "run", str(app), "local-deployment", "--stream",
                                     "--run-config", str(app / "overrides.toml")])

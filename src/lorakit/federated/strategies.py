@@ -149,8 +149,8 @@ def fair_correction(dW: Tensor, B_bar: Tensor, A_bar: Tensor, lam: float = 0.01,
         for _ in range(steps):
             opt.zero_grad()
             val = obj(dB)
-            if float(val) < best_val:
-                best, best_val = dB.detach().clone(), float(val)
+            if float(val.detach()) < best_val:
+                best, best_val = dB.detach().clone(), float(val.detach())
             val.backward()
             opt.step()
         val = float(obj(dB.detach()))
