@@ -112,7 +112,9 @@ class LorakitStrategy(Strategy):
         rec = {**self._round, "replies": len(states), "failed": failed, "bytes_up": up,
                "bytes_up_per_client": up / len(states), "wire_bytes_up": wire, "weights": weights,
                "client_train_loss": [m["train_loss"] for m in mets],
-               "frozen_digests": digests, **diag, "round_time_s": time.time() - self._round.pop("t0")}
+               "frozen_digests": digests, **diag,
+               **({"dp_epsilon": max(m["dp_epsilon"] for m in mets), "dp_delta": mets[0]["dp_delta"]}
+                  if "dp_epsilon" in mets[0] else {}), "round_time_s": time.time() - self._round.pop("t0")}
         rec.pop("t0", None)
         self.history.append(rec)
         metrics = MetricRecord({"train_loss": sum(w * m["train_loss"] for w, m in zip(weights, mets)) / sum(weights),

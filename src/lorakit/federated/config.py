@@ -18,12 +18,13 @@ after every round (``eval_every_round``).
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Literal
 
 from ..config import apply_overrides, from_dict, load_yaml, to_dict
 from ..errors import ConfigError
-from ..train.config import RunConfig, _range, recipe_path, resolve
+from ..train.config import RECIPES_DIR, RunConfig, _range, recipe_path, resolve
 from .strategies import STRATEGIES
 
 __all__ = ["FederatedSection", "FederatedConfig", "resolve_federated"]
@@ -45,6 +46,11 @@ class FederatedSection:
     fair_lambda: float = 0.01
     fair_steps: int = 100
     fair_lr: float = 0.05
+    # differential privacy (ffa, fedsb): DP-SGD on the trained factor (lorakit.federated.dp), (ε, δ) per round
+    dp: bool = False
+    dp_noise: float = 1.0  # noise multiplier σ (noise std σ·C on the summed clipped gradients)
+    dp_clip: float = 1.0  # per-example clipping norm C
+    dp_delta: float = 1e-5
     timeout_s: float = 3600.0  # how long the server waits for a round's replies
 
     def validate(self) -> None:
@@ -57,6 +63,13 @@ class FederatedSection:
         _range("federated.fair_lambda", self.fair_lambda, gt=0)
         _range("federated.fair_lr", self.fair_lr, gt=0)
         _range("federated.timeout_s", self.timeout_s, gt=0)
+        _range("federated.dp_noise", self.dp_noise, ge=0)
+        _range("federated.dp_clip", self.dp_clip, gt=0)
+        _range("federated.dp_delta", self.dp_delta, gt=0, le=1)
+        if self.dp and not STRATEGIES[self.strategy].dp:
+            ok = [n for n, s in STRATEGIES.items() if s.dp]
+            raise ConfigError(f"federated.dp=true needs a strategy whose one trained factor enters ΔW linearly "
+                              f"({', '.join(ok)}); federated.strategy={self.strategy} trains a product of two")
 
 
 @dataclass
@@ -74,7 +87,7 @@ def resolve_federated(path=None, overrides: list[str] | None = None, base: dict 
     if path is None and base is None:
         raise ConfigError("lorakit federate needs a config: a YAML file or a packaged recipe such as "
                           "federated-sentiment-minilm-ffa (see `lorakit recipes`)")
-    data = copy.deepcopy(base) if path is None else load_yaml(recipe_path(path))
+    data = copy.deepcopy(base) if path is None else load_yaml(federated_recipe(path))
     apply_overrides(data, list(overrides or []))
     fed = data.pop("federated", None) or {}
     if not isinstance(fed, dict):
@@ -83,6 +96,25 @@ def resolve_federated(path=None, overrides: list[str] | None = None, base: dict 
     run = resolve(base=data)
     check_strategy(fsec, run)
     return FederatedConfig(run, fsec)
+
+
+FEDERATED_RECIPES = RECIPES_DIR / "federated"
+
+
+def federated_recipe(path) -> Path:
+    """A YAML file, or a packaged federated recipe by name (``sentiment-minilm``, ``federated/sentiment-minilm``,
+    ``federated-sentiment-minilm``; see ``lorakit recipes``)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    for cand in (name, name.removeprefix("federated-")):
+        if (FEDERATED_RECIPES / f"{cand}.yaml").is_file():
+            return FEDERATED_RECIPES / f"{cand}.yaml"
+    names = sorted(q.stem for q in FEDERATED_RECIPES.glob("*.yaml"))
+    if p.suffix == ".yaml" or "/" in str(path):
+        return recipe_path(path)  # the usual "config file not found" error
+    raise ConfigError(f"federated config not found: {path} (packaged federated recipes: {', '.join(names)})")
 
 
 def check_strategy(fed: FederatedSection, run: RunConfig) -> None:

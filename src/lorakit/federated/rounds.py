@@ -162,6 +162,7 @@ class _Round:
     def __init__(self, fc: FederatedConfig, cid: int, start: dict[str, Tensor]):
         self.fc, self.cid, self.start = fc, cid, start
         self.model, self.n_train, self.sent, self.frozen_digest = None, 0, None, None
+        self.dp, self.rnd = None, 0
 
     def on_rows(self, rows):
         out = client_rows(self.fc, rows, self.cid)
@@ -172,12 +173,21 @@ class _Round:
         self.model = model
         _load(model, self.start)
         freeze_roles(model, STRATEGIES[self.fc.fed.strategy].frozen_roles)
+        f = self.fc.fed
+        if f.dp:  # DP-SGD on what still trains: the factor (and a head), one example per micro-batch
+            from .dp import DPSGD
+
+            gen = torch.Generator().manual_seed(self.fc.run.train.seed * 1_000_003 + 7919 * self.rnd + self.cid)
+            self.dp = DPSGD([t.param for t in trainable_parameters(model)], batch=self.fc.run.data.batch_size,
+                            clip=f.dp_clip, noise=f.dp_noise, generator=gen)
 
     def on_train_end(self, result):
         names = [t.name for t in trainable_parameters(self.model)]
         sd = self.model.state_dict()
         self.sent = {k: sd[k].detach().clone().cpu() for k in names}
         self.frozen_digest = digest({k: v for k, v in sd.items() if k in self.start and k not in self.sent})
+        if self.dp is not None:
+            self.dp.remove()
 
 
 def client_round(fc: FederatedConfig, cid: int, rnd: int, start: dict[str, Tensor], workdir) -> tuple[dict, dict]:
@@ -194,8 +204,19 @@ def client_round(fc: FederatedConfig, cid: int, rnd: int, start: dict[str, Tenso
     run.train.calibration_batches = 1  # a data-dependent init is replaced by the global adapter at once
     run.output.dir = str(Path(workdir) / f"client-{cid}" / f"round-{rnd}")
     run.output.save_adapter = False
+    if fc.fed.dp:  # per-example gradients: micro-batches of one example, the clipping is DP-SGD's own
+        run.train.grad_accum, run.data.batch_size = fc.run.data.batch_size, 1
+        run.optim.max_grad_norm = None
     cb = _Round(fc, cid, start)
+    cb.rnd = rnd
     res = run_training(run, callbacks=[cb])
     metrics = {"num-examples": cb.n_train, "train_loss": float(sum(res["loss_curve"]) / max(len(res["loss_curve"]), 1)),
                "eval_accuracy": float(res["metrics_after"].get("accuracy", float("nan")))}
+    if fc.fed.dp:
+        from .dp import epsilon
+
+        f, b = fc.fed, fc.run.data.batch_size
+        metrics.update(dp_epsilon=epsilon(f.dp_noise, b / cb.n_train, rnd * f.local_steps, f.dp_delta)
+                       if f.dp_noise > 0 else float("inf"), dp_delta=f.dp_delta,
+                       dp_clipped_share=sum(n > f.dp_clip for n in cb.dp.norms) / max(len(cb.dp.norms), 1))
     return cb.sent, {**metrics, "frozen_digest": cb.frozen_digest}
