@@ -160,11 +160,11 @@ BASE = {"model": {"name": "smollm2-135m"}, "adapter": {"method": "lora", "target
 @pytest.mark.parametrize("override,match", [
     ("federated.strategy=fedavg", "strategy"), ("federated.clients=0", "clients"), ("federated.alpha=0", "alpha"),
     ("federated.rounds=0", "rounds"), ("federated.engine=grid", "engine"), ("federated.fair_lambda=-1", "lambda"),
-    ("federated.unknown=1", "unknown"),
+    ("federated.unknown=1", "unknown"), ("federated.dp=true", "dp"),  # default strategy below: fedit
 ])
 def test_bad_federated_options_fail_at_resolution(override, match):
     with pytest.raises(ConfigError, match=match):
-        resolve_federated(base=BASE, overrides=[override])
+        resolve_federated(base=BASE, overrides=["federated.strategy=fedit", override])
 
 
 @pytest.mark.parametrize("strategy,method,match", [

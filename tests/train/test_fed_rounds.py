@@ -104,3 +104,15 @@ def test_fedit_sends_both_factors_twice_ffa_bytes(tiny_lm_dir, cls_data, tmp_pat
     for m in square:
         assert sent[m + ".lora_B.weight"].numel() * 2 == sent[m + ".lora_B.weight"].numel() + \
             sent[m + ".lora_A.weight"].numel()
+
+
+def test_dp_client_round_trains_only_B_and_reports_epsilon(tiny_lm_dir, cls_data, tmp_path):
+    fc = fed_cfg(tiny_lm_dir, cls_data, tmp_path / "out", "ffa", rounds=1, dp=True, dp_noise=1.0, dp_clip=0.5)
+    sess = ServerSession(fc)
+    start = {**sess.sent, **sess.frozen}
+    sent, m = client_round(fc, 0, 1, start, tmp_path / "work")
+    assert set(sent) == set(sess.sent)  # B only
+    assert m["frozen_digest"] == digest(sess.frozen)  # A untouched by the noisy steps
+    assert any(not torch.equal(sent[k], start[k]) for k in sent)
+    assert 0 < m["dp_epsilon"] < float("inf") and m["dp_delta"] == 1e-5
+    assert 0 <= m["dp_clipped_share"] <= 1
