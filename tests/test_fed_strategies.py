@@ -194,3 +194,25 @@ def test_federate_without_flower_names_the_install(monkeypatch):
     fc = resolve_federated(base=BASE)
     with pytest.raises(LorakitError, match=r"pip install 'lorakit\[federated\]'"):
         run_federated(fc)
+
+
+def test_cli_federate_refuses_bad_config_before_loading(capsys):
+    from lorakit.cli import main
+
+    assert main(["federate", "sentiment-minilm", "federated.strategy=fedavg"]) == 2
+    assert "federated.strategy='fedavg'" in capsys.readouterr().err
+    assert main(["federate", "no-such-recipe"]) == 2
+    assert "packaged federated recipes" in capsys.readouterr().err
+
+
+def _federated_recipes():
+    from lorakit.federated.config import FEDERATED_RECIPES
+
+    return sorted(p.stem for p in FEDERATED_RECIPES.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", _federated_recipes())
+def test_packaged_federated_recipes_resolve(name):
+    fc = resolve_federated(name)
+    assert fc.fed.clients >= 2 and fc.fed.rounds >= 1
+    assert resolve_federated(f"federated-{name}").to_dict() == fc.to_dict()
