@@ -216,3 +216,13 @@ def test_packaged_federated_recipes_resolve(name):
     fc = resolve_federated(name)
     assert fc.fed.clients >= 2 and fc.fed.rounds >= 1
     assert resolve_federated(f"federated-{name}").to_dict() == fc.to_dict()
+
+
+def test_recipes_command_lists_and_prints_federated_recipes(capsys):
+    from lorakit.cli import main
+
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "lorakit federate NAME" in out and "sentiment-minilm-fedsb" in out
+    assert main(["recipes", "federated/sentiment-minilm"]) == 0
+    assert "strategy: ffa" in capsys.readouterr().out

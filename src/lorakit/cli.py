@@ -353,9 +353,15 @@ def cmd_recipes(a) -> int:
     from .train.config import RECIPES_DIR, list_recipes
 
     recipes = list_recipes()
+    from .federated.config import FEDERATED_RECIPES
+    from .train.config import _describe
+
+    recipes += [{"kind": "federated", "name": p.stem, "path": p, "description": _describe(p)}
+                for p in sorted(FEDERATED_RECIPES.glob("*.yaml"))]
     if a.name:
         hit = [r for r in recipes if r["name"] == a.name or f"{r['kind']}s/{r['name']}" == a.name
-               or (r["kind"] == "method" and f"methods/{r['name']}" == a.name)]
+               or (r["kind"] == "method" and f"methods/{r['name']}" == a.name)
+               or (r["kind"] == "federated" and a.name in (f"federated/{r['name']}", f"federated-{r['name']}"))]
         if not hit:
             raise ConfigError(f"no packaged recipe '{a.name}'; known: {', '.join(r['name'] for r in recipes)}")
         sys.stdout.write(hit[0]["path"].read_text(encoding="utf-8"))
@@ -366,6 +372,9 @@ def cmd_recipes(a) -> int:
     _out("")
     _out(_table([[r["name"], r["description"][:90]] for r in recipes if r["kind"] == "method"],
                 ["method file (--method NAME)", "description"]))
+    _out("")
+    _out(_table([[r["name"], r["description"][:90]] for r in recipes if r["kind"] == "federated"],
+                ["federated (lorakit federate NAME)", "description"]))
     return 0
 
 
