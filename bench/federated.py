@@ -30,8 +30,8 @@ SYSTEMS = [  # (label, recipe, overrides)
 ]
 # The budget of the recorded run (docs/federated.md): smaller than the recipes' (K=4, 4 rounds x 8 steps, batch 16)
 # because the machine was shared 8-fold when it was measured (a MiniLM step took ~10 s); --set replaces it.
-BUDGET = ["federated.clients=3", "federated.rounds=3", "federated.local_steps=6", "data.batch_size=8",
-          "data.eval_size=200"]
+BUDGET = ["federated.clients=3", "federated.rounds=3", "federated.local_steps=5", "data.batch_size=8",
+          "data.eval_size=100"]
 EXTRA = [("exact ΔW (SVD)", "sentiment-minilm", ["federated.strategy=exact"])]  # the reference: --only "exact ΔW (SVD)"
 
 
