@@ -4,8 +4,10 @@ One command writes the results (JSON + CSV), the plot and the table of ``docs/fe
 
     PYTHONPATH=src python bench/federated.py            # MiniLM-L6 sentiment, K=4, α=0.5, 4 rounds x 8 steps
 
-Every federated run is ``lorakit federate`` on Flower's simulation engine (one client at a time: each uses every
-core). The centralised baseline trains the same adapter on the pooled training rows for the same number of
+By default the rounds are driven in this process (``lorakit.federated.rounds.run_inprocess``: the same
+``client_round`` and ``aggregate`` the Flower app calls, clients one after another, no network): on the shared
+measuring machine Ray's memory monitor killed the simulation's client actors when *other* users filled the node's
+memory. ``--engine simulation`` runs every system through ``lorakit federate``'s Flower simulation instead. The centralised baseline trains the same adapter on the pooled training rows for the same number of
 examples (K·rounds·local_steps steps at the same batch size), evaluated after every K·local_steps steps, i.e. at
 the same number of examples seen as each federated round.
 """
@@ -64,12 +66,24 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", default=str(ROOT / "runs" / "bench-federated"), help="run directories")
     ap.add_argument("--set", action="append", default=None,
                     help=f"override for every run (default: {' '.join(BUDGET)}); repeat for several")
+    ap.add_argument("--engine", default="inprocess", choices=["inprocess", "simulation", "deployment"],
+                    help="inprocess (default): the same rounds driven without Flower (lorakit.federated.rounds."
+                    "run_inprocess); simulation/deployment: through Flower")
     ap.add_argument("--only", help="comma-separated labels to run (default: all + centralised)")
     a = ap.parse_args(argv)
     a.set = BUDGET if a.set is None else a.set
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from lorakit.federated import federate
+    from lorakit.federated import resolve_federated
+    from lorakit.federated.engines import run_federated
+    from lorakit.federated.rounds import run_inprocess
+
+    def federate(recipe, overrides):
+        fc = resolve_federated(recipe, overrides)
+        if a.engine == "inprocess":
+            return run_inprocess(fc)
+        fc.fed.engine = a.engine
+        return run_federated(fc)
 
     out, runs = Path(a.out), Path(a.runs)
     out.mkdir(parents=True, exist_ok=True)

@@ -116,3 +116,17 @@ def test_dp_client_round_trains_only_B_and_reports_epsilon(tiny_lm_dir, cls_data
     assert any(not torch.equal(sent[k], start[k]) for k in sent)
     assert 0 < m["dp_epsilon"] < float("inf") and m["dp_delta"] == 1e-5
     assert 0 <= m["dp_clipped_share"] <= 1
+
+
+def test_inprocess_driver_writes_the_flower_apps_result(tiny_lm_dir, cls_data, tmp_path):
+    from lorakit.federated.rounds import run_inprocess
+
+    fc = fed_cfg(tiny_lm_dir, cls_data, tmp_path / "out", "exact", rounds=2)
+    res = run_inprocess(fc)
+    assert [h["round"] for h in res["history"]] == [1, 2] and set(res["eval"]) == {"0", "1", "2"}
+    for h in res["history"]:
+        assert h["bytes_up"] == 2 * 4 * res["sent_numel"] and h["replies"] == 2
+        assert 0 <= h["svd_truncation"] < 1
+    assert res["history"][0]["bytes_down"] == res["history"][1]["bytes_down"] == 2 * 4 * res["sent_numel"]
+    assert (tmp_path / "out" / "federated.json").is_file()
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()

@@ -220,3 +220,62 @@ def client_round(fc: FederatedConfig, cid: int, rnd: int, start: dict[str, Tenso
                        if f.dp_noise > 0 else float("inf"), dp_delta=f.dp_delta,
                        dp_clipped_share=sum(n > f.dp_clip for n in cb.dp.norms) / max(len(cb.dp.norms), 1))
     return cb.sent, {**metrics, "frozen_digest": cb.frozen_digest}
+
+
+def run_inprocess(fc: FederatedConfig, workdir=None) -> dict:
+    """The same rounds as the Flower app, driven in this process without Flower (no network, no Ray): every
+    client of every round runs :func:`client_round`, one after another, and the server aggregates with the same
+    strategy. For benchmarks on a machine where Ray's workers are unwelcome (its memory monitor kills them when
+    *other* processes fill the node) and for debugging. Bytes are the payloads (no Flower serialisation), so
+    ``wire_bytes_*`` are absent. Returns the dict ``federated.json`` holds."""
+    import json
+    import tempfile
+    import time
+
+    from .strategies import aggregate
+
+    t0 = time.time()
+    out = Path(fc.run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sess = ServerSession(fc)
+    evals = {"0": sess.evaluate()}
+    history, initialised = [], set()
+    k = fc.fed.clients
+    rng = torch.Generator().manual_seed(fc.fed.split_seed)
+    with tempfile.TemporaryDirectory(prefix="lorakit-fed-") as tmp:
+        work = Path(workdir or tmp)
+        for rnd in range(1, fc.fed.rounds + 1):
+            t1 = time.time()
+            size = max(1, round(k * fc.fed.fraction))
+            cids = sorted(torch.randperm(k, generator=rng)[:size].tolist()) if size < k else list(range(k))
+            start = {**sess.sent, **sess.frozen}
+            down = sum(nbytes(sess.sent) + (nbytes(sess.frozen) if c not in initialised else 0) for c in cids)
+            outs = [client_round(fc, c, rnd, start, work) for c in cids]
+            initialised.update(cids)
+            states, mets = [o[0] for o in outs], [o[1] for o in outs]
+            weights = [float(m["num-examples"]) for m in mets]
+            new, diag = aggregate(fc.fed.strategy, states, weights, sess.pairs, vars(fc.fed))
+            sess.set(new)
+            up = sum(nbytes(s) for s in states)
+            rec = {"round": rnd, "clients": len(cids), "bytes_down": down, "replies": len(cids), "failed": 0,
+                   "bytes_up": up, "bytes_up_per_client": up / len(cids), "weights": weights,
+                   "client_train_loss": [m["train_loss"] for m in mets],
+                   "frozen_digests": [m["frozen_digest"] for m in mets], **diag}
+            if "dp_epsilon" in mets[0]:
+                rec.update(dp_epsilon=max(m["dp_epsilon"] for m in mets), dp_delta=mets[0]["dp_delta"])
+            if fc.fed.eval_every_round or rnd == fc.fed.rounds:
+                evals[str(rnd)] = sess.evaluate()
+            rec["round_time_s"] = time.time() - t1
+            history.append(rec)
+            log.info("round %d/%d: %s", rnd, fc.fed.rounds, evals.get(str(rnd)))
+    adapter = sess.save(out / "adapter")
+    result = {"strategy": fc.fed.strategy, "engine": "inprocess", "clients": k, "rounds": fc.fed.rounds,
+              "local_steps": fc.fed.local_steps, "alpha": fc.fed.alpha, "split_seed": fc.fed.split_seed,
+              "method": fc.run.adapter.get("method"), "task": fc.run.data.task, "sent_tensors": len(sess.sent),
+              "sent_numel": sum(v.numel() for v in sess.sent.values()),
+              "frozen_numel": sum(v.numel() for v in sess.frozen.values()), "eval": evals, "history": history,
+              "adapter_dir": str(adapter), "wall_time_s": time.time() - t0, "config": fc.to_dict()}
+    tmpf = out / "federated.json.tmp"
+    tmpf.write_text(json.dumps(result, indent=2, default=float))
+    tmpf.replace(out / "federated.json")
+    return result
