@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--engine", default="inprocess", choices=["inprocess", "simulation", "deployment"],
                     help="inprocess (default): the same rounds driven without Flower (lorakit.federated.rounds."
                     "run_inprocess); simulation/deployment: through Flower")
+    ap.add_argument("--report-only", action="store_true", help="only rebuild the report from --runs")
     ap.add_argument("--only", help="comma-separated labels to run (default: all + centralised)")
     a = ap.parse_args(argv)
     a.set = BUDGET if a.set is None else a.set
@@ -87,25 +88,38 @@ def main(argv=None) -> int:
 
     out, runs = Path(a.out), Path(a.runs)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
     only = set(a.only.split(",")) if a.only else None
-    for label, recipe, ov in SYSTEMS + EXTRA:
-        if (only and label not in only) or (not only and (label, recipe, ov) in EXTRA):
+    if not a.report_only:
+        for label, recipe, ov in SYSTEMS + EXTRA:
+            if (only and label not in only) or (not only and (label, recipe, ov) in EXTRA):
+                continue
+            r = federate(recipe, ov + a.set + [f"output.dir={runs / label.split()[0]}"])
+            print(f"{label}: accuracy per round {[round(e['accuracy'], 4) for e in r['eval'].values()]}", flush=True)
+        if not only or "centralised" in only:
+            c = centralised("sentiment-minilm", a.set, runs / "centralised")
+            (runs / "centralised" / "centralised.json").write_text(json.dumps(c, indent=2, default=float))
+    # the report: every system whose run directory holds a result (runs may come from separate --only invocations)
+    results = []
+    for label, _, _ in SYSTEMS + EXTRA:
+        f = runs / label.split()[0] / "federated.json"
+        if not f.is_file():
             continue
-        t0 = time.time()
-        r = federate(recipe, ov + a.set + [f"output.dir={runs / label.split()[0]}"])
-        results.append({"label": label, "strategy": r["strategy"], "method": r["method"], "eval": r["eval"],
-                        "bytes_up_per_round": r["history"][0]["bytes_up"],
+        r = json.loads(f.read_text())
+        results.append({"label": label, "strategy": r["strategy"], "method": r["method"], "engine": r["engine"],
+                        "eval": r["eval"], "bytes_up_per_round": r["history"][0]["bytes_up"],
                         "bytes_up_per_client": r["history"][0]["bytes_up_per_client"],
                         "bytes_down_first_round": r["history"][0]["bytes_down"],
                         "bytes_down_per_round": r["history"][-1]["bytes_down"],
                         "agg_error": [h["agg_error"] for h in r["history"]],
-                        "sent_numel": r["sent_numel"], "wall_time_s": time.time() - t0,
+                        "sent_numel": r["sent_numel"], "wall_time_s": r["wall_time_s"],
                         "clients": r["clients"], "rounds": r["rounds"], "local_steps": r["local_steps"],
-                        "alpha": r["alpha"]})
-        print(f"{label}: accuracy per round {[round(e['accuracy'], 4) for e in r['eval'].values()]}", flush=True)
-    if not only or "centralised" in only:
-        results.append(centralised("sentiment-minilm", a.set, runs / "centralised"))
+                        "alpha": r["alpha"], "overrides": a.set})
+    c = runs / "centralised" / "centralised.json"
+    if c.is_file():
+        results.append(json.loads(c.read_text()))
+    if not results:
+        print("no results in", runs)
+        return 1
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
     rounds = max(len(r["eval"]) for r in results)
     with open(out / "results.csv", "w", newline="") as fh:
