@@ -105,6 +105,8 @@ def main(argv=None) -> int:
         if not f.is_file():
             continue
         r = json.loads(f.read_text())
+        if not r.get("complete", True):
+            label += " (partial)"
         results.append({"label": label, "strategy": r["strategy"], "method": r["method"], "engine": r["engine"],
                         "eval": r["eval"], "bytes_up_per_round": r["history"][0]["bytes_up"],
                         "bytes_up_per_client": r["history"][0]["bytes_up_per_client"],
@@ -117,6 +119,18 @@ def main(argv=None) -> int:
     c = runs / "centralised" / "centralised.json"
     if c.is_file():
         results.append(json.loads(c.read_text()))
+    elif (runs / "centralised" / "metrics.jsonl").is_file():  # an interrupted centralised run: its evaluations so far
+        evals, every = {}, None
+        for ln in (runs / "centralised" / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(ln)
+            if rec.get("event") == "eval":
+                if rec["phase"] == "before":
+                    evals["0"] = rec
+                elif rec["phase"].startswith("step-") or rec["phase"] == "after":
+                    every = every or rec["step"]
+                    evals[str(rec["step"] // every)] = rec
+        if evals:
+            results.append({"label": "centralised (partial)", "eval": evals, "bytes_up_per_round": 0})
     if not results:
         print("no results in", runs)
         return 1

@@ -240,6 +240,20 @@ def run_inprocess(fc: FederatedConfig, workdir=None) -> dict:
     sess = ServerSession(fc)
     evals = {"0": sess.evaluate()}
     history, initialised = [], set()
+
+    def write(complete: bool, adapter: str | None = None) -> dict:
+        result = {"strategy": fc.fed.strategy, "engine": "inprocess", "clients": fc.fed.clients,
+                  "rounds": fc.fed.rounds, "local_steps": fc.fed.local_steps, "alpha": fc.fed.alpha,
+                  "split_seed": fc.fed.split_seed, "method": fc.run.adapter.get("method"),
+                  "task": fc.run.data.task, "sent_tensors": len(sess.sent),
+                  "sent_numel": sum(v.numel() for v in sess.sent.values()),
+                  "frozen_numel": sum(v.numel() for v in sess.frozen.values()), "eval": evals,
+                  "history": history, "adapter_dir": adapter, "wall_time_s": time.time() - t0,
+                  "complete": complete, "config": fc.to_dict()}
+        tmpf = out / "federated.json.tmp"
+        tmpf.write_text(json.dumps(result, indent=2, default=float))
+        tmpf.replace(out / "federated.json")
+        return result
     k = fc.fed.clients
     rng = torch.Generator().manual_seed(fc.fed.split_seed)
     with tempfile.TemporaryDirectory(prefix="lorakit-fed-") as tmp:
@@ -268,14 +282,6 @@ def run_inprocess(fc: FederatedConfig, workdir=None) -> dict:
             rec["round_time_s"] = time.time() - t1
             history.append(rec)
             log.info("round %d/%d: %s", rnd, fc.fed.rounds, evals.get(str(rnd)))
-    adapter = sess.save(out / "adapter")
-    result = {"strategy": fc.fed.strategy, "engine": "inprocess", "clients": k, "rounds": fc.fed.rounds,
-              "local_steps": fc.fed.local_steps, "alpha": fc.fed.alpha, "split_seed": fc.fed.split_seed,
-              "method": fc.run.adapter.get("method"), "task": fc.run.data.task, "sent_tensors": len(sess.sent),
-              "sent_numel": sum(v.numel() for v in sess.sent.values()),
-              "frozen_numel": sum(v.numel() for v in sess.frozen.values()), "eval": evals, "history": history,
-              "adapter_dir": str(adapter), "wall_time_s": time.time() - t0, "config": fc.to_dict()}
-    tmpf = out / "federated.json.tmp"
-    tmpf.write_text(json.dumps(result, indent=2, default=float))
-    tmpf.replace(out / "federated.json")
-    return result
+            write(False)  # partial results survive an interrupted run ("complete": false)
+    adapter = str(sess.save(out / "adapter"))
+    return write(True, adapter)
