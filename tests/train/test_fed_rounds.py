@@ -5,7 +5,6 @@ the formulas say."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from lorakit.federated import resolve_federated
