@@ -8,6 +8,7 @@
   assets    [list | prepare [NAME ...]]                                 offline models and datasets
   extract   --base B --tuned T (--rank R | --energy F) --out DIR         a PEFT LoRA from a fully tuned model
   recipes   [NAME]                                                      the packaged recipes and method files
+  federate  CONFIG.yaml [key=value ...]                                 federated LoRA on Flower (docs/federated.md)
   arena     run [--methods ..] [--tasks ..] [--seeds 0,1,2] [--budget ..] | report | plan
                                                                         every method on the same tasks and budget
 
@@ -368,14 +369,39 @@ def cmd_assets(a) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- recipes
+def cmd_federate(a) -> int:
+    """Federated fine-tuning of one adapter over K clients on Flower (simulation or deployment engine)."""
+    from .federated import resolve_federated
+    from .federated.engines import run_federated
+
+    path, overrides = _split_config_args(a.args)
+    fc = resolve_federated(path, overrides)  # everything validated before any model loads
+    res = run_federated(fc)
+    rows = []
+    for h in res["history"]:
+        ev = res["eval"].get(str(h["round"]), {})
+        rows.append([h["round"], _fmt(ev.get("accuracy", float("nan"))), _fmt(h["agg_error"]), h["bytes_up"],
+                     h["bytes_down"]])
+    _out(_table(rows, ["round", "accuracy", "agg_error", "bytes_up", "bytes_down"]))
+    _out(f"strategy {res['strategy']} on the {res['engine']} engine, {res['clients']} clients; adapter: "
+         f"{res['adapter_dir']}")
+    return 0
+
+
 def cmd_recipes(a) -> int:
     from .errors import ConfigError
     from .train.config import RECIPES_DIR, list_recipes
 
     recipes = list_recipes()
+    from .federated.config import FEDERATED_RECIPES
+    from .train.config import _describe
+
+    recipes += [{"kind": "federated", "name": p.stem, "path": p, "description": _describe(p)}
+                for p in sorted(FEDERATED_RECIPES.glob("*.yaml"))]
     if a.name:
         hit = [r for r in recipes if r["name"] == a.name or f"{r['kind']}s/{r['name']}" == a.name
-               or (r["kind"] == "method" and f"methods/{r['name']}" == a.name)]
+               or (r["kind"] == "method" and f"methods/{r['name']}" == a.name)
+               or (r["kind"] == "federated" and a.name in (f"federated/{r['name']}", f"federated-{r['name']}"))]
         if not hit:
             raise ConfigError(f"no packaged recipe '{a.name}'; known: {', '.join(r['name'] for r in recipes)}")
         sys.stdout.write(hit[0]["path"].read_text(encoding="utf-8"))
@@ -386,6 +412,9 @@ def cmd_recipes(a) -> int:
     _out("")
     _out(_table([[r["name"], r["description"][:90]] for r in recipes if r["kind"] == "method"],
                 ["method file (--method NAME)", "description"]))
+    _out("")
+    _out(_table([[r["name"], r["description"][:90]] for r in recipes if r["kind"] == "federated"],
+                ["federated (lorakit federate NAME)", "description"]))
     return 0
 
 
@@ -484,6 +513,7 @@ COMMANDS = {
     "extract": (cmd_extract, "extract a PEFT LoRA approximating a fully fine-tuned model (truncated SVD)"),
     "arena": (cmd_arena, "compare every method on the same real tasks under the same budget"),
     "recipes": (cmd_recipes, "list the packaged recipes and method files (or print one)"),
+    "federate": (cmd_federate, "federated LoRA over K clients on Flower (FedIT, FFA-LoRA, Fed-SB, LoRA-FAIR)"),
 }
 
 
@@ -519,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     s["inspect"].add_argument("--exclude", nargs="+")
     s["inspect"].add_argument("--layers", nargs="+", type=int)
     s["inspect"].add_argument("--summary", action="store_true", help="counts only")
+    s["federate"].add_argument("args", nargs="*", metavar="CONFIG.yaml [key=value]",
+                               help="a federated recipe (e.g. federated-sentiment-minilm-ffa) and overrides such as "
+                               "federated.strategy=fair federated.engine=deployment")
     s["recipes"].add_argument("name", nargs="?", help="print this recipe (e.g. sentiment-minilm-lora, methods/vera)")
     s["assets"].add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
     s["assets"].add_argument("names", nargs="*")
@@ -617,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     # positional list at the first option, so the positionals after it come back as extras and are appended
     a, extra = parser.parse_known_args(argv)
     if extra:
-        if a.cmd not in ("train", "eval") or any(x.startswith("-") for x in extra):
+        if a.cmd not in ("train", "eval", "federate") or any(x.startswith("-") for x in extra):
             parser.parse_args(argv)  # the usual "unrecognized arguments" error, exit 2
         a.args = list(a.args) + extra
     if a.cmd is None:

@@ -116,7 +116,7 @@ def reduce_intruders(model: nn.Module, lam: float = 0.75, name: str = "default",
 
 class IntruderCallback:
     """Log the intruder count of adapter ``name`` every ``every`` steps and at the end. Works as a ``lorakit train``
-    callback (``run_training(callbacks=[...])``: ``on_model``, ``on_step``, ``on_train_end``) and as a
+    callback (``run_training(callbacks=[...])``: ``on_attach``, ``on_step``, ``on_train_end``) and as a
     ``transformers.TrainerCallback`` (``on_step_end`` / ``on_train_end`` with the model in kwargs). ``history``:
     ``[(step, total count, {path: count})]``."""
 
@@ -135,7 +135,7 @@ class IntruderCallback:
         return total
 
     # lorakit train
-    def on_model(self, model, tok=None) -> None:
+    def on_attach(self, model, tok=None) -> None:
         self.model = model
 
     def on_step(self, step: int, logs: dict) -> None:
@@ -263,14 +263,14 @@ class SafetyDriftCallback:
         return r
 
     # lorakit train
-    def on_model(self, model, tok=None) -> None:
+    def on_attach(self, model, tok=None) -> None:
         self.start(model)
 
     def on_step(self, step: int, logs: dict) -> None:
         if self.model is not None and step % self.every == 0:
             logs["refusal_rate"] = self.check(step)
 
-    # transformers.TrainerCallback protocol (lorakit's on_train_begin(info) is a no-op here: on_model starts it)
+    # transformers.TrainerCallback protocol (lorakit's on_train_begin(info) is a no-op here: on_attach starts it)
     def on_train_begin(self, *a, **kw):
         if kw.get("model") is not None:
             self.start(kw["model"])

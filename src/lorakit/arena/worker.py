@@ -111,7 +111,7 @@ class _Forgetting:
     def __init__(self):
         self.model = self.tok = None
 
-    def on_model(self, model, tok=None):
+    def on_attach(self, model, tok=None):
         self.model, self.tok = model, tok
 
     def on_train_end(self, result: dict) -> None:

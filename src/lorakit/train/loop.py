@@ -68,6 +68,12 @@ class Callback:
     """Observe a run (progress bars, tests). Every hook is optional."""
 
     def on_train_begin(self, info: dict) -> None: ...
+    # the task's rows ({"train": [...], "eval": [...]}); may return replacement rows (a federated client's share)
+    def on_rows(self, rows: dict) -> dict | None: ...
+    # the adapter is attached, the optimiser not yet built: may load adapter tensors in place or freeze some
+    # (a federated round starts from the global adapter), or keep the model and tokenizer to measure them
+    # (lorakit.diagnostics); the trainer trains what still requires grad
+    def on_attach(self, model, tok=None) -> None: ...
     def on_step(self, step: int, logs: dict) -> None: ...
     def on_eval(self, phase: str, metrics: dict) -> None: ...
     def on_train_end(self, result: dict) -> None: ...
@@ -276,6 +282,8 @@ def _run(cfg: RunConfig, resume: bool, callbacks) -> dict[str, Any]:
     seed_everything(tc.seed)
     task = get_task(dc.task, dc)
     rows = task.rows()
+    for cb in cbs:
+        rows = (getattr(cb, "on_rows", None) or (lambda r: None))(rows) or rows
     model_name = task.model_name(cfg.model.name)
     cfg.model.name = model_name
     seed_everything(tc.seed)
@@ -365,7 +373,7 @@ def _train(cfg, task, model, tok, train_ex, eval_ex, batch, ckpt, mlog, emit, in
     seed_everything(tc.seed)
     inject.attach(model, cfg.adapter, calibration=calib, loss_fn=task.loss if calib is not None else None,
                   provides=task.context_keys)
-    emit("on_model", model, tok)  # callbacks that measure the model itself (lorakit.diagnostics)
+    emit("on_attach", model, tok)  # federated rounds load the global adapter; diagnostics keep the model
     if cfg.model.gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise ConfigError("model.gradient_checkpointing=true needs a Hugging Face model")
