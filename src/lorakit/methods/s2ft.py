@@ -4,8 +4,9 @@ Fine-tuning by Structured Sparsity, NeurIPS 2024, arXiv:2412.06289; official cod
 Selection: in each targeted FFN output projection (``down_proj``, ``(d_out, d_ffn)``) ``n = max(1, round(ratio ·
 d_ffn))`` intermediate channels ``S`` are chosen at random (seeded by the attach's ``seed``; the released scripts
 select at random by ratio). **Co-permutation**: with ``π = [S (ascending), rest (ascending)]`` the rows of the
-modules that produce those channels (``couple``: ``gate_proj`` and ``up_proj`` of the same block) and the columns of
-the target are permuted by ``π``. The block's function is unchanged (the activation and the gate product act
+modules that produce those channels and the columns of the target are permuted by ``π`` (``couple``: a target path
+suffix -> the producers' suffixes in its place: ``down_proj`` -> ``gate_proj``, ``up_proj``; BERT's
+``output.dense`` -> ``intermediate.dense``). The block's function is unchanged (the activation and the gate product act
 channel-wise), and the selected channels become the contiguous first ``n``, so the trainable part is a dense block:
 
 ``ΔW_π[:, :n] = s2`` (``s2``: (d_out, n), init 0),   ``y = W_π x_π + s2 · x_π[..., :n]``
@@ -36,7 +37,9 @@ from ..errors import AdapterFileError, ConfigError, TargetError
 
 
 def _default_couple() -> dict[str, list[str]]:
-    return {"down_proj": ["gate_proj", "up_proj"], "fc2": ["fc1"], "dense_4h_to_h": ["dense_h_to_4h"]}
+    # Llama/Mistral/Qwen/SmolLM2, OPT/Phi, BERT/MiniLM (layer.N.output.dense <- layer.N.intermediate.dense), GPT-NeoX
+    return {"down_proj": ["gate_proj", "up_proj"], "fc2": ["fc1"], "output.dense": ["intermediate.dense"],
+            "dense_4h_to_h": ["dense_h_to_4h"]}
 
 
 def _linear(m: nn.Module) -> nn.Linear:
@@ -76,7 +79,7 @@ class S2FT(Adapter):
     @dataclass
     class Config:
         ratio: float = 0.03  # share of each target's input channels (FFN intermediate channels) that train
-        # target module name -> sibling modules (same parent) whose output rows produce the target's input channels
+        # target path suffix -> the modules (that suffix replaced) whose output rows produce the target's input channels
         couple: dict = field(default_factory=_default_couple)
 
         def validate(self) -> None:
@@ -148,18 +151,20 @@ class S2FT(Adapter):
         """Pick each target's channels (the attach's seeded RNG) and find the producers, before anything changes."""
         for m in att.members:
             a = m.adapter
-            leaf = m.path.rsplit(".", 1)[-1]
-            names = a.cfg.couple.get(leaf)
-            if not names:
-                raise TargetError(f"s2ft: '{m.path}' has no coupled producers (couple maps module names to the "
-                                  f"modules that produce their input channels; it has {sorted(a.cfg.couple)}); "
+            keys = [k for k in a.cfg.couple if m.path == k or m.path.endswith("." + k)]
+            if not keys:
+                raise TargetError(f"s2ft: '{m.path}' has no coupled producers (couple maps a target's path suffix "
+                                  f"to the modules that produce its input channels; it has {sorted(a.cfg.couple)}); "
                                   "target FFN output projections such as down_proj")
-            parent = att.model.get_submodule(m.path.rsplit(".", 1)[0]) if "." in m.path else att.model
+            key = max(keys, key=len)
+            prefix = m.path[: len(m.path) - len(key)]
             prods = []
-            for nm in names:
-                mod = getattr(parent, nm, None)
-                if mod is None:
-                    raise TargetError(f"s2ft: '{m.path}' couples with '{nm}', which its parent does not have")
+            for nm in a.cfg.couple[key]:
+                try:
+                    mod = att.model.get_submodule(prefix + nm)
+                except AttributeError:
+                    raise TargetError(f"s2ft: '{m.path}' couples with '{prefix + nm}', which this model does not "
+                                      "have") from None
                 if isinstance(mod, Adapted) and len(mod.adapters):
                     raise TargetError(f"s2ft: producer '{nm}' of '{m.path}' carries adapters "
                                       f"{sorted(mod.adapters)}; its rows would move under them")
