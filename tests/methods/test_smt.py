@@ -79,3 +79,20 @@ def test_only_the_selected_blocks_train_after_the_warm_up_and_the_file_is_block_
 
     t = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     assert sum(v.numel() for k, v in t.items() if k.endswith(INDICES)) == N * BLOCK * BLOCK
+
+
+def test_a_warm_up_as_long_as_the_run_is_refused_and_warmup_frac_scales_with_the_run():
+    import pytest
+    from lorakit.errors import ConfigError
+
+    m = tiny_llama()
+    lorakit.attach(m, {"method": "smt", "targets": "all-linear", "block": BLOCK, "blocks": N, "warmup_steps": 5})
+    (ctrl,) = lorakit.training_controllers(m)
+    with pytest.raises(ConfigError, match="nothing would be selected"):
+        ctrl.on_train_begin(m, None, 5)
+    lorakit.detach(m)
+    lorakit.attach(m, {"method": "smt", "targets": "all-linear", "block": BLOCK, "blocks": N, "warmup_steps": 0,
+                       "warmup_frac": 0.1})
+    (ctrl,) = lorakit.training_controllers(m)
+    ctrl.on_train_begin(m, None, 40)
+    assert ctrl.select_at(40) == 4

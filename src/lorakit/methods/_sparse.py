@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..controllers import Controller
 from ..core import Adapter
-from ..errors import AdapterFileError
+from ..errors import AdapterFileError, ConfigError
 
 INDICES, VALUES, SHAPE = "sparse_delta.indices", "sparse_delta.values", "sparse_delta.shape"
 
@@ -209,6 +209,10 @@ class SupportController(Controller):
 
     def on_train_begin(self, model, optimizer, total_steps: int) -> None:
         self.total = total_steps
+        if self.adapters() and self.select_at(total_steps) >= total_steps:
+            raise ConfigError(f"{self.cls.name}: its selection comes after step {self.select_at(total_steps)}, but "
+                              f"the run has {total_steps} steps, so nothing would be selected; shorten the first "
+                              "phase (see the method's options)")
 
     def selected(self) -> bool:
         return self.done >= self.select_at(self.total)

@@ -2,7 +2,7 @@
 arXiv:2405.15525, ICLR 2025; official code HectorHHZ/Sparse_Matrix_Tuning, ``peft/tuner/smt.py``, ``train_smt.py``).
 
 Each targeted matrix is cut into ``block × block`` sub-matrices. A warm-up of ``warmup_steps`` optimiser steps
-(official ``full_ft_steps`` = 100) fine-tunes the targets fully while accumulating, per block ``b``,
+(official ``full_ft_steps`` = 100; or ``warmup_frac`` of the planned steps, for short runs) fine-tunes the targets fully while accumulating, per block ``b``,
 
 ``s_b = Σ_t mean_{(i,j) ∈ b} |G_t[i, j]|``   (official ``calculation_strategy = "mean_abs"``),
 
@@ -28,6 +28,7 @@ Choices where we depart from the official code, and why:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -58,7 +59,14 @@ class SMT(MaskedDelta):
         positive: ClassVar[tuple[str, ...]] = ("block", "blocks")
         block: int = 256  # sub-matrix side
         blocks: int = 8  # sub-matrices selected over all targets
-        warmup_steps: int = 100  # full fine-tuning steps that collect the gradient scores
+        warmup_steps: int = 100  # full fine-tuning steps that collect the gradient scores (0: use warmup_frac)
+        warmup_frac: float = 0.0  # with warmup_steps = 0: the warm-up as a share of the planned steps
+
+        def validate(self) -> None:
+            if not 0 <= self.warmup_frac < 1:
+                raise ConfigError(f"smt: warmup_frac must be in [0, 1), got {self.warmup_frac}")
+            if not self.warmup_steps and not self.warmup_frac:
+                raise ConfigError("smt: set warmup_steps > 0 or warmup_frac > 0 (the warm-up selects the blocks)")
         score: Literal["mean_abs", "abs_mean"] = "mean_abs"
 
     @classmethod
@@ -86,7 +94,14 @@ class SMTSelector(SupportController):
 
     def select_at(self, total: int | None) -> int:
         ads = self.adapters()
-        return ads[0].cfg.warmup_steps if ads else 0
+        if not ads:
+            return 0
+        cfg = ads[0].cfg
+        if cfg.warmup_steps:
+            return cfg.warmup_steps
+        if not total:
+            raise ConfigError("smt needs the planned number of steps (on_train_begin) or warmup_steps > 0")
+        return max(1, math.ceil(cfg.warmup_frac * total))
 
     def before_step(self, step: int, model, optimizer) -> None:
         if self.done >= self.select_at(self.total):
