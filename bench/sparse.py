@@ -49,6 +49,7 @@ def child(method: str, a: argparse.Namespace) -> dict:
     lin = [m for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)]
     n_lin = sum(m.weight.numel() for m in lin)
     budget = sum(a.r * (m.in_features + m.out_features) for m in lin)
+    mt = a.masked_targets if a.masked_targets == "all-linear" else [a.masked_targets]
     if method == "lora":
         cfg = {"method": "lora", "targets": "all-linear", "r": a.r, "alpha": 2 * a.r}
     elif method == "sara":
@@ -56,10 +57,12 @@ def child(method: str, a: argparse.Namespace) -> dict:
         theta = float(w.kthvalue(budget).values) + 1e-12  # |W| < theta keeps ~budget entries
         cfg = {"method": "sara", "targets": "all-linear", "threshold": theta}
     elif method == "smt":
-        cfg = {"method": "smt", "targets": "all-linear", "block": 64, "blocks": round(budget / 64 ** 2),
+        cfg = {"method": "smt", "targets": mt, "block": 64, "blocks": round(budget / 64 ** 2),
                "warmup_steps": 2}
     elif method == "lt_sft":
-        cfg = {"method": "lt_sft", "targets": "all-linear", "density": budget / n_lin, "full_steps": 2}
+        n_t = sum(m.weight.numel() for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)
+                  and (mt == "all-linear" or n.endswith("." + a.masked_targets)))
+        cfg = {"method": "lt_sft", "targets": mt, "density": budget / n_t, "full_steps": 2}
     else:
         downs = [m for n, m in model.model.layers.named_modules() if n.endswith("down_proj")]
         cfg = {"method": "s2ft", "targets": ["down_proj"],
@@ -111,6 +114,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--masked-targets", default="all-linear",
+                    help="targets of SMT and LT-SFT (dense delta in memory): all-linear, or one module name such as "
+                         "down_proj (their support is still sized to the budget)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -119,13 +125,16 @@ def main() -> None:
     rows = []
     for m in a.methods.split(","):
         cmd = [sys.executable, __file__, "--child", m, "--r", str(a.r), "--batch", str(a.batch), "--seq", str(a.seq),
-               "--steps", str(a.steps), "--threads", str(a.threads)]
+               "--steps", str(a.steps), "--threads", str(a.threads), "--masked-targets", a.masked_targets]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if out.returncode or not line:
-            print(f"{m}: failed\n{out.stderr[-2000:]}")
+            why = "killed (out of memory?)" if out.returncode == -9 else f"exit {out.returncode}"
+            print(f"{m}: failed, {why}\n{out.stderr[-2000:]}")
             continue
         rows.append(json.loads(line[0][7:]))
+    if not rows:
+        return
     base = next((r for r in rows if r["method"] == "lora"), rows[0])
     print(f"budget (LoRA r={a.r}, all-linear): {base['budget']:,} trainable; batch {a.batch}x{a.seq} tokens, "
           f"{a.steps} timed steps, {a.threads} threads")
