@@ -345,6 +345,9 @@ class Adapter(nn.Module):
     paper: ClassVar[str] = ""
     peft: ClassVar[PeftSpec | None] = None
     mergeable: ClassVar[bool] = True
+    # why this method cannot share its layers (or the layers it rewrites) with other adapters, e.g. S2FT co-permutes
+    # the weights of its targets and their producers; the method refuses the overlap in share() (None: it can share)
+    exclusive: ClassVar[str | None] = None
     # why the arena must not shrink/grow this method's rank-like knob to a shared trainable budget (None: it may)
     budget_exempt: ClassVar[str | None] = None
     roles: ClassVar[dict[str, str]] = {}  # parameter name -> role ("A", "B", "magnitude", "gate", ...)
@@ -620,6 +623,12 @@ class Adapter(nn.Module):
     def from_peft_config(cls, conf: dict, data: dict) -> dict:
         """Adjust the lorakit config ``data`` read from a PEFT ``conf`` (e.g. AdaLoRA's ``rank_pattern``)."""
         return data
+
+    def fit_file(self, tensors: dict[str, Tensor], where: str) -> None:
+        """Called by ``load_adapter`` with this module's file tensors (keys relative to the module path; keys of
+        nested modules may be present too) before they are checked against the adapter's own: a method whose tensor
+        sizes come from the file (a sparse delta's support) adopts them here, and raises
+        :class:`lorakit.errors.AdapterFileError` when the file cannot fit this layer. Default: nothing."""
 
     def to_file(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """Internal state -> file tensors (PEFT key names and shapes). Default: rename by ``peft_keys``."""

@@ -293,6 +293,9 @@ def _check_saved_base_weights(att: Attachment, tensors: dict[str, Tensor], unexp
 @torch.no_grad()
 def _load_into(model: nn.Module, name: str, tensors: dict[str, Tensor]) -> None:
     att = get_attachment(model, name)
+    for m in att.all_members:  # methods whose sizes come from the file (sparse supports) adopt them first
+        pre = f"{PREFIX}{m.path}."
+        m.adapter.fit_file({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}, m.path)
     expected: dict[str, tuple[nn.Module, str, Any]] = {}
     for m in att.all_members:
         a = m.adapter

@@ -103,6 +103,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             if f is not None:
                 flags[id(h.base_layer.weight)] = (h.base_layer.weight, f[1])
         _set_module(model, path, h.base_layer)
+    # what bind() installed ends with the hosts, after the merge (S2FT's co-permutation is undone on merged weights)
+    for att in meta["attachments"].values():
+        for handle in att.handles:
+            handle.remove()
+        att.handles = []
     for path, m in list(model.named_modules()):
         if isinstance(m, ModulesToSave):
             keep = m.copies[m.active[-1]] if m.active else m.original_module

@@ -1,0 +1,151 @@
+"""Sparse fine-tuning (S2FT, SMT, SaRA, LT-SFT) side by side with LoRA at equal trainable parameters on
+SmolLM2-135M: trainable parameters, adapter bytes on disk, peak memory and step time (ratio to LoRA).
+
+    python bench/sparse.py [--r 8] [--batch 2] [--seq 64] [--steps 5] [--threads 2]
+
+The budget is LoRA's trainable count at rank ``--r`` on every linear layer of the decoder (all-linear). Each sparse
+method is sized to it: SaRA's threshold is the quantile of |W| that leaves that many entries below it, SMT's block
+count (64x64 blocks), LT-SFT's density, and S2FT's channel ratio (down_proj only, the paper's default unit). Every
+method runs in its own subprocess (so peak memory is its own): load the model, attach, run the method's selection
+phase where it has one (SMT's warm-up and LT-SFT's full phase: 2 steps, through the method's controller, as the
+trainer runs it), then time ``--steps`` optimiser steps (forward + backward + AdamW) on fixed random tokens, and save
+the adapter. "trainable" counts the entries that can change (for SMT and LT-SFT, the selected support: their
+in-memory delta is dense, reported as "held"). Peak memory is the child's peak RSS, and its growth over the RSS
+right after the model loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+METHODS = ["lora", "s2ft", "sara", "smt", "lt_sft"]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def child(method: str, a: argparse.Namespace) -> dict:
+    import torch
+
+    import lorakit
+    from lorakit.assets import load_causal_lm
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    loaded = load_causal_lm("smollm2-135m")
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    model.train()
+    rss_loaded = _rss_mb()
+    lin = [m for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)]
+    n_lin = sum(m.weight.numel() for m in lin)
+    budget = sum(a.r * (m.in_features + m.out_features) for m in lin)
+    mt = a.masked_targets if a.masked_targets == "all-linear" else [a.masked_targets]
+    if method == "lora":
+        cfg = {"method": "lora", "targets": "all-linear", "r": a.r, "alpha": 2 * a.r}
+    elif method == "sara":
+        w = torch.cat([m.weight.detach().abs().flatten() for m in lin])
+        theta = float(w.kthvalue(budget).values) + 1e-12  # |W| < theta keeps ~budget entries
+        cfg = {"method": "sara", "targets": "all-linear", "threshold": theta}
+    elif method == "smt":
+        cfg = {"method": "smt", "targets": mt, "block": 64, "blocks": round(budget / 64 ** 2),
+               "warmup_steps": 2}
+    elif method == "lt_sft":
+        n_t = sum(m.weight.numel() for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)
+                  and (mt == "all-linear" or n.endswith("." + a.masked_targets)))
+        cfg = {"method": "lt_sft", "targets": mt, "density": budget / n_t, "full_steps": 2}
+    else:
+        downs = [m for n, m in model.model.layers.named_modules() if n.endswith("down_proj")]
+        cfg = {"method": "s2ft", "targets": ["down_proj"],
+               "ratio": budget / sum(m.out_features for m in downs) / downs[0].in_features}
+    lorakit.attach(model, {**cfg, "seed": 0})
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ctrls = lorakit.training_controllers(model)
+    pre = 2 if method in ("smt", "lt_sft") else 1  # selection phase (or one untimed warm-up step)
+    for c in ctrls:
+        c.on_train_begin(model, opt, pre + a.steps)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (a.batch, a.seq), generator=g)
+    times = []
+    for step in range(pre + a.steps):
+        t = time.perf_counter()
+        out = model(input_ids=ids, labels=ids)
+        loss = out.loss
+        extra = lorakit.extra_loss(model)
+        (loss if extra is None else loss + extra).backward()
+        for c in ctrls:
+            c.before_step(step, model, opt)
+        opt.step()
+        for c in ctrls:
+            c.step(step, model, opt)
+        opt.zero_grad(set_to_none=True)
+        if step >= pre:
+            times.append(time.perf_counter() - t)
+    held = sum(p.numel() for p in params)
+    trainable = 0
+    for _, ad in lorakit.adapters(model):
+        sup = getattr(ad, "support", None)
+        trainable += int(sup.sum()) if sup is not None else sum(p.numel() for p in ad.parameters() if p.requires_grad)
+    with tempfile.TemporaryDirectory() as d:
+        lorakit.save_adapter(model, Path(d) / "a")
+        size = sum(f.stat().st_size for f in (Path(d) / "a").iterdir())
+        weights = (Path(d) / "a" / "adapter_model.safetensors").stat().st_size
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"method": method, "config": cfg, "budget": budget, "trainable": trainable, "held": held,
+            "adapter_bytes": size, "weights_bytes": weights, "peak_rss_mb": peak, "peak_growth_mb": peak - rss_loaded,
+            "step_s": statistics.median(times), "steps": len(times)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--r", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--masked-targets", default="all-linear",
+                    help="targets of SMT and LT-SFT (dense delta in memory): all-linear, or one module name such as "
+                         "down_proj (their support is still sized to the budget)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print("RESULT " + json.dumps(child(a.child, a)))
+        return
+    rows = []
+    for m in a.methods.split(","):
+        cmd = [sys.executable, __file__, "--child", m, "--r", str(a.r), "--batch", str(a.batch), "--seq", str(a.seq),
+               "--steps", str(a.steps), "--threads", str(a.threads), "--masked-targets", a.masked_targets]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+        if out.returncode or not line:
+            why = "killed (out of memory?)" if out.returncode == -9 else f"exit {out.returncode}"
+            print(f"{m}: failed, {why}\n{out.stderr[-2000:]}")
+            continue
+        rows.append(json.loads(line[0][7:]))
+    if not rows:
+        return
+    base = next((r for r in rows if r["method"] == "lora"), rows[0])
+    print(f"budget (LoRA r={a.r}, all-linear): {base['budget']:,} trainable; batch {a.batch}x{a.seq} tokens, "
+          f"{a.steps} timed steps, {a.threads} threads")
+    print(f"{'method':8} {'trainable':>10} {'held':>10} {'file MB':>8} {'peak RSS MB':>11} {'growth MB':>9} "
+          f"{'step s':>7} {'step/LoRA':>9} {'bytes/LoRA':>10}")
+    for r in rows:
+        print(f"{r['method']:8} {r['trainable']:>10,} {r['held']:>10,} {r['adapter_bytes'] / 2**20:>8.2f} "
+              f"{r['peak_rss_mb']:>11.0f} {r['peak_growth_mb']:>9.0f} {r['step_s']:>7.2f} "
+              f"{r['step_s'] / base['step_s']:>9.2f} {r['adapter_bytes'] / base['adapter_bytes']:>10.2f}")
+    print(json.dumps([{k: r[k] for k in ("method", "config")} for r in rows]))
+
+
+if __name__ == "__main__":
+    main()
