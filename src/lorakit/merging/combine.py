@@ -14,7 +14,8 @@ Two spaces (``space=``):
 
 * ``"delta"`` (default, exact where the maths allows): the merge function acts on ``ΔW_t``. ``linear``/``cat``
   with no ``rank`` is written exactly as the concatenation ``B = [λ w_1 s_1 B_1 … ]``, ``A = [A_1; …]`` (rank Σr:
-  ``[B_1 B_2][A_1; A_2] = B_1A_1 + B_2A_2``). Every other result (TIES/DARE/magnitude prune change entries of ΔW,
+  ``[B_1 B_2][A_1; A_2] = B_1A_1 + B_2A_2``; where Σr exceeds ``min(d_out, d_in)`` the same sum is written as its SVD
+  at the numerical rank, exact to rounding, since a LoRA rank may not exceed the layer's). Every other result (TIES/DARE/magnitude prune change entries of ΔW,
   so it is no longer low-rank) is written as its truncated SVD at ``rank`` (default: the largest input rank, as
   PEFT's ``*_svd``; ``rank="full"``: the numerical rank, lossless). The ``*_svd`` names are these same methods
   under PEFT's names.
@@ -253,8 +254,11 @@ def merge_factors(model: nn.Module, adapters: Sequence[str], weights: Sequence[f
     if base in ("cat", "linear") and not svd and rank is None:
         for path, ss in srcs.items():
             fs = [s.factors() for s in ss]
-            out[path] = (torch.cat([A for A, _ in fs], 0),
-                         torch.cat([B * (wd[s.name] * lam) for s, (_, B) in zip(ss, fs)], 1))
+            A = torch.cat([A for A, _ in fs], 0)
+            B = torch.cat([B * (wd[s.name] * lam) for s, (_, B) in zip(ss, fs)], 1)
+            if A.shape[0] > min(A.shape[1], B.shape[0]):  # Σr above the layer's rank: the same ΔW, refactorised
+                A, B = svd_factors(B @ A, None)
+            out[path] = (A, B)
         return out
     deltas = merge_deltas(model, adapters, list(wd.values()), "linear" if base == "cat" else base, density=density,
                           majority_sign=majority_sign, lam=lam, seed=seed, srcs=srcs)
