@@ -107,7 +107,7 @@ class ATLAS(nn.Module):
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
         finally:
             self.model.train(was)
         return losses

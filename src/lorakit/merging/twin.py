@@ -135,7 +135,7 @@ class TwinMerged(nn.Module):
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
         self.router.eval()
         return losses
 
