@@ -47,19 +47,19 @@ COMMON = ["adapter.method=lora", "adapter.targets=all-attention", "adapter.r=8",
           "train.steps=10"]
 
 # (label, kind, options): kind "lorakit" -> lorakit.combine, "peft" -> add_weighted_adapter, "twin", "atlas"
-CONFIGS = [
+CONFIGS = [  # in priority order (a run on a busy machine records them one by one; a rerun skips what is recorded)
     ("linear (exact = cat)", "lorakit", {"method": "linear"}),
-    ("svd r8", "lorakit", {"method": "svd", "rank": 8}),
-    ("ties d0.5 r8", "lorakit", {"method": "ties", "density": 0.5, "rank": 8}),
-    ("dare_linear d0.5 r8", "lorakit", {"method": "dare_linear", "density": 0.5, "rank": 8, "seed": 0}),
-    ("dare_ties d0.5 r8", "lorakit", {"method": "dare_ties", "density": 0.5, "rank": 8, "seed": 0}),
-    ("magnitude_prune d0.5 r8", "lorakit", {"method": "magnitude_prune", "density": 0.5, "rank": 8}),
-    ("lora-lego k8", "lorakit", {"method": "lego", "rank": 8}),
     ("PEFT linear", "peft", {"combination_type": "linear"}),
-    ("PEFT svd", "peft", {"combination_type": "svd"}),
+    ("ties d0.5 r8", "lorakit", {"method": "ties", "density": 0.5, "rank": 8}),
     ("PEFT ties d0.5", "peft", {"combination_type": "ties", "density": 0.5}),
+    ("lora-lego k8", "lorakit", {"method": "lego", "rank": 8}),
     ("twin-merging", "twin", {"lam": 0.3}),
+    ("dare_ties d0.5 r8", "lorakit", {"method": "dare_ties", "density": 0.5, "rank": 8, "seed": 0}),
     ("atlas", "atlas", {"steps": 6, "lr": 0.05, "init": 1.0}),
+    ("svd r8", "lorakit", {"method": "svd", "rank": 8}),
+    ("PEFT svd", "peft", {"combination_type": "svd"}),
+    ("dare_linear d0.5 r8", "lorakit", {"method": "dare_linear", "density": 0.5, "rank": 8, "seed": 0}),
+    ("magnitude_prune d0.5 r8", "lorakit", {"method": "magnitude_prune", "density": 0.5, "rank": 8}),
 ]
 
 
@@ -105,7 +105,7 @@ def _record(rec: dict) -> None:
     print(json.dumps(rec), flush=True)
 
 
-def run(shard: tuple[int, int]) -> None:
+def run(shard: tuple[int, int], only: list[str] | None = None) -> None:
     import torch
 
     import lorakit
@@ -119,7 +119,8 @@ def run(shard: tuple[int, int]) -> None:
     dirs = {n: RUNS / n / "adapter" for n in ORDER}
     done = _done()
     jobs = [("base", "base", {})] + [(f"single {n}", "single", {"task": n}) for n in ORDER] + CONFIGS
-    mine = [j for i, j in enumerate(jobs) if i % shard[1] == shard[0] and j[0] not in done]
+    mine = [j for i, j in enumerate(jobs) if i % shard[1] == shard[0] and j[0] not in done
+            and (not only or j[0] in only)]
     if not mine:
         return
     model = copy.deepcopy(base)
@@ -284,14 +285,15 @@ def main() -> None:
     ap.add_argument("--train", action="store_true", help="train the missing single-task adapters first")
     ap.add_argument("--shard", default="0/1", help="i/n: evaluate every n-th configuration from i (parallel runs)")
     ap.add_argument("--report", action="store_true", help="only write the table and the plot from the results")
+    ap.add_argument("--only", action="append", help="evaluate only this configuration label (repeatable)")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if a.train:
         train()
     if not a.report:
         i, n = (int(x) for x in a.shard.split("/"))
-        run((i, n))
-    if a.shard == "0/1" or a.report:
+        run((i, n), a.only)
+    if (a.shard == "0/1" and not a.only) or a.report:
         report()
 
 
