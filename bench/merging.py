@@ -35,15 +35,16 @@ TASKS = {  # name -> (lorakit task, metric, eval rows, max_length)
 }
 ORDER = list(TASKS)
 TRAIN = {  # recipe, then its overrides (after COMMON): the single-task adapters, a few minutes each on an idle machine
-    # (at lr 3e-3, 10 steps of batch 4 the sentiment adapter collapsed to one label: below the base model)
-    "sentiment": ["sentiment-smollm2-lora", "data.batch_size=8", "train.steps=12", "data.max_length=80",
-                  "optim.lr=1e-3"],
+    # the recorded run: at lr 3e-3, 10 steps of batch 4 the sentiment adapter collapsed (48 held-out rows: 0.479, the
+    # base model 0.646). A retrain at lr 1e-3, batch 8, 12 steps ("data.batch_size=8", "train.steps=12",
+    # "optim.lr=1e-3") could not finish on the shared machine before the deadline.
+    "sentiment": ["sentiment-smollm2-lora", "data.max_length=96", "optim.lr=3e-3"],
     "bbc": ["sentiment-smollm2-lora", "data.task=bbc-smollm2", "data.max_length=96", "optim.lr=3e-3"],
     "gsm8k": ["gsm8k-smollm2-lora", "data.gen_samples=0", "data.max_length=128", "train.grad_accum=1",
               "optim.lr=2e-3"],
 }
 COMMON = ["adapter.method=lora", "adapter.targets=all-attention", "adapter.r=8", "adapter.alpha=16", "adapter.seed=0",
-          "train.seed=0", "train.eval_before=false", "data.eval_size=1", "data.batch_size=4", "train.threads=2",
+          "train.seed=0", "train.eval_before=false", "data.eval_size=1", "data.batch_size=4", "train.threads=1",
           "train.steps=10"]
 
 # (label, kind, options): kind "lorakit" -> lorakit.combine, "peft" -> add_weighted_adapter, "twin", "atlas"
