@@ -13,6 +13,7 @@ from .extract import extract_lora
 from .hotswap import hotswap, prepare_for_hotswap
 from .io import load_adapter, read_adapter_config, save_adapter
 from .merge import merge, merge_and_unload, merged, unmerge
+from .merging import combine
 from . import controllers, formats, methods, rank  # noqa: E402  the modules, never shadowed by functions
 
 
@@ -31,5 +32,5 @@ __all__ = [
     "attached", "attachment", "Attachment", "Member", "active_names", "AttachConfig", "Adapter", "Adapted", "LowRank",
     "LowRankConfig", "PeftSpec", "register", "REGISTRY", "Controller", "LorakitError", "ConfigError", "TargetError",
     "AdapterFileError", "MergeError", "AssetError", "extract_lora", "hotswap",
-    "prepare_for_hotswap",
+    "prepare_for_hotswap", "combine",
 ]

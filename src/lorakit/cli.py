@@ -9,6 +9,7 @@
   extract   --base B --tuned T (--rank R | --energy F) --out DIR         a PEFT LoRA from a fully tuned model
   recipes   [NAME]                                                      the packaged recipes and method files
   federate  CONFIG.yaml [key=value ...]                                 federated LoRA on Flower (docs/federated.md)
+  merge     CONFIG.yaml [--check]                                       merge adapters (TIES, DARE, LoRA-LEGO, ...)
   arena     run [--methods ..] [--tasks ..] [--seeds 0,1,2] [--budget ..] | report | plan
                                                                         every method on the same tasks and budget
 
@@ -415,6 +416,10 @@ def cmd_recipes(a) -> int:
     _out("")
     _out(_table([[r["name"], r["description"][:90]] for r in recipes if r["kind"] == "federated"],
                 ["federated (lorakit federate NAME)", "description"]))
+    merges = [[r["name"], r["description"][:90]] for r in recipes if r["kind"] == "merge"]
+    if merges:
+        _out("")
+        _out(_table(merges, ["merge config (lorakit merge FILE)", "description"]))
     return 0
 
 
@@ -627,6 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
 PASSTHROUGH = {  # subcommands with their own argument parsers
     "serve": ("lorakit.serve.server", "serve_main", "OpenAI-compatible server: many adapters on one base model"),
     "export": ("lorakit.serve.export", "export_main", "export an adapter for vLLM (PEFT) or llama.cpp (GGUF)"),
+    "merge": ("lorakit.merging.cli", "merge_main", "merge adapters (mergekit-style YAML) into a PEFT adapter or a model"),
 }
 
 

@@ -63,6 +63,7 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("bbc-minilm", "encoder-classify", "minilm-l6", "bbc-news",
              "BBC News topic (5 classes) with MiniLM + a trained classification head"),
     _GSM8K,
+    _BBC_LM,
     TaskSpec("multitask-smollm2", "multitask", "smollm2-135m", None,
              "SmolLM2 on sentiment + BBC News topic (label words) + GSM8K (SFT), rows tagged task_ids 0/1/2",
              parts=(("sentiment", _SENT_LM), ("bbc", _BBC_LM), ("gsm8k", _GSM8K))),

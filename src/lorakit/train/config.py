@@ -260,6 +260,8 @@ def list_recipes() -> list[dict]:
            for p in sorted(RECIPES_DIR.glob("*.yaml"))]
     out += [{"kind": "method", "name": p.stem, "path": p, "description": _describe(p)}
             for p in sorted((RECIPES_DIR / "methods").glob("*.yaml"))]
+    out += [{"kind": "merge", "name": p.stem, "path": p, "description": _describe(p)}
+            for p in sorted((RECIPES_DIR / "merge").glob("*.yaml"))]  # `lorakit merge` configs
     return out
 
 
