@@ -9,6 +9,7 @@ from .base import (PROCEDURES, ROLES, Hyper, Procedure, TrainParam, adapter_role
                    make_procedure, options_dict, list_procedures, procedures_markdown, role_settings, preflight, probe_parameters, register_procedure, setup, trainable_parameters)
 from . import adamw as _adamw  # noqa: F401  (registers "adamw")
 from . import loraplus as _loraplus  # noqa: F401  (registers "loraplus")
+from . import galore as _galore  # noqa: F401  (registers "galore", "fira")
 
 __all__ = ["PROCEDURES", "ROLES", "Hyper", "Procedure", "TrainParam", "adapter_roles", "get_procedure",
            "make_procedure", "options_dict", "list_procedures", "procedures_markdown", "preflight", "probe_parameters", "register_procedure", "setup",
