@@ -10,6 +10,8 @@ from .base import (PROCEDURES, ROLES, Hyper, Procedure, TrainParam, adapter_role
 from . import adamw as _adamw  # noqa: F401  (registers "adamw")
 from . import loraplus as _loraplus  # noqa: F401  (registers "loraplus")
 from . import galore as _galore  # noqa: F401  (registers "galore", "fira")
+from . import lisa as _lisa  # noqa: F401  (registers "lisa")
+from . import frugal as _frugal  # noqa: F401  (registers "frugal")
 
 __all__ = ["PROCEDURES", "ROLES", "Hyper", "Procedure", "TrainParam", "adapter_roles", "get_procedure",
            "make_procedure", "options_dict", "list_procedures", "procedures_markdown", "preflight", "probe_parameters", "register_procedure", "setup",

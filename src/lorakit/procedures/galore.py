@@ -13,7 +13,8 @@ gradient is ``R = G Pᵀ`` (m×r); otherwise the left projector ``P = U[:, :r]``
 
 with ``back(N) = N P`` (right) or ``P N`` (left). The moments are *not* reset when P changes (as in the official
 code). Which parameters are projected: 2-D parameters of linear layers (``TrainParam.kind`` linear/conv1d, any
-role: a full fine-tune's weights, or LoRA factors) whose smaller side exceeds ``rank`` (a matrix with
+role: a full fine-tune's weights, or LoRA factors; not the output head ``lm_head``/``score``/``classifier``) whose
+smaller side exceeds ``rank`` (a matrix with
 ``min(m, n) ≤ rank`` would keep a state at least as large as Adam's; the official code would still rotate it, we
 train it with plain Adam: the one deviation), and whose name matches ``targets`` (a regex searched in the
 parameter name; None: all). Embeddings, norms, biases and everything else: the same Adam without projection, as
@@ -148,10 +149,19 @@ class ProjectedAdamW(torch.optim.Optimizer):
         return S
 
 
+_HEADS = ("lm_head", "score", "classifier")
+
+
+def is_output_head(t: TrainParam) -> bool:
+    """A parameter of the output head (``lm_head``, a classifier ``score``/``classifier``; the names
+    ``targets="all-linear"`` leaves out), which GaLore's and FRUGAL's scripts keep in plain Adam."""
+    return (t.path or t.name).split(".")[-1] in _HEADS or any(f".{h}." in f".{t.name}." for h in _HEADS)
+
+
 def projected(t: TrainParam, rank: int, targets: str | None) -> bool:
     """Whether GaLore projects this parameter (see the module docstring)."""
     p = t.param
-    return (p.ndim == 2 and t.kind in ("linear", "conv1d") and min(p.shape) > rank
+    return (p.ndim == 2 and t.kind in ("linear", "conv1d") and min(p.shape) > rank and not is_output_head(t)
             and (targets is None or re.search(targets, t.name) is not None))
 
 
