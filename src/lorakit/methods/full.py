@@ -90,6 +90,16 @@ class Full(Adapter):
             if own is not None:
                 self._parameters["weight"] = own
 
+    # The model's state_dict holds the weight once, under the base layer's name (``save_pretrained`` and the HF
+    # Trainer refuse a tensor stored under two names); the adapter's own state_dict (its file) holds it as "weight".
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not prefix:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if not prefix or prefix + "weight" in state_dict:
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         return y
 

@@ -136,6 +136,8 @@ class FRUGAL(Procedure):
             raise ConfigError(f"frugal: state_free_lr={c.state_free_lr} must be >= 0")
 
     def check(self, params: list[TrainParam]) -> None:
+        if all(t.adapter_name == "probe" for t in params) and any(t.param.ndim == 2 for t in params):
+            return  # a shape-only probe at config resolution (a 512x512 layer): the model's shapes decide later
         if not any(_splittable(t, self.cfg.targets) for t in params):
             self.refuse("no trainable 2-D linear weight to split into a state-full and a state-free part", params)
 

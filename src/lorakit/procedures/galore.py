@@ -192,6 +192,8 @@ class GaLore(Procedure):
                 raise ConfigError(f"{self.name}: targets={c.targets!r} is not a valid regex ({e})") from None
 
     def check(self, params: list[TrainParam]) -> None:
+        if all(t.adapter_name == "probe" for t in params) and any(t.param.ndim == 2 for t in params):
+            return  # a shape-only probe at config resolution (a 512x512 layer): the model's shapes decide later
         if not any(projected(t, self.cfg.rank, self.cfg.targets) for t in params):
             self.refuse(f"no trainable 2-D linear parameter with both sides larger than rank={self.cfg.rank}"
                         + (f" matching targets={self.cfg.targets!r}" if self.cfg.targets else "")

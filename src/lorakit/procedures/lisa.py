@@ -56,6 +56,8 @@ class LISA(Procedure):
             raise ConfigError(f"{self.name}: layers={self.cfg.layers} and interval={self.cfg.interval} must be >= 1")
 
     def check(self, params: list[TrainParam]) -> None:
+        if all(t.adapter_name == "probe" for t in params):  # a shape-only probe (config resolution): no model yet
+            return
         if not any(layer_of(t, self.cfg.layers_pattern) is not None for t in params):
             self.refuse("no trainable parameter lies in a numbered transformer block (…layers.<i>…), so there is no "
                         "layer to sample", params)
