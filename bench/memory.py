@@ -50,6 +50,7 @@ JOBS: list[Job] = [
     Job("Fira r=128", FULL, "fira", {"rank": 128, "update_proj_gap": 200, "scale": 0.25}),
     Job("FRUGAL rho=0.25 blocks", FULL, "frugal", {"density": 0.25, "update_gap": 200}),
     Job("LISA gamma=2 of 30", FULL, "lisa", {"layers": 2, "interval": 20}),
+    Job("OwLore gamma=2, r=128", FULL, "owlore", {"layers": 2, "interval": 20, "rank": 128, "update_proj_gap": 200}),
 ]
 
 
@@ -96,12 +97,20 @@ def _lisa(params, proc) -> int:
                if layer_of(t, proc.cfg.layers_pattern) in on or layer_of(t, proc.cfg.layers_pattern) is None)
 
 
+def _owlore(params, proc) -> int:
+    from lorakit.procedures.lisa import layer_of
+
+    on = set(proc.active)
+    return _galore([t for t in params if layer_of(t, proc.cfg.layers_pattern) in on
+                    or layer_of(t, proc.cfg.layers_pattern) is None], proc)
+
+
 FORMULAS = {"adamw": lambda params, proc: _adam(params), "galore": _galore, "fira": _galore, "frugal": _frugal,
-            "lisa": _lisa}
+            "lisa": _lisa, "owlore": _owlore}
 
 
 def _grad_bytes(params, proc) -> int:
-    if proc.name == "lisa":
+    if proc.name in ("lisa", "owlore"):
         from lorakit.procedures.lisa import layer_of
 
         on = set(proc.active)

@@ -136,3 +136,53 @@ def test_frugal_svd_split_sums_to_the_gradient_and_update_follows_the_formula():
     want = W0 - 0.01 * (R / (R.abs() + 1e-8)) @ P - 0.01 * free.sign()
     torch.testing.assert_close(p.detach(), want, rtol=1e-4, atol=1e-5)
     assert opt.state[p]["exp_avg"].shape == (16, 3)
+
+
+def test_owlore_sampling_probabilities_follow_the_outlier_ratios():
+    """D_l recomputed here from the paper's definition (Wanda scores |W|·‖X‖, share above M × mean, per block)."""
+    m = _full(layers=4)
+    with torch.no_grad():  # plant outliers: block 2 has many large weights, block 0 a few, 1 and 3 none
+        m.model.layers[2].mlp.down_proj.weight[:, :4] *= 40
+        m.model.layers[0].self_attn.q_proj.weight[:2, :2] *= 40
+    proc = make_procedure("owlore", {"layers": 2, "interval": 2, "outlier_m": 5.0, "rank": 4, "update_proj_gap": 2},
+                          Hyper(lr=1e-3))
+    params, opt = setup(m, proc)
+    proc.on_train_begin(m, opt, 6)
+    x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    sq = {}
+
+    def hook(mod, args):
+        a = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        sq[mod] = sq.get(mod, 0) + (a * a).sum(0)
+
+    lin = [(i, mod) for i, blk in enumerate(m.model.layers) for mod in blk.modules()
+           if isinstance(mod, torch.nn.Linear)]
+    hs = [mod.register_forward_pre_hook(hook) for _, mod in lin]
+    m.train()
+    m(input_ids=x, labels=x).loss.backward()
+    for h in hs:
+        h.remove()
+    proc.before_step(0, m, opt)
+    want = {}
+    for i in range(4):
+        a = torch.cat([(mod.weight.detach().abs().double() * sq[mod].sqrt()[None]).reshape(-1)
+                       for j, mod in lin if j == i])
+        want[i] = float((a > 5.0 * a.mean()).double().mean())
+    total = sum(want.values())
+    assert total > 0 and len({round(v, 12) for v in want.values()}) > 1  # non-uniform
+    probs = proc.probabilities()
+    assert all(abs(probs[i] - want[i] / total) < 1e-9 for i in range(4))
+    assert abs(sum(probs.values()) - 1) < 1e-12
+    assert len(proc.active) == 2 and all(probs[i] > 0 for i in proc.active)
+    # step 0 updates exactly the sampled blocks; the projected state has GaLore's shape
+    grads = {_block(n) for n, p in m.named_parameters() if p.grad is not None} - {None}
+    assert grads == set(proc.active)
+    opt.step()
+    q = m.model.layers[proc.active[0]].self_attn.q_proj.base_layer.weight  # 32x32, rank 4: moments (32, 4)
+    assert opt.state[q]["exp_avg"].shape == (32, 4)
+    # the sampling frequencies follow p (blocks with D = 0 are never drawn)
+    counts = {i: 0 for i in range(4)}
+    for _ in range(200):
+        for i in proc.sample():
+            counts[i] += 1
+    assert all(counts[i] == 0 for i in range(4) if probs[i] == 0)
