@@ -51,6 +51,7 @@ JOBS: list[Job] = [
     Job("FRUGAL rho=0.25 blocks", FULL, "frugal", {"density": 0.25, "update_gap": 200}),
     Job("LISA gamma=2 of 30", FULL, "lisa", {"layers": 2, "interval": 20}),
     Job("OwLore gamma=2, r=128", FULL, "owlore", {"layers": 2, "interval": 20, "rank": 128, "update_proj_gap": 200}),
+    Job("GradNormLoRP r=128", FULL, "gradnormlorp", {"rank": 128, "update_proj_gap": 250, "scale": 0.25}),
 ]
 
 
@@ -77,6 +78,8 @@ def _galore(params, proc) -> int:
             moments = 2 * (m * r if side == "right" else r * n)
             proj = r * n if side == "right" else m * r
             total += (moments + proj) * _b(p) + (4 if proc.name == "fira" else 0)  # Fira: one float32 norm
+            if proc.name == "gradnormlorp":  # the magnitude's two Adam moments (d_out each)
+                total += 2 * m * _b(p)
         else:
             total += 2 * p.numel() * _b(p)  # same Adam without projection; its step is a Python int
     return total
@@ -106,7 +109,7 @@ def _owlore(params, proc) -> int:
 
 
 FORMULAS = {"adamw": lambda params, proc: _adam(params), "galore": _galore, "fira": _galore, "frugal": _frugal,
-            "lisa": _lisa, "owlore": _owlore}
+            "lisa": _lisa, "owlore": _owlore, "gradnormlorp": _galore}
 
 
 def _grad_bytes(params, proc) -> int:
@@ -162,7 +165,7 @@ def child(job: Job, a) -> dict:
            "predicted": weights + _grad_bytes(params, proc) + formula}
     if dev.type == "cuda":
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
-    if job.procedure in ("galore", "fira"):  # the target is on the projected matrices
+    if job.procedure in ("galore", "fira", "gradnormlorp"):  # the target is on the projected matrices
         from lorakit.procedures.galore import projected
 
         proj = [t for t in params if projected(t, proc.cfg.rank, proc.cfg.targets)]

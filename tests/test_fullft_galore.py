@@ -132,3 +132,30 @@ def test_galore_refuses_when_nothing_is_projected_and_bad_options():
         make_procedure("galore", {"rank": 0})
     with pytest.raises(ConfigError, match="nothing would be projected"):
         make_procedure("galore", {"rank": 64}).check(_params())
+
+
+def test_gradnormlorp_weight_norm_gradients_and_one_step():
+    """Written from the paper: W = m ⊙ V, g_m = Σ_j V_ij G_ij, g_V = G − V ⊙ g_m, direction projected (GaLore)."""
+    from lorakit.procedures.gradnormlorp import weight_norm_gradients
+
+    torch.manual_seed(0)
+    W, G = torch.randn(20, 12, dtype=torch.float64), torch.randn(20, 12, dtype=torch.float64)
+    m, V, g_m, g_V = weight_norm_gradients(W, G)
+    torch.testing.assert_close(m[:, None] * V, W)  # reconstructs W
+    torch.testing.assert_close(V.norm(dim=1), torch.ones(20, dtype=torch.float64))
+    torch.testing.assert_close(g_m, torch.einsum("ij,ij->i", V, G))
+    assert float((g_V * V).sum(1).abs().max()) < 1e-10  # tangential
+    hp = Hyper(lr=0.05, eps=1e-8)
+    proc = make_procedure("gradnormlorp", {"rank": 3, "update_proj_gap": 5, "scale": 0.5}, hp)
+    t = TrainParam("q.weight", nn.Parameter(W.float().clone()), "weight", kind="linear")
+    opt = proc.build_optimizer([t])
+    t.param.grad = G.float().clone()
+    opt.step()
+    U, S, Vh = torch.linalg.svd(g_V)
+    P = Vh[:3]  # 20 >= 12: right projector of the direction gradient
+    R = g_V @ P.T
+    V1 = V - 0.05 * 0.5 * (R / (R.abs() + 1e-8)) @ P  # first Adam step: m̂/√v̂ = sign
+    m1 = m - 0.05 * g_m / (g_m.abs() + 1e-8)
+    torch.testing.assert_close(t.param.double(), m1[:, None] * V1, rtol=1e-4, atol=1e-5)
+    st = opt.state[t.param]
+    assert st["exp_avg"].shape == (20, 3) and st["mag_avg"].shape == (20,)

@@ -15,7 +15,9 @@ from .conftest import tiny_cfg, tiny_llama_model
 
 PROCS = {"adamw": {}, "galore": {"rank": 4, "update_proj_gap": 2, "scale": 0.25},
          "fira": {"rank": 4, "update_proj_gap": 2, "scale": 0.25}, "lisa": {"layers": 1, "interval": 2},
-         "frugal": {"density": 0.25, "update_gap": 2}}
+         "frugal": {"density": 0.25, "update_gap": 2},
+         "owlore": {"layers": 1, "interval": 2, "rank": 4, "update_proj_gap": 2, "outlier_m": 5.0},
+         "gradnormlorp": {"rank": 4, "update_proj_gap": 2, "scale": 0.25}}
 
 
 def _full_cfg(tiny_lm_dir, cls_data, out, name, **opts):
