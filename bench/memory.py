@@ -184,6 +184,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", default=None, help="comma-separated job indices (0-based)")
+    ap.add_argument("--save", default=None, help="append each job's result (JSON) to this file as it completes")
+    ap.add_argument("--load", default=None, help="print the table from results saved earlier with --save")
     ap.add_argument("--job", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.job is not None:
@@ -191,6 +193,10 @@ def main() -> None:
         return
     idx = range(len(JOBS)) if a.only is None else [int(i) for i in a.only.split(",")]
     rows = []
+    if a.load:
+        with open(a.load) as f:
+            rows = [json.loads(ln) for ln in f if ln.strip()]
+        idx = []
     for i in idx:
         cmd = [sys.executable, __file__, "--job", str(i)] + [f"--{k}={getattr(a, k)}" for k in
                                                              ("steps", "tokens", "batch", "threads", "device")]
@@ -200,6 +206,9 @@ def main() -> None:
             print(f"{JOBS[i].name}: failed\n{r.stderr[-2000:]}", file=sys.stderr)
             continue
         rows.append(json.loads(line[7:]))
+        if a.save:
+            with open(a.save, "a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
         print(f"done: {rows[-1]['job']}", file=sys.stderr, flush=True)
     base = next((r for r in rows if r["job"] == JOBS[0].name), None)
     mb = 2 ** 20
