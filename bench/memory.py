@@ -175,6 +175,35 @@ def child(job: Job, a) -> dict:
     return out
 
 
+def formula_only() -> None:
+    """State bytes of every job from its formula alone (the model built on the meta device: no memory, no steps).
+    Sampled choices (LISA's/OwLore's blocks, FRUGAL's state-full matrices) are drawn as at the start of a run; every
+    block of SmolLM2 has the same size, so the bytes do not depend on the draw."""
+    import torch
+    import transformers
+
+    import lorakit
+    from lorakit.assets import model_path
+    from lorakit.procedures import make_procedure, setup
+    from lorakit.procedures.base import Hyper
+
+    cfg = transformers.AutoConfig.from_pretrained(model_path("smollm2-135m"))
+    out = []
+    for job in JOBS:
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(cfg)
+        lorakit.attach(model, job.adapter, defer_init=True)
+        proc = make_procedure(job.procedure, job.options, Hyper())
+        params, opt = setup(model, proc)
+        proc.on_train_begin(model, opt, 1)
+        if job.procedure == "owlore":  # every block is on for its calibration step; then gamma blocks (equal sizes)
+            proc.active = sorted(proc._blocks)[:proc.cfg.layers]
+        out.append((job.name, FORMULAS[job.procedure](params, proc)))
+    base = out[0][1]
+    for name, b in out:
+        print(f"| {name} | {b / 2 ** 20:.1f} MB | {b / base:.3f} |")
+
+
 # ----------------------------------------------------------------------------------------------------- parent
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -186,8 +215,13 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated job indices (0-based)")
     ap.add_argument("--save", default=None, help="append each job's result (JSON) to this file as it completes")
     ap.add_argument("--load", default=None, help="print the table from results saved earlier with --save")
+    ap.add_argument("--formula-only", action="store_true",
+                    help="no training: each job's state bytes from its formula on the meta-device model")
     ap.add_argument("--job", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.formula_only:
+        formula_only()
+        return
     if a.job is not None:
         print("RESULT " + json.dumps(child(JOBS[a.job], a)), flush=True)
         return
