@@ -246,7 +246,8 @@ def main() -> None:
         print(f"done: {rows[-1]['job']}", file=sys.stderr, flush=True)
     base = next((r for r in rows if r["job"] == JOBS[0].name), None)
     mb = 2 ** 20
-    print(f"SmolLM2-135M-Instruct, {a.device}, batch {a.batch}x{a.tokens}, {a.steps} steps, fp32")
+    print(f"SmolLM2-135M-Instruct, fp32, results of {a.load}" if a.load else
+          f"SmolLM2-135M-Instruct, {a.device}, batch {a.batch}x{a.tokens}, {a.steps} steps, fp32")
     head = (f"| job | trainable | state MB | formula MB | agree | state / full FT | peak RSS MB | RSS - loaded MB "
             f"| RSS / full FT | predicted MB |" + (" CUDA peak MB |" if a.device == "cuda" else ""))
     print(head)
