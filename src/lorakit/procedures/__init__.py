@@ -13,6 +13,11 @@ from . import allora as _allora  # noqa: F401  (registers "allora")
 from . import lorapro as _lorapro  # noqa: F401  (registers "lorapro")
 from . import ggpo as _ggpo  # noqa: F401  (registers "ggpo" and "mgpo")
 from . import flexora as _flexora  # noqa: F401  (registers "flexora")
+from . import galore as _galore  # noqa: F401  (registers "galore", "fira")
+from . import lisa as _lisa  # noqa: F401  (registers "lisa")
+from . import frugal as _frugal  # noqa: F401  (registers "frugal")
+from . import owlore as _owlore  # noqa: F401  (registers "owlore")
+from . import gradnormlorp as _gradnormlorp  # noqa: F401  (registers "gradnormlorp")
 
 __all__ = ["PROCEDURES", "ROLES", "Hyper", "Procedure", "TrainParam", "adapter_roles", "get_procedure",
            "make_procedure", "options_dict", "list_procedures", "procedures_markdown", "preflight", "probe_parameters", "register_procedure", "setup",

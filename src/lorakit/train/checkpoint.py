@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core import Adapter
 from ..errors import LorakitError
 from ..io import save_adapter
 
@@ -42,7 +43,11 @@ def set_rng_state(st: dict[str, Any]) -> None:
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor the adapters own (parameters and buffers, frozen or not) plus trainable base parameters."""
-    grads = {n for n, p in model.named_parameters() if p.requires_grad}
+    stash = {id(p) for p, _ in (model.__dict__.get("_lorakit") or {}).get("bias_stash", {}).values()}
+    stash |= {id(p) for m in model.modules() if isinstance(m, Adapter) for p in m.parameters()}
+    # trained base parameters: those that require grad now, and every base parameter trained in place (bias=all,
+    # method full's weights and rest), even while a procedure has frozen it for a while (LISA's unsampled layers)
+    grads = {n for n, p in model.named_parameters() if p.requires_grad or id(p) in stash}
     return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()
             if ".adapters." in f".{k}" or ".copies." in f".{k}" or k in grads}
 
