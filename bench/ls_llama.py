@@ -18,12 +18,12 @@ a = ap.parse_args()
 RUNS = [
     ("sentiment generative", "sentiment-smollm2-lora", []),
     ("sentiment LS-LLaMA last", "sentiment-smollm2-head-lora", []),
-    ("sentiment LS-LLaMA mean", "sentiment-smollm2-head-lora", ["data.pooling=mean"]),
-    ("sentiment LS-unLLaMA mean", "sentiment-smollm2-head-lora", ["data.pooling=mean", "data.attention=bidirectional"]),
     ("bbc generative", "sentiment-smollm2-lora", ["data.task=bbc-smollm2"]),
     ("bbc LS-LLaMA last", "sentiment-smollm2-head-lora", ["data.task=bbc-smollm2-head"]),
+    ("sentiment LS-unLLaMA mean", "sentiment-smollm2-head-lora", ["data.pooling=mean", "data.attention=bidirectional"]),
     ("bbc LS-unLLaMA mean", "sentiment-smollm2-head-lora", ["data.task=bbc-smollm2-head", "data.pooling=mean",
                                                              "data.attention=bidirectional"]),
+    ("sentiment LS-LLaMA mean", "sentiment-smollm2-head-lora", ["data.pooling=mean"]),
 ]
 only = set(filter(None, a.only.split(",")))
 rows = []
