@@ -14,6 +14,8 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--steps", type=int, default=40)
 ap.add_argument("--out", default="runs/ls_llama")
 ap.add_argument("--only", default="", help="comma-separated run names")
+ap.add_argument("--threads", type=int, default=1, help="torch threads (1: no OpenMP spinning on a shared machine)")
+ap.add_argument("--eval-size", type=int, default=200)
 a = ap.parse_args()
 RUNS = [
     ("sentiment generative", "sentiment-smollm2-lora", []),
@@ -32,10 +34,13 @@ for name, recipe, ov in RUNS:
         continue
     slug = name.replace(" ", "_")
     t = time.time()
+    keep = name == "sentiment generative"  # Trans-LoRA's teacher (bench/trans_lora.py)
     r = run_training(resolve(recipe, ov + [f"train.steps={a.steps}", f"output.dir={a.out}/{slug}",
-                                           "output.save_adapter=false"]))
+                                           f"output.save_adapter={str(keep).lower()}", f"train.threads={a.threads}",
+                                           f"data.eval_size={a.eval_size}",
+                                           f"train.eval_before={str('LS' not in name).lower()}"]))
     b, f = r["metrics_before"], r["metrics_after"]
-    rows.append((name, b.get("accuracy"), f["accuracy"], f["macro_f1"], time.time() - t))
+    rows.append((name, b.get("accuracy", float("nan")), f["accuracy"], f["macro_f1"], time.time() - t))
     print(json.dumps({"run": name, "before": b.get("accuracy"), "after": f["accuracy"], "macro_f1": f["macro_f1"],
                       "wall_s": round(time.time() - t, 1)}), flush=True)
 print("\n| run | accuracy before | accuracy after | macro-F1 after | wall s |\n|---|---|---|---|---|")

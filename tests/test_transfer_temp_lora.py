@@ -105,3 +105,17 @@ def test_any_method_and_bad_options():
         temp_lora.make_config({"windw": 3})
     with pytest.raises(ConfigError):
         temp_lora.make_config({"adapter": {"method": "nope"}})
+
+
+def test_packaged_workflow_recipes_validate():
+    from lorakit.workflows import transfer
+    from lorakit.workflows.cli import workflow_recipe
+
+    d = workflow_recipe(None, "temp-lora", ("model", "temp_lora", "text"), ["temp_lora.lr=0"])
+    assert temp_lora.make_config(d["temp_lora"]).lr == 0
+    d = workflow_recipe("transfer-sentiment", "x", ("transfer",), ["transfer.seeds=4"])
+    assert transfer.make_config(d["transfer"]).seeds == 4
+    with pytest.raises(ConfigError, match="unknown section"):
+        workflow_recipe(None, "temp-lora", ("model", "temp_lora", "text"), ["bogus.x=1"])
+    with pytest.raises(ConfigError, match="not found"):
+        workflow_recipe("nope", "nope", ("transfer",), [])

@@ -8,6 +8,8 @@
   assets    [list | prepare [NAME ...]]                                 offline models and datasets
   extract   --base B --tuned T (--rank R | --energy F) --out DIR         a PEFT LoRA from a fully tuned model
   recipes   [NAME]                                                      the packaged recipes and method files
+  temp-lora perplexity|generate [RECIPE] [key=value ...]               Temp-Lora (a temporary adapter at inference)
+  transfer  [RECIPE] transfer.source_adapter=DIR [key=value ...]        Trans-LoRA (move an adapter to a new base)
   arena     run [--methods ..] [--tasks ..] [--seeds 0,1,2] [--budget ..] | report | plan
                                                                         every method on the same tasks and budget
 
@@ -511,6 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
 PASSTHROUGH = {  # subcommands with their own argument parsers
     "serve": ("lorakit.serve.server", "serve_main", "OpenAI-compatible server: many adapters on one base model"),
     "export": ("lorakit.serve.export", "export_main", "export an adapter for vLLM (PEFT) or llama.cpp (GGUF)"),
+    "temp-lora": ("lorakit.workflows.cli", "temp_lora_main",
+                  "Temp-Lora: perplexity / generation with a temporary adapter trained chunk by chunk"),
+    "transfer": ("lorakit.workflows.cli", "transfer_main",
+                 "Trans-LoRA: transfer a classification adapter to a new base model via filtered synthetic data"),
 }
 
 
