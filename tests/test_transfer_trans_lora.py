@@ -105,7 +105,7 @@ def test_pipeline_student_trains_on_teacher_labelled_synthetic_rows_only(tiny_di
              "optim": {"lr": 1e-3}, "train": {"steps": 2}, "data": {"batch_size": 4, "max_length": 32}}
     cfg = {"task": "sentiment-smollm2", "source_model": tiny_dir, "source_adapter": teacher_dir,
            "target_model": tiny_dir, "target_drop_layers": [0], "generator": "source", "seeds": 4, "shots": 2,
-           "disc_synthetic": 6, "candidates": 8, "threshold": 0.0, "max_new_tokens": 8, "gen_batch": 8,
+           "disc_synthetic": 6, "candidates": 8, "threshold": 0.0, "min_kept": 0, "max_new_tokens": 8, "gen_batch": 8,
            "discriminator": small, "student": small, "eval_size": 6, "baseline": True, "out": str(tmp_path / "run")}
     s = tr.transfer(cfg)
     out = tmp_path / "run"
@@ -135,3 +135,10 @@ def test_bad_transfer_options():
         tr.make_config({"seed_examples": 3})
     with pytest.raises(ConfigError, match="source_adapter"):
         tr.transfer({})
+
+
+def test_min_kept_tops_up_with_the_most_real_looking_rest():
+    texts, p = ["a", "b", "c", "d"], [0.1, 0.9, 0.3, 0.2]
+    assert tr.keep_real(texts, p, 0.5) == ["b"]
+    assert tr.keep_real(texts, p, 0.5, min_kept=3) == ["b", "c", "d"]
+    assert tr.keep_real(texts, p, 0.05, min_kept=2) == texts

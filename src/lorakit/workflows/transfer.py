@@ -13,7 +13,8 @@ and a target base ``M_t``:
    pooling) on the source base, trained by :func:`lorakit.train.run_training` like any adapter.
 3. *Transfer data*: the ``generator`` base (the target, as in the paper, or the source) writes candidates S;
    the filter keeps ``S* = {x ∈ S : d(x) >= threshold}`` (rejection sampling; duplicates, empty lines and verbatim
-   copies of seeds are dropped first, so the student never sees a real example).
+   copies of seeds are dropped first, so the student never sees a real example). ``min_kept`` (default 0, off)
+   tops S* up with the next most real-looking candidates when too few pass; the summary reports how many passed.
 4. *Teacher labels*: ``y(x) = argmax_c score_c(M_s + θ_s, x)`` for x ∈ S* (the task's own classifier scores: label-word
    log-likelihoods for ``lm-classify``, head logits for ``head-classify``): sequence-level distillation with the
    teacher's outputs as targets, as the paper trains the target on the teacher's generations.
@@ -70,6 +71,7 @@ class TransferConfig:
     disc_synthetic: int = 64  # synthetic inputs for the discriminator's training
     candidates: int = 256  # synthetic transfer candidates before the filter
     threshold: float = 0.5  # keep a candidate when the discriminator's p(real) >= threshold
+    min_kept: int = 0  # fewer passed: add the next most real-looking candidates up to this many (recorded)
     shots: int = 3  # seed examples in each generation prompt
     gen_prompt: str = "Here are some examples of short texts, one per line:\n{examples}\n- "
     max_new_tokens: int = 40
@@ -90,6 +92,8 @@ class TransferConfig:
     threads: int | None = None
 
     def validate(self) -> None:
+        if self.min_kept < 0:
+            raise ConfigError(f"transfer.min_kept={self.min_kept} must be >= 0")
         for k in ("seeds", "disc_synthetic", "candidates", "shots", "max_new_tokens", "gen_batch", "eval_size"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"transfer.{k}={getattr(self, k)} must be >= 1")
@@ -215,9 +219,14 @@ def discriminate(task, model, tok, texts: list[str]) -> list[float]:
     return p[:, task.labels.index("real")].tolist()
 
 
-def keep_real(texts: list[str], p_real: list[float], threshold: float) -> list[str]:
-    """The filter: the texts the discriminator scores as real (``p(real) >= threshold``), in order."""
-    return [t for t, p in zip(texts, p_real) if p >= threshold]
+def keep_real(texts: list[str], p_real: list[float], threshold: float, min_kept: int = 0) -> list[str]:
+    """The filter: the texts the discriminator scores as real (``p(real) >= threshold``), in order. With
+    ``min_kept``, when fewer pass, the most real-looking of the rest are added until there are ``min_kept``."""
+    keep = {i for i, p in enumerate(p_real) if p >= threshold}
+    if len(keep) < min_kept:
+        rest = sorted((i for i in range(len(texts)) if i not in keep), key=lambda i: -p_real[i])
+        keep |= set(rest[:min_kept - len(keep)])
+    return [t for i, t in enumerate(texts) if i in keep]
 
 
 def teacher_labels(task, model, tok, texts: list[str]) -> list[str]:
@@ -329,9 +338,10 @@ def transfer(config: TransferConfig | dict | None = None, *, log_fn=None) -> dic
     load_adapter(disc, d_res["adapter_dir"])
     p_real = discriminate(dtask, disc, dtok, cands)
     del disc
-    kept = keep_real(cands, p_real, cfg.threshold)
+    kept = keep_real(cands, p_real, cfg.threshold, cfg.min_kept)
+    passed = sum(p >= cfg.threshold for p in p_real)
     summary.update(discriminator_train=d_res["metrics_after"], candidates=len(cands), kept=len(kept),
-                   acceptance=len(kept) / max(len(cands), 1))
+                   passed_threshold=passed, acceptance=passed / max(len(cands), 1))
     say(f"discriminator kept {len(kept)} of {len(cands)} candidates (p(real) >= {cfg.threshold})")
     if not kept:
         raise ConfigError(f"the discriminator kept none of the {len(cands)} candidates at threshold "
@@ -342,9 +352,10 @@ def transfer(config: TransferConfig | dict | None = None, *, log_fn=None) -> dic
     del teacher
     syn_rows = [{"text": t, "label": y} for t, y in zip(kept, labels)]
     syn_path = _write_rows(out / "synthetic.jsonl", syn_rows)
+    kept_set = set(kept)
     with (out / "candidates.jsonl").open("w", encoding="utf-8") as f:
         for t, p in zip(cands, p_real):
-            f.write(json.dumps({"text": t, "p_real": p, "kept": p >= cfg.threshold}) + "\n")
+            f.write(json.dumps({"text": t, "p_real": p, "kept": t in kept_set}) + "\n")
     summary["label_counts"] = {c: labels.count(c) for c in task.labels}
 
     # 5. the student on the target base, synthetic data only; and the baseline on the seeds alone
