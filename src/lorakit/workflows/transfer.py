@@ -56,7 +56,7 @@ from ..errors import ConfigError
 log = logging.getLogger(__name__)
 
 __all__ = ["TransferConfig", "make_config", "derive_model", "generate_inputs", "discriminate", "keep_real",
-           "teacher_labels", "transfer"]
+           "teacher_labels", "transfer", "run_baseline"]
 
 
 @dataclass
@@ -263,21 +263,16 @@ def _run(section: dict, task: str, model: str, out: Path, train_path: Path, eval
     return run_training(resolve(base=base))
 
 
-def transfer(config: TransferConfig | dict | None = None, *, log_fn=None) -> dict[str, Any]:
-    """Run Trans-LoRA end to end (module docstring); writes everything under ``out`` and returns a summary:
-    source / student / baseline held-out metrics, counts at each step, the acceptance rate, paths."""
-    from ..io import load_adapter
+def _setup(cfg: TransferConfig, need_adapter: bool = True):
+    """Checks, the task's rows, the seeds D' (a seeded draw from the training split), the held-out file, the target."""
+    from ..io import read_adapter_config
     from ..tasks import TASKS, get_task
     from ..train.config import DataSection
-    from ..train.loop import seed_everything
 
-    cfg = make_config(config)
-    say = log_fn or log.info
-    if not cfg.source_adapter:
-        raise ConfigError("transfer.source_adapter is required: the teacher's adapter directory (lorakit train ...)")
-    from ..io import read_adapter_config
-
-    read_adapter_config(cfg.source_adapter)  # a missing or malformed adapter fails before any model loads
+    if need_adapter:
+        if not cfg.source_adapter:
+            raise ConfigError("transfer.source_adapter is required: the teacher's adapter directory (lorakit train ...)")
+        read_adapter_config(cfg.source_adapter)  # a missing or malformed adapter fails before any model loads
     if cfg.task not in TASKS:
         raise ConfigError(f"unknown task '{cfg.task}'; known tasks: {', '.join(TASKS)}")
     if not TASKS[cfg.task].kind.endswith("classify"):
@@ -291,11 +286,40 @@ def transfer(config: TransferConfig | dict | None = None, *, log_fn=None) -> dic
     task = get_task(cfg.task, DataSection(task=cfg.task, eval_size=cfg.eval_size,
                                           max_length=student_data.get("max_length", 128)))
     rows = task.rows()
-    rng = random.Random(cfg.seed)
-    seeds = rng.sample(rows["train"], cfg.seeds)
-    seed_texts = [r["text"] for r in seeds]
+    seeds = random.Random(cfg.seed).sample(rows["train"], cfg.seeds)
     eval_path = _write_rows(out / "eval.jsonl", rows["eval"])
     seeds_path = _write_rows(out / "seeds.jsonl", seeds)
+    target = derive_model(cfg.target_model, cfg.target_drop_layers) if cfg.target_drop_layers else cfg.target_model
+    return task, rows, seeds, eval_path, seeds_path, str(target), out
+
+
+def run_baseline(config: TransferConfig | dict | None = None, *, eval_before: bool = True) -> dict[str, Any]:
+    """The paper's comparison alone: the student trained on the target base on the seeds D' only (the same seeds,
+    steps and held-out rows as :func:`transfer`); ``{"target_base", "baseline_seeds", ...}``."""
+    cfg = make_config(config)
+    task, rows, seeds, eval_path, seeds_path, target, out = _setup(cfg, need_adapter=False)
+    b_res = _run(cfg.student, cfg.task, target, out / "baseline-seeds", seeds_path, eval_path, task.labels,
+                 cfg.seed, cfg.threads, cfg.eval_size, model_eval_before=eval_before)
+    res = {"target_model": target, "seeds": len(seeds), "baseline_seeds": b_res["metrics_after"],
+           "target_base": b_res["metrics_before"]}
+    (out / "baseline.json").write_text(json.dumps(res, indent=2, default=float))
+    return res
+
+
+def transfer(config: TransferConfig | dict | None = None, *, log_fn=None) -> dict[str, Any]:
+    """Run Trans-LoRA end to end (module docstring); writes everything under ``out`` and returns a summary:
+    source / student / baseline held-out metrics, counts at each step, the acceptance rate, paths."""
+    from ..io import load_adapter
+    from ..tasks import get_task
+    from ..train.config import DataSection
+    from ..train.loop import seed_everything
+
+    cfg = make_config(config)
+    say = log_fn or log.info
+    task, rows, seeds, eval_path, seeds_path, target, out = _setup(cfg)
+    rng = random.Random(cfg.seed)
+    rng.sample(rows["train"], cfg.seeds)  # the draw _setup made: the generation stream continues after it
+    seed_texts = [r["text"] for r in seeds]
     summary: dict[str, Any] = {"task": cfg.task, "seeds": len(seeds), "out": str(out)}
 
     # the teacher: the source base + its adapter, scored on the real held-out rows (the number to recover)
@@ -306,8 +330,7 @@ def transfer(config: TransferConfig | dict | None = None, *, log_fn=None) -> dic
     say(f"source + adapter on {len(rows['eval'])} held-out rows: {summary['source']}")
 
     # 1. discriminator data from the source base
-    target = derive_model(cfg.target_model, cfg.target_drop_layers) if cfg.target_drop_layers else cfg.target_model
-    summary["target_model"] = str(target)
+    summary["target_model"] = target
     src_lm, src_tok = assets.load_causal_lm(cfg.source_model)
     torch.manual_seed(cfg.seed)
     disc_syn = generate_inputs(src_lm, src_tok, seed_texts, cfg.disc_synthetic, cfg, set(seed_texts), rng)
@@ -365,10 +388,8 @@ def transfer(config: TransferConfig | dict | None = None, *, log_fn=None) -> dic
     summary["student"] = s_res["metrics_after"]
     summary["student_adapter"] = s_res["adapter_dir"]
     summary["student_train_rows"] = s_res["train_rows"]
-    if cfg.baseline:
-        b_res = _run(cfg.student, cfg.task, str(target), out / "baseline-seeds", seeds_path, eval_path, task.labels,
-                     cfg.seed, cfg.threads, cfg.eval_size, model_eval_before=False)  # the same base: scored once
-        summary["baseline_seeds"] = b_res["metrics_after"]
+    if cfg.baseline:  # the same base: scored once, above
+        summary["baseline_seeds"] = run_baseline(cfg, eval_before=False)["baseline_seeds"]
     acc = summary["source"].get("accuracy")
     if acc and not math.isnan(acc):
         summary["recovered"] = summary["student"]["accuracy"] / acc
