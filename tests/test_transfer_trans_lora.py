@@ -142,3 +142,23 @@ def test_min_kept_tops_up_with_the_most_real_looking_rest():
     assert tr.keep_real(texts, p, 0.5) == ["b"]
     assert tr.keep_real(texts, p, 0.5, min_kept=3) == ["b", "c", "d"]
     assert tr.keep_real(texts, p, 0.05, min_kept=2) == texts
+
+
+def test_cli_temp_lora_and_transfer_baseline(tiny_dir, tmp_path, capsys):
+    from lorakit.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be, that is the question. " * 6)
+    out = tmp_path / "r.json"
+    assert main(["temp-lora", "perplexity", f"model.name={tiny_dir}", f"text.file={text}", "temp_lora.chunk=16",
+                 "temp_lora.window=8", "temp_lora.adapter.r=2", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["chunks"] >= 3 and "perplexity" in capsys.readouterr().out
+    assert main(["temp-lora", "generate", f"model.name={tiny_dir}", "temp_lora.chunk=4", "temp_lora.adapter.r=2",
+                 "--prompt", "Once upon", "--max-new-tokens", "8"]) == 0
+    assert main(["temp-lora", "perplexity", "temp_lora.window=0"]) == 2  # bad option: before any model loads
+    assert main(["transfer", f"transfer.source_model={tiny_dir}", f"transfer.target_model={tiny_dir}",
+                 "transfer.target_drop_layers=[]", "transfer.seeds=4", "transfer.shots=2", "transfer.eval_size=4",
+                 "transfer.student.train.steps=1", f"transfer.out={tmp_path / 'b'}", "--baseline-only"]) == 0
+    assert "seeds alone" in capsys.readouterr().out
+    assert json.loads((tmp_path / "b" / "baseline.json").read_text())["seeds"] == 4
