@@ -104,7 +104,8 @@ def test_pipeline_student_trains_on_teacher_labelled_synthetic_rows_only(tiny_di
     small = {"adapter": {"method": "lora", "targets": "all-attention", "r": 2, "alpha": 4, "seed": 0},
              "optim": {"lr": 1e-3}, "train": {"steps": 2}, "data": {"batch_size": 4, "max_length": 32}}
     cfg = {"task": "sentiment-smollm2", "source_model": tiny_dir, "source_adapter": teacher_dir,
-           "target_model": tiny_dir, "target_drop_layers": [0], "generator": "source", "seeds": 4, "shots": 2,
+           "target_model": tiny_dir, "target_drop_layers": [0], "target_dir": str(tmp_path / "target"),
+           "generator": "source", "seeds": 4, "shots": 2,
            "disc_synthetic": 6, "candidates": 8, "threshold": 0.0, "min_kept": 0, "max_new_tokens": 8, "gen_batch": 8,
            "discriminator": small, "student": small, "eval_size": 6, "baseline": True, "out": str(tmp_path / "run")}
     s = tr.transfer(cfg)
@@ -116,7 +117,7 @@ def test_pipeline_student_trains_on_teacher_labelled_synthetic_rows_only(tiny_di
     assert [r["text"] for r in syn] == [c["text"] for c in cands if c["kept"]]
     assert not {r["text"] for r in syn} & set(seeds)  # never a real example
     st = json.loads(json.dumps(__import__("yaml").safe_load((out / "student" / "config.yaml").read_text())))
-    assert st["data"]["path"] == str(out / "synthetic.jsonl") and st["model"]["name"] == s["target_model"]
+    assert st["data"]["path"] == str(out / "synthetic.jsonl") and st["model"]["name"] == str(tmp_path / "target")
     # the labels are the teacher's (recomputed here through the task with the teacher loaded afresh)
     task = get_task("sentiment-smollm2", DataSection(task="sentiment-smollm2", eval_size=4, max_length=64))
     task.rows()

@@ -66,6 +66,7 @@ class TransferConfig:
     source_adapter: str | None = None  # the teacher's adapter directory (required)
     target_model: str = "smollm2-135m"  # a lorakit model or a local HF directory
     target_drop_layers: list[int] = field(default_factory=list)  # derive the target: these decoder layers removed
+    target_dir: str | None = None  # where the derived target is written (None: the lorakit cache, once)
     generator: Literal["target", "source"] = "target"  # which base writes the transfer candidates (paper: target)
     seeds: int = 8  # |D'|: real task inputs kept (taken from the task's training split with `seed`)
     disc_synthetic: int = 64  # synthetic inputs for the discriminator's training
@@ -136,7 +137,11 @@ def derive_model(name: str, drop_layers: list[int], out: str | os.PathLike | Non
     drop = sorted(set(int(i) for i in drop_layers))
     if out is None:
         tag = "-".join(map(str, drop)) if len(drop) <= 8 else hashlib.sha1(str(drop).encode()).hexdigest()[:10]
-        out = assets.cache_dir() / "models" / f"{Path(str(name)).name}-drop-{tag}"
+        stem = str(name)
+        if name not in assets.MODELS:  # a local directory: its path and config's mtime tell two models apart
+            ident = f"{Path(src).resolve()}:{(Path(src) / 'config.json').stat().st_mtime_ns}"
+            stem = f"{Path(src).name}-{hashlib.sha1(ident.encode()).hexdigest()[:8]}"
+        out = assets.cache_dir() / "models" / f"{stem}-drop-{tag}"
     out = Path(out)
     if (out / "config.json").is_file():
         return out
@@ -289,7 +294,8 @@ def _setup(cfg: TransferConfig, need_adapter: bool = True):
     seeds = random.Random(cfg.seed).sample(rows["train"], cfg.seeds)
     eval_path = _write_rows(out / "eval.jsonl", rows["eval"])
     seeds_path = _write_rows(out / "seeds.jsonl", seeds)
-    target = derive_model(cfg.target_model, cfg.target_drop_layers) if cfg.target_drop_layers else cfg.target_model
+    target = derive_model(cfg.target_model, cfg.target_drop_layers, cfg.target_dir) if cfg.target_drop_layers \
+        else cfg.target_model
     return task, rows, seeds, eval_path, seeds_path, str(target), out
 
 
