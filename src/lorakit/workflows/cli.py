@@ -4,6 +4,7 @@
   lorakit temp-lora perplexity [RECIPE] [key=value ...] [--json PATH]
   lorakit temp-lora generate   [RECIPE] --prompt TEXT [--max-new-tokens N] [--no-train] [key=value ...]
   lorakit transfer             [RECIPE] transfer.source_adapter=DIR [key=value ...] [--baseline-only]
+                               [--stage all|synthesize|distil]
 """
 from __future__ import annotations
 
@@ -118,15 +119,23 @@ def transfer_main(argv: list[str]) -> int:
                     help="default recipe: transfer-sentiment (section transfer); set transfer.source_adapter=DIR")
     ap.add_argument("--baseline-only", action="store_true",
                     help="only the comparison: the student trained on the target base on the seeds alone")
+    ap.add_argument("--stage", choices=["all", "synthesize", "distil"], default="all",
+                    help="synthesize: steps 1-3 only (no teacher needed); distil: steps 4-5 from an earlier synthesis")
     a = ap.parse_args(argv)
     path, ov = _split(a.args)
     data = workflow_recipe(path, "transfer-sentiment", ("transfer",), ov)
+    if a.stage == "synthesize":
+        r = transfer.synthesize(data.get("transfer") or {}, log_fn=lambda m: print(m, flush=True))
+        print(f"synthetic set: {r['kept']} of {r['candidates']} candidates kept ({r['passed_threshold']} passed the "
+              "threshold); continue with --stage distil")
+        return 0
     if a.baseline_only:
         b = transfer.run_baseline(data.get("transfer") or {})
         print(f"target base {b['target_model']}: held-out accuracy {b['target_base'].get('accuracy', float('nan')):.3f}"
               f" -> {b['baseline_seeds']['accuracy']:.3f} trained on the {b['seeds']} seeds alone")
         return 0
-    s = transfer.transfer(data.get("transfer") or {}, log_fn=lambda m: print(m, flush=True))
+    run = transfer.distil if a.stage == "distil" else transfer.transfer
+    s = run(data.get("transfer") or {}, log_fn=lambda m: print(m, flush=True))
     acc = lambda m: f"{m['accuracy']:.3f}" if m else "-"  # noqa: E731
     print(f"\nheld-out accuracy ({s['task']}): source + adapter {acc(s['source'])} | target base "
           f"{acc(s['target_base'])} | target + transferred adapter {acc(s['student'])} | target trained on the "

@@ -56,7 +56,7 @@ from ..errors import ConfigError
 log = logging.getLogger(__name__)
 
 __all__ = ["TransferConfig", "make_config", "derive_model", "generate_inputs", "discriminate", "keep_real",
-           "teacher_labels", "transfer", "run_baseline"]
+           "teacher_labels", "transfer", "synthesize", "distil", "run_baseline"]
 
 
 @dataclass
@@ -312,31 +312,22 @@ def run_baseline(config: TransferConfig | dict | None = None, *, eval_before: bo
     return res
 
 
-def transfer(config: TransferConfig | dict | None = None, *, log_fn=None) -> dict[str, Any]:
-    """Run Trans-LoRA end to end (module docstring); writes everything under ``out`` and returns a summary:
-    source / student / baseline held-out metrics, counts at each step, the acceptance rate, paths."""
+def synthesize(config: TransferConfig | dict | None = None, *, log_fn=None) -> dict[str, Any]:
+    """Steps 1-3 (no teacher needed): synthetic inputs for the discriminator, the discriminator, the transfer
+    candidates and the filter. Writes ``out/candidates.jsonl`` (text, p_real, kept) and ``out/synthesis.json``;
+    :func:`distil` continues from them (so one synthetic set can be distilled into several students)."""
     from ..io import load_adapter
     from ..tasks import get_task
     from ..train.config import DataSection
-    from ..train.loop import seed_everything
 
     cfg = make_config(config)
     say = log_fn or log.info
-    task, rows, seeds, eval_path, seeds_path, target, out = _setup(cfg)
+    task, rows, seeds, eval_path, seeds_path, target, out = _setup(cfg, need_adapter=False)
     rng = random.Random(cfg.seed)
     rng.sample(rows["train"], cfg.seeds)  # the draw _setup made: the generation stream continues after it
     seed_texts = [r["text"] for r in seeds]
-    summary: dict[str, Any] = {"task": cfg.task, "seeds": len(seeds), "out": str(out)}
-
-    # the teacher: the source base + its adapter, scored on the real held-out rows (the number to recover)
-    seed_everything(cfg.seed)
-    teacher, tok = task.load_model(cfg.source_model)
-    load_adapter(teacher, cfg.source_adapter)
-    summary["source"] = task.evaluate(teacher, tok, task.encode(rows["eval"], tok), 50)
-    say(f"source + adapter on {len(rows['eval'])} held-out rows: {summary['source']}")
 
     # 1. discriminator data from the source base
-    summary["target_model"] = target
     src_lm, src_tok = assets.load_causal_lm(cfg.source_model)
     torch.manual_seed(cfg.seed)
     disc_syn = generate_inputs(src_lm, src_tok, seed_texts, cfg.disc_synthetic, cfg, set(seed_texts), rng)
@@ -369,26 +360,55 @@ def transfer(config: TransferConfig | dict | None = None, *, log_fn=None) -> dic
     del disc
     kept = keep_real(cands, p_real, cfg.threshold, cfg.min_kept)
     passed = sum(p >= cfg.threshold for p in p_real)
-    summary.update(discriminator_train=d_res["metrics_after"], candidates=len(cands), kept=len(kept),
-                   passed_threshold=passed, acceptance=passed / max(len(cands), 1))
-    say(f"discriminator kept {len(kept)} of {len(cands)} candidates (p(real) >= {cfg.threshold})")
+    say(f"discriminator: {passed} of {len(cands)} candidates have p(real) >= {cfg.threshold}; {len(kept)} kept")
     if not kept:
         raise ConfigError(f"the discriminator kept none of the {len(cands)} candidates at threshold "
                           f"{cfg.threshold}; lower transfer.threshold or generate more (transfer.candidates)")
+    kept_set = set(kept)
+    tmp = out / f"candidates.jsonl.tmp{os.getpid()}"
+    with tmp.open("w", encoding="utf-8") as f:
+        for t, p in zip(cands, p_real):
+            f.write(json.dumps({"text": t, "p_real": p, "kept": t in kept_set}) + "\n")
+    os.replace(tmp, out / "candidates.jsonl")
+    res = {"target_model": target, "discriminator_train": d_res["metrics_after"], "disc_synthetic": len(disc_syn),
+           "candidates": len(cands), "kept": len(kept), "passed_threshold": passed,
+           "acceptance": passed / max(len(cands), 1)}
+    (out / "synthesis.json").write_text(json.dumps(res, indent=2, default=float))
+    return res
+
+
+def distil(config: TransferConfig | dict | None = None, *, log_fn=None) -> dict[str, Any]:
+    """Steps 4-5 after :func:`synthesize` (same ``out``): the teacher labels the kept candidates, the student trains
+    on them on the target base, the baseline (``baseline``) on the seeds alone; writes ``out/summary.json``."""
+    from ..io import load_adapter
+    from ..train.loop import seed_everything
+
+    cfg = make_config(config)
+    say = log_fn or log.info
+    task, rows, seeds, eval_path, seeds_path, target, out = _setup(cfg)
+    if not (out / "synthesis.json").is_file() or not (out / "candidates.jsonl").is_file():
+        raise ConfigError(f"{out} holds no synthetic set: run the synthesis first (lorakit transfer --stage "
+                          "synthesize, or the whole transfer)")
+    summary: dict[str, Any] = {"task": cfg.task, "seeds": len(seeds), "out": str(out),
+                               **json.loads((out / "synthesis.json").read_text())}
+    kept = [c["text"] for c in map(json.loads, (out / "candidates.jsonl").read_text(encoding="utf-8").splitlines())
+            if c["kept"]]
+
+    # the teacher: the source base + its adapter, scored on the real held-out rows (the number to recover)
+    seed_everything(cfg.seed)
+    teacher, tok = task.load_model(cfg.source_model)
+    load_adapter(teacher, cfg.source_adapter)
+    summary["source"] = task.evaluate(teacher, tok, task.encode(rows["eval"], tok), 50)
+    say(f"source + adapter on {len(rows['eval'])} held-out rows: {summary['source']}")
 
     # 4. teacher labels
     labels = teacher_labels(task, teacher, tok, kept)
     del teacher
-    syn_rows = [{"text": t, "label": y} for t, y in zip(kept, labels)]
-    syn_path = _write_rows(out / "synthetic.jsonl", syn_rows)
-    kept_set = set(kept)
-    with (out / "candidates.jsonl").open("w", encoding="utf-8") as f:
-        for t, p in zip(cands, p_real):
-            f.write(json.dumps({"text": t, "p_real": p, "kept": t in kept_set}) + "\n")
+    syn_path = _write_rows(out / "synthetic.jsonl", [{"text": t, "label": y} for t, y in zip(kept, labels)])
     summary["label_counts"] = {c: labels.count(c) for c in task.labels}
 
     # 5. the student on the target base, synthetic data only; and the baseline on the seeds alone
-    s_res = _run(cfg.student, cfg.task, str(target), out / "student", syn_path, eval_path, task.labels, cfg.seed,
+    s_res = _run(cfg.student, cfg.task, target, out / "student", syn_path, eval_path, task.labels, cfg.seed,
                  cfg.threads, cfg.eval_size)
     summary["target_base"] = s_res["metrics_before"]
     summary["student"] = s_res["metrics_after"]
@@ -401,3 +421,12 @@ def transfer(config: TransferConfig | dict | None = None, *, log_fn=None) -> dic
         summary["recovered"] = summary["student"]["accuracy"] / acc
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
+
+
+def transfer(config: TransferConfig | dict | None = None, *, log_fn=None) -> dict[str, Any]:
+    """Run Trans-LoRA end to end (module docstring): :func:`synthesize` then :func:`distil`; writes everything under
+    ``out`` and returns the summary: source / student / baseline held-out metrics, counts, the acceptance rate."""
+    cfg = make_config(config)
+    _setup(cfg)  # the teacher's adapter is checked before anything is generated
+    synthesize(cfg, log_fn=log_fn)
+    return distil(cfg, log_fn=log_fn)
