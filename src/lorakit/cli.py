@@ -10,6 +10,8 @@
   recipes   [NAME]                                                      the packaged recipes and method files
   federate  CONFIG.yaml [key=value ...]                                 federated LoRA on Flower (docs/federated.md)
   merge     CONFIG.yaml [--check]                                       merge adapters (TIES, DARE, LoRA-LEGO, ...)
+  temp-lora perplexity|generate [RECIPE] [key=value ...]               Temp-Lora (a temporary adapter at inference)
+  transfer  [RECIPE] transfer.source_adapter=DIR [key=value ...]        Trans-LoRA (move an adapter to a new base)
   arena     run [--methods ..] [--tasks ..] [--seeds 0,1,2] [--budget ..] | report | plan
                                                                         every method on the same tasks and budget
 
@@ -633,6 +635,10 @@ PASSTHROUGH = {  # subcommands with their own argument parsers
     "serve": ("lorakit.serve.server", "serve_main", "OpenAI-compatible server: many adapters on one base model"),
     "export": ("lorakit.serve.export", "export_main", "export an adapter for vLLM (PEFT) or llama.cpp (GGUF)"),
     "merge": ("lorakit.merging.cli", "merge_main", "merge adapters (mergekit-style YAML) into a PEFT adapter or a model"),
+    "temp-lora": ("lorakit.workflows.cli", "temp_lora_main",
+                  "Temp-Lora: perplexity / generation with a temporary adapter trained chunk by chunk"),
+    "transfer": ("lorakit.workflows.cli", "transfer_main",
+                 "Trans-LoRA: transfer a classification adapter to a new base model via filtered synthetic data"),
 }
 
 

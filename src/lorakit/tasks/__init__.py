@@ -11,13 +11,15 @@ A task is defined once here and reused by ``lorakit train``, ``lorakit eval`` an
   loss and (GSM8K) exact match of the final number under greedy decoding on a capped number of samples.
 * ``dpo``: preference pairs (prompt, chosen, rejected), the DPO loss against the same model under
   ``lorakit.disabled`` as the reference; eval = DPO loss, implicit rewards, margin and accuracy (see :mod:`.dpo`).
+* ``head-classify``: a causal LM's backbone + a linear head on pooled final hidden states, cross-entropy
+  (LS-LLaMA; ``data.pooling`` last/mean/max, ``data.attention: bidirectional`` for LS-unLLaMA; see :mod:`.head`).
 * ``multitask``: one causal LM over a mixture of ``lm-classify``/``sft`` parts, each example tagged with its task
   index (``task_ids``, for the task-routed methods), balanced batches, per-part metrics (``<part>/<metric>``) and
   ``mean_accuracy`` (see :mod:`.multitask`).
 * ``pretrain``: next-token pre-training on an unlabelled text corpus (``shakespeare``) cut into fixed blocks; a tiny
   Llama built in code and trained from scratch by default; eval = loss, perplexity (see :mod:`.pretrain`).
 
-Generic kinds (``classify-lm``, ``classify-encoder``, ``sft``, ``dpo``) take their rows from ``data.path`` (JSONL/CSV).
+Generic kinds (``classify-lm``, ``classify-encoder``, ``classify-head``, ``sft``, ``dpo``) take their rows from ``data.path`` (JSONL/CSV).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from ..errors import ConfigError
 from .base import Task, classification_metrics
 from .classify import EncoderClassification, LMClassification
 from .dpo import DPO
+from .head import HeadClassification
 from .multitask import MultiTask
 from .pretrain import Pretrain
 from .sft import SFT
@@ -37,7 +40,7 @@ __all__ = ["TaskSpec", "TASKS", "get_task", "Task", "classification_metrics"]
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    kind: str  # "lm-classify" | "encoder-classify" | "sft" | "dpo" | "multitask"
+    kind: str  # "lm-classify" | "encoder-classify" | "sft" | "dpo" | "multitask" | "head-classify"
     model: str | None
     dataset: str | None  # a lorakit.assets dataset, or None: rows come from data.path
     description: str
@@ -81,9 +84,15 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("shakespeare-pretrain", "pretrain", "llama-4x256", "shakespeare",
              "pre-training from scratch: a 4x256 Llama (SmolLM2 tokenizer) on the Shakespeare/Milton texts in "
              "blocks of data.max_length; eval = validation loss and perplexity"),
+    TaskSpec("sentiment-smollm2-head", "head-classify", "smollm2-135m", "sentiment",
+             "movie-review polarity with SmolLM2 + a linear head on pooled hidden states (LS-LLaMA)"),
+    TaskSpec("bbc-smollm2-head", "head-classify", "smollm2-135m", "bbc-news",
+             "BBC News topic (5 classes) with SmolLM2 + a linear head on pooled hidden states (LS-LLaMA)"),
+    TaskSpec("classify-head", "head-classify", None, None,
+             "your text/label file, causal LM + a linear head on pooled hidden states (LS-LLaMA)"),
 ]}
 _KINDS = {"lm-classify": LMClassification, "encoder-classify": EncoderClassification, "sft": SFT,
-          "multitask": MultiTask, "dpo": DPO, "pretrain": Pretrain}
+          "multitask": MultiTask, "dpo": DPO, "pretrain": Pretrain, "head-classify": HeadClassification}
 
 
 def get_task(name: str, data_cfg=None) -> Task:

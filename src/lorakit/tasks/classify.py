@@ -80,6 +80,19 @@ class LMClassification(Task):
             cols.append(lp.sum(1).cpu())
         return torch.stack(cols, 1)
 
+    @torch.no_grad()
+    def predict_scores(self, model: nn.Module, examples: list[dict], batch_size: int = 32) -> Tensor:
+        """``(n, n_labels)`` class scores of encoded examples (their labels unused): the label words'
+        log-likelihoods. Every classification task has it (a teacher's labels, Trans-LoRA)."""
+        was = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        try:
+            return torch.cat([self._scores(model, examples[i:i + batch_size], device)
+                              for i in range(0, len(examples), batch_size)])
+        finally:
+            model.train(was)
+
     def evaluate(self, model, tok, examples, batch_size=32):
         was = model.training
         model.eval()
@@ -121,6 +134,21 @@ class EncoderClassification(Task):
         return {"input_ids": pad([e["input_ids"] for e in examples], self.pad_id),
                 "attention_mask": pad([[1] * len(e["input_ids"]) for e in examples], 0),
                 "labels": torch.tensor([e["y"] for e in examples], dtype=torch.long)}
+
+    def logits(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    @torch.no_grad()
+    def predict_scores(self, model: nn.Module, examples: list[dict], batch_size: int = 32) -> Tensor:
+        """``(n, n_labels)`` class logits of encoded examples (their labels unused)."""
+        was = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        try:
+            return torch.cat([self.logits(model, to_device(self.collate(examples[i:i + batch_size]), device))
+                              .float().cpu() for i in range(0, len(examples), batch_size)])
+        finally:
+            model.train(was)
 
     @torch.no_grad()
     def evaluate(self, model, tok, examples, batch_size=32):

@@ -145,6 +145,9 @@ class DataSection:
     format: Literal["prompt", "messages"] = "prompt"
     packing: bool = False  # sft: pack a batch's samples into rows of max_length, no attention across samples
     dpo_beta: float = 0.1  # dpo tasks: the KL coefficient beta of the DPO loss
+    # head-classify tasks (LS-LLaMA): how per-token logits are pooled, and LS-unLLaMA's bidirectional attention
+    pooling: Literal["last", "mean", "max"] = "last"
+    attention: Literal["causal", "bidirectional"] = "causal"
 
     def validate(self) -> None:
         for k, lo in (("max_length", 8), ("batch_size", 1), ("eval_batch_size", 1), ("train_size", 1),
@@ -365,5 +368,8 @@ def _check_extras(cfg: RunConfig) -> None:
                               "renders the conversation")
     if d.packing and kind is not None and kind != "sft":
         raise ConfigError(f"data.packing=true needs an sft task; task '{d.task}' is a {kind} task")
+    if kind is not None and kind != "head-classify" and (d.pooling != "last" or d.attention != "causal"):
+        raise ConfigError(f"data.pooling/data.attention apply to head-classify tasks (sentiment-smollm2-head, "
+                          f"bbc-smollm2-head, classify-head); task '{d.task}' is a {kind} task")
     if not d.dpo_beta > 0:
         raise ConfigError(f"data.dpo_beta={d.dpo_beta} must be > 0")
