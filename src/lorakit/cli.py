@@ -206,15 +206,19 @@ def _method_rows() -> list[dict]:
     return list_methods()
 
 
+def _write_markdown(dest: str, md: str) -> int:
+    """``--markdown``: to stdout ("-") or to a file."""
+    if dest == "-":
+        sys.stdout.write(md)
+    else:
+        Path(dest).write_text(md)
+        _out(f"wrote {dest}")
+    return 0
+
+
 def cmd_methods(a) -> int:
     if a.markdown is not None:
-        md = methods_markdown()
-        if a.markdown == "-":
-            sys.stdout.write(md)
-        else:
-            Path(a.markdown).write_text(md)
-            _out(f"wrote {a.markdown}")
-        return 0
+        return _write_markdown(a.markdown, methods_markdown())
     rows = [[m["name"], m["family"], "yes" if m["mergeable"] else "no", m["peft_type"] or "-", m["init"],
              ",".join(m["layers"]), m["calibration"] or "-", m["paper"][:60]] for m in _method_rows()]
     _out(_table(rows, ["method", "family", "merge", "peft", "init", "layers", "calib", "paper"]))
@@ -225,13 +229,7 @@ def cmd_procedures(a) -> int:
     from .procedures import list_procedures, procedures_markdown
 
     if a.markdown is not None:
-        md = procedures_markdown()
-        if a.markdown == "-":
-            sys.stdout.write(md)
-        else:
-            Path(a.markdown).write_text(md)
-            _out(f"wrote {a.markdown}")
-        return 0
+        return _write_markdown(a.markdown, procedures_markdown())
     rows = [[r["name"], r["family"], r["paper"][:50] or "-",
              ", ".join(f"{k}={v!r}" for k, v in r["options"].items())[:70] or "-"] for r in list_procedures()]
     _out(_table(rows, ["procedure", "family", "paper", "options (optim.<option>=...)"]))

@@ -46,3 +46,38 @@ def residual_to_lora(model: nn.Module, name: str) -> tuple[dict[str, Tensor], di
                                                                   for p in ranks}},
                        "paths": sorted(ranks)}
     return state, conf
+
+
+def plain_lowrank(model: nn.Module, name: str, who: str, *, linear_only: bool = False) -> tuple[dict, int, float]:
+    """``({path: LowRank}, r, s)`` of adapter ``name`` when every matrix is a plain ``s·B·A`` on its unchanged base
+    with one rank and one scale (what LoRAM's recovery and PEFT's intruder mitigation rewrite as a LoRA); a
+    :class:`~lorakit.errors.LorakitError` naming ``who`` and the offending module otherwise."""
+    from .errors import LorakitError
+    from .inject import adapters
+
+    src = dict(adapters(model, name))
+    if not src:
+        raise ConfigError(f"{who}: no adapter named {name!r}")
+    facts = {}
+    for path, a in src.items():
+        lr = a.lowrank()
+        if lr is None or getattr(lr, "magnitude", None) is not None or type(a).changes_base(a.cfg) \
+                or (linear_only and a.view.kind != "linear"):
+            raise LorakitError(f"{who}: the {type(a).name} adapter on '{path}' is not a plain low-rank update "
+                               f"(B·A on the unchanged base{', on a linear layer' if linear_only else ''}); use a "
+                               "LoRA-form method (lora, qlora, ...)")
+        facts[path] = lr
+    ranks = {lr.A.shape[0] for lr in facts.values()}
+    scales = {round(float(lr.scale), 12) for lr in facts.values()}
+    if len(ranks) != 1 or len(scales) != 1:
+        raise LorakitError(f"{who}: the adapter's matrices differ in rank {sorted(ranks)} or scale {sorted(scales)}; "
+                           "the result is one LoRA config")
+    return facts, ranks.pop(), scales.pop()
+
+
+def attach_plain_lora(model: nn.Module, paths, r: int, scale: float, name: str) -> dict:
+    """Attach a plain LoRA ``name`` (rank ``r``, scale ``scale``) to ``paths``; returns ``{path: adapter}``."""
+    from .inject import adapters, attach
+
+    attach(model, {"method": "lora", "targets": sorted(paths), "r": r, "alpha": scale * r}, name=name)
+    return dict(adapters(model, name))

@@ -68,28 +68,15 @@ def reduce_intruders(model: nn.Module, lam: float = 0.75, name: str = "default",
                      top_k: int = 10, eps: float = 0.5) -> dict[str, int]:
     """PEFT's intruder mitigation on a low-rank adapter ``name``: writes the adapter ``new_name`` (a LoRA of the same
     rank and scale) and makes it the active one. Returns the intruder count per matrix."""
-    from . import attach, set_active
+    from . import set_active
+    from .convert import attach_plain_lora, plain_lowrank
     from .inject import adapters
 
     if not 0.0 <= lam <= 1.0:
         raise ConfigError(f"reduce_intruders: lam={lam} must be in [0, 1] (the fraction of each intruder kept)")
+    facts, r, s = plain_lowrank(model, name, "reduce_intruders", linear_only=True)
     src = dict(adapters(model, name))
-    if not src:
-        raise ConfigError(f"reduce_intruders: no adapter named {name!r}")
-    facts = {}
-    for path, a in src.items():
-        lr = a.lowrank()
-        if lr is None or getattr(lr, "magnitude", None) is not None or a.view.kind != "linear":
-            raise LorakitError(f"reduce_intruders: the {type(a).name} adapter on '{path}' is not a plain low-rank "
-                               "update on a linear layer (PEFT's mitigation is defined for LoRA)")
-        facts[path] = lr
-    ranks = {lr.A.shape[0] for lr in facts.values()}
-    scales = {round(float(lr.scale), 12) for lr in facts.values()}
-    if len(ranks) != 1 or len(scales) != 1:
-        raise LorakitError("reduce_intruders: the adapter's matrices differ in rank or scale")
-    r, s = ranks.pop(), scales.pop()
-    attach(model, {"method": "lora", "targets": sorted(facts), "r": r, "alpha": s * r}, name=new_name)
-    new = dict(adapters(model, new_name))
+    new = attach_plain_lora(model, facts, r, s, new_name)
     counts = {}
     for path, lr in facts.items():
         a = src[path]

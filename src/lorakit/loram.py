@@ -232,31 +232,14 @@ def recover_adapter(small_model: nn.Module, full_model: nn.Module, mask: PruneMa
     """Attach to ``full_model`` a LoRA adapter ``name`` recovered from the adapter ``name`` trained on the pruned
     ``small_model`` (any method whose adapters have ``lowrank()``; the result is a plain LoRA at each adapter's rank
     and scale). Save it with :func:`lorakit.save_adapter`."""
-    from . import attach
-    from .inject import adapters
+    from .convert import attach_plain_lora, plain_lowrank
 
-    small = dict(adapters(small_model, name))
-    if not small:
-        raise LorakitError(f"loram: the pruned model has no adapter '{name}'")
-    facts = {}
-    for path, a in small.items():
-        lr = a.lowrank()
-        if lr is None or getattr(lr, "magnitude", None) is not None or type(a).changes_base(a.cfg):
-            raise LorakitError(f"loram: the {type(a).name} adapter on '{path}' has no plain low-rank form (B·A on the "
-                               "unchanged base), so it cannot be scattered into the full model; use a LoRA-form "
-                               "method (lora, qlora, rslora-scaled lora, ...)")
-        if path not in mask.modules:
-            raise LorakitError(f"loram: '{path}' is not in the mask; was the adapter trained on this pruned model?")
-        facts[path] = lr
-    ranks = {lr.A.shape[0] for lr in facts.values()}
-    scales = {round(float(lr.scale), 12) for lr in facts.values()}
-    if len(ranks) != 1 or len(scales) != 1:
-        raise LorakitError(f"loram: the adapters differ in rank {sorted(ranks)} or scale {sorted(scales)}; recovery "
-                           "writes one LoRA config")
-    r, s = ranks.pop(), scales.pop()
-    attach(full_model, {"method": "lora", "targets": sorted(facts), "r": r, "alpha": s * r}, name=name)
+    facts, r, s = plain_lowrank(small_model, name, "loram")
+    missing = [p for p in facts if p not in mask.modules]
+    if missing:
+        raise LorakitError(f"loram: '{missing[0]}' is not in the mask; was the adapter trained on this pruned model?")
+    full = attach_plain_lora(full_model, facts, r, s, name)
     g = torch.Generator().manual_seed(seed)
-    full = dict(adapters(full_model, name))
     with torch.no_grad():
         for path, lr in facts.items():
             A, B = recover_lowrank(lr.A.detach(), lr.B.detach(), mask.modules[path], mask.full_shapes[path],
