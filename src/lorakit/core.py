@@ -399,6 +399,11 @@ class Adapter(nn.Module):
     # ``lora_magnitude_vector`` ("lowrank+magnitude"); the bank then reads the factors without building adapters.
     # None: the bank builds the adapter and asks ``lowrank()``.
     fast_serve: ClassVar[str | None] = None
+    # Whether training needs the model's output head run on EVERY position (full (batch, seq, vocab) logits in the
+    # outputs handed to ``output_loss``, or the head's input at every position, e.g. X-LoRA's hook on it). Tasks
+    # otherwise compute logits only where a loss or metric reads them (``lorakit.tasks.logits``). None: True exactly
+    # when the class overrides ``output_loss`` (a loss on the outputs may read any position).
+    full_logits: ClassVar[bool | None] = None
 
     def __init__(self, base: nn.Module, cfg: Any, view: LayerView | None = None):
         super().__init__()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .. import assets
 from ..errors import ConfigError
 from .base import Task, pad, to_device
+from .logits import fast_head, labelled_logprobs, row_sums
 from .sft import final_number
 
 __all__ = ["DPO", "dpo_loss", "corrupt_answer", "sequence_logps"]
@@ -121,13 +122,22 @@ class DPO(Task):
         from ..inject import disabled
 
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        out = model(**inputs)
-        logps = sequence_logps(out.logits, batch["labels"])
+        head = fast_head(model)  # None: full logits (a method reads them); else the completion tokens only
+        n = batch["labels"].shape[0]
+
+        def logps_of(m):
+            if head is None:
+                o = m(**inputs)
+                return sequence_logps(o.logits, batch["labels"]), o
+            lp, rows, o = labelled_logprobs(m, head, batch)
+            return row_sums(lp, rows, n), o
+
+        logps, out = logps_of(model)
         was = model.training
         model.eval()
         try:
             with torch.no_grad(), disabled(model):
-                ref = sequence_logps(model(**inputs).logits, batch["labels"])
+                ref = logps_of(model)[0]
         finally:
             model.train(was)
         pc, pr = logps.chunk(2)
