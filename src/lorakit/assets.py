@@ -183,6 +183,26 @@ def load_causal_lm(name: str = "smollm2-135m", dtype: str = "float32"):
     return _cached(("causal", str(path), dtype), load)
 
 
+def load_causal_lm_quantized(name: str = "smollm2-135m", dtype: str = "float32", exclude=None):
+    """``(model, tokenizer)`` with every linear layer but the output head (and ``exclude``) quantised to NF4 as the
+    weights are read (:func:`lorakit.quant_model.load_quantized`: the float model never exists whole), or None when
+    the model directory has no safetensors checkpoint (then load in float and call ``quantize_model``). Not cached."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from .quant_model import load_quantized
+
+    path = model_path(name)
+    if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+        return None
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    m = load_quantized(path, "AutoModelForCausalLM", getattr(torch, dtype), exclude=exclude)
+    m.name_or_path = name if name in MODELS else str(path)
+    return m, tok
+
+
 def load_encoder_classifier(name: str = "minilm-l6", num_labels: int = 2, dtype: str = "float32"):
     """``(model, tokenizer)``: an encoder with a new ``classifier`` head of ``num_labels`` (seeded by the caller)."""
     import torch

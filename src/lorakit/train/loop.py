@@ -233,7 +233,10 @@ def run_training(config: RunConfig | dict | None = None, *, resume: bool = False
     model_name = task.model_name(cfg.model.name)
     cfg.model.name = model_name
     seed_everything(tc.seed)
-    model, tok = task.load_model(model_name, cfg.model.dtype)
+    # QLoRA's 4-bit base: quantised as the weights are read where the task can (the float model never exists whole)
+    loaded = task.load_quantized(model_name, cfg.model.dtype, dict(cfg.adapter).get("trainable") or None) \
+        if cfg.model.quantize == "nf4" else None
+    model, tok = loaded or task.load_model(model_name, cfg.model.dtype)
     model.to(device)
     train_ex, eval_ex = task.encode(rows["train"], tok), task.encode(rows["eval"], tok)
     bs, accum, total = dc.batch_size, tc.grad_accum, tc.steps
@@ -242,7 +245,7 @@ def run_training(config: RunConfig | dict | None = None, *, resume: bool = False
         if not acfg.get(k):
             acfg[k] = v
     cfg.adapter = AttachConfig.make(acfg).to_dict()
-    if cfg.model.quantize == "nf4":  # QLoRA's 4-bit base: every linear but the output head and trained modules
+    if cfg.model.quantize == "nf4" and loaded is None:  # QLoRA's 4-bit base: every linear but the head and trained
         from ..quant_model import quantize_model
 
         quantize_model(model, exclude=cfg.adapter.get("trainable") or None)
