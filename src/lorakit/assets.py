@@ -165,8 +165,10 @@ def _cached(key: tuple, loader):
     return copy.deepcopy(model), tok
 
 
-def load_causal_lm(name: str = "smollm2-135m", dtype: str = "float32"):
-    """``(model, tokenizer)`` for a causal LM; the weights are read once per process."""
+def load_causal_lm(name: str = "smollm2-135m", dtype: str = "float32", cache: bool = True):
+    """``(model, tokenizer)`` for a causal LM; the weights are read once per process and every caller gets a deep
+    copy. ``cache=False`` (the trainer) loads a model of its own and keeps nothing: the cached original plus the
+    copy held the weights twice (1 GB of a SmolLM2 run's peak memory)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -180,6 +182,12 @@ def load_causal_lm(name: str = "smollm2-135m", dtype: str = "float32"):
         m.name_or_path = name if name in MODELS else str(path)
         return m.eval(), tok
 
+    if not cache:
+        key = ("causal", str(path), dtype)
+        with _LOCK:
+            if key in _LOADED:  # already resident: a copy costs no read
+                return _cached(key, load)
+        return load()
     return _cached(("causal", str(path), dtype), load)
 
 

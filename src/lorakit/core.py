@@ -404,6 +404,10 @@ class Adapter(nn.Module):
     # otherwise compute logits only where a loss or metric reads them (``lorakit.tasks.logits``). None: True exactly
     # when the class overrides ``output_loss`` (a loss on the outputs may read any position).
     full_logits: ClassVar[bool | None] = None
+    # The inference forward begins with ``x·lora_A.weightᵀ`` on the layer's own input (LoRA's form), so the
+    # adapters of sibling layers reading one input can share one GEMM (``lorakit.fusion``; the class's ``share``
+    # groups them and its forward asks the group). False: every adapter computes its own path.
+    fuse_down: ClassVar[bool] = False
 
     def __init__(self, base: nn.Module, cfg: Any, view: LayerView | None = None):
         super().__init__()

@@ -130,7 +130,8 @@ class Task:
         return labels
 
     # ---- interface ----------------------------------------------------------------------------------------
-    def load_model(self, name: str, dtype: str = "float32") -> tuple[nn.Module, Any]:
+    def load_model(self, name: str, dtype: str = "float32", cache: bool = True) -> tuple[nn.Module, Any]:
+        """``(model, tokenizer)``. ``cache=False``: keep no process-wide copy (the trainer's one-off load)."""
         raise NotImplementedError
 
     def load_quantized(self, name: str, dtype: str = "float32", exclude=None) -> tuple[nn.Module, Any] | None:

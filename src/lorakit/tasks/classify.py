@@ -26,8 +26,8 @@ class LMClassification(Task):
     label whose word is most likely (summed token log-probabilities)."""
     prompt_fields = ("text",)
 
-    def load_model(self, name, dtype="float32"):
-        return assets.load_causal_lm(name, dtype)
+    def load_model(self, name, dtype="float32", cache=True):
+        return assets.load_causal_lm(name, dtype, cache)
 
     def _setup(self, tok):
         words = list(self.cfg.label_words or self.spec.label_words or [" " + lab for lab in self.labels])

@@ -89,8 +89,8 @@ class DPO(Task):
                             for r in rows if (bad := corrupt_answer(r["completion"], r["prompt"])) is not None]
         return pairs
 
-    def load_model(self, name, dtype="float32"):
-        return assets.load_causal_lm(name, dtype)
+    def load_model(self, name, dtype="float32", cache=True):
+        return assets.load_causal_lm(name, dtype, cache)
 
     def encode(self, rows, tok):
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0

@@ -89,8 +89,8 @@ class MultiTask(Task):
         self.train_sizes: list[int] | None = None
         self._perms: dict = {}
 
-    def load_model(self, name, dtype="float32"):
-        return self.parts[0].load_model(name, dtype)
+    def load_model(self, name, dtype="float32", cache=True):
+        return self.parts[0].load_model(name, dtype, cache)
 
     # ---- rows: each part's own (capped, checked) rows, tagged with the part index ----------------------------
     def rows(self):

@@ -181,8 +181,8 @@ class SFT(Task):
         return {k: [{"messages": check_messages(r["messages"], f"{k} row {i + 1}")} for i, r in enumerate(v)]
                 for k, v in out.items()}
 
-    def load_model(self, name, dtype="float32"):
-        return assets.load_causal_lm(name, dtype)
+    def load_model(self, name, dtype="float32", cache=True):
+        return assets.load_causal_lm(name, dtype, cache)
 
     def _encode_chat(self, rows, tok):
         L = self.cfg.max_length

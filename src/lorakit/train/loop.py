@@ -236,7 +236,13 @@ def run_training(config: RunConfig | dict | None = None, *, resume: bool = False
     # QLoRA's 4-bit base: quantised as the weights are read where the task can (the float model never exists whole)
     loaded = task.load_quantized(model_name, cfg.model.dtype, dict(cfg.adapter).get("trainable") or None) \
         if cfg.model.quantize == "nf4" else None
-    model, tok = loaded or task.load_model(model_name, cfg.model.dtype)
+    if loaded is None:  # a task's own load_model may predate the `cache` argument
+        import inspect
+
+        own = "cache" in inspect.signature(task.load_model).parameters
+        loaded = task.load_model(model_name, cfg.model.dtype, cache=False) if own else \
+            task.load_model(model_name, cfg.model.dtype)
+    model, tok = loaded
     model.to(device)
     train_ex, eval_ex = task.encode(rows["train"], tok), task.encode(rows["eval"], tok)
     bs, accum, total = dc.batch_size, tc.grad_accum, tc.steps
