@@ -239,6 +239,8 @@ def main(argv=None):
                 print(json.dumps({k: v for k, v in r.items() if k != "error"}), flush=True)
                 if r["rc"]:
                     print(r["error"], file=sys.stderr, flush=True)
+                if a.json:  # after every run: a long benchmark interrupted keeps what it measured
+                    Path(a.json).write_text(json.dumps({"machine": machine, "runs": runs}, indent=1))
     machine["load_at_end"] = os.getloadavg()
     print(table(runs))
     print(json.dumps(machine))
