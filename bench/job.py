@@ -41,7 +41,7 @@ TARGETS = {"peak_rss_mb": 0.6, "wall_s": 0.85, "time_per_step_s": 0.95}
 
 
 # ---- the anchor: PEFT + transformers' Trainer ---------------------------------------------------------------------
-def anchor(job: str, steps: int, threads: int, device: str) -> dict:
+def anchor(job: str, steps: int, threads: int, device: str, eval_size: int | None = None) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
@@ -52,7 +52,8 @@ def anchor(job: str, steps: int, threads: int, device: str) -> dict:
     from lorakit.train.loop import _batch_indices
 
     torch.set_num_threads(threads)
-    cfg = resolve()  # the embedded default job: the same task, rows, lengths and hyperparameters
+    # the embedded default job: the same task, rows, lengths and hyperparameters
+    cfg = resolve(overrides=[f"data.eval_size={eval_size}"] if eval_size else None)
     dc, oc = cfg.data, cfg.optim
     task = get_task(dc.task, dc)
     rows = task.rows()
@@ -142,9 +143,9 @@ def anchor(job: str, steps: int, threads: int, device: str) -> dict:
 
 
 # ---- lorakit: the CLI ----------------------------------------------------------------------------------------------
-def lorakit_cmd(job: str, steps: int, threads: int, device: str, out: str) -> list[str]:
+def lorakit_cmd(job: str, steps: int, threads: int, device: str, out: str, eval_size: int | None = None) -> list[str]:
     args = [sys.executable, "-m", "lorakit", "train", f"output.dir={out}", f"train.threads={threads}",
-            f"train.device={device}", f"train.steps={steps}"]
+            f"train.device={device}", f"train.steps={steps}"] + ([f"data.eval_size={eval_size}"] if eval_size else [])
     if job == "dora":
         args.append("adapter.method=dora")
     if job == "qlora":
@@ -167,7 +168,7 @@ def one(side: str, job: str, a) -> dict:
            "OMP_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false"}
     with tempfile.TemporaryDirectory(prefix=f"job-{side}-") as d:
         if side == "lorakit":
-            wall, rss, rc, log = run_child(lorakit_cmd(job, a.steps, a.threads, a.device, d), env)
+            wall, rss, rc, log = run_child(lorakit_cmd(job, a.steps, a.threads, a.device, d, a.eval_size), env)
             res = json.loads((Path(d) / "result.json").read_text()) if rc == 0 else {}
             rec = {"time_per_step_s": res.get("time_per_step_s"),
                    "accuracy_before": res.get("metrics_before", {}).get("accuracy"),
@@ -175,7 +176,7 @@ def one(side: str, job: str, a) -> dict:
         else:
             js = Path(d) / "anchor.json"
             cmd = [sys.executable, __file__, "--worker", job, "--steps", str(a.steps), "--threads", str(a.threads),
-                   "--device", a.device, "--json", str(js)]
+                   "--device", a.device, "--json", str(js)] + (["--eval-size", str(a.eval_size)] if a.eval_size else [])
             wall, rss, rc, log = run_child(cmd, env)
             rec = json.loads(js.read_text()) if rc == 0 else {}
     if rc != 0:
@@ -212,11 +213,12 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--eval-size", type=int, help="evaluation rows (default: the job's 200); a short smoke run")
     ap.add_argument("--json", help="write the runs (and the machine) here")
     ap.add_argument("--worker", choices=JOBS, help=argparse.SUPPRESS)  # internal: run the anchor in this process
     a = ap.parse_args(argv)
     if a.worker:
-        res = anchor(a.worker, a.steps, a.threads, a.device)
+        res = anchor(a.worker, a.steps, a.threads, a.device, a.eval_size)
         Path(a.json).write_text(json.dumps(res))
         return 0
     jobs = [j for j in a.jobs.split(",") if j]
