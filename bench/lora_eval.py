@@ -72,14 +72,18 @@ def main(argv=None):
         diff = float((st(batch).logits - ref).abs().max())
         fdiff = float((unf(batch).logits - lm(batch).logits).abs().max())  # the 2nd call runs fused
         t = {k: [] for k in models}
+        c = {k: [] for k in models}  # CPU time of this process (with 1 thread: less sensitive to a busy machine)
         for _ in range(a.reps):
             for k, m in models.items():
-                s = time.perf_counter()
+                s, cs = time.perf_counter(), time.process_time()
                 m(batch)
                 t[k].append(time.perf_counter() - s)
+                c[k].append(time.process_time() - cs)
     med = {k: statistics.median(v) for k, v in t.items()}
+    cmed = {k: statistics.median(v) for k, v in c.items()}
     for k, v in med.items():
-        print(f"{k:<26} {v * 1e3:8.1f} ms   {v / med['base']:.3f}x base")
+        print(f"{k:<26} {v * 1e3:8.1f} ms   {v / med['base']:.3f}x base   cpu {cmed[k] * 1e3:8.1f} ms   "
+              f"{cmed[k] / cmed['base']:.3f}x base", flush=True)
     print(f"prototype vs lora logits: max |diff| {diff:.2e}; fused vs unfused: max |diff| {fdiff:.2e}")
     if a.profile:
         from torch.profiler import profile

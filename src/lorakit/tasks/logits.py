@@ -80,8 +80,10 @@ def head_hidden(model: nn.Module, head: nn.Module, inputs: dict[str, Any]) -> tu
     """``(h, outputs)``: the head's input ``(batch, seq, d)`` of one forward of ``model(**inputs)`` (no labels)
     and the model's outputs (their logits are empty)."""
     store: list[Tensor] = []
+    kw = {k: v for k, v in inputs.items() if k != "labels"}
+    kw.setdefault("use_cache", False)  # no KV cache for a scoring pass (138 MB at 50 x 60 tokens on SmolLM2)
     with _capture(head, store):
-        out = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        out = model(**kw)
     if len(store) != 1:
         raise RuntimeError(f"the output head ran {len(store)} times in one forward; expected once")
     return store[0], out
