@@ -120,3 +120,22 @@ def test_nf4_matches_bitsandbytes_quantize_4bit_on_cpu():
     ours, theirs = q2["absmax"].long(), st2.absmax.long()
     assert torch.all((v - dyn.double()[ours]).abs() <= (v - dyn.double()[theirs]).abs() + 1e-9)
     assert (ours == theirs).float().mean() > 0.99
+
+
+def test_quant_linear_backward_keeps_no_float_weight():
+    """Training through a QuantLinear saves the input (for nothing: grads need only the codes) and never the
+    dequantised (d_out, d_in) weight; the gradients equal F.linear's on the dequantised weight."""
+    ql = QuantLinear.from_linear(torch.nn.Linear(96, 128))
+    ql.bias.requires_grad_(True)
+    x = torch.randn(5, 96, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = ql(x)
+    assert (128, 96) not in saved and (96, 128) not in saved
+    g = torch.randn_like(y)
+    y.backward(g)
+    x2 = x.detach().clone().requires_grad_(True)
+    b2 = ql.bias.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x2, ql.weight, b2).backward(g)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(ql.bias.grad, b2.grad)
