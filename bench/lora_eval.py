@@ -3,8 +3,9 @@
     python bench/lora_eval.py [--threads 2] [--reps 9] [--batch 4] [--seq 128] [--rank 16] [--profile]
 
 Times, interleaved in one process (median of ``--reps``): the base model; the same model with LoRA r=16 on every
-linear layer, unmerged (lorakit's eval path: ``h = x Aᵀ``, then one in-place ``addmm_`` of ``s h Bᵀ`` into the
-base output); and a prototype that is NOT in the library: A stacked under W (``[W; A]``, one GEMM gives the base
+linear layer, unmerged (lorakit's eval path: ``h = x Aᵀ`` (q/k/v and gate/up fused into one GEMM each,
+``lorakit.fusion``), then one in-place ``addmm_`` of ``s h Bᵀ`` into the base output); the same without the
+fusion; and a prototype that is NOT in the library: A stacked under W (``[W; A]``, one GEMM gives the base
 output and ``h`` together, then ``addmm`` of ``s h Bᵀ`` into a contiguous output). The prototype keeps its own copy
 of ``[W; A]`` (2x the base weights), which is why it is only an experiment. With ``--profile`` it prints the
 operator profile of the base and the LoRA forward.
@@ -61,21 +62,29 @@ def main(argv=None):
             mod._cat = torch.cat([w, ad.lora_A.weight]).detach()
             mod._d, mod._Bt, mod._s = w.shape[0], ad.lora_B.weight.t().detach(), ad.scale
             mod.forward = types.MethodType(stacked_forward, mod)
+    unf = copy.deepcopy(lm)  # the same adapter without horizontal fusion (lorakit before issue 23)
+    for _, ad in lorakit.inject.adapters(unf):
+        ad.__dict__.pop("_fuse", None)
     batch = torch.randint(0, base.config.vocab_size, (a.batch, a.seq), generator=g)
-    models = {"base": base, "lora": lm, "stacked [W;A] prototype": st}
+    models = {"base": base, "lora": lm, "lora, no fusion": unf, "stacked [W;A] prototype": st}
     with torch.no_grad():
         ref = lm(batch).logits
         diff = float((st(batch).logits - ref).abs().max())
+        fdiff = float((unf(batch).logits - lm(batch).logits).abs().max())  # the 2nd call runs fused
         t = {k: [] for k in models}
+        c = {k: [] for k in models}  # CPU time of this process (with 1 thread: less sensitive to a busy machine)
         for _ in range(a.reps):
             for k, m in models.items():
-                s = time.perf_counter()
+                s, cs = time.perf_counter(), time.process_time()
                 m(batch)
                 t[k].append(time.perf_counter() - s)
+                c[k].append(time.process_time() - cs)
     med = {k: statistics.median(v) for k, v in t.items()}
+    cmed = {k: statistics.median(v) for k, v in c.items()}
     for k, v in med.items():
-        print(f"{k:<26} {v * 1e3:8.1f} ms   {v / med['base']:.3f}x base")
-    print(f"prototype vs lora logits: max |diff| {diff:.2e}")
+        print(f"{k:<26} {v * 1e3:8.1f} ms   {v / med['base']:.3f}x base   cpu {cmed[k] * 1e3:8.1f} ms   "
+              f"{cmed[k] / cmed['base']:.3f}x base", flush=True)
+    print(f"prototype vs lora logits: max |diff| {diff:.2e}; fused vs unfused: max |diff| {fdiff:.2e}")
     if a.profile:
         from torch.profiler import profile
 

@@ -1,6 +1,7 @@
 """Memory of a quantised base: SmolLM2-135M-Instruct in fp32 vs with every linear layer NF4 (lorakit.quant).
 
     python bench/quant.py [--threads 2] [--random-init]
+    python bench/quant.py --load [--threads 1]     # quantise-on-load (lorakit.quant_model.load_quantized) vs fp32 load
 
 Reports the bytes held by parameters+buffers (all, and the linear layers alone), the process RSS after loading
 (each variant measured in its own subprocess, after gc, before and after ``malloc_trim``), the quantisation time, and the quality cost (mean
@@ -43,9 +44,36 @@ def load(random_init: bool):
         AutoTokenizer.from_pretrained(d, gguf_file=f)
 
 
-def variant(kind: str, random_init: bool) -> dict:
-    from lorakit import quant, quant_model
+def peak_rss() -> int:
+    import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def variant(kind: str, random_init: bool) -> dict:
+    from lorakit import assets, quant, quant_model
+
+    if kind in ("fp32-st", "nf4-load"):  # from the prepared fp32 safetensors (what `lorakit train` reads)
+        import transformers
+        from transformers.models.llama import modeling_llama  # noqa: F401 - code imported before the baseline
+
+        path = assets.model_path("smollm2-135m")
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        base_rss = rss()
+        t = time.perf_counter()
+        if kind == "nf4-load":
+            model = quant_model.load_quantized(path)
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        load_s = time.perf_counter() - t
+        ids = tok(TEXT, return_tensors="pt").input_ids
+        with torch.no_grad():
+            logits = model(ids).logits
+        out = {"variant": kind, "rss_before_load": base_rss, "load_s": round(load_s, 2), "peak_rss": peak_rss(),
+               "rss": rss(), "model_bytes": quant.model_bytes(model),
+               "ppl": round(float(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).exp()), 3)}
+        out["peak_over_baseline"] = out["peak_rss"] - base_rss
+        return out
     model, tok = load(random_init)
     ids = tok(TEXT, return_tensors="pt").input_ids if tok else torch.randint(0, 49152, (1, 48))
     lin = [m for m in model.modules() if type(m) is torch.nn.Linear and m is not model.lm_head]
@@ -83,11 +111,28 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--random-init", action="store_true")
-    ap.add_argument("--variant", choices=["fp32", "nf4"])
+    ap.add_argument("--variant", choices=["fp32", "nf4", "fp32-st", "nf4-load"])
+    ap.add_argument("--load", action="store_true", help="quantise-on-load vs the fp32 load, from the prepared "
+                    "safetensors: peak RSS (ru_maxrss) and its rise over the process before loading")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.variant:
         print(json.dumps(variant(a.variant, a.random_init)))
+        return
+    if a.load:
+        rows = []
+        for v in ("fp32-st", "nf4-load", "fp32-st", "nf4-load"):  # interleaved: the machine is shared
+            cmd = [sys.executable, __file__, "--variant", v, "--threads", str(a.threads)]
+            line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            rows.append(json.loads(line))
+            print(line, flush=True)
+        mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
+        med = lambda v, k: sorted(r[k] for r in rows if r["variant"] == v)[0]  # noqa: E731 - the lower of 2
+        print("\n| | fp32 load | NF4 quantise-on-load | ratio |\n|---|---|---|---|")
+        for k in ("peak_rss", "peak_over_baseline", "rss", "model_bytes", "load_s"):
+            f, q = med("fp32-st", k), med("nf4-load", k)
+            fmt = (lambda x: f"{x} s") if k == "load_s" else mib
+            print(f"| {k} | {fmt(f)} | {fmt(q)} | {q / f:.3f} |")
         return
     rows = []
     for v in ("fp32", "nf4"):

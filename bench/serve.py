@@ -29,6 +29,12 @@ from lorakit.serve.engine import Engine, SamplingParams  # noqa: E402
 from lorakit.serve.server import load_base_model  # noqa: E402
 
 CACHE = Path(tempfile.gettempdir()) / "lorakit-bench-smollm2"
+DEVICE = torch.device("cpu")  # --device
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def base_model():
@@ -51,8 +57,8 @@ def rand_adapter(bank, name, r, g, paths=None, scale=0.02) -> ServedAdapter:
         if paths and not any(p.endswith(s) for s in paths):
             continue
         d_out, d_in = lay.base_layer.weight.shape
-        sa.layers[p] = (torch.randn(r, d_in, generator=g) / d_in ** 0.5, torch.randn(d_out, r, generator=g) * scale,
-                        None)
+        sa.layers[p] = ((torch.randn(r, d_in, generator=g) / d_in ** 0.5).to(DEVICE),
+                        (torch.randn(d_out, r, generator=g) * scale).to(DEVICE), None)
     return sa
 
 
@@ -60,8 +66,10 @@ def timeit(fn, reps):
     fn()
     ts = []
     for _ in range(reps):
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         ts.append(time.perf_counter() - t)
     return statistics.median(ts)
 
@@ -92,16 +100,22 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--stages", default="12345", help="which measurements to run (digits 1-5)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU: bench/gpu.sh)")
     a = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(a.device)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    res: dict = {"threads": a.threads, "torch": torch.__version__}
+    res: dict = {"threads": a.threads, "torch": torch.__version__, "device": a.device}
+    if DEVICE.type == "cuda":
+        res["gpu"] = torch.cuda.get_device_name(DEVICE)
     t = time.perf_counter()
     model0, tok = base_model()
+    model0 = model0.to(DEVICE)
     res["base_load_s"] = round(time.perf_counter() - t, 2)
     g = torch.Generator().manual_seed(0)
     B, T, R = 32, 32, 16
-    ids = torch.randint(0, model0.config.vocab_size, (B, T), generator=g)
+    ids = torch.randint(0, model0.config.vocab_size, (B, T), generator=g).to(DEVICE)
 
     # ---- 1 + 2: forward over a mixed batch ------------------------------------------------------------------
     plain = copy.deepcopy(model0)

@@ -172,8 +172,10 @@ def clear_model_cache() -> None:
         _LOADED.clear()
 
 
-def load_causal_lm(name: str = "smollm2-135m", dtype: str = "float32"):
-    """``(model, tokenizer)`` for a causal LM; the weights are read once per process."""
+def load_causal_lm(name: str = "smollm2-135m", dtype: str = "float32", cache: bool = True):
+    """``(model, tokenizer)`` for a causal LM; the weights are read once per process and every caller gets a deep
+    copy. ``cache=False`` (the trainer) loads a model of its own and keeps nothing: the cached original plus the
+    copy held the weights twice (1 GB of a SmolLM2 run's peak memory)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -187,7 +189,33 @@ def load_causal_lm(name: str = "smollm2-135m", dtype: str = "float32"):
         m.name_or_path = name if name in MODELS else str(path)
         return m.eval(), tok
 
+    if not cache:
+        key = ("causal", str(path), dtype)
+        with _LOCK:
+            if key in _LOADED:  # already resident: a copy costs no read
+                return _cached(key, load)
+        return load()
     return _cached(("causal", str(path), dtype), load)
+
+
+def load_causal_lm_quantized(name: str = "smollm2-135m", dtype: str = "float32", exclude=None):
+    """``(model, tokenizer)`` with every linear layer but the output head (and ``exclude``) quantised to NF4 as the
+    weights are read (:func:`lorakit.quant_model.load_quantized`: the float model never exists whole), or None when
+    the model directory has no safetensors checkpoint (then load in float and call ``quantize_model``). Not cached."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from .quant_model import load_quantized
+
+    path = model_path(name)
+    if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+        return None
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    m = load_quantized(path, "AutoModelForCausalLM", getattr(torch, dtype), exclude=exclude)
+    m.name_or_path = name if name in MODELS else str(path)
+    return m, tok
 
 
 def load_encoder_classifier(name: str = "minilm-l6", num_labels: int = 2, dtype: str = "float32"):

@@ -412,6 +412,15 @@ class Adapter(nn.Module):
     # for its bias update). Data-parallel training sums them over the ranks before the controllers run, so every
     # rank sees the count of the whole global batch, as one process does.
     summed_buffers: ClassVar[tuple[str, ...]] = ()
+    # Whether training needs the model's output head run on EVERY position (full (batch, seq, vocab) logits in the
+    # outputs handed to ``output_loss``, or the head's input at every position, e.g. X-LoRA's hook on it). Tasks
+    # otherwise compute logits only where a loss or metric reads them (``lorakit.tasks.logits``). None: True exactly
+    # when the class overrides ``output_loss`` (a loss on the outputs may read any position).
+    full_logits: ClassVar[bool | None] = None
+    # The inference forward begins with ``x·lora_A.weightᵀ`` on the layer's own input (LoRA's form), so the
+    # adapters of sibling layers reading one input can share one GEMM (``lorakit.fusion``; the class's ``share``
+    # groups them and its forward asks the group). False: every adapter computes its own path.
+    fuse_down: ClassVar[bool] = False
 
     def __init__(self, base: nn.Module, cfg: Any, view: LayerView | None = None):
         super().__init__()

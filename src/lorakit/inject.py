@@ -23,7 +23,7 @@ from .targets import match, resolve_trainable
 log = logging.getLogger(__name__)
 
 __all__ = ["attach", "check_attach", "detach", "set_active", "disabled", "summary", "hosts", "adapters", "init_adapters",
-           "calibrate", "extra_loss", "output_loss", "adapter_stats", "batch_context", "controllers", "attached", "active_names",
+           "calibrate", "extra_loss", "output_loss", "needs_full_logits", "adapter_stats", "batch_context", "controllers", "attached", "active_names",
            "attachment", "Attachment", "calibration_kind", "match_parameters"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -586,6 +586,22 @@ def output_loss(model: nn.Module, outputs: Any, batch: Any) -> Tensor | None:
         if loss is not None:
             total = loss if total is None else total + loss
     return total
+
+
+def needs_full_logits(model: nn.Module) -> bool:
+    """Whether an active attach declares ``Adapter.full_logits`` (its loss or hooks read the output head at every
+    position); tasks then compute the full logits instead of only the positions their loss reads."""
+    for n in active_names(model):
+        att = attachments(model).get(n)
+        if att is None:
+            continue
+        m = att.method
+        full = m.full_logits
+        if full is None:
+            full = getattr(m.output_loss, "__func__", None) is not Adapter.output_loss.__func__
+        if full:
+            return True
+    return False
 
 
 def adapter_stats(model: nn.Module) -> dict[str, float]:

@@ -205,12 +205,33 @@ class QuantLinear(nn.Linear):
             setattr(self, k, v)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _DequantLinear.apply(x, self, bias)
+        return F.linear(x, self.weight.to(x.dtype), bias)
 
     def extra_repr(self) -> str:
         c = self.qcfg
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
                f"NF{c.bits} block={c.block}" + (f" double_quant(8bit, {c.dq_block})" if c.double else "")
+
+
+class _DequantLinear(torch.autograd.Function):
+    """``x·dequant(W)ᵀ + b`` that keeps no float weight for the backward: plain ``F.linear`` would save the
+    dequantised weight of every layer until the backward (the whole float model again, which is what QLoRA saves);
+    as bitsandbytes' 4-bit matmul, the weight is dequantised a second time in the backward instead. The base weight
+    is frozen (a ``QuantLinear`` has no weight parameter), so only ``x`` and the bias get gradients."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, mod: "QuantLinear", bias: Tensor | None) -> Tensor:
+        ctx.mod = mod
+        return F.linear(x, mod.weight.to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        gx = g @ ctx.mod.weight.to(g.dtype) if ctx.needs_input_grad[0] else None
+        gb = g.reshape(-1, g.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        return gx, None, gb
 
 
 _WARNED: set[str] = set()

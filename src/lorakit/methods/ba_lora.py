@@ -91,6 +91,7 @@ def initial_factors(model: nn.Module, name: str):
                          {"init_lora_weights": lambda v: False}))  # PEFT files load as plain PiSSA
 class BALoRA(PiSSA):
     __doc__ = __doc__
+    full_logits = True  # output_loss reads every position's logits (KL, entropy, per-sample SVD)
 
     @dataclass
     class Config(LowRankConfig):

@@ -243,10 +243,31 @@ class LoRA(Adapter):
             out = out + (b.view(1, -1, 1, 1) if self.view.kind == "conv2d" else b)
         return out
 
+    fuse_down = True  # lorakit.fusion: x·[A_q; A_k; A_v]ᵀ in one GEMM at inference
+
+    @classmethod
+    def share(cls, att) -> None:
+        """Group the attach's linear/Conv1D adapters by parent module for the fused inference down-projection."""
+        super().share(att)
+        if not cls.fuse_down:
+            return
+        from ..fusion import group_by_parent
+
+        ms = [(m.path, m.adapter) for m in att.members
+              if m.param is None and m.adapter.view.kind in ("linear", "conv1d") and not m.adapter.cfg.lora_bias]
+        for g in group_by_parent(ms):
+            for a in g.members:
+                a.__dict__["_fuse"] = g
+
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         if self.view.kind in ("linear", "conv1d") and not self.cfg.lora_bias and y.dtype == self.lora_A.weight.dtype:
             # fused: one GEMM with accumulate into y (no extra pass over the (…, d_out) output)
-            h = nn.functional.linear(self.dropout(x), self.lora_A.weight)
+            fuse = self.__dict__.get("_fuse")
+            if fuse is not None and not torch.is_grad_enabled() and (not self.training or self.cfg.dropout == 0) \
+                    and not torch.compiler.is_compiling():
+                h = fuse.down(self, x)  # shared with the siblings reading the same x (lorakit.fusion)
+            else:
+                h = nn.functional.linear(self.dropout(x), self.lora_A.weight)
             y2 = y.reshape(-1, y.shape[-1])
             if isinstance(self.scale, Tensor):  # lorakit.prepare_for_hotswap: the scale is data, not a constant
                 h = h * self.scale.to(h.dtype)

@@ -96,6 +96,7 @@ class LoRAPrune(LoRA):
     def share(cls, att) -> None:
         """Mark the adapters whose outputs carry a unit mask (q/k/v, gate/up of Llama blocks): a Python flag, so the
         forward has no data-dependent branch (no graph break under torch.compile)."""
+        super().share(att)  # LoRA's fused down-projection groups
         for m in att.members:
             hit = _BLOCK.match(m.path)
             m.adapter.__dict__["_out_masked"] = bool(hit and hit.group(3) in _MASKED)

@@ -8,9 +8,10 @@ layers, r=64, α=16, dropout 0.1 (7B/13B), lr 2e-4, constant schedule, max_grad_
 
 Design (an adapter never owns or replaces its base module):
 
-* **Real memory saving** comes from the base: ``lorakit.quant_model.quantize_model(model)`` (the trainer does it when
-  the run config says ``model.quantize: nf4``) swaps ``nn.Linear`` for ``QuantLinear`` (packed codes + constants,
-  ``weight`` dequantises on access). On such a base ``init_from`` does nothing: output == ``dequant(W_q)x`` at init.
+* **Real memory saving** comes from the base: ``lorakit.quant_model.quantize_model(model)`` swaps ``nn.Linear`` for
+  ``QuantLinear`` (packed codes + constants, ``weight`` dequantises on access); with ``model.quantize: nf4`` the
+  trainer reads the checkpoint through ``quant_model.load_quantized`` instead, quantising each weight as it is read
+  (the float model never exists whole; same codes). On such a base ``init_from`` does nothing: output == ``dequant(W_q)x`` at init.
 * **On a float base** ``init_from`` *simulates* it exactly: the base becomes ``dequant(quant(W))`` (the same fp32
   values ``QuantLinear`` would produce; ``init="changes"``), so results match a quantised run but memory does not
   shrink (logged). ``detach`` restores the float base bit-exactly; ``on_load`` rebuilds the same base.

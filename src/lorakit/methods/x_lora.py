@@ -44,6 +44,7 @@ from ._mixture import Mixture, RestoreForward, output_head, read_lora_factors, t
           "Adapter Experts, a Flexible Framework for Large Language Models, arXiv:2402.07148")
 class XLoRA(Mixture):
     __doc__ = __doc__
+    full_logits = True  # bind hooks the output head's input at every position (the scaling pass)
     roles = {"experts_A": "A", "experts_B": "B", "xlora_classifier": "router"}
     example = {"r": 2, "num_experts": 3, "use_trainable_adapters": True, "xlora_depth": 2, "xlora_size": 8}
 

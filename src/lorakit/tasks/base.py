@@ -130,8 +130,17 @@ class Task:
         return labels
 
     # ---- interface ----------------------------------------------------------------------------------------
-    def load_model(self, name: str, dtype: str = "float32") -> tuple[nn.Module, Any]:
+    def load_model(self, name: str, dtype: str = "float32", cache: bool = True) -> tuple[nn.Module, Any]:
+        """``(model, tokenizer)``. ``cache=False``: keep no process-wide copy (the trainer's one-off load)."""
         raise NotImplementedError
+
+    def load_quantized(self, name: str, dtype: str = "float32", exclude=None) -> tuple[nn.Module, Any] | None:
+        """The model with its linear layers quantised (NF4) as they are read, so the float model never exists
+        whole (``model.quantize: nf4``), or None: the trainer then loads in float and calls ``quantize_model``.
+        Causal-LM tasks read their checkpoint tensor by tensor; others return None."""
+        if self.auto_class != "AutoModelForCausalLM":
+            return None
+        return assets.load_causal_lm_quantized(self.model_name(name), dtype, exclude)
 
     def encode(self, rows: list[dict], tok) -> list[dict]:
         raise NotImplementedError

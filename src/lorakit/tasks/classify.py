@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .. import assets
 from ..errors import ConfigError
 from .base import Task, classification_metrics, pad, to_device
+from .logits import fast_head, head_hidden, labelled_logprobs, row_sums
 
 
 def _fit(prompt_ids: list[int], tail_ids: list[int], budget: int) -> list[int]:
@@ -25,8 +26,8 @@ class LMClassification(Task):
     label whose word is most likely (summed token log-probabilities)."""
     prompt_fields = ("text",)
 
-    def load_model(self, name, dtype="float32"):
-        return assets.load_causal_lm(name, dtype)
+    def load_model(self, name, dtype="float32", cache=True):
+        return assets.load_causal_lm(name, dtype, cache)
 
     def _setup(self, tok):
         words = list(self.cfg.label_words or self.spec.label_words or [" " + lab for lab in self.labels])
@@ -59,12 +60,26 @@ class LMClassification(Task):
         mask = pad([[1] * len(e["input_ids"]) for e in examples], 0)
         return {"input_ids": ids, "attention_mask": mask, "labels": pad([e["labels"] for e in examples], -100)}
 
+    def forward(self, model, batch):
+        """The label word's mean token NLL (transformers' causal-LM loss), computing logits only at the label
+        word's positions where nothing needs the full outputs (:mod:`lorakit.tasks.logits`)."""
+        head = fast_head(model)
+        if head is None:
+            return super().forward(model, batch)
+        lp, _, out = labelled_logprobs(model, head, batch)
+        return -lp.mean(), out
+
     @torch.no_grad()
     def _scores(self, model: nn.Module, chunk: list[dict], device) -> Tensor:
         """(n, n_labels) log-likelihood of each label word after each prompt."""
+        head = fast_head(model)
         if self.single:
             ids = pad([e["prompt"] for e in chunk], self.pad_id).to(device)
             mask = pad([[1] * len(e["prompt"]) for e in chunk], 0).to(device)
+            if head is not None:  # the head at the answer position only
+                h, _ = head_hidden(model, head, {"input_ids": ids, "attention_mask": mask})
+                last = head(h[torch.arange(len(chunk), device=device), mask.sum(1) - 1]).float().log_softmax(-1)
+                return last[:, [w[0] for w in self.word_ids]].cpu()
             logits = model(input_ids=ids, attention_mask=mask).logits
             last = logits[torch.arange(len(chunk), device=device), mask.sum(1) - 1].float().log_softmax(-1)
             return last[:, [w[0] for w in self.word_ids]].cpu()
@@ -74,6 +89,10 @@ class LMClassification(Task):
             labs = [[-100] * len(e["prompt"]) + w for e in chunk]
             ids, lab = pad(seqs, self.pad_id).to(device), pad(labs, -100).to(device)
             mask = pad([[1] * len(s) for s in seqs], 0).to(device)
+            if head is not None:
+                lp, rows, _ = labelled_logprobs(model, head, {"input_ids": ids, "attention_mask": mask, "labels": lab})
+                cols.append(row_sums(lp, rows, len(chunk)).cpu())
+                continue
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             tgt = lab[:, 1:]
             lp = logits.log_softmax(-1).gather(-1, tgt.clamp(min=0)[..., None])[..., 0] * (tgt != -100)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .. import assets
 from ..errors import ConfigError
 from .base import Task, pad, to_device
+from .logits import fast_head, labelled_logprobs, row_sums
 from .sft import final_number
 
 __all__ = ["DPO", "dpo_loss", "corrupt_answer", "sequence_logps"]
@@ -88,8 +89,8 @@ class DPO(Task):
                             for r in rows if (bad := corrupt_answer(r["completion"], r["prompt"])) is not None]
         return pairs
 
-    def load_model(self, name, dtype="float32"):
-        return assets.load_causal_lm(name, dtype)
+    def load_model(self, name, dtype="float32", cache=True):
+        return assets.load_causal_lm(name, dtype, cache)
 
     def encode(self, rows, tok):
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -121,13 +122,22 @@ class DPO(Task):
         from ..inject import disabled
 
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        out = model(**inputs)
-        logps = sequence_logps(out.logits, batch["labels"])
+        head = fast_head(model)  # None: full logits (a method reads them); else the completion tokens only
+        n = batch["labels"].shape[0]
+
+        def logps_of(m):
+            if head is None:
+                o = m(**inputs)
+                return sequence_logps(o.logits, batch["labels"]), o
+            lp, rows, o = labelled_logprobs(m, head, batch)
+            return row_sums(lp, rows, n), o
+
+        logps, out = logps_of(model)
         was = model.training
         model.eval()
         try:
             with torch.no_grad(), disabled(model):
-                ref = sequence_logps(model(**inputs).logits, batch["labels"])
+                ref = logps_of(model)[0]
         finally:
             model.train(was)
         pc, pr = logps.chunk(2)

@@ -89,8 +89,8 @@ class MultiTask(Task):
         self.train_sizes: list[int] | None = None
         self._perms: dict = {}
 
-    def load_model(self, name, dtype="float32"):
-        return self.parts[0].load_model(name, dtype)
+    def load_model(self, name, dtype="float32", cache=True):
+        return self.parts[0].load_model(name, dtype, cache)
 
     # ---- rows: each part's own (capped, checked) rows, tagged with the part index ----------------------------
     def rows(self):
@@ -153,6 +153,17 @@ class MultiTask(Task):
 
     # ---- loss: every example weighs the same -------------------------------------------------------------------
     def forward(self, model, batch):
+        from .logits import fast_head, labelled_logprobs, row_sums
+
+        head = fast_head(model)
+        if head is not None:  # logits at the labelled tokens only (lorakit.tasks.logits)
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                      "labels": batch["labels"]}
+            lp, rows, out = labelled_logprobs(model, head, inputs)
+            b = batch["labels"].shape[0]
+            n = row_sums(torch.ones_like(lp), rows, b)
+            per_example = -row_sums(lp, rows, b) / n.clamp(min=1)
+            return per_example[n > 0].mean(), out
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         logits, tgt = out.logits[:, :-1].float(), batch["labels"][:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),

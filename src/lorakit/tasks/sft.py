@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .. import assets
 from ..errors import ConfigError
 from .base import Task, pad, to_device
+from .logits import fast_head, labelled_logprobs
 
 log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant", "tool")
@@ -180,8 +181,8 @@ class SFT(Task):
         return {k: [{"messages": check_messages(r["messages"], f"{k} row {i + 1}")} for i, r in enumerate(v)]
                 for k, v in out.items()}
 
-    def load_model(self, name, dtype="float32"):
-        return assets.load_causal_lm(name, dtype)
+    def load_model(self, name, dtype="float32", cache=True):
+        return assets.load_causal_lm(name, dtype, cache)
 
     def _encode_chat(self, rows, tok):
         L = self.cfg.max_length
@@ -238,7 +239,11 @@ class SFT(Task):
         if "position_ids" in batch and not self._packing_checked:
             check_packing(model, self._probe)
             self._packing_checked = True
-        return super().forward(model, batch)
+        head = fast_head(model)
+        if head is None:
+            return super().forward(model, batch)
+        lp, _, out = labelled_logprobs(model, head, batch)  # completion tokens only, chunked
+        return -lp.mean(), out
 
     @torch.no_grad()
     def evaluate(self, model, tok, examples, batch_size=16):
@@ -247,9 +252,15 @@ class SFT(Task):
         device = next(model.parameters()).device
         nll, count = 0.0, 0
         out: dict[str, float] = {}
+        head = fast_head(model)
         try:
             for i in range(0, len(examples), batch_size):
                 b = to_device(self.padded(examples[i:i + batch_size]), device)
+                if head is not None:  # completion tokens only, chunked
+                    lp, _, _ = labelled_logprobs(model, head, b)
+                    nll -= float(lp.sum())
+                    count += lp.numel()
+                    continue
                 logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
                 tgt = b["labels"][:, 1:]
                 nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),

@@ -287,7 +287,16 @@ def _run(cfg: RunConfig, resume: bool, callbacks) -> dict[str, Any]:
     model_name = task.model_name(cfg.model.name)
     cfg.model.name = model_name
     seed_everything(tc.seed)
-    model, tok = task.load_model(model_name, cfg.model.dtype)
+    # QLoRA's 4-bit base: quantised as the weights are read where the task can (the float model never exists whole)
+    loaded = task.load_quantized(model_name, cfg.model.dtype, dict(cfg.adapter).get("trainable") or None) \
+        if cfg.model.quantize == "nf4" else None
+    if loaded is None:  # a task's own load_model may predate the `cache` argument
+        import inspect
+
+        own = "cache" in inspect.signature(task.load_model).parameters
+        loaded = task.load_model(model_name, cfg.model.dtype, cache=False) if own else \
+            task.load_model(model_name, cfg.model.dtype)
+    model, tok = loaded
     model.to(device)
     train_ex, eval_ex = task.encode(rows["train"], tok), task.encode(rows["eval"], tok)
     val_ex: list = []
@@ -304,7 +313,7 @@ def _run(cfg: RunConfig, resume: bool, callbacks) -> dict[str, Any]:
         if not acfg.get(k):
             acfg[k] = v
     cfg.adapter = AttachConfig.make(acfg).to_dict()
-    if cfg.model.quantize == "nf4":  # QLoRA's 4-bit base: every linear but the output head and trained modules
+    if cfg.model.quantize == "nf4" and loaded is None:  # QLoRA's 4-bit base: every linear but the head and trained
         from ..quant_model import quantize_model
 
         quantize_model(model, exclude=cfg.adapter.get("trainable") or None)
