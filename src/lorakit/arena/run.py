@@ -360,12 +360,11 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
             rec.update(status="skipped", error=f"not run: {why}")
             return rec, None
         # the untrained metric is measured once per (task, seed): by the LoRA baseline's run
+        # (not by a sweep run: the untrained model is measured on the test split, by a test run)
         first = run["method"] == "lora" and run["lr_mult"] == 1.0 and run.get("procedure", "adamw") == "adamw" \
-            and (run["task"], run["seed"]) not in baseline_seen
+            and run.get("phase") != "sweep" and (run["task"], run["seed"]) not in baseline_seen
         if first:
             baseline_seen.add((run["task"], run["seed"]))
-        if run.get("phase") == "sweep":  # the untrained model is measured on the test split, by a test run
-            first = False
         proc = run.get("procedure", "adamw")
         extra = list(plan.extra) + ([f"optim.name={proc}"] if proc != "adamw" else [])
         if run.get("eval_split"):
