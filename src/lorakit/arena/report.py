@@ -239,9 +239,10 @@ def what_to_use(tasks: dict[str, list[dict]], worst: int = 3) -> str:
         metric = next((r["metric_name"] for r in rows if r["metric_name"]), "metric")
         sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
         out.append(f"### {task} ({metric})\n")
-        better = [r for r in rows if r.get("verdict") == "better" and r.get("matched")]
-        worse = [r for r in rows if r.get("verdict") == "worse"]
-        judged = [r for r in rows if r.get("verdict") not in (None, "too few seeds")]
+        methods = [r for r in rows if r.get("baseline") != "untrained"]
+        better = [r for r in methods if r.get("verdict") == "better" and r.get("matched")]
+        worse = [r for r in methods if r.get("verdict") == "worse"]
+        judged = [r for r in methods if r.get("verdict") not in (None, "too few seeds")]
         if better:
             out.append("* Better than LoRA with confidence at matched parameters: " + ", ".join(
                 f"{r['variant']} ({r['vs_lora'][0]:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}])" for r in better)
