@@ -391,6 +391,8 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
                 bar.write(f"{rec['key']}: {rec['status']}: {str(rec.get('error'))[:200]}")
 
     def run_batch(runs: list[dict]) -> None:
+        if not runs:
+            return
         if plan.backend == "ray":
             _run_on_ray(plan, runs, prepare, finish)
             return
