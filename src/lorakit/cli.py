@@ -454,6 +454,10 @@ def cmd_arena(a) -> int:
         done = {r["key"] for r in read_records(plan.out)}
         runs = expand(plan)
         _out(f"\n{len(runs)} runs planned, {sum(r['key'] in done for r in runs)} already recorded in {plan.out}")
+        if plan.lr_tuning:
+            cells = {(r["task"], r["method"], r["procedure"]) for r in runs}
+            _out(f"--tune-lr: plus 1-2 + 2 learning-rate sweep runs for each of the {len(cells)} cells "
+                 f"({sum(r.get('phase') == 'sweep' for r in read_records(plan.out))} recorded)")
         return 0
     from .arena import run_arena
 
