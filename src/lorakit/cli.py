@@ -452,7 +452,7 @@ def _arena_plan(a):
                      out=Path(a.out), match_params=not a.no_match, lr_sweep=not a.no_lr_sweep, extra=list(a.set),
                      isolate=a.isolate, timeout_s=a.timeout, plugins=_csv(a.plugins) or [],
                      lr_policy=a.lr, procedures=_csv(a.procedures) or ["adamw"], shard=shard, backend=a.backend,
-                     ray_address=a.ray_address, diagnostics=not a.no_diagnostics)
+                     ray_address=a.ray_address, diagnostics=not a.no_diagnostics, lr_tuning=a.tune_lr)
 
 
 def cmd_arena(a) -> int:
@@ -488,6 +488,10 @@ def cmd_arena(a) -> int:
         done = {r["key"] for r in read_records(plan.out)}
         runs = expand(plan)
         _out(f"\n{len(runs)} runs planned, {sum(r['key'] in done for r in runs)} already recorded in {plan.out}")
+        if plan.lr_tuning:
+            cells = {(r["task"], r["method"], r["procedure"]) for r in runs}
+            _out(f"--tune-lr: plus 1-2 + 2 learning-rate sweep runs for each of the {len(cells)} cells "
+                 f"({sum(r.get('phase') == 'sweep' for r in read_records(plan.out))} recorded)")
         return 0
     from .arena import run_arena
 
@@ -612,6 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--ray-address", help="the Ray cluster (default: 'auto', else a local instance)")
     ar.add_argument("--no-diagnostics", action="store_true",
                     help="skip the per-run intruder count and forgetting perplexity")
+    ar.add_argument("--tune-lr", action="store_true",
+                    help="per (task, method, procedure): choose the rate on the validation split (first seed; the "
+                    "paper and recipe rates, then x0.5/x2 of the better), then run the seeds at it on test")
     ar.add_argument("--no-match", action="store_true", help="run paper settings without matching the budget")
     ar.add_argument("--no-lr-sweep", action="store_true", help="LoRA baseline at the recipe's rate only")
     ar.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")

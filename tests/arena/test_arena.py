@@ -181,3 +181,13 @@ def test_arena_set_optim_name_reaches_every_run():
     assert cfg.to_dict()["optim"]["ratio"] == 8.0  # recorded with the run's config
     with pytest.raises(ConfigError, match="method 'vera'.*Procedures that fit it: adamw"):
         run_config({**spec, "method": "vera"})
+
+
+def test_smoke_records_carry_the_diagnostics(smoke):
+    """Each run's normalised step time (its own reference timing) and the trained adapter's intruder count; the
+    forgetting perplexity is for causal LMs only (MiniLM here: absent)."""
+    for r in read_records(smoke):
+        assert r["reference_s"] > 0
+        assert r["time_per_step_norm"] == pytest.approx(r["time_per_step_s"] / r["reference_s"])
+        assert isinstance(r["intruders"], int) and r["intruders"] >= 0
+        assert r["forgetting_ratio"] is None

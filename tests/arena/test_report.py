@@ -32,7 +32,7 @@ def test_write_report(tmp_path):
     (tmp_path / "runs.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     md, html = write_report(tmp_path)
     text = md.read_text()
-    assert "| 1 | dora ◆ | 0.900 ± 0.000 | +0.100 (1/1) |" in text and "**lora** (baseline)" in text
+    assert "| 1 | dora ◆ | 0.900 ± 0.000 | +0.100 (1 seed) | too few seeds |" in text and "**lora** (baseline)" in text
     assert "untrained model" in text and "vs LoRA: the mean of the per-seed differences" in text
     page = html.read_text()
     assert page.count("data:image/png;base64,") == 4 and "class='base'" in page

@@ -29,8 +29,9 @@ def _ms(vals: list[float]) -> tuple[float, float]:
 def aggregate(records: list[dict]) -> dict[str, list[dict]]:
     """task -> rows (one per method variant, plus the untrained baseline), sorted best first."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    sweeps: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in records:
-        groups[(r["task"], r["variant"])].append(r)
+        (sweeps if r.get("phase") == "sweep" else groups)[(r["task"], r["variant"])].append(r)
     tasks: dict[str, list[dict]] = defaultdict(list)
     for (task, variant), recs in groups.items():
         ok = [r for r in recs if r.get("status") == "ok" and r.get("metric") is not None]
@@ -43,6 +44,12 @@ def aggregate(records: list[dict]) -> dict[str, list[dict]]:
                "step_s": _ms([r.get("time_per_step_s") for r in ok])[0],
                "wall_s": _ms([r.get("wall_s") for r in ok])[0],
                "rss_mb": _ms([r.get("peak_rss_mb") for r in ok])[0],
+               "step_norm": _ms([r.get("time_per_step_norm") for r in ok])[0],
+               "intruders": _ms([r.get("intruders") for r in ok])[0],
+               "forgetting": _ms([r.get("forgetting_ratio") for r in ok])[0],
+               "lr_chosen": next((r.get("lr_chosen") for r in ok if r.get("lr_chosen") is not None), None),
+               "sweep": sorted(((s.get("lr"), s.get("metric") if s.get("status") == "ok" else None)
+                                for s in sweeps.get((task, variant), [])), key=lambda x: x[0] or 0.0),
                "lr": next(((r.get("config") or {}).get("optim", {}).get("lr") for r in ok if r.get("config")), None),
                "matched": all((r.get("budget_info") or {}).get("matched", True) for r in ok),
                "budget_note": next(((r.get("budget_info") or {}).get("reason") for r in ok
@@ -54,6 +61,8 @@ def aggregate(records: list[dict]) -> dict[str, list[dict]]:
                              for r in ok if (r.get("budget_info") or {}).get("matched")
                              and (r.get("budget_info") or {}).get("knob")), None),
                "baseline": "LoRA" if recs[0]["method"] == "lora" else None}
+        if row["lr_chosen"] is not None:
+            row["lr"] = row["lr_chosen"]
         tasks[task].append(row)
         if recs[0]["method"] == "lora" and variant == "lora" and ok and ok[0].get("metric_before") is not None:
             bm, bs = _ms([r.get("metric_before") for r in ok])
@@ -62,6 +71,8 @@ def aggregate(records: list[dict]) -> dict[str, list[dict]]:
                                 "by_seed": {r.get("seed"): r.get("metric_before") for r in ok
                                             if r.get("metric_before") is not None},
                                 "params": 0, "adapter_mb": 0, "step_s": float("nan"), "wall_s": float("nan"),
+                                "step_norm": float("nan"), "intruders": float("nan"), "forgetting": float("nan"),
+                                "sweep": [], "lr_chosen": None,
                                 "rss_mb": float("nan"), "curves": [], "baseline": "untrained", "errors": 0, "lr": None})
     for task, rows in tasks.items():
         name = next((r["metric_name"] for r in rows if r["metric_name"]), "")
@@ -72,19 +83,55 @@ def aggregate(records: list[dict]) -> dict[str, list[dict]]:
     return dict(tasks)
 
 
+BOOTSTRAP = 2000  # resamples of the paired differences
+BOOTSTRAP_SEED = 0  # the report is a pure function of the records
+MIN_SEEDS = 3  # fewer shared seeds: no verdict
+
+
+def bootstrap_ci(diffs: list[float], level: float = 0.95, resamples: int = BOOTSTRAP,
+                 seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """The percentile bootstrap interval of the mean of ``diffs``: ``resamples`` resamples of len(diffs) values
+    drawn with replacement (a seeded ``random.Random``), the (1-level)/2 and (1+level)/2 quantiles of their means
+    (nearest rank). With 3 seeds the interval lies between the smallest and largest difference (every resample
+    mean does), so it excludes 0 only when all the differences have one sign."""
+    import random
+
+    rng = random.Random(seed)
+    n = len(diffs)
+    means = sorted(sum(rng.choice(diffs) for _ in range(n)) / n for _ in range(resamples))
+    lo = means[max(0, math.ceil((1 - level) / 2 * resamples) - 1)]
+    hi = means[min(resamples - 1, math.ceil((1 + level) / 2 * resamples) - 1)]
+    return lo, hi
+
+
+def verdict(diffs: list[float], level: float = 0.95) -> tuple[str, tuple[float, float] | None]:
+    """``better`` / ``worse`` when the bootstrap interval of the mean paired difference (sign: > 0 = better)
+    excludes 0, ``no detectable difference`` when it contains 0, ``too few seeds`` under MIN_SEEDS pairs."""
+    if len(diffs) < MIN_SEEDS:
+        return "too few seeds", None
+    lo, hi = bootstrap_ci(diffs, level)
+    if lo > 0:
+        return "better", (lo, hi)
+    if hi < 0:
+        return "worse", (lo, hi)
+    return "no detectable difference", (lo, hi)
+
+
 def _paired_vs_lora(rows: list[dict], sign: float) -> None:
     """Each row against the LoRA baseline on the seeds both have (the same seed means the same data order, the
     same head init and the same evaluation rows, so the per-seed differences are paired): ``vs_lora`` =
-    (mean difference, seeds better, seeds compared), better = higher unless the metric is a loss."""
+    (mean difference, seeds better, seeds compared), better = higher unless the metric is a loss; ``verdict`` and
+    ``ci`` from the seeded bootstrap interval of the mean paired difference (:func:`verdict`)."""
     lora = next((r for r in rows if r["variant"] == "lora"), None)
     for r in rows:
-        r["vs_lora"] = None
+        r["vs_lora"], r["verdict"], r["ci"] = None, None, None
         if lora is None or r is lora:
             continue
         common = sorted(set(r.get("by_seed", {})) & set(lora.get("by_seed", {})))
         diffs = [sign * (r["by_seed"][s] - lora["by_seed"][s]) for s in common]
         if diffs:
             r["vs_lora"] = (statistics.fmean(diffs), sum(d > 0 for d in diffs), len(diffs))
+            r["verdict"], r["ci"] = verdict(diffs)
 
 
 def _pareto(rows: list[dict], sign: float) -> None:
@@ -105,7 +152,15 @@ def _vs_lora(r: dict) -> str:
     if not v:
         return "—"
     d, wins, n = v
-    return f"{d:+.3f} ({wins}/{n})"
+    ci = r.get("ci")
+    return f"{d:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else f"{d:+.3f} ({n} seed{'s' if n > 1 else ''})"
+
+
+def _sweep(r: dict) -> str:
+    if not r.get("sweep"):
+        return ""
+    return "lr sweep (validation): " + ", ".join(f"{lr:.0e}→{_fmt(m)}" + ("*" if lr == r.get("lr_chosen") else "")
+                                                  for lr, m in r["sweep"])
 
 
 def _fmt(v, spec=".3f"):
@@ -118,9 +173,9 @@ def markdown(tasks: dict[str, list[dict]]) -> str:
         rows = tasks[task]
         metric = next((r["metric_name"] for r in rows if r["metric_name"]), "metric")
         out.append(f"### {task}  ({metric}, mean ± std over seeds; best first)\n")
-        out.append(f"| # | method | {metric} | vs LoRA | seeds | trainable params | lr | adapter MB | s/step | "
-                   "peak RSS MB | note |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        out.append(f"| # | method | {metric} | vs LoRA [95% CI] | verdict | seeds | trainable params | lr | "
+                   "adapter MB | s/step | step / ref | peak RSS MB | intruders | forgetting | note |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for i, r in enumerate(rows, 1):
             name = f"**{r['variant']}** (baseline)" if r["baseline"] else r["variant"]
             if r.get("pareto"):
@@ -133,10 +188,14 @@ def markdown(tasks: dict[str, list[dict]]) -> str:
             if not r["matched"]:
                 note.append(f"params not matched ({r['budget_note']})")
             note += r.get("notes") or []
-            out.append(f"| {i} | {name} | {_fmt(r['mean'])} ± {_fmt(r['std'])} | {_vs_lora(r)} | {r['n']} | "
+            if _sweep(r):
+                note.append(_sweep(r))
+            out.append(f"| {i} | {name} | {_fmt(r['mean'])} ± {_fmt(r['std'])} | {_vs_lora(r)} | "
+                       f"{r.get('verdict') or '—'} | {r['n']} | "
                        f"{_fmt(r['params'], ',.0f')} | {_fmt(r.get('lr'), '.0e')} | {_fmt(r['adapter_mb'], '.2f')} | "
-                       f"{_fmt(r['step_s'], '.2f')} | "
-                       f"{_fmt(r['rss_mb'], ',.0f')} | {'; '.join(note)} |")
+                       f"{_fmt(r['step_s'], '.2f')} | {_fmt(r.get('step_norm'), ',.0f')} | "
+                       f"{_fmt(r['rss_mb'], ',.0f')} | {_fmt(r.get('intruders'), '.1f')} | "
+                       f"{_fmt(r.get('forgetting'), '.3f')} | {'; '.join(note)} |")
         out.append("")
         out.append(LEGEND.format(better="lower" if metric in LOWER_IS_BETTER else "higher"))
         out.append("")
@@ -144,10 +203,69 @@ def markdown(tasks: dict[str, list[dict]]) -> str:
 
 
 LEGEND = ("vs LoRA: the mean of the per-seed differences from the LoRA baseline (same seed = same data order, head "
-          "init and evaluation rows), and on how many of the seeds compared the method did better ({better} "
-          "metric): better on every seed or on none is the signal, a mixed count says the difference is within "
-          "the seed-to-seed noise of this budget. ◆ = on the front of metric vs trainable parameters: no other "
-          "method scores as well with as few parameters.")
+          "init and evaluation rows; > 0 = better, {better} metric is better) and the seeded bootstrap 95% interval "
+          "of that mean; verdict: better / worse when the interval excludes 0, else no detectable difference (at "
+          "least 3 shared seeds; with 3 the interval excludes 0 only when every seed agrees). step / ref: time per "
+          "step divided by a fixed matmul timed in the same process just before the run (compares methods across "
+          "machine load). intruders: top-10 singular vectors of the tuned weights with no match (ε = 0.5) among the "
+          "base's, summed over the adapted matrices. forgetting: perplexity on held-out general text with the "
+          "adapter / without (causal LMs; > 1 = the adapter made the model worse at it). ◆ = on the front of metric "
+          "vs trainable parameters: no other method scores as well with as few parameters. With --tune-lr, lr is "
+          "the chosen rate and the note lists the sweep (* = chosen).")
+
+
+def front(rows: list[dict], key: str, sign: float) -> list[dict]:
+    """The rows on the front of the metric (``sign`` > 0: higher is better) against the cost ``rows[i][key]``
+    (lower is better): no other row scores at least as well at no more cost, strictly better on one. Sorted by
+    cost."""
+    ok = [r for r in rows if r.get("baseline") != "untrained" and math.isfinite(r["mean"])
+          and r.get(key) is not None and math.isfinite(r[key])]
+    on = [r for r in ok if not any(q is not r and q[key] <= r[key] and sign * q["mean"] >= sign * r["mean"]
+                                   and (q[key] < r[key] or sign * q["mean"] > sign * r["mean"]) for q in ok)]
+    return sorted(on, key=lambda r: r[key])
+
+
+COSTS = (("params", "trainable parameters", ",.0f"), ("step_norm", "time per step (normalised)", ",.0f"),
+         ("rss_mb", "peak memory (MB)", ",.0f"))
+
+
+def what_to_use(tasks: dict[str, list[dict]], worst: int = 3) -> str:
+    """The "what to use" section, written from the numbers: per task, the methods better than LoRA with confidence
+    (bootstrap verdict) at matched parameters, the front of the metric against each cost, and the methods that
+    cost the base model most (forgetting ratio, intruder count)."""
+    out = []
+    for task in sorted(tasks):
+        rows = tasks[task]
+        metric = next((r["metric_name"] for r in rows if r["metric_name"]), "metric")
+        sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+        out.append(f"### {task} ({metric})\n")
+        methods = [r for r in rows if r.get("baseline") != "untrained"]
+        better = [r for r in methods if r.get("verdict") == "better" and r.get("matched")]
+        worse = [r for r in methods if r.get("verdict") == "worse"]
+        judged = [r for r in methods if r.get("verdict") not in (None, "too few seeds")]
+        if better:
+            out.append("* Better than LoRA with confidence at matched parameters: " + ", ".join(
+                f"{r['variant']} ({r['vs_lora'][0]:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}])" for r in better)
+                + ".")
+        elif judged:
+            out.append(f"* No method is better than LoRA with confidence at matched parameters ({len(judged)} "
+                       f"compared, {len(worse)} worse).")
+        else:
+            out.append(f"* No verdict against LoRA: fewer than {MIN_SEEDS} shared seeds.")
+        for key, label, spec in COSTS:
+            f = front(rows, key, sign)
+            if f:
+                out.append(f"* Front of {metric} vs {label}: " + ", ".join(
+                    f"{r['variant']} ({_fmt(r['mean'])} at {_fmt(r[key], spec)})" for r in f) + ".")
+        for key, label, spec in (("forgetting", "forgetting (perplexity ratio on general text)", ".3f"),
+                                 ("intruders", "intruder dimensions", ".1f")):
+            costly = sorted((r for r in rows if r.get("baseline") != "untrained" and r.get(key) is not None
+                             and math.isfinite(r[key])), key=lambda r: -r[key])[:worst]
+            if costly:
+                out.append(f"* Most {label}: " + ", ".join(f"{r['variant']} ({_fmt(r[key], spec)})" for r in costly)
+                           + ".")
+        out.append("")
+    return "\n".join(out)
 
 
 def overview(tasks: dict[str, list[dict]]) -> str:
@@ -370,13 +488,16 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
 
             raise ConfigError(f"--compare {compare}: no arena records there for seeds {seeds}")
         versus = comparison(tasks, aggregate(theirs), Path(compare).name)
-    md_path.write_text(head + "## Overview\n\n" + overview(tasks) + "\n## Per task\n\n" + md
+    advice = what_to_use(tasks)
+    md_path.write_text(head + "## Overview\n\n" + overview(tasks) + "\n## What to use\n\n" + advice
+                       + "\n## Per task\n\n" + md
                        + (f"\n## Against {Path(compare).name} (each method on the seeds it has in both)\n\n"
                           + versus if versus else ""))
     figs = plots(tasks)
     intro = " ".join(ln for ln in head.splitlines()[1:] if ln.strip())
     parts = [f"<h1>lorakit arena</h1><p>{html.escape(intro)}</p>",
-             _md_table_to_html("### Overview: every method on every task, by mean rank\n" + overview(tasks))]
+             _md_table_to_html("### Overview: every method on every task, by mean rank\n" + overview(tasks)),
+             "<h2>What to use</h2>" + _md_list_to_html(advice)]
     for task in sorted(tasks):
         sect = markdown({task: tasks[task]})
         parts.append(_md_table_to_html(sect))
@@ -411,3 +532,13 @@ def _md_table_to_html(md: str) -> str:
                     if ln.strip() and not ln.startswith("|"))
     return (f"<h2>{html.escape(title)}</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) +
             "</tr>" + "".join(body) + "</table>" + after)
+
+
+def _md_list_to_html(md: str) -> str:
+    """The "what to use" section: ``### task`` headings and ``* item`` lines."""
+    parts = []
+    for block in md.split("### ")[1:]:
+        lines = block.strip().splitlines()
+        items = "".join(f"<li>{html.escape(ln[2:])}</li>" for ln in lines[1:] if ln.startswith("* "))
+        parts.append(f"<h3>{html.escape(lines[0])}</h3><ul>{items}</ul>")
+    return "".join(parts)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -58,6 +59,8 @@ class ArenaPlan:
     backend: str = "local"  # "local" (this machine, one run at a time) | "ray" (tasks on an existing Ray cluster)
     ray_address: str | None = None  # ray.init(address=...); None: "auto" (a running cluster) or a local instance
     diagnostics: bool = True  # per run: intruder dimensions and (causal LMs) forgetting perplexity
+    lr_tuning: bool = False  # per cell: choose the rate on the validation split (one seed), then the seeds on test
+    tune_seed: int | None = None  # the sweep's seed (default: the first of ``seeds``)
 
 
 def git_revision() -> str | None:
@@ -143,15 +146,59 @@ def expand(plan: ArenaPlan) -> list[dict]:
                     if plan.shard is not None and cell_shard(task, method, proc, plan.shard[1]) != plan.shard[0]:
                         continue
                     variants = [("", 1.0)]
-                    if method == "lora" and plan.lr_sweep and proc == "adamw":
+                    if method == "lora" and plan.lr_sweep and proc == "adamw" and not plan.lr_tuning:
                         variants = [(f"lr x{m:g}" if m != 1.0 else "", m) for m in LORA_LR_SWEEP]
                     for vname, lr_mult in variants:
                         base = method if proc == "adamw" else f"{method} + {proc}"
                         variant = base + (f" ({vname})" if vname else "")
                         runs.append({"key": f"{task}|{variant}|{seed}", "task": task, "method": method,
                                      "procedure": proc, "variant": variant, "seed": seed, "lr_mult": lr_mult,
-                                     "budget": plan.budget, "lr_policy": plan.lr_policy})
+                                     "budget": plan.budget, "lr_policy": policy(plan),
+                                     **({"phase": "test"} if plan.lr_tuning else {})})
     return runs
+
+
+def policy(plan: "ArenaPlan") -> str:
+    """The learning-rate policy recorded with every run: ``tuned`` (``--tune-lr``), else ``paper`` / ``recipe``."""
+    return "tuned" if plan.lr_tuning else plan.lr_policy
+
+
+TUNE_NEIGHBOURS = (0.5, 2.0)  # after the first stage, the better rate's neighbours
+
+
+def _lr_key(lr: float) -> str:
+    return f"{lr:.3g}"
+
+
+def sweep_run(plan: "ArenaPlan", cell: tuple[str, str, str], lr: float, stage: int) -> dict:
+    """One run of a cell's learning-rate sweep: the tune seed, ``data.eval_split=validation``, an explicit rate."""
+    task, method, proc = cell
+    seed = plan.tune_seed if plan.tune_seed is not None else plan.seeds[0]
+    variant = method if proc == "adamw" else f"{method} + {proc}"
+    return {"key": f"{task}|{variant}|sweep lr={_lr_key(lr)}|{seed}", "task": task, "method": method,
+            "procedure": proc, "variant": variant, "seed": seed, "lr_mult": 1.0, "lr": lr, "phase": "sweep",
+            "sweep_stage": stage, "eval_split": "validation", "budget": plan.budget, "lr_policy": policy(plan)}
+
+
+def candidate_rates(plan: "ArenaPlan", cell: tuple[str, str, str]) -> dict[str, float]:
+    """The first stage of a cell's sweep: ``{"paper": the method file's rate, "recipe": the task's LoRA-tuned
+    rate}`` (one entry when they are equal), as the run would resolve them (budget and ``--set`` included)."""
+    from .worker import run_config
+
+    task, method, proc = cell
+    spec = {"task": task, "method": method, "seed": 0, "budget": plan.budget,
+            "extra": list(plan.extra) + ([f"optim.name={proc}"] if proc != "adamw" else [])}
+    paper = float(run_config({**spec, "lr_policy": "paper"}).optim.lr)
+    recipe = float(run_config({**spec, "lr_policy": "recipe"}).optim.lr)
+    return {"paper": paper} if _lr_key(paper) == _lr_key(recipe) else {"paper": paper, "recipe": recipe}
+
+
+def choose_rate(results: dict[float, float | None], lower_is_better: bool) -> float | None:
+    """The rate with the best validation metric (ties: the smaller rate); None when no sweep run has a metric."""
+    ok = {lr: m for lr, m in results.items() if m is not None and math.isfinite(m)}
+    if not ok:
+        return None
+    return min(ok, key=lambda lr: ((ok[lr] if lower_is_better else -ok[lr]), lr))
 
 
 def _import_plugins(names) -> None:
@@ -282,11 +329,11 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
     validate(plan)
     old = read_records(plan.out)
     clash = next((r for r in old if r.get("budget", plan.budget) != plan.budget
-                  or r.get("lr_policy", "paper") != plan.lr_policy), None)
+                  or r.get("lr_policy", "paper") != policy(plan)), None)
     if clash is not None:
         raise ConfigError(f"{plan.out} holds runs made with budget={clash.get('budget')} "
                           f"lr={clash.get('lr_policy', 'paper')}; this arena uses budget={plan.budget} "
-                          f"lr={plan.lr_policy}: choose another --out so results stay comparable")
+                          f"lr={policy(plan)}: choose another --out so results stay comparable")
     done = {r["key"] for r in old}
     todo = [r for r in expand(plan) if r["key"] not in done]
     if not todo:
@@ -295,6 +342,7 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
     cache = "budgets.json" if plan.shard is None else f"budgets-shard-{plan.shard[0]}-of-{plan.shard[1]}.json"
     table = budgets(plan, pairs={(r["task"], r["method"]) for r in todo}, cache=plan.out / cache)
     refusals = _procedure_refusals(plan, table, todo)
+    by_key = {r["key"]: r for r in old}
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -312,12 +360,15 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
             rec.update(status="skipped", error=f"not run: {why}")
             return rec, None
         # the untrained metric is measured once per (task, seed): by the LoRA baseline's run
+        # (not by a sweep run: the untrained model is measured on the test split, by a test run)
         first = run["method"] == "lora" and run["lr_mult"] == 1.0 and run.get("procedure", "adamw") == "adamw" \
-            and (run["task"], run["seed"]) not in baseline_seen
+            and run.get("phase") != "sweep" and (run["task"], run["seed"]) not in baseline_seen
         if first:
             baseline_seen.add((run["task"], run["seed"]))
         proc = run.get("procedure", "adamw")
         extra = list(plan.extra) + ([f"optim.name={proc}"] if proc != "adamw" else [])
+        if run.get("eval_split"):
+            extra.append(f"data.eval_split={run['eval_split']}")
         return rec, {**run, "adapter": adapter, "extra": extra, "eval_before": first, "plugins": list(plan.plugins),
                      "diagnostics": plan.diagnostics}
 
@@ -331,6 +382,7 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
         rec["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         _append(plan.out, rec, fname)
         new.append(rec)
+        by_key[rec["key"]] = rec
         if on_record:
             on_record(rec)
         if bar is not None:
@@ -338,27 +390,96 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
             if rec["status"] != "ok":
                 bar.write(f"{rec['key']}: {rec['status']}: {str(rec.get('error'))[:200]}")
 
-    try:
+    def run_batch(runs: list[dict]) -> None:
+        if not runs:
+            return
         if plan.backend == "ray":
-            _run_on_ray(plan, todo, prepare, finish)
+            _run_on_ray(plan, runs, prepare, finish)
+            return
+        for run in runs:
+            if bar is not None:
+                bar.set_postfix_str(f"{run['task']} | {run['variant']} | seed {run['seed']}")
+            t0 = time.time()
+            rec, spec = prepare(run)
+            if spec is None:
+                finish(rec, t0, None, None)
+                continue
+            try:
+                res, err = _execute(spec, plan), None
+            except Exception as e:  # recorded, the arena goes on
+                res, err = None, e
+            finish(rec, t0, res, err)
+
+    try:
+        if plan.lr_tuning:
+            _tuned(plan, todo, table, refusals, by_key, run_batch, finish, bar)
         else:
-            for run in todo:
-                if bar is not None:
-                    bar.set_postfix_str(f"{run['task']} | {run['variant']} | seed {run['seed']}")
-                t0 = time.time()
-                rec, spec = prepare(run)
-                if spec is None:
-                    finish(rec, t0, None, None)
-                    continue
-                try:
-                    res, err = _execute(spec, plan), None
-                except Exception as e:  # recorded, the arena goes on
-                    res, err = None, e
-                finish(rec, t0, res, err)
+            run_batch(todo)
     finally:
         if bar is not None:
             bar.close()
     return new
+
+
+def _tuned(plan: ArenaPlan, todo: list[dict], table: dict, refusals: dict, by_key: dict, run_batch, finish,
+           bar) -> None:
+    """``--tune-lr``: per (task, method, procedure) cell, a sweep on one seed evaluated on the validation split:
+    stage 1 the method's paper rate and the task's recipe rate, stage 2 the better one x0.5 and x2; the rate with the
+    best validation metric is chosen and the seeds run at it on the test split. Stages run over every cell at once
+    (so ``--backend ray`` runs a stage in parallel); every sweep run is a record (``phase: sweep``) found again on
+    resume, so the choice is recomputed identically. A cell's sweep and seeds share its shard (the cell's hash)."""
+    from .report import LOWER_IS_BETTER
+    from .worker import PRIMARY
+
+    cells = list(dict.fromkeys((r["task"], r["method"], r.get("procedure", "adamw")) for r in todo))
+    rates: dict[tuple, list[float]] = {}
+    for cell in cells:
+        info = table.get(cell[:2], ({}, {}))[1]
+        if info.get("skip") or cell in refusals:
+            continue  # its seed runs are recorded as skipped with the reason
+        try:
+            rates[cell] = list(candidate_rates(plan, cell).values())
+        except Exception as e:  # noqa: BLE001 - the seed runs record the config error
+            log.warning("no learning-rate sweep for %s: %s", cell, e)
+
+    def metric(cell, lr):
+        rec = by_key.get(sweep_run(plan, cell, lr, 0)["key"])
+        return rec.get("metric") if rec is not None and rec.get("status") == "ok" else None
+
+    def stage(runs):
+        if bar is not None:
+            bar.total += len(runs)
+            bar.refresh()
+        run_batch(runs)
+
+    stage([sweep_run(plan, c, lr, 1) for c, lrs in rates.items() for lr in lrs
+           if sweep_run(plan, c, lr, 1)["key"] not in by_key])
+    for c, lrs in rates.items():
+        low = PRIMARY.get(c[0], "loss") in LOWER_IS_BETTER
+        best = choose_rate({lr: metric(c, lr) for lr in lrs}, low)
+        if best is not None:
+            lrs += [best * m for m in TUNE_NEIGHBOURS if _lr_key(best * m) not in {_lr_key(x) for x in lrs}]
+    stage([sweep_run(plan, c, lr, 2) for c, lrs in rates.items() for lr in lrs
+           if sweep_run(plan, c, lr, 2)["key"] not in by_key])
+    chosen = {}
+    for c, lrs in rates.items():
+        low = PRIMARY.get(c[0], "loss") in LOWER_IS_BETTER
+        sweep = {lr: metric(c, lr) for lr in lrs}
+        chosen[c] = (choose_rate(sweep, low), [[lr, m] for lr, m in sorted(sweep.items())])
+    runs = []
+    for run in todo:
+        cell = (run["task"], run["method"], run.get("procedure", "adamw"))
+        if cell not in rates:
+            runs.append(run)  # skipped or failing: prepare records why
+            continue
+        lr, sweep = chosen[cell]
+        if lr is None:
+            rec = {**run, "budget_info": table[cell[:2]][1], "lr_sweep": sweep, "status": "skipped",
+                   "error": "not run: no run of the learning-rate sweep succeeded (see its phase=sweep records)"}
+            finish(rec, time.time(), None, None)
+            continue
+        runs.append({**run, "lr": lr, "lr_chosen": lr, "lr_sweep": sweep})
+    run_batch(runs)
 
 
 def _procedure_refusals(plan: ArenaPlan, table: dict, todo: list[dict]) -> dict[tuple[str, str, str], str]:

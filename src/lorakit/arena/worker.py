@@ -75,6 +75,8 @@ def run_config(spec: dict):
     if spec.get("adapter"):
         cfg.adapter = dict(spec["adapter"])
         cfg.adapter["seed"] = spec["seed"]
+    if spec.get("lr") is not None:  # an explicit rate (the --tune-lr sweep and its chosen rate)
+        cfg.optim.lr = float(spec["lr"])
     if spec.get("lr_mult", 1.0) != 1.0:
         cfg.optim.lr *= spec["lr_mult"]
     cfg.train.eval_before = bool(spec.get("eval_before", True))

@@ -1,0 +1,101 @@
+"""Arena II report on constructed records: the paired bootstrap verdict against LoRA, the cost columns and the
+"what to use" section."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lorakit.arena import aggregate, write_report
+from lorakit.arena.report import bootstrap_ci, front, verdict, what_to_use
+
+
+def _rec(method, seed, metric, task="sentiment-minilm", name="accuracy", **kw):
+    base = {"key": f"{task}|{method}|{seed}", "task": task, "method": method, "variant": method, "seed": seed,
+            "status": "ok", "metric_name": name, "metric": metric, "metric_before": 0.5,
+            "trainable_params": 1000, "adapter_bytes": 4096, "time_per_step_s": 0.1, "time_per_step_norm": 100.0,
+            "wall_s": 10.0, "peak_rss_mb": 900.0, "intruders": 0, "forgetting_ratio": 1.0,
+            "loss_curve": [1.0, 0.5], "budget_info": {"matched": True}, "versions": {}, "hardware": {"cpus": 2}}
+    return {**base, **kw}
+
+
+def _independent_bootstrap(diffs, resamples=200_000, level=0.95):
+    """The percentile bootstrap written here with numpy (not lorakit's helper): many resamples of the mean."""
+    rng = np.random.default_rng(123)
+    d = np.asarray(diffs)
+    means = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
+    return np.quantile(means, (1 - level) / 2), np.quantile(means, (1 + level) / 2)
+
+
+def test_bootstrap_interval_matches_an_independent_bootstrap_and_is_seeded():
+    diffs = [0.012, 0.031, -0.004, 0.027, 0.018, 0.040, 0.009]
+    lo, hi = bootstrap_ci(diffs)
+    ref_lo, ref_hi = _independent_bootstrap(diffs)
+    assert lo == pytest.approx(ref_lo, abs=0.002) and hi == pytest.approx(ref_hi, abs=0.002)
+    assert lo < np.mean(diffs) < hi
+    assert bootstrap_ci(diffs) == (lo, hi)  # seeded: the report is a function of the records
+    # three seeds: every resample mean lies between the smallest and largest difference
+    lo3, hi3 = bootstrap_ci([0.01, 0.02, 0.05])
+    assert 0.01 - 1e-12 <= lo3 <= hi3 <= 0.05 + 1e-12
+
+
+def test_verdict_from_the_interval_not_from_win_counts():
+    assert verdict([0.02, 0.03, 0.01])[0] == "better"
+    assert verdict([-0.02, -0.03, -0.01])[0] == "worse"
+    assert verdict([0.02, -0.03, 0.01])[0] == "no detectable difference"
+    # ahead on 4 of 5 seeds, but one seed far behind: a win count says 4/5, the interval contains 0
+    assert verdict([0.01, 0.01, 0.01, 0.01, -0.2])[0] == "no detectable difference"
+    assert verdict([0.05, 0.06])[0] == "too few seeds"
+
+
+def test_aggregate_pairs_seeds_and_flips_the_sign_for_a_loss():
+    recs = []
+    for s, (l, d, v) in enumerate([(0.80, 0.85, 0.70), (0.70, 0.74, 0.72), (0.60, 0.66, 0.50)]):
+        recs += [_rec("lora", s, l), _rec("dora", s, d), _rec("vera", s, v)]
+    recs.append(_rec("pissa", 0, 0.9))  # one seed only
+    rows = {r["variant"]: r for r in aggregate(recs)["sentiment-minilm"]}
+    # dora is ahead on each seed (+0.05, +0.04, +0.06) although its spread across seeds (0.66-0.85) overlaps lora's
+    assert rows["dora"]["verdict"] == "better" and rows["dora"]["vs_lora"][0] == pytest.approx(0.05)
+    assert rows["vera"]["verdict"] == "no detectable difference"
+    assert rows["pissa"]["verdict"] == "too few seeds" and rows["lora"]["verdict"] is None
+    losses = [_rec(m, s, v, task="gsm8k-smollm2", name="loss")
+              for s in range(3) for m, v in (("lora", 1.0 + s / 10), ("dora", 0.9 + s / 10))]
+    rows = {r["variant"]: r for r in aggregate(losses)["gsm8k-smollm2"]}
+    assert rows["dora"]["verdict"] == "better" and rows["dora"]["vs_lora"][0] == pytest.approx(0.1)
+
+
+def test_cost_columns_front_and_what_to_use(tmp_path):
+    recs = []
+    for s in range(3):
+        recs += [_rec("lora", s, 0.80 + s / 100, trainable_params=1000, time_per_step_norm=100.0, peak_rss_mb=900.0),
+                 _rec("dora", s, 0.85 + s / 100, trainable_params=1100, time_per_step_norm=180.0, peak_rss_mb=950.0,
+                      intruders=7, forgetting_ratio=1.30),
+                 _rec("vera", s, 0.78 + s / 100, trainable_params=100, time_per_step_norm=90.0, peak_rss_mb=880.0,
+                      intruders=1, forgetting_ratio=1.02),
+                 _rec("slow", s, 0.70 + s / 100, trainable_params=5000, time_per_step_norm=400.0, peak_rss_mb=2000.0,
+                      intruders=3, forgetting_ratio=1.10, budget_info={"matched": False, "reason": "x"})]
+    tasks = aggregate(recs)
+    rows = tasks["sentiment-minilm"]
+    assert [r["variant"] for r in front(rows, "params", 1.0)] == ["vera", "lora", "dora"]
+    assert [r["variant"] for r in front(rows, "step_norm", 1.0)] == ["vera", "lora", "dora"]
+    assert "slow" not in {r["variant"] for r in front(rows, "rss_mb", 1.0)}
+    text = what_to_use(tasks)
+    assert "Better than LoRA with confidence at matched parameters: dora (+0.050" in text
+    assert "Most forgetting (perplexity ratio on general text): dora (1.300), slow (1.100), vera (1.020)" in text
+    assert "Most intruder dimensions: dora (7.0), slow (3.0), vera (1.0)" in text
+    assert "Front of accuracy vs trainable parameters: vera (0.790 at 100), lora" in text
+    (tmp_path / "runs.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    md, page = write_report(tmp_path)
+    table = md.read_text()
+    assert "## What to use" in table and "| step / ref |" in table and "| intruders | forgetting |" in table
+    dora = next(ln for ln in table.splitlines() if ln.startswith("| ") and ln[2].isdigit() and "dora" in ln)
+    cells = [c.strip() for c in dora.split("|")]
+    assert "better" in cells and "180" in cells and "7.0" in cells and "1.300" in cells
+    assert "<h2>What to use</h2>" in page.read_text()
+
+
+def test_no_confident_winner_is_said_so():
+    recs = [_rec(m, s, v) for s in range(3) for m, v in (("lora", 0.8 + s / 50), ("dora", 0.8 + (-1) ** s / 100))]
+    text = what_to_use(aggregate(recs))
+    assert "No method is better than LoRA with confidence at matched parameters (1 compared, 0 worse)" in text

