@@ -191,10 +191,9 @@ def load_causal_lm(name: str = "smollm2-135m", dtype: str = "float32", cache: bo
 
     if not cache:
         key = ("causal", str(path), dtype)
-        with _LOCK:
-            if key in _LOADED:  # already resident: a copy costs no read
-                return _cached(key, load)
-        return load()
+        with _LOCK:  # (not reentrant: _cached takes it again, so decide under it and copy outside it)
+            resident = key in _LOADED
+        return _cached(key, load) if resident else load()  # resident: a copy costs no read
     return _cached(("causal", str(path), dtype), load)
 
 
