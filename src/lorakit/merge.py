@@ -104,9 +104,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                 flags[id(h.base_layer.weight)] = (h.base_layer.weight, f[1])
         _set_module(model, path, h.base_layer)
     # what bind() installed ends with the hosts, after the merge (S2FT's co-permutation is undone on merged weights)
+    # (a handle with ``on_merge`` is told the merge is for good instead: `full` keeps its trained weights rather than
+    # writing the originals back, which detach's ``remove`` does)
     for att in meta["attachments"].values():
         for handle in att.handles:
-            handle.remove()
+            getattr(handle, "on_merge", handle.remove)()
         att.handles = []
     for path, m in list(model.named_modules()):
         if isinstance(m, ModulesToSave):

@@ -56,6 +56,10 @@ class _Restore:
             p.copy_(orig)
         self.pairs = []
 
+    def on_merge(self) -> None:
+        """``merge_and_unload``: the trained weights are the model now; the originals are dropped, not restored."""
+        self.pairs = []
+
 
 @register("full", family="full fine-tuning", paper="baseline: every base weight trains in place (no adapter)")
 class Full(Adapter):

@@ -90,6 +90,8 @@ class LoRAPrune(LoRA):
         self.register_buffer("prune_mask", torch.ones(self.view.d_out), persistent=True)
 
     def _masked(self) -> bool:
+        if self.prune_mask.device.type == "meta":  # shape-only probes (config-resolution checks): never pruned yet
+            return False
         return not bool(self.prune_mask.all())
 
     @classmethod
