@@ -115,6 +115,8 @@ def _diff(a: Path, b: Path) -> str:
     ta, tb = _read_tensors(a), _read_tensors(b)
     if set(ta) != set(tb):
         return "keys differ"
+    if any(ta[k].shape != tb[k].shape for k in ta):  # sparse deltas: a support chosen from the run's gradients
+        return "support differs"
     return f"{max((ta[k].float() - tb[k].float()).abs().max().item() for k in ta if ta[k].numel()):.1e}"
 
 

@@ -76,6 +76,8 @@ class LoRAPrune(LoRA):
     inits = {}
     layers = ("linear",)
     example = {"r": 2, "prune_every": 1}
+    fsdp_unsupported = ("its importance score multiplies the LoRA gradients by the whole base weight W0 every step, "
+                        "which FSDP2 holds as a shard outside the layer's forward")
 
     def __init__(self, base: nn.Module, cfg: Config, view=None):
         super().__init__(base, cfg, view)

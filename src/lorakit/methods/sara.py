@@ -42,6 +42,8 @@ from ._sparse import SparseDelta
 class SaRA(SparseDelta):
     __doc__ = __doc__
     example = {"threshold": 0.05, "lambda_rank": 1e-3}
+    fsdp_unsupported = ("its update reads the base weight outside the layer's own forward (the |W0| < θ support and "
+                        "the nuclear-norm term), which FSDP2 holds as a shard")
     budget_exempt = ("its trainable set is every base entry below the magnitude threshold (data-dependent, fixed by "
                      "the base weights), not a size knob")
 
