@@ -137,13 +137,42 @@ lorakit-config = ""
 """
 
 
+def _descendants(pids: list[int]) -> list[int]:
+    """Every live descendant of ``pids`` (from /proc; empty where /proc is missing). The SuperLink starts the
+    ServerApp (``flwr-serverapp``) in a session of its own, so killing the SuperLink's group does not reach it."""
+    children: dict[int, list[int]] = {}
+    try:
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                children.setdefault(ppid, []).append(int(d))
+    except OSError:
+        return []
+    out, todo = [], list(pids)
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
 def _kill(procs: list[subprocess.Popen]) -> None:
+    orphans = _descendants([p.pid for p in procs if p.poll() is None])  # before their parents go
     for p in procs:
         if p.poll() is None:
             try:
                 os.killpg(p.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+    for pid in orphans:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
     deadline = time.time() + 10
     for p in procs:
         try:
@@ -154,6 +183,19 @@ def _kill(procs: list[subprocess.Popen]) -> None:
             except ProcessLookupError:
                 pass
             p.wait(timeout=5)
+    deadline = time.time() + 10
+    for pid in orphans:  # what did not stop on SIGTERM within the grace period is killed
+        while time.time() < deadline:
+            try:
+                os.kill(pid, 0)
+            except (ProcessLookupError, PermissionError):
+                break
+            time.sleep(0.1)
+        else:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def run_deployment(fc: FederatedConfig, workdir: str | os.PathLike | None = None, timeout_s: float = 1800.0,
