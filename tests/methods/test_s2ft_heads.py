@@ -232,3 +232,38 @@ def test_lorakit_train_with_the_head_recipe(tiny_lm_dir, cls_data, tmp_path):  #
     assert any(p.endswith("self_attn.o_proj") for p in conf["paths"])
     t = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert any(k.endswith("o_proj.s2.channels") for k in t) and any(k.endswith("down_proj.s2.channels") for k in t)
+
+
+def test_global_selection_draws_over_all_layers_and_files_carry_each_modules_count(tmp_path):
+    m, x = gqa_llama(layers=4), _ids()
+    w0 = _weights(m)
+    cfg = {**HEADS, "targets": ["v_proj", "o_proj", "down_proj"], "ratio": 0.2, "seed": 0, "select": "global",
+           "overrides": {"o_proj": {"ratio": 0.3}}}
+    lorakit.attach(m, cfg)
+    sel = [_selection(layer) for layer in m.model.layers]
+    # the official count: int(ratio * units of all layers), spread at random over the layers
+    assert sum(len(V) for _, _, V, _ in sel) == int(0.2 * 4 * NKV)
+    assert sum(len(O) for _, _, _, O in sel) == int(0.3 * 4 * NKV)
+    assert sum(layer.mlp.down_proj.adapters["default"].n for layer in m.model.layers) == int(0.2 * 4 * 64)
+    empty = [i for i, (_, _, V, _) in enumerate(sel) if not V]
+    assert empty and len(empty) < 4  # seed chosen so that some layer trains no value head, and some does
+    for v, o, V, O in sel:
+        assert v.s2.shape == (len(V) * HD, HID) and o.s2.shape == (HID, len(O) * G * HD)
+    _train(m, x)
+    y = m(x).logits.detach()
+    lorakit.save_adapter(m, tmp_path / "a")
+    conf = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    conf["lorakit"]["config"]["seed"] = 5  # another draw at attach: the file's per-module counts win on load
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(conf))
+    m2 = gqa_llama(layers=4)
+    lorakit.attach(m2, {**cfg, "seed": 5}, "probe")
+    drew = [_selection(layer, "probe")[2:] for layer in m2.model.layers]
+    lorakit.detach(m2, "probe")
+    assert [len(V) for V, _ in drew] != [len(s[2]) for s in sel]  # the other seed spreads the heads differently
+    lorakit.load_adapter(m2, tmp_path / "a")
+    assert [_selection(layer)[2:] for layer in m2.model.layers] == [s[2:] for s in sel]
+    assert torch.allclose(m2(x).logits, y, atol=1e-6, rtol=1e-6)
+    lorakit.merge_and_unload(m)
+    for i in empty:  # a layer without a selected value head: v_proj is bit-identical after training and merging
+        k = f"model.layers.{i}.self_attn.v_proj.weight"
+        assert torch.equal(m.state_dict()[k], w0[k])

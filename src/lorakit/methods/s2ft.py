@@ -7,8 +7,8 @@ matrices so the selected units become contiguous (the block's function is unchan
 that contiguous block only. Two trainable units are implemented; the target's role decides which one it is.
 
 **FFN channels** (a target matched by ``couple``: ``down_proj``, BERT's ``output.dense``, ...). In the target
-(``(d_out, d_ffn)``) ``n = max(1, round(ratio · d_ffn))`` intermediate channels ``S`` are chosen at random (seeded by
-the attach's ``seed``). With ``π = [S (ascending), rest (ascending)]`` the rows of the modules that produce those
+(``(d_out, d_ffn)``) ``n`` intermediate channels ``S`` are chosen at random (seeded by the attach's ``seed``; how
+many: ``select`` below). With ``π = [S (ascending), rest (ascending)]`` the rows of the modules that produce those
 channels (``couple``: a target path suffix -> the producers' suffixes in its place: ``down_proj`` -> ``gate_proj``,
 ``up_proj``; BERT's ``output.dense`` -> ``intermediate.dense``) and the columns of the target are permuted by ``π``.
 The activation and the gate product act channel-wise, so the function is unchanged, and
@@ -33,13 +33,13 @@ overlap on the ``vo`` heads). Here:
 
 **Grouped-query attention** (SmolLM2: 9 query heads, 3 kv heads, head_dim 64). The official code reshapes q/k/v
 into ``num_key_value_heads`` blocks and indexes them with an order over ``num_attention_heads``, which is only
-consistent when the two are equal (LLaMA-2-7B, where the released math/commonsense scripts use ``o_ratio`` 0.052;
+consistent when the two are equal (with fewer kv heads the order indexes past them) (LLaMA-2-7B, where the released math/commonsense scripts use ``o_ratio`` 0.052;
 the LLaMA-3-8B scripts, the GQA model, set the v/o ratios to 0). lorakit's choice under GQA: the unit is a **kv
 group**, i.e. one kv head (``hd`` rows of k_proj and v_proj) together with the ``g = n_heads / n_kv`` query heads
 that read it (``g·hd`` rows of q_proj, ``g·hd`` columns of o_proj). Moving a kv head must move its query heads with
 it (HF's ``repeat_kv``: query head ``h`` reads kv head ``h // g``), and a selection of single query heads from
 several groups could not be made contiguous, so ``V`` and ``O`` are sets of kv groups: a v unit is ``hd`` rows of
-v_proj, an o unit ``g·hd`` columns of o_proj. ``n = max(1, round(ratio · n_kv))`` groups per target. Under plain
+v_proj, an o unit ``g·hd`` columns of o_proj; ``ratio`` is a share of kv groups. Under plain
 multi-head attention (``g = 1``) this is exactly the official head unit.
 
 Head geometry: ``head_dim`` from the attention module's ``head_dim`` attribute (else the model config's ``head_dim``
@@ -56,15 +56,20 @@ this base (AdapterFileError otherwise). ``detach`` and ``merge_and_unload`` appl
 (the merged targets included: ``W + ΔW`` in the original order). Permutation is pure indexing, so detach is
 bit-exact and merged weights are exact outside the trained block.
 
-Choices where the paper/code leave room: selection is per target matrix (``ratio`` of its units, at least one)
-rather than the official global draw over all layers' units (which may leave a layer without any); per-target
-ratios (the official d/v/o ratios) are lorakit's ``overrides``. The official ``u_ratio`` unit (up_proj rows) is not
+Selection (``select``): the official scripts draw ``int(ratio · units of all layers)`` units at random over every
+layer at once (``random.sample`` over layer-major flat ids; a layer may get none): ``select: global`` does that
+(at least one unit in all, per kind of target -- FFN / v / o -- and ratio; an adapter may then hold an empty
+``s2``, and a file's support decides each module's count when it is loaded). The default ``select: target`` draws
+``max(1, round(ratio · units))`` in every target (the same share in every layer; lorakit's first S2FT did this, and
+it keeps existing files and recipes as they were). Per-target ratios (the official separate d/v/o ratios) are
+lorakit's ``overrides``. The official ``u_ratio`` unit (up_proj rows) is not
 implemented. A producer may not carry another adapter (its rows move under it); the target's other adapters of the
 same model are refused the same way.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -235,6 +240,10 @@ class S2FT(Adapter):
         couple: dict = field(default_factory=_default_couple)
         # the q/k/v/o projections of one attention module (sibling names): targets named like v or o train heads
         attention: dict = field(default_factory=_default_attention)
+        # "target": ratio of each target's own units (at least one); "global": the official draw, max(1,
+        # floor(ratio · all units)) units at random over every target of one kind (FFN / v / o) and ratio, so a
+        # layer may get none
+        select: Literal["target", "global"] = "target"
 
         def validate(self) -> None:
             if not 0 < self.ratio <= 1:
@@ -376,9 +385,6 @@ class S2FT(Adapter):
                                           f"{a.view.d_in} inputs")
                     prods.append(lin)
                 a.role, a._block = "ffn", _Channels(a, _linear(a.base), tuple(prods))
-                a._units = torch.randperm(a.view.d_in)[: a.n].sort().values
-                a._block.order()
-                a._sync_ids()
             elif leaf in (names["v"], names["o"]):  # attention heads
                 role = "v" if leaf == names["v"] else "o"
                 blk = heads.get(parent)
@@ -387,15 +393,8 @@ class S2FT(Adapter):
                     lins = {r: cls._producer(att, own, pre + names[r], m.path) for r in ("q", "k", "v", "o")}
                     hd, n_heads, n_kv = cls._head_geometry(att, parent, *(lins[r] for r in "qkvo"), names)
                     blk = heads[parent] = _Heads(parent, *(lins[r] for r in "qkvo"), hd, n_heads, n_kv)
-                n = max(1, round(a.cfg.ratio * blk.n_units))
-                a.role, a._block, a.n = role, blk, n
+                a.role, a._block, a._axis = role, blk, 0 if role == "v" else 1
                 blk.roles[role] = a
-                if role == "v":
-                    a._axis = 0
-                    a._resize((n * blk.hd, a.view.d_in), n * blk.hd)
-                else:
-                    a._resize((a.view.d_out, n * blk.g * blk.hd), n * blk.g * blk.hd)
-                a._units = torch.randperm(blk.n_units)[:n].sort().values
             else:
                 raise TargetError(
                     f"s2ft: '{m.path}' has no coupled producers (couple maps an FFN target's path suffix to the "
@@ -405,10 +404,39 @@ class S2FT(Adapter):
                     "official code; BERT/MiniLM attention, whose query/key/value and output projections live in "
                     "different modules, is not supported); target FFN output projections such as down_proj, or "
                     "v_proj/o_proj")
-        for blk in heads.values():
-            blk.order()
-            for a in blk.adapters:
+        cls._draw([m.adapter for m in att.members])
+        for b in {id(m.adapter._block): m.adapter._block for m in att.members}.values():
+            b.order()
+            for a in b.adapters:
                 a._sync_ids()
+
+    @classmethod
+    def _draw(cls, ads: list["S2FT"]) -> None:
+        """The selected units of every adapter (the attach's seeded RNG, in member order)."""
+        pools: dict[tuple, list[S2FT]] = {}
+        for a in ads:
+            if a.cfg.select == "global":
+                pools.setdefault((a.role, a.cfg.ratio), []).append(a)
+            else:
+                total = a._block.n_units
+                a._set_units(torch.randperm(total)[: max(1, round(a.cfg.ratio * total))].sort().values)
+        for (_, ratio), group in pools.items():  # the official draw: flat ids over the targets in member order
+            sizes = torch.tensor([a._block.n_units for a in group])
+            k = max(1, int(ratio * int(sizes.sum())))
+            flat = torch.randperm(int(sizes.sum()))[:k].sort().values
+            starts = torch.cumsum(sizes, 0) - sizes
+            owner = torch.searchsorted(torch.cumsum(sizes, 0), flat, right=True)
+            for i, a in enumerate(group):
+                a._set_units(flat[owner == i] - starts[i])
+
+    def _set_units(self, units: Tensor) -> None:
+        """Adopt ``units`` (ascending) and size ``s2`` for them."""
+        self._units = units.to(torch.int64)
+        n, u = units.numel(), self._unit()
+        self.n = n
+        shape = (n * u, self.view.d_in) if self._axis == 0 else (self.view.d_out, n * u)
+        if tuple(self.s2.shape) != shape:
+            self._resize(shape, n * u)
 
     @classmethod
     def bind(cls, att) -> list:
@@ -454,19 +482,21 @@ class S2FT(Adapter):
         size = self.view.d_in if self._axis == 1 else self.view.d_out
         unit = self._unit()
         what = "channel" if self.role == "ffn" else ("row" if self.role == "v" else "column")
-        bad = ids.dim() != 1 or ids.numel() != self.n * unit or ids.unique().numel() != ids.numel() or \
-            (ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size))
+        count = self.n * unit if self.cfg.select == "target" else None  # global: the file's support decides
+        bad = ids.dim() != 1 or (ids.numel() != count if count is not None else ids.numel() % unit != 0) or \
+            ids.unique().numel() != ids.numel() or (ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size))
         srt = ids.sort().values if not bad else ids
-        units = srt.reshape(-1, unit)[:, 0] // unit if not bad else None
+        units = srt.reshape(-1, unit)[:, 0] // unit if not bad else torch.zeros(0, dtype=torch.int64)
         if not bad and unit > 1 and not torch.equal(_blocks(units, unit), srt):
             bad = True
         if bad:
             extra = (f", whole {'kv heads' if self.role == 'v' else 'kv groups'} of {unit} consecutive {what}s "
                      "each") if unit > 1 else ""
-            raise AdapterFileError(f"'{where}': {self._id_key} must be {self.n * unit} distinct {what} ids in "
-                                   f"[0, {size}){extra} (an adapter for another base model?)")
+            raise AdapterFileError(f"'{where}': {self._id_key} must be "
+                                   f"{count if count is not None else 'a multiple of ' + str(unit) + ','} distinct "
+                                   f"{what} ids in [0, {size}){extra} (an adapter for another base model?)")
         if not torch.equal(units, self._units):
-            self._units = units
+            self._set_units(units)
             self._block.refresh()
             for a in self._block.adapters:
                 a._sync_ids()
