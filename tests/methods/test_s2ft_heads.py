@@ -267,3 +267,31 @@ def test_global_selection_draws_over_all_layers_and_files_carry_each_modules_cou
     for i in empty:  # a layer without a selected value head: v_proj is bit-identical after training and merging
         k = f"model.layers.{i}.self_attn.v_proj.weight"
         assert torch.equal(m.state_dict()[k], w0[k])
+
+
+@pytest.mark.slow
+def test_smollm2_gqa_heads_keep_the_function_and_come_off_bit_exactly():
+    from lorakit import assets
+
+    m = assets.load_causal_lm("smollm2-135m")  # 9 query heads, 3 kv heads of 64: groups of 3 query heads
+    m = m[0] if isinstance(m, tuple) else m
+    m.eval()
+    at = m.model.layers[0].self_attn
+    assert (at.head_dim, at.num_key_value_groups) == (64, 3)
+    x = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    w0 = _weights(m)
+    with torch.no_grad():
+        y0 = m(x).logits
+        lorakit.attach(m, {**HEADS, "ratio": 0.34})  # one kv group of three for v and for o in every layer
+        y1 = m(x).logits
+        v, o, V, O = _selection(m.model.layers[5])
+        order, n_only_v = _official_order(V, O, 3)
+        assert torch.equal(m.model.layers[5].self_attn.q_proj.weight,
+                           w0["model.layers.5.self_attn.q_proj.weight"][_rows(order, 3 * 64)])
+        assert v.s2.shape == (64, 576) and o.s2.shape == (576, 192) and o._start == n_only_v * 192
+        o.s2.normal_(std=0.02)
+        y2 = m(x).logits
+    assert torch.allclose(y1, y0, atol=1e-3, rtol=1e-4)  # fp32 logits of magnitude ~20: summation order only
+    assert not torch.allclose(y2, y0, atol=1e-2)
+    lorakit.detach(m)
+    assert all(torch.equal(t, w0[k]) for k, t in m.state_dict().items())
