@@ -28,13 +28,14 @@ then ``v_proj`` is an ``S2ColumnLinear`` whose trainable block is output rows ``
 ``S2RowLinear`` whose trainable block is input columns ``[|only_v|·hd, (|only_v|+|O|)·hd)`` (the two blocks
 overlap on the ``vo`` heads). Here:
 
-``v``: ``ΔW_v,π[:|V|·hd, :] = s2`` (``s2``: (|V|·hd, d_in)),  ``y = W_v,π x + pad(s2 · x)`` (rows ``[0, |V|·hd)``)
+``v``: ``ΔW_v,π[:|V|·hd, :] = s2`` (``s2``: (|V|·hd, d_in)),  ``y = W_v,π x + pad(s2 · x)`` (rows [0, |V|·hd))
 ``o``: ``ΔW_o,π[:, a:b] = s2``  (``s2``: (d_out, b−a)),       ``y = W_o,π x_π + s2 · x_π[..., a:b]``
 
 **Grouped-query attention** (SmolLM2: 9 query heads, 3 kv heads, head_dim 64). The official code reshapes q/k/v
 into ``num_key_value_heads`` blocks and indexes them with an order over ``num_attention_heads``, which is only
-consistent when the two are equal (with fewer kv heads the order indexes past them) (LLaMA-2-7B, where the released math/commonsense scripts use ``o_ratio`` 0.052;
-the LLaMA-3-8B scripts, the GQA model, set the v/o ratios to 0). lorakit's choice under GQA: the unit is a **kv
+consistent when the two are equal (with fewer kv heads the order indexes past them): LLaMA-2-7B, where the released
+math/commonsense scripts use ``o_ratio`` 0.052; the LLaMA-3-8B scripts (the GQA model) set the v/o ratios to 0,
+so the released code never trains heads under GQA. lorakit's choice under GQA: the unit is a **kv
 group**, i.e. one kv head (``hd`` rows of k_proj and v_proj) together with the ``g = n_heads / n_kv`` query heads
 that read it (``g·hd`` rows of q_proj, ``g·hd`` columns of o_proj). Moving a kv head must move its query heads with
 it (HF's ``repeat_kv``: query head ``h`` reads kv head ``h // g``), and a selection of single query heads from
