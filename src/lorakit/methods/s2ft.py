@@ -226,7 +226,7 @@ class _Permutation:
 class S2FT(Adapter):
     __doc__ = __doc__
     layers = ("linear",)
-    example = {"ratio": 0.25, "targets": ["lin1", "down_proj"],
+    example = {"ratio": 0.25, "targets": ["lin1", "down_proj", "v_proj", "o_proj"],
                "couple": {"lin1": ["lin0"], "down_proj": ["gate_proj", "up_proj"]}}
     exclusive = ("it co-permutes the weights of its targets and of their producers: another adapter on them would "
                  "see permuted channels")
