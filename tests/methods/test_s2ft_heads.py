@@ -225,13 +225,14 @@ def test_lorakit_train_with_the_head_recipe(tiny_lm_dir, cls_data, tmp_path):  #
     from lorakit.cli import main
 
     out = tmp_path / "run"
-    args = [f"model.name={tiny_lm_dir}", f"data.path={cls_data}", "data.task=classify-lm", "data.max_length=32",
+    args = [f"model.name={tiny_lm_dir}", f"data.path={cls_data}", "data.max_length=32",  # the default task
             "data.eval_size=8", "train.steps=2", f"output.dir={out}"]
     assert main(["train", "--method", "s2ft-heads", *args]) == 0
     conf = json.loads((out / "adapter" / "adapter_config.json").read_text())["lorakit"]
     assert any(p.endswith("self_attn.o_proj") for p in conf["paths"])
     t = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert any(k.endswith("o_proj.s2.channels") for k in t) and any(k.endswith("down_proj.s2.channels") for k in t)
+    assert any(t[k].abs().sum() > 0 for k in t if k.endswith("o_proj.s2.weight"))  # the selected heads trained
 
 
 def test_global_selection_draws_over_all_layers_and_files_carry_each_modules_count(tmp_path):
