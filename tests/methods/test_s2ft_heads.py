@@ -296,3 +296,14 @@ def test_smollm2_gqa_heads_keep_the_function_and_come_off_bit_exactly():
     assert not torch.allclose(y2, y0, atol=1e-2)
     lorakit.detach(m)
     assert all(torch.equal(t, w0[k]) for k, t in m.state_dict().items())
+
+
+def test_another_adapter_is_refused_on_the_modules_s2ft_permutes():
+    m = gqa_llama()
+    lorakit.attach(m, {**HEADS, "targets": ["o_proj", "down_proj"]})
+    w = _weights(m)
+    for t in (["q_proj"], ["k_proj"], ["v_proj"], ["o_proj"], ["up_proj"], ["gate_proj"], ["down_proj"]):
+        with pytest.raises(TargetError, match="rewritten by adapter 'default'"):
+            lorakit.attach(m, {"method": "lora", "targets": t, "r": 2}, "other")
+        assert all(torch.equal(v, w[k]) for k, v in m.state_dict().items()) and set(lorakit.attached(m)) == {"default"}
+    lorakit.attach(m, {"method": "lora", "targets": ["lm_head"], "r": 2}, "other")  # elsewhere: fine

@@ -132,6 +132,7 @@ class _Channels:
         self.target, self.producers = target, producers
         self.n_units = adapter.view.d_in
         self.applied: Tensor | None = None
+        self.paths: tuple[str, ...] = ()  # the modules whose weights it permutes
 
     def order(self) -> Tensor:
         a = self.adapters[0]
@@ -166,6 +167,7 @@ class _Heads:
         self.g = n_heads // n_kv
         self.roles: dict[str, "S2FT"] = {}
         self.applied: Tensor | None = None
+        self.paths: tuple[str, ...] = ()  # the modules whose weights it permutes
 
     @property
     def adapters(self) -> tuple["S2FT", ...]:
@@ -386,6 +388,7 @@ class S2FT(Adapter):
                                           f"{a.view.d_in} inputs")
                     prods.append(lin)
                 a.role, a._block = "ffn", _Channels(a, _linear(a.base), tuple(prods))
+                a._block.paths = (m.path, *(prefix + nm for nm in a.cfg.couple[key]))
             elif leaf in (names["v"], names["o"]):  # attention heads
                 role = "v" if leaf == names["v"] else "o"
                 blk = heads.get(parent)
@@ -394,6 +397,7 @@ class S2FT(Adapter):
                     lins = {r: cls._producer(att, own, pre + names[r], m.path) for r in ("q", "k", "v", "o")}
                     hd, n_heads, n_kv = cls._head_geometry(att, parent, *(lins[r] for r in "qkvo"), names)
                     blk = heads[parent] = _Heads(parent, *(lins[r] for r in "qkvo"), hd, n_heads, n_kv)
+                    blk.paths = tuple(pre + names[r] for r in "qkvo")
                 a.role, a._block, a._axis = role, blk, 0 if role == "v" else 1
                 blk.roles[role] = a
             else:
@@ -438,6 +442,11 @@ class S2FT(Adapter):
         shape = (n * u, self.view.d_in) if self._axis == 0 else (self.view.d_out, n * u)
         if tuple(self.s2.shape) != shape:
             self._resize(shape, n * u)
+
+    @classmethod
+    def rewritten_paths(cls, att) -> set[str]:
+        """Every module this attach permutes (targets and their producers / q, k, v, o)."""
+        return {p for m in att.members if m.adapter._block is not None for p in m.adapter._block.paths}
 
     @classmethod
     def bind(cls, att) -> list:
