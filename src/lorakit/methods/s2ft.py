@@ -481,6 +481,8 @@ class S2FT(Adapter):
         """File (ascending ids) -> this adapter's block order (its ids after ``fit_file``)."""
         s2, ids = state["s2.weight"], state[self._id_key].to(torch.int64).cpu()
         srt, idx = ids.sort()
+        if not torch.equal(srt, self._ids.sort().values):  # not fitted to this file (a standalone adapter): as is
+            return {"s2": s2, "s2_channels": state[self._id_key]}
         pos = idx[torch.searchsorted(srt, self._ids)]
         return {"s2": s2.index_select(self._axis, pos.to(s2.device)), "s2_channels": self._ids.clone()}
 
