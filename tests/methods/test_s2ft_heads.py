@@ -307,3 +307,46 @@ def test_another_adapter_is_refused_on_the_modules_s2ft_permutes():
             lorakit.attach(m, {"method": "lora", "targets": t, "r": 2}, "other")
         assert all(torch.equal(v, w[k]) for k, v in m.state_dict().items()) and set(lorakit.attached(m)) == {"default"}
     lorakit.attach(m, {"method": "lora", "targets": ["lm_head"], "r": 2}, "other")  # elsewhere: fine
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "olmo2", "mha"])
+def test_other_attention_layouts(arch):
+    """Qwen2 (q/k/v biases move with their rows), Qwen3 (q/k norms of one head's width, shared by every head) and
+    plain multi-head attention (a unit is one head, as in the official code) keep their function; OLMo-2's q/k norms
+    span all heads and would have to move too, so it is refused before anything changes."""
+    import transformers
+
+    kw = dict(vocab_size=64, hidden_size=HID, intermediate_size=64, num_hidden_layers=2, num_attention_heads=NH,
+              num_key_value_heads=NKV, max_position_embeddings=64)
+    name, extra = {"qwen2": ("Qwen2", {}), "qwen3": ("Qwen3", {"head_dim": HD}), "olmo2": ("Olmo2", {}),
+                   "mha": ("Llama", {"num_key_value_heads": NH})}[arch]
+    torch.manual_seed(0)
+    m = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**{**kw, **extra}))
+    m = m.eval().double()
+    with torch.no_grad():  # HF initialises biases to zero: make them matter
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Linear) and mod.bias is not None:
+                mod.bias.normal_()
+    x = _ids()
+    w0, y0 = _weights(m), m(x).logits.detach()
+    if arch == "olmo2":
+        with pytest.raises(TargetError, match="q_norm.weight.*not shared by every head"):
+            lorakit.attach(m, HEADS)
+        assert all(torch.equal(v, w0[k]) for k, v in m.state_dict().items())
+        return
+    lorakit.attach(m, HEADS)
+    assert torch.allclose(m(x).logits, y0, atol=1e-12, rtol=0)
+    at = m.model.layers[0].self_attn
+    n_kv = extra.get("num_key_value_heads", NKV)
+    _, _, V, O = _selection(m.model.layers[0])
+    order, _ = _official_order(V, O, n_kv)
+    g = NH // n_kv
+    if at.q_proj.bias is not None:
+        assert torch.equal(at.q_proj.bias, w0["model.layers.0.self_attn.q_proj.bias"][_rows(order, g * HD)])
+        assert torch.equal(at.v_proj.base_layer.bias, w0["model.layers.0.self_attn.v_proj.bias"][_rows(order, HD)])
+    with torch.no_grad():
+        for _, a in lorakit.adapters(m):
+            a.s2.normal_()
+    y = m(x).logits.detach()
+    lorakit.merge_and_unload(m)
+    assert (m(x).logits - y).abs().max() <= 1e-5 * y.abs().max()  # the host merges in fp32
