@@ -4,7 +4,8 @@ and ``experiments/utils/s2_utils.py``).
 
 S2FT selects a few structured units per block (FFN channels, attention heads), **co-permutes** the coupled weight
 matrices so the selected units become contiguous (the block's function is unchanged), and trains a dense delta on
-that contiguous block only. Two trainable units are implemented; the target's role decides which one it is.
+that contiguous block only. The four official units are implemented (down_proj columns, up_proj rows, v_proj rows,
+o_proj columns: the official d/u/v/o ratios); the target's path decides which one it is.
 
 **FFN channels** (a target matched by ``couple``: ``down_proj``, BERT's ``output.dense``, ...). In the target
 (``(d_out, d_ffn)``) ``n`` intermediate channels ``S`` are chosen at random (seeded by the attach's ``seed``; how
@@ -16,6 +17,12 @@ The activation and the gate product act channel-wise, so the function is unchang
 ``ΔW_π[:, :n] = s2`` (``s2``: (d_out, n), init 0),   ``y = W_π x_π + s2 · x_π[..., :n]``
 
 (the official ``S2RowLinear``; the slice is a view, not a gather). In the original coordinates ``ΔW[:, S] = s2``.
+
+**FFN rows** (a target named like a producer in ``couple``: ``up_proj``, official ``u_ratio``): the output rows ``U``
+of that producer train (an ``S2ColumnLinear``, ``ΔW_up,π[:|U|, :] = s2``). With the consumer (``down_proj``) also
+targeted, the official ``convert_ffn_layer_to_s2`` orders the channels ``only_u + ud + only_d + rest`` (``ud = U∩D``)
+and down's block is columns ``[|only_u|, |only_u|+|D|)``; with down alone this is ``[S, rest]`` above. Any one
+producer of an FFN may be the row target (gate_proj works the same way; the official code trains up_proj).
 
 **Attention heads** (a target whose module name is ``attention["v"]`` or ``attention["o"]`` next to the
 ``attention["q"]``/``["k"]`` projections of one attention module: Llama/Mistral/Qwen/SmolLM2's ``self_attn``). What
@@ -51,7 +58,7 @@ BERT/MiniLM attention (``attention.self.{query,key,value}`` and ``attention.outp
 refused with a TargetError: the official code covers LLaMA attention only.
 
 Undoing the permutation: files hold ``s2`` and the ORIGINAL ids, sorted ascending and ``s2`` reordered to match
-(``s2.channels``: input columns of down/o; ``s2.rows``: output rows of v), so a file is the plain sparse delta
+(``s2.channels``: input columns of down/o; ``s2.rows``: output rows of up/v), so a file is the plain sparse delta
 ``ΔW[:, ids] = s2`` / ``ΔW[ids, :] = s2`` and permutation-free; loading validates that the ids are whole units of
 this base (AdapterFileError otherwise). ``detach`` and ``merge_and_unload`` apply ``π⁻¹`` to every permuted weight
 (the merged targets included: ``W + ΔW`` in the original order). Permutation is pure indexing, so detach is
@@ -59,13 +66,12 @@ bit-exact and merged weights are exact outside the trained block.
 
 Selection (``select``): the official scripts draw ``int(ratio · units of all layers)`` units at random over every
 layer at once (``random.sample`` over layer-major flat ids; a layer may get none): ``select: global`` does that
-(at least one unit in all, per kind of target -- FFN / v / o -- and ratio; an adapter may then hold an empty
+(at least one unit in all, per kind of target -- down / up / v / o -- and ratio; an adapter may then hold an empty
 ``s2``, and a file's support decides each module's count when it is loaded). The default ``select: target`` draws
 ``max(1, round(ratio · units))`` in every target (the same share in every layer; lorakit's first S2FT did this, and
-it keeps existing files and recipes as they were). Per-target ratios (the official separate d/v/o ratios) are
-lorakit's ``overrides``. The official ``u_ratio`` unit (up_proj rows) is not
-implemented. A producer may not carry another adapter (its rows move under it); the target's other adapters of the
-same model are refused the same way.
+it keeps existing files and recipes as they were). Per-target ratios (the official separate d/u/v/o ratios) are
+lorakit's ``overrides``. A co-permuted module may not carry another adapter (its rows move under it), and while S2FT
+is attached no other adapter may be attached to a module it permutes (``rewritten_paths``).
 """
 from __future__ import annotations
 
@@ -125,29 +131,44 @@ def _take(p: Tensor | None, idx: Tensor, dim: int) -> None:
 
 
 class _Channels:
-    """FFN unit: one target (its columns) and its producers (their rows), permuted by channel."""
+    """FFN unit: the channels between the producers (gate/up: rows) and the consumer (down: columns) of one FFN,
+    permuted by channel; roles ``"ffn"`` (the consumer's columns train) and ``"u"`` (a producer's rows train)."""
 
-    def __init__(self, adapter: "S2FT", target: nn.Linear, producers: tuple[nn.Linear, ...]):
-        self.adapters = (adapter,)
-        self.target, self.producers = target, producers
-        self.n_units = adapter.view.d_in
+    def __init__(self, consumer: nn.Linear, producers: tuple[nn.Linear, ...]):
+        self.consumer, self.producers = consumer, producers
+        self.n_units = consumer.in_features
+        self.roles: dict[str, "S2FT"] = {}
         self.applied: Tensor | None = None
         self.paths: tuple[str, ...] = ()  # the modules whose weights it permutes
 
+    @property
+    def adapters(self) -> tuple["S2FT", ...]:
+        return tuple(self.roles.values())
+
     def order(self) -> Tensor:
-        a = self.adapters[0]
-        ch = a._units
+        """``only_u + ud + only_d + rest`` (each part ascending), as the official ``convert_ffn_layer_to_s2``;
+        with the consumer alone: ``[S, rest]``."""
+        U = set(self.roles["u"]._units.tolist()) if "u" in self.roles else set()
+        D = set(self.roles["ffn"]._units.tolist()) if "ffn" in self.roles else set()
+        only_u, ud, only_d = sorted(U - D), sorted(U & D), sorted(D - U)
         rest = torch.ones(self.n_units, dtype=torch.bool)
-        rest[ch] = False
-        a._start, a._stop, a._ids = 0, ch.numel(), ch.clone()
-        return torch.cat([ch, rest.nonzero().squeeze(1)])
+        rest[torch.tensor(sorted(U | D), dtype=torch.int64)] = False
+        head = torch.tensor(only_u + ud + only_d, dtype=torch.int64)
+        if "u" in self.roles:
+            a = self.roles["u"]
+            a._start, a._stop, a._ids = 0, len(U), torch.tensor(only_u + ud, dtype=torch.int64)
+        if "ffn" in self.roles:
+            a = self.roles["ffn"]
+            a._start, a._stop = len(only_u), len(only_u) + len(D)
+            a._ids = torch.tensor(ud + only_d, dtype=torch.int64)
+        return torch.cat([head, rest.nonzero().squeeze(1)])
 
     @torch.no_grad()
     def apply(self, perm: Tensor | None) -> None:
         rel = _relative(self.applied, perm, self.n_units)
         if rel is None:
             return
-        _take(self.target.weight, rel, 1)
+        _take(self.consumer.weight, rel, 1)
         for p in self.producers:
             _take(p.weight, rel, 0)
             _take(p.bias, rel, 0)
@@ -228,7 +249,7 @@ class _Permutation:
 class S2FT(Adapter):
     __doc__ = __doc__
     layers = ("linear",)
-    example = {"ratio": 0.25, "targets": ["lin1", "down_proj", "v_proj", "o_proj"],
+    example = {"ratio": 0.25, "targets": ["lin1", "down_proj", "up_proj", "v_proj", "o_proj"],
                "couple": {"lin1": ["lin0"], "down_proj": ["gate_proj", "up_proj"]}}
     exclusive = ("it co-permutes the weights of its targets and of their producers: another adapter on them would "
                  "see permuted channels")
@@ -236,8 +257,8 @@ class S2FT(Adapter):
 
     @dataclass
     class Config:
-        # share of each target's units that train: FFN channels of a `couple` target (official d_ratio), kv groups
-        # (heads) of an attention v/o target (official v_ratio / o_ratio); per-target values via `overrides`
+        # share of each target's units that train: FFN channels of a `couple` consumer or producer (official d_ratio,
+        # u_ratio), kv groups (heads) of an attention v/o target (v_ratio, o_ratio); per-target values: `overrides`
         ratio: float = 0.03
         # target path suffix -> the modules (that suffix replaced) whose output rows produce the target's input channels
         couple: dict = field(default_factory=_default_couple)
@@ -266,13 +287,14 @@ class S2FT(Adapter):
         self.n = n
         self.s2 = nn.Parameter(torch.zeros(self.view.d_out, n))
         self.register_buffer("s2_channels", torch.arange(n))
-        self.role = "ffn"  # "ffn" | "v" | "o": set by share() from the target's path
+        self.role = "ffn"  # "ffn" (down columns) | "u" (up rows) | "v" | "o": set by share() from the target's path
         self._axis = 1  # the trained block: columns (1: ffn, o) or rows (0: v) of the target
         self._start, self._stop = 0, n  # the block in the current (permuted) coordinates
         self._ids = torch.arange(n)  # original row/column ids of the block, in block order (CPU)
         self._units = torch.arange(n)  # the selected units (channels or kv groups), ascending (CPU)
         self._block = None  # the _Channels / _Heads this adapter's permutation belongs to
         self._host: tuple[Adapted, ...] = ()
+        self._path = ""
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.s2)
@@ -365,30 +387,42 @@ class S2FT(Adapter):
         changes."""
         own = {m.path: m for m in att.members}
         heads: dict[str, _Heads] = {}
+        ffn: dict[str, _Channels] = {}
         for m in att.members:
             a = m.adapter
             if isinstance(m.host, Adapted) and len(m.host.adapters):
                 raise TargetError(f"s2ft: '{m.path}' already carries adapters {sorted(m.host.adapters)}; their "
                                   "columns would move under them")
-            a._host = (m.host,)
-            keys = [k for k in a.cfg.couple if m.path == k or m.path.endswith("." + k)]
-            # an output projection inside an attention block (BERT's attention.output.dense) is not an FFN target
-            keys = [k for k in keys if not any("attn" in c or "attention" in c
-                                               for c in m.path[: len(m.path) - len(k)].split("."))]
+            a._host, a._path = (m.host,), m.path
+            # an FFN consumer (down_proj: its input channels) or producer (up_proj: its output rows); an output
+            # projection inside an attention block (BERT's attention.output.dense) is neither
+            hits = [(k, nm) for k in a.cfg.couple for nm in (None, *a.cfg.couple[k])
+                    if m.path == (nm or k) or m.path.endswith("." + (nm or k))]
+            hits = [(k, nm) for k, nm in hits if not any("attn" in c or "attention" in c
+                                                         for c in m.path[: len(m.path) - len(nm or k)].split("."))]
             parent, _, leaf = m.path.rpartition(".")
             names = a.cfg.attention
-            if keys:  # FFN channels
-                key = max(keys, key=len)
-                prefix = m.path[: len(m.path) - len(key)]
-                prods = []
-                for nm in a.cfg.couple[key]:
-                    lin = cls._producer(att, own, prefix + nm, m.path)
-                    if lin.out_features != a.view.d_in:
-                        raise TargetError(f"s2ft: producer '{nm}' has {lin.out_features} outputs, '{m.path}' "
-                                          f"{a.view.d_in} inputs")
-                    prods.append(lin)
-                a.role, a._block = "ffn", _Channels(a, _linear(a.base), tuple(prods))
-                a._block.paths = (m.path, *(prefix + nm for nm in a.cfg.couple[key]))
+            if hits:  # FFN channels
+                key, nm = max(hits, key=lambda h: len(h[1] or h[0]))
+                prefix = m.path[: len(m.path) - len(nm or key)]
+                blk = ffn.get(prefix + key)
+                if blk is None:
+                    consumer = cls._producer(att, own, prefix + key, m.path)
+                    prods = []
+                    for pn in a.cfg.couple[key]:
+                        lin = cls._producer(att, own, prefix + pn, m.path)
+                        if lin.out_features != consumer.in_features:
+                            raise TargetError(f"s2ft: producer '{prefix + pn}' has {lin.out_features} outputs, "
+                                              f"'{prefix + key}' {consumer.in_features} inputs")
+                        prods.append(lin)
+                    blk = ffn[prefix + key] = _Channels(consumer, tuple(prods))
+                    blk.paths = (prefix + key, *(prefix + pn for pn in a.cfg.couple[key]))
+                role = "ffn" if nm is None else "u"
+                if role in blk.roles:
+                    raise TargetError(f"s2ft: '{m.path}' and '{blk.roles[role]._path}' both train the rows of the "
+                                      f"channels of '{prefix + key}'; target one producer (up_proj) per FFN")
+                a.role, a._block, a._axis = role, blk, 1 if role == "ffn" else 0
+                blk.roles[role] = a
             elif leaf in (names["v"], names["o"]):  # attention heads
                 role = "v" if leaf == names["v"] else "o"
                 blk = heads.get(parent)
@@ -467,7 +501,7 @@ class S2FT(Adapter):
     def _unit(self) -> int:
         """Rows/columns per unit (1 for FFN channels; hd for v; g·hd for o)."""
         b = self._block
-        return 1 if self.role == "ffn" else b.hd if self.role == "v" else b.g * b.hd
+        return 1 if self.role in ("ffn", "u") else b.hd if self.role == "v" else b.g * b.hd
 
     def to_file(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """``s2`` and its original ids, sorted ascending (a permutation-free sparse delta)."""
@@ -493,7 +527,7 @@ class S2FT(Adapter):
         ids = ids.to(torch.int64).cpu()
         size = self.view.d_in if self._axis == 1 else self.view.d_out
         unit = self._unit()
-        what = "channel" if self.role == "ffn" else ("row" if self.role == "v" else "column")
+        what = {"ffn": "channel", "u": "row", "v": "row", "o": "column"}[self.role]
         count = self.n * unit if self.cfg.select == "target" else None  # global: the file's support decides
         bad = ids.dim() != 1 or (ids.numel() != count if count is not None else ids.numel() % unit != 0) or \
             ids.unique().numel() != ids.numel() or (ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size))
@@ -514,4 +548,4 @@ class S2FT(Adapter):
                 a._sync_ids()
 
     def stats(self) -> dict[str, float]:
-        return {"s2ft_channels": float(self.n)} if self.role == "ffn" else {"s2ft_head_groups": float(self.n)}
+        return {"s2ft_channels": float(self.n)} if self.role in ("ffn", "u") else {"s2ft_head_groups": float(self.n)}
