@@ -5,7 +5,10 @@ SmolLM2-135M: trainable parameters, adapter bytes on disk, peak memory and step 
 
 The budget is LoRA's trainable count at rank ``--r`` on every linear layer of the decoder (all-linear). Each sparse
 method is sized to it: SaRA's threshold is the quantile of |W| that leaves that many entries below it, SMT's block
-count (64x64 blocks), LT-SFT's density, and S2FT's channel ratio (down_proj only, the paper's default unit). Every
+count (64x64 blocks), LT-SFT's density, and S2FT's channel ratio (down_proj only, the paper's default unit);
+``s2ft_heads`` is S2FT with attention heads as the released LLaMA-2 scripts train them (o_proj heads at o_ratio
+0.052 drawn over all layers, ``select: global``; on SmolLM2's GQA a unit is a kv group, 192 o_proj columns) plus
+down_proj channels filling the rest of the budget. Every
 method runs in its own subprocess (so peak memory is its own): load the model, attach, run the method's selection
 phase where it has one (SMT's warm-up and LT-SFT's full phase: 2 steps, through the method's controller, as the
 trainer runs it), then time ``--steps`` optimiser steps (forward + backward + AdamW) on fixed random tokens, and save
@@ -26,12 +29,27 @@ import tempfile
 import time
 from pathlib import Path
 
-METHODS = ["lora", "s2ft", "sara", "smt", "lt_sft"]
+METHODS = ["lora", "s2ft", "s2ft_heads", "sara", "smt", "lt_sft"]
 
 
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def s2ft_heads_config(model, budget: int, o_ratio: float = 0.052) -> dict:
+    """S2FT on o_proj heads (the official draw: int(o_ratio * all kv groups) over every layer) and down_proj
+    channels (the same global draw) sized so that the two together hold ``budget`` trainable entries."""
+    layers = model.model.layers
+    at = layers[0].self_attn
+    n_kv = at.k_proj.out_features // at.head_dim
+    n_o = max(1, int(o_ratio * n_kv * len(layers)))
+    o_params = n_o * at.o_proj.out_features * (at.o_proj.in_features // n_kv)
+    downs = [m for n, m in layers.named_modules() if n.endswith("down_proj")]
+    n_ch = max(1, (budget - o_params) // downs[0].out_features)
+    total = sum(m.in_features for m in downs)
+    return {"method": "s2ft", "targets": ["down_proj", "o_proj"], "select": "global",
+            "ratio": (n_ch + 0.5) / total, "overrides": {"o_proj": {"ratio": o_ratio}}}
 
 
 def child(method: str, a: argparse.Namespace) -> dict:
@@ -63,6 +81,8 @@ def child(method: str, a: argparse.Namespace) -> dict:
         n_t = sum(m.weight.numel() for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)
                   and (mt == "all-linear" or n.endswith("." + a.masked_targets)))
         cfg = {"method": "lt_sft", "targets": mt, "density": budget / n_t, "full_steps": 2}
+    elif method == "s2ft_heads":
+        cfg = s2ft_heads_config(model, budget)
     else:
         downs = [m for n, m in model.model.layers.named_modules() if n.endswith("down_proj")]
         cfg = {"method": "s2ft", "targets": ["down_proj"],

@@ -621,6 +621,13 @@ class Adapter(nn.Module):
         the hooks' handles, which ``detach`` removes (so the model is restored exactly). Default: none."""
         return []
 
+    @classmethod
+    def rewritten_paths(cls, att: Any) -> set[str]:
+        """Module paths whose weights this attach rewrites beyond its own hosts' outputs while it is attached (S2FT
+        co-permutes its targets and their producers): ``attach`` refuses another adapter on them, which would be
+        trained on permuted weights and misaligned once they are put back. Default: none."""
+        return set()
+
     # --- file mapping ------------------------------------------------------------------------------------------
     @classmethod
     def file_config(cls, att: Any, conf: dict) -> dict:

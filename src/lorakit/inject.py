@@ -153,6 +153,12 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
                           f"(attached: {sorted(meta['attachments'])})")
     _check_not_merged(model, f"attach adapter '{name}'")
     paths = check_attach(model, cfg)
+    for other in meta["attachments"].values():  # weights another attach rewrites (S2FT's permutations) take no adapter
+        hit = sorted(other.method.rewritten_paths(other) & (set(paths) | set(cfg.trainable)))
+        if hit:
+            raise TargetError(f"'{hit[0]}' is rewritten by adapter '{other.name}' ({other.method.name}: "
+                              f"{other.method.exclusive or 'it changes that weight while attached'}); detach it "
+                              "first or leave the module out")
     ptargets = match_parameters(model, cfg.target_parameters) if cfg.target_parameters else []
     if provides is not None:
         provided = set(provides)

@@ -106,3 +106,49 @@ def test_a_target_without_coupled_producers_is_refused_before_anything_changes()
     lorakit.attach(m, {"method": "lora", "targets": ["up_proj"], "r": 2}, "other")
     with pytest.raises(TargetError, match="carries adapters"):
         lorakit.attach(m, CFG)
+
+
+def test_up_rows_and_down_columns_follow_the_official_order_and_only_they_change(tmp_path):
+    # the official u unit (u_ratio): up_proj rows of the channels U train next to down_proj columns of D; the order is
+    # only_u + ud + only_d + rest (experiments/utils/s2_utils.py convert_ffn_layer_to_s2), written out here
+    m, x = tiny_llama().double(), _ids()
+    w0, y0 = _weights(m), m(x).logits.detach()
+    lorakit.attach(m, {**CFG, "targets": ["up_proj", "down_proj"], "seed": 0})
+    assert torch.allclose(m(x).logits, y0, atol=1e-12, rtol=0)
+    for i, layer in enumerate(m.model.layers):
+        u, d = layer.mlp.up_proj.adapters["default"], layer.mlp.down_proj.adapters["default"]
+        U, D = set(u._units.tolist()), set(d._units.tolist())
+        assert len(U) == len(D) == 16
+        only_u, ud, only_d = sorted(U - D), sorted(U & D), sorted(D - U)
+        order = torch.tensor(only_u + ud + only_d + [c for c in range(64) if c not in U | D])
+        pre = f"model.layers.{i}.mlp."
+        assert torch.equal(layer.mlp.gate_proj.weight, w0[pre + "gate_proj.weight"][order])
+        assert torch.equal(layer.mlp.up_proj.base_layer.weight, w0[pre + "up_proj.weight"][order])
+        assert torch.equal(layer.mlp.down_proj.base_layer.weight, w0[pre + "down_proj.weight"][:, order])
+        assert (u._start, u._stop) == (0, 16) and u.s2.shape == (16, 32)
+        assert (d._start, d._stop) == (len(only_u), len(only_u) + 16) and d.s2.shape == (32, 16)
+    _train(m, x, 3)
+    y = m(x).logits.detach()
+    lorakit.save_adapter(m, tmp_path / "a")
+    t = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    lorakit.merge_and_unload(m)
+    assert torch.allclose(m(x).logits, y, atol=1e-6, rtol=0)
+    w = _weights(m)
+    for i in range(len(m.model.layers)):
+        pre, key = f"model.layers.{i}.mlp.", f"base_model.model.model.layers.{i}.mlp."
+        assert torch.equal(w[pre + "gate_proj.weight"], w0[pre + "gate_proj.weight"])
+        rows, cols = t[key + "up_proj.s2.rows"], t[key + "down_proj.s2.channels"]
+        assert torch.equal(rows, rows.sort().values) and torch.equal(cols, cols.sort().values)
+        keep_r, keep_c = torch.ones(64, dtype=torch.bool), torch.ones(64, dtype=torch.bool)
+        keep_r[rows], keep_c[cols] = False, False
+        up, up0 = w[pre + "up_proj.weight"], w0[pre + "up_proj.weight"]
+        dn, dn0 = w[pre + "down_proj.weight"], w0[pre + "down_proj.weight"]
+        assert torch.equal(up[keep_r], up0[keep_r]) and torch.equal(dn[:, keep_c], dn0[:, keep_c])
+        assert torch.allclose(up[rows], up0[rows] + t[key + "up_proj.s2.weight"], atol=1e-6)  # ΔW_up[U, :] = s2
+        assert torch.allclose(dn[:, cols], dn0[:, cols] + t[key + "down_proj.s2.weight"], atol=1e-6)
+        assert t[key + "up_proj.s2.weight"].abs().sum() > 0
+
+
+def test_two_producers_of_one_ffn_are_refused():
+    with pytest.raises(TargetError, match="one producer"):
+        lorakit.attach(tiny_llama(), {**CFG, "targets": ["gate_proj", "up_proj"]})
