@@ -207,3 +207,12 @@ def test_packaged_default_recipe_matches_the_embedded_default():
     from lorakit.train.config import DEFAULT, resolve
 
     assert resolve("sentiment-smollm2-lora").to_dict() == resolve(base=DEFAULT).to_dict()
+
+
+@pytest.mark.parametrize("method,key,value", [("sltrain", "sp_ratio", 1.0), ("sltrain", "sp_ratio", -0.01),
+                                              ("s2lora", "l1", -1e-3)])
+def test_range_checks_run_at_resolution_not_at_attach(method, key, value):
+    """Out-of-range values that are the right type fail in ``AttachConfig.make`` (config resolution), before any
+    model exists, and name the option."""
+    with pytest.raises(ConfigError, match=key):
+        AttachConfig.make({"method": method, key: value})

@@ -38,16 +38,16 @@ class S2LoRA(Adapter):
     class Config(LowRankConfig):
         l1: float = 1e-3  # weight of the L1 penalty on the rank coefficients λ_ℓ
 
+        def validate(self) -> None:  # at config resolution, before a model loads
+            if self.l1 < 0:
+                raise ConfigError(f"s2lora: l1={self.l1} must be >= 0 (the weight of the L1 penalty on λ)")
+
     roles = {"s2_A.weight": "A", "s2_B.weight": "B", "s2_lambda": "singular_values"}
     layers = ("linear", "conv1d")
     example = {"r": 3, "l1": 0.01}
 
     def __init__(self, base: nn.Module, cfg: Config, view=None):
         super().__init__(base, cfg, view)
-        if cfg.r <= 0:
-            raise ConfigError(f"s2lora: r must be positive, got {cfg.r}")
-        if cfg.l1 < 0:
-            raise ConfigError(f"s2lora: l1={cfg.l1} must be >= 0 (the weight of the L1 penalty on λ)")
         v = self.view
         # every adapter builds its pair; `share` keeps the group owner's and drops the others' (before init)
         self.s2_A = Factor(cfg.r, v.d_in)

@@ -50,6 +50,10 @@ class SLTrain(Adapter):
         # "replace": pre-training, the layer is s·BA + S (base zeroed); "default": fine-tuning, W0 + s·BA + S
         init: Literal["default", "replace"] = "default"
 
+        def validate(self) -> None:  # at config resolution, before a model loads
+            if not 0.0 <= self.sp_ratio < 1.0:
+                raise ConfigError(f"sltrain: sp_ratio={self.sp_ratio} must be in [0, 1) (the fraction of entries of S)")
+
     inits = {"default": ("noop", None), "replace": ("changes", None)}
     roles = {"lora_A.weight": "A", "lora_B.weight": "B", "sparse_values": "sparse"}
     layers = ("linear", "conv1d")
@@ -57,10 +61,6 @@ class SLTrain(Adapter):
 
     def __init__(self, base: nn.Module, cfg: Config, view=None):
         super().__init__(base, cfg, view)
-        if cfg.r <= 0:
-            raise ConfigError(f"sltrain: r must be positive, got {cfg.r}")
-        if not 0.0 <= cfg.sp_ratio < 1.0:
-            raise ConfigError(f"sltrain: sp_ratio={cfg.sp_ratio} must be in [0, 1) (the fraction of entries of S)")
         v = self.view
         self.lora_A = Factor(cfg.r, v.d_in)
         self.lora_B = Factor(v.d_out, cfg.r)

@@ -29,7 +29,6 @@ in checkpoints (exact ``--resume``).
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -39,7 +38,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .base import Procedure, TrainParam, register_procedure
-from .galore import _side, is_output_head, orthogonal_projector, project, project_back
+from .galore import _side, adam_direction, adam_step_size, is_output_head, orthogonal_projector, project, project_back
 
 __all__ = ["FRUGAL", "FrugalAdamW", "split_gradient"]
 
@@ -62,15 +61,11 @@ class FrugalAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _adam(st: dict, R: Tensor, group: dict) -> tuple[Tensor, float]:
-        b1, b2 = group["betas"]
         if "exp_avg" not in st:
             st["step"] = 0
-            st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(R), torch.zeros_like(R)
         st["step"] += 1
-        st["exp_avg"].mul_(b1).add_(R, alpha=1.0 - b1)
-        st["exp_avg_sq"].mul_(b2).addcmul_(R, R, value=1.0 - b2)
-        step_size = group["lr"] * math.sqrt(1.0 - b2 ** st["step"]) / (1.0 - b1 ** st["step"])
-        return st["exp_avg"] / st["exp_avg_sq"].sqrt().add_(group["eps"]), step_size
+        N = adam_direction(st, R, group["betas"], group["eps"])
+        return N, adam_step_size(group["lr"], group["betas"], st["step"])
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -83,6 +83,26 @@ def project_back(R: Tensor, P: Tensor, side: str) -> Tensor:
     return R @ P if side == "right" else P @ R
 
 
+def adam_direction(st: dict, R: Tensor, betas: tuple[float, float], eps: float,
+                   keys: tuple[str, str] = ("exp_avg", "exp_avg_sq")) -> Tensor:
+    """Adam's moment update in the space of ``R`` (created as zeros on first use, in ``st[keys]``) and its
+    direction ``m / (sqrt(v) + eps)``; the bias correction is in :func:`adam_step_size`. The one Adam of every
+    projected optimiser here (GaLore, Fira, FRUGAL, GradNormLoRP), so they cannot drift apart."""
+    b1, b2 = betas
+    if keys[0] not in st:
+        st[keys[0]], st[keys[1]] = torch.zeros_like(R), torch.zeros_like(R)
+    m, v = st[keys[0]], st[keys[1]]
+    m.mul_(b1).add_(R, alpha=1.0 - b1)
+    v.mul_(b2).addcmul_(R, R, value=1.0 - b2)
+    return m / v.sqrt().add_(eps)
+
+
+def adam_step_size(lr: float, betas: tuple[float, float], step: int) -> float:
+    """``lr · sqrt(1 − β2^t) / (1 − β1^t)`` (Hugging Face / GaLore form: ε outside the correction)."""
+    b1, b2 = betas
+    return lr * math.sqrt(1.0 - b2 ** step) / (1.0 - b1 ** step)
+
+
 class ProjectedAdamW(torch.optim.Optimizer):
     """Adam (Hugging Face/GaLore form, see the module docstring) with GaLore projection for the parameter groups
     that carry ``rank`` (keys ``rank, update_proj_gap, scale, proj_type``) and Fira's residual when they also carry
@@ -97,7 +117,6 @@ class ProjectedAdamW(torch.optim.Optimizer):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             rank = group.get("rank")
-            b1, b2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -112,15 +131,9 @@ class ProjectedAdamW(torch.optim.Optimizer):
                     R = project(g, st["projector"], side)
                 else:
                     R = g
-                if "exp_avg" not in st:
-                    st["exp_avg"] = torch.zeros_like(R)
-                    st["exp_avg_sq"] = torch.zeros_like(R)
-                m, v = st["exp_avg"], st["exp_avg_sq"]
                 st["step"] += 1
-                m.mul_(b1).add_(R, alpha=1.0 - b1)
-                v.mul_(b2).addcmul_(R, R, value=1.0 - b2)
-                step_size = group["lr"] * math.sqrt(1.0 - b2 ** st["step"]) / (1.0 - b1 ** st["step"])
-                N = m / v.sqrt().add_(group["eps"])
+                N = adam_direction(st, R, group["betas"], group["eps"])
+                step_size = adam_step_size(group["lr"], group["betas"], st["step"])
                 if rank is not None:
                     P, scale = st["projector"], group["scale"]
                     upd = project_back(N, P, side) * scale

@@ -22,13 +22,13 @@ model's parameter, files and checkpoints are those of any full fine-tune. Other 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from .base import register_procedure
-from .galore import GaLore, ProjectedAdamW, _side, orthogonal_projector, project, project_back
+from .galore import (GaLore, ProjectedAdamW, _side, adam_direction, adam_step_size, orthogonal_projector, project,
+                     project_back)
 
 __all__ = ["GradNormLoRP", "WeightNormProjectedAdamW", "weight_norm_gradients"]
 
@@ -55,7 +55,6 @@ class WeightNormProjectedAdamW(ProjectedAdamW):
         finally:
             self.param_groups = saved
         for group in (g for g in saved if g.get("weight_norm")):
-            b1, b2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -67,16 +66,10 @@ class WeightNormProjectedAdamW(ProjectedAdamW):
                 if "projector" not in st or st["step"] % group["update_proj_gap"] == 0:
                     st["projector"] = orthogonal_projector(g_V, group["rank"], side)
                 R = project(g_V, st["projector"], side)
-                if "exp_avg" not in st:
-                    st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(R), torch.zeros_like(R)
-                    st["mag_avg"], st["mag_avg_sq"] = torch.zeros_like(g_m), torch.zeros_like(g_m)
                 st["step"] += 1
-                c = group["lr"] * math.sqrt(1.0 - b2 ** st["step"]) / (1.0 - b1 ** st["step"])
-                for (a, s), g in (((st["exp_avg"], st["exp_avg_sq"]), R), ((st["mag_avg"], st["mag_avg_sq"]), g_m)):
-                    a.mul_(b1).add_(g, alpha=1.0 - b1)
-                    s.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-                N_V = st["exp_avg"] / st["exp_avg_sq"].sqrt().add_(group["eps"])
-                N_m = st["mag_avg"] / st["mag_avg_sq"].sqrt().add_(group["eps"])
+                c = adam_step_size(group["lr"], group["betas"], st["step"])
+                N_V = adam_direction(st, R, group["betas"], group["eps"])
+                N_m = adam_direction(st, g_m, group["betas"], group["eps"], ("mag_avg", "mag_avg_sq"))
                 V = V - c * group["scale"] * project_back(N_V, st["projector"], side)
                 m = m - c * N_m
                 p.copy_(m[:, None] * V)

@@ -178,7 +178,7 @@ class EncoderClassification(Task):
         try:
             for i in range(0, len(examples), batch_size):
                 b = to_device(self.collate(examples[i:i + batch_size]), device)
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+                logits = self.logits(model, b).float()  # subclasses (HeadClassification) pool their own way
                 nll += float(F.cross_entropy(logits, b["labels"], reduction="sum"))
                 ys += b["labels"].tolist()
                 preds += logits.argmax(-1).tolist()

@@ -30,15 +30,12 @@ Choices where the paper/code is unclear or where we differ, and why:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import assets
 from ..errors import ConfigError
-from .base import classification_metrics, to_device
 from .classify import EncoderClassification
 
 __all__ = ["HeadClassification", "pool_logits", "head_logits", "set_bidirectional", "load_decoder_classifier"]
@@ -125,25 +122,6 @@ class HeadClassification(EncoderClassification):
     def forward(self, model, batch):
         z = self.logits(model, batch)
         return F.cross_entropy(z.float(), batch["labels"]), z
-
-    @torch.no_grad()
-    def evaluate(self, model, tok, examples, batch_size=32):
-        was = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        ys, preds, nll = [], [], 0.0
-        try:
-            for i in range(0, len(examples), batch_size):
-                b = to_device(self.collate(examples[i:i + batch_size]), device)
-                z = self.logits(model, b).float()
-                nll += float(F.cross_entropy(z, b["labels"], reduction="sum"))
-                ys += b["labels"].tolist()
-                preds += z.argmax(-1).tolist()
-        finally:
-            model.train(was)
-        m = classification_metrics(ys, preds, len(self.labels))
-        m["loss"] = nll / max(len(ys), 1) if ys else math.nan
-        return m
 
     def describe(self) -> dict:
         return {**super().describe(), "pooling": self.cfg.pooling, "attention": self.cfg.attention}
