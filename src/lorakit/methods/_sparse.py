@@ -198,7 +198,13 @@ class SparseDelta(Adapter):
     # --- resizing (Parameter objects kept: the optimiser holds them) ---------------------------------------------
     @staticmethod
     def _resize(p: nn.Parameter, value: Tensor) -> None:
-        p.data = value.detach().to(device=p.device, dtype=p.dtype).clone()
+        """Give ``p`` new data (any shape), dropping its gradient. Autograd caches a leaf's gradient accumulator
+        (with the leaf's shape) while any graph that used it is alive, e.g. the previous step's loss the trainer still
+        holds; ``set_data`` drops that cache only when the dtype or device changes, so the data passes through
+        another dtype first and the next forward gets an accumulator of the new shape."""
+        new = value.detach().to(device=p.device, dtype=p.dtype).clone()
+        p.data = new.to(torch.float64 if p.dtype != torch.float64 else torch.float32)
+        p.data = new
         p.grad = None
 
     def _set_buffer(self, name: str, value: Tensor) -> None:
