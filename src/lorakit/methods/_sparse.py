@@ -274,7 +274,8 @@ class SparseDelta(Adapter):
             return self.sparse_values.float()
         idx, val = self.element_support()
         n = self.view.d_out * self.view.d_in
-        return torch.zeros(n, dtype=torch.float32, device=val.device).index_copy_(0, idx, val.float()).view(_shape(self))
+        flat = torch.zeros(n, dtype=torch.float32, device=val.device)
+        return flat.index_copy_(0, idx, val.float()).view(_shape(self))
 
     def delta(self, x: Tensor) -> Tensor:
         x = self.cast_in(x)

@@ -26,8 +26,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from ..core import register
 from ..errors import ConfigError
 from ._sparse import SparseDelta, SupportController
