@@ -249,6 +249,11 @@ class SparseDelta(Adapter):
             if name in state and state[name].shape != t.shape:
                 self._set_buffer(name, torch.zeros(state[name].shape, dtype=t.dtype))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # ``model.load_state_dict`` of a model saved after the selection (the HF Trainer's resume): adopt the sizes
+        self.fit_state({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # --- maths ---------------------------------------------------------------------------------------------------
     def element_support(self) -> tuple[Tensor, Tensor]:
         """``(indices, values)`` of every changed entry (trainable and frozen), flat, strictly increasing."""
