@@ -19,7 +19,9 @@ that of the K entries. The file holds indices + values + shape.
 Choices: phase 2 starts with a fresh optimiser state for the K entries (the official code builds a new trainer for
 it), but continues the run's LR schedule (one run in lorakit; the official phases each have their own schedule and
 length). One iteration (official default ``n_ft_iterations=1``); the L1 terms (official default 0) are not
-implemented. The classification head (which the official code trains fully) is lorakit's ``trainable``.
+implemented. The classification head (which the official code trains fully) is lorakit's ``trainable``. The phase-2
+values stay in the optimiser group of the phase-1 matrix (one Parameter, resized), so lorakit's default AdamW decays
+them as it decayed the matrix (``optim.weight_decay``).
 """
 from __future__ import annotations
 

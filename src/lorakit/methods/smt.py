@@ -37,7 +37,9 @@ Choices where we depart from the official code, and why:
   matrices only, and at selection the unselected blocks are rewound to zero (bit-identical to the base); the selected
   blocks keep their warm-up change (``"train"``; with ``"score"`` there is none).
 * After the selection the optimiser state starts fresh (the official code deletes the warm-up optimiser and builds a
-  new one); lorakit keeps the run's one LR schedule (the official code builds a new scheduler with its own warm-up).
+  new one); lorakit keeps the run's one LR schedule (the official code builds a new scheduler with its own warm-up)
+  and the parameter's optimiser group (the blocks are a 2-D matrix during the warm-up and 3-D after: weight decay
+  ``optim.weight_decay`` either way under lorakit's default AdamW groups; the recipe sets 0 as the official run).
 * One global block count for all targets; the official code takes separate counts for the MLP and attention
   matrices (``num_submatrix_mlp`` / ``num_submatrix_attn``): attach the two groups separately for that.
 * ``block`` must divide every target's ``d_out`` and ``d_in`` (the official deepspeed code takes the GCD of the weight
@@ -141,7 +143,7 @@ class SMTSelector(SupportController):
         for j, a in enumerate(self.adapters()):
             if on and not a.dense_first:
                 a.__dict__["_score_sink"] = lambda g, j=j, a=a: self.acc[j].add_(
-                    block_scores(g.cpu(), a.cfg.block, a.cfg.score))
+                    block_scores(g, a.cfg.block, a.cfg.score).cpu())
             else:
                 a.__dict__.pop("_score_sink", None)
 
@@ -159,7 +161,7 @@ class SMTSelector(SupportController):
         for s, a in zip(self.acc, self.adapters()):
             g = a.sparse_values.grad if a.dense_phase() else None
             if g is not None:
-                s += block_scores(g.detach().cpu(), a.cfg.block, a.cfg.score)
+                s += block_scores(g.detach(), a.cfg.block, a.cfg.score).cpu()
 
     def scores(self) -> list[Tensor]:
         return self.acc if self.acc is not None else self._grid()
