@@ -27,8 +27,9 @@ The warm-up (``warmup``):
 * ``"score"`` (lean): nothing dense is held at any time. The targets do not move during the warm-up; a probe on each
   target computes ``G = gᵀx`` for its layer in the backward (a transient of one layer), adds its block scores and
   drops it. Peak memory is then that of the sparse phase plus one layer's gradient. The scores are those of the
-  base weights rather than of the moving warm-up weights, and with ``grad_accum > 1`` the per-micro-batch block
-  scores are summed (exact for one micro-batch per step: the mean of ``|Σ G|`` would need a dense accumulator).
+  base weights rather than of the moving warm-up weights, and with ``grad_accum > 1`` (or data-parallel ranks, whose
+  step scores are summed) the per-micro-batch block scores are summed: exact for one micro-batch per step on one
+  process (the block statistic of the summed gradient would need a dense accumulator).
 
 Choices where we depart from the official code, and why:
 
@@ -89,9 +90,21 @@ class SMT(SparseDelta):
         score: Literal["mean_abs", "abs_mean"] = "mean_abs"
         warmup: Literal["train", "score"] = "train"  # train: full FT of the targets; score: gradient scores only
 
+    summed_buffers = ("step_scores",)  # a score-only warm-up's block scores of the step: summed over data-parallel ranks
+
+    def __init__(self, base, cfg, view=None):
+        super().__init__(base, cfg, view)
+        b = cfg.block
+        # block scores of the current step from the warm-up probe (non-persistent: the controller takes them each step)
+        self.register_buffer("step_scores", torch.zeros(self.view.d_out // b, self.view.d_in // b), persistent=False)
+        self.probing = False
+
     @property
     def dense_first(self) -> bool:  # type: ignore[override]
         return self.cfg.warmup == "train"
+
+    def _take_scores(self, g: Tensor) -> None:
+        self.step_scores.add_(block_scores(g, self.cfg.block, self.cfg.score).to(self.step_scores.device))
 
     def unit(self) -> int:
         return self.cfg.block
@@ -103,10 +116,9 @@ class SMT(SparseDelta):
         return None
 
     def delta(self, x: Tensor) -> Tensor:
-        sink = self.__dict__.get("_score_sink")
-        if sink is not None and torch.is_grad_enabled() and self.sparse_values.requires_grad:
+        if self.probing and torch.is_grad_enabled() and self.sparse_values.requires_grad:
             x2 = self.cast_in(x).reshape(-1, self.view.d_in)
-            return _GradientProbe.apply(x2, self.sparse_values, self.view.d_out, sink).reshape(
+            return _GradientProbe.apply(x2, self.sparse_values, self.view.d_out, self._take_scores).reshape(
                 *x.shape[:-1], self.view.d_out)
         return super().delta(x)
 
@@ -140,12 +152,9 @@ class SMTSelector(SupportController):
         return [torch.zeros(a.view.d_out // a.cfg.block, a.view.d_in // a.cfg.block) for a in self.adapters()]
 
     def _probe(self, on: bool) -> None:
-        for j, a in enumerate(self.adapters()):
-            if on and not a.dense_first:
-                a.__dict__["_score_sink"] = lambda g, j=j, a=a: self.acc[j].add_(
-                    block_scores(g, a.cfg.block, a.cfg.score).cpu())
-            else:
-                a.__dict__.pop("_score_sink", None)
+        for a in self.adapters():
+            a.probing = on and not a.dense_first
+            a.step_scores.zero_()
 
     def on_train_begin(self, model, optimizer, total_steps: int) -> None:
         super().on_train_begin(model, optimizer, total_steps)
@@ -159,6 +168,9 @@ class SMTSelector(SupportController):
         if self.acc is None:
             self.acc = self._grid()
         for s, a in zip(self.acc, self.adapters()):
+            if a.probing:  # score-only warm-up: what the probe gathered in this step's backward
+                s += a.step_scores.cpu()
+                a.step_scores.zero_()
             g = a.sparse_values.grad if a.dense_phase() else None
             if g is not None:
                 s += block_scores(g.detach(), a.cfg.block, a.cfg.score).cpu()
