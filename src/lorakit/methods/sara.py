@@ -38,6 +38,10 @@ Choices where the official code differs or is unclear:
 * Weight decay: the official AdamW decays ``P`` (absolute values) toward 0. lorakit's default AdamW groups give no
   weight decay to vectors, and ``sparse_values`` is one; a procedure that decays it decays ``P − W0[M]`` toward 0,
   i.e. toward ``W0[M]`` (the entries are below θ, 2e-3, so the difference per step is ``lr·wd·θ`` ≈ 1e-8).
+* The official code writes ``|P|`` (not ``P``) into the weight when it builds the mask, at init and at the progressive
+  re-selection (``Sparse.apply(param, trainable_params[i].abs(), mask)``), so the one forward that follows sees the
+  masked entries with their signs dropped, until the next update writes ``P`` back. We read that as an artifact
+  (the entries are below θ) and keep ``P``. The run's LR schedule continues across the re-selection.
 * Default lr in the paper's code is ``1e-3 · exp(−350 θ)`` (recipe). Embeddings, norms and biases are not targeted
   here (targets are linear layers).
 """
