@@ -61,3 +61,30 @@ def test_no_dense_tensor_is_saved_for_the_backward(cfg):
     assert 0 < k < D_OUT * D_IN and a.sparse_values.grad is not None
     assert max(sizes) < D_OUT * D_IN  # nothing of the dense delta's size
     assert sum(sizes) <= ROWS * D_IN + 2 * k + a.sparse_indices.numel() + 2 * a.frozen_indices.numel()
+
+
+@pytest.mark.parametrize("cfg", [
+    {"method": "sara", "threshold": 0.05},
+    {"method": "smt", "block": 4, "blocks": 6, "warmup_steps": 1, "warmup": "score"},
+])
+def test_products_under_bf16_autocast_match_fp32(cfg):
+    """The trainer's bf16 precision runs the forward under autocast: the products accept its mixed dtypes and give
+    the fp32 gradients to bf16 rounding."""
+    torch.manual_seed(0)
+    m = One()
+    lorakit.attach(m, {**cfg, "targets": ["lin"]})
+    (a,) = [a for _, a in lorakit.adapters(m)]
+    if a.sparse_values.numel() == 0:  # SMT: select blocks directly (every 5th block of the 12 x 16 grid)
+        a.compact(torch.arange(12 * 16).view(12, 16) % 5 == 0, rewind=True)
+    with torch.no_grad():
+        a.sparse_values.normal_()
+    x = torch.randn(ROWS, D_IN)
+    grads = []
+    for bf16 in (False, True):
+        a.sparse_values.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = m(x)
+        y.float().pow(2).sum().backward()
+        grads.append(a.sparse_values.grad.clone())
+    assert grads[1].dtype == torch.float32
+    assert torch.allclose(grads[0], grads[1], rtol=0.05, atol=0.05 * float(grads[0].abs().max()))

@@ -127,9 +127,9 @@ class _BlockProduct(torch.autograd.Function):
         ctx.save_for_backward(x, val, rows, cols)
         ctx.dims = (d_out, d_in)
         n_tok, b = x.shape[0], val.shape[-1]
-        xb = x.view(n_tok, d_in // b, b).index_select(1, cols)  # (N, n, b)
+        xb = x.reshape(n_tok, d_in // b, b).index_select(1, cols)  # (N, n, b)
         ob = torch.einsum("tnj,nij->tni", xb, val.to(x.dtype))
-        return x.new_zeros(n_tok, d_out // b, b).index_add_(1, rows, ob).view(n_tok, d_out)
+        return ob.new_zeros(n_tok, d_out // b, b).index_add_(1, rows, ob).view(n_tok, d_out)  # autocast: ob's dtype
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -140,9 +140,9 @@ class _BlockProduct(torch.autograd.Function):
         gx = gv = None
         if ctx.needs_input_grad[0]:
             gxb = torch.einsum("tni,nij->tnj", gb, val.to(g.dtype))
-            gx = g.new_zeros(n_tok, d_in // b, b).index_add_(1, cols, gxb).view(n_tok, d_in)
+            gx = gxb.new_zeros(n_tok, d_in // b, b).index_add_(1, cols, gxb).view(n_tok, d_in)
         if ctx.needs_input_grad[1]:
-            xb = x.to(g.dtype).view(n_tok, d_in // b, b).index_select(1, cols)
+            xb = x.to(g.dtype).reshape(n_tok, d_in // b, b).index_select(1, cols)
             gv = torch.einsum("tni,tnj->nij", gb, xb).to(val.dtype)
         return gx, gv, None, None, None, None
 
