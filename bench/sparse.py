@@ -145,7 +145,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--masked-targets", default="all-linear",
-                    help="targets of SMT and LT-SFT (dense delta in memory): all-linear, or one module name such as "
+                    help="targets of SMT and LT-SFT (dense first phase): all-linear, or one module name such as "
                          "down_proj (their support is still sized to the budget)")
     ap.add_argument("--smt-warmup", default="train", choices=["train", "score"],
                     help="SMT's warm-up: train (dense, the official schedule) or score (gradient scores only)")
