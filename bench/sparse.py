@@ -11,9 +11,11 @@ phase where it has one (SMT's warm-up and LT-SFT's full phase: 2 steps, through 
 trainer runs it), then time ``--steps`` optimiser steps (forward + backward + AdamW) on fixed random tokens, and save
 the adapter. "trainable" counts the entries that can change, "held" the adapter parameter elements in memory after
 the run and "state" the optimiser-state elements (SMT and LT-SFT hold only their selected support after the
-selection). Peak memory is the child's peak RSS over the whole run (SMT's and LT-SFT's dense first phase included),
-its growth over the RSS right after the model loaded, and "phase MB": the peak RSS growth during the timed steps
-only (the peak is reset after the selection phase through ``/proc/self/clear_refs``; Linux only). ``--smt-warmup``
+selection). Peak memory is the child's peak RSS from the attach to the end (SMT's and LT-SFT's dense first phase
+included), its growth over the RSS just before the attach (model loaded, budget sized, free heap handed back with
+``malloc_trim``), and "phase MB": the peak RSS growth during the timed steps only (the freed first phase handed back
+with ``malloc_trim`` and the peak reset through ``/proc/self/clear_refs`` after the selection; Linux/glibc; the
+peak resets fall back to getrusage elsewhere). ``--smt-warmup``
 picks SMT's warm-up (``train``: dense, the default; ``score``: gradient scores only).
 """
 from __future__ import annotations
@@ -52,6 +54,25 @@ def _reset_peak() -> bool:
         return False
 
 
+def _peak(since_reset: bool) -> float:
+    """Peak RSS in MB: since the last reset where /proc gives it, else the process's (getrusage)."""
+    hwm = _hwm_mb() if since_reset else None
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _trim() -> None:
+    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``): without it the RSS after SMT's or LT-SFT's
+    selection still counts the freed dense first phase (glibc keeps freed mid-size blocks mapped)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -68,7 +89,6 @@ def child(method: str, a: argparse.Namespace) -> dict:
     loaded = load_causal_lm("smollm2-135m")
     model = loaded[0] if isinstance(loaded, tuple) else loaded
     model.train()
-    rss_loaded = _rss_mb()
     lin = [m for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)]
     n_lin = sum(m.weight.numel() for m in lin)
     budget = sum(a.r * (m.in_features + m.out_features) for m in lin)
@@ -78,6 +98,7 @@ def child(method: str, a: argparse.Namespace) -> dict:
     elif method == "sara":
         w = torch.cat([m.weight.detach().abs().flatten() for m in lin])
         theta = float(w.kthvalue(budget).values) + 1e-12  # |W| < theta keeps ~budget entries
+        del w  # the sizing copy is the bench's, not the method's
         cfg = {"method": "sara", "targets": "all-linear", "threshold": theta}
     elif method == "smt":
         cfg = {"method": "smt", "targets": mt, "block": 64, "blocks": round(budget / 64 ** 2),
@@ -90,6 +111,9 @@ def child(method: str, a: argparse.Namespace) -> dict:
         downs = [m for n, m in model.model.layers.named_modules() if n.endswith("down_proj")]
         cfg = {"method": "s2ft", "targets": ["down_proj"],
                "ratio": budget / sum(m.out_features for m in downs) / downs[0].in_features}
+    _trim()
+    rss_loaded = _rss_mb()  # the baseline: model loaded, budget sized, nothing attached
+    peak_reset = _reset_peak()  # the whole-run peak then starts here too
     lorakit.attach(model, {**cfg, "seed": 0})
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -103,11 +127,9 @@ def child(method: str, a: argparse.Namespace) -> dict:
     reset, peak_before = False, 0.0
     for step in range(pre + a.steps):
         if step == pre:
-            import gc
-
-            gc.collect()
-            peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the reset lowers ru_maxrss too
-            reset = _reset_peak()
+            _trim()
+            peak_before = _peak(peak_reset)
+            reset = _reset_peak()  # the reset lowers ru_maxrss too
         t = time.perf_counter()
         out = model(input_ids=ids, labels=ids)
         loss = out.loss
@@ -129,7 +151,7 @@ def child(method: str, a: argparse.Namespace) -> dict:
         lorakit.save_adapter(model, Path(d) / "a")
         size = sum(f.stat().st_size for f in (Path(d) / "a").iterdir())
         weights = (Path(d) / "a" / "adapter_model.safetensors").stat().st_size
-    peak = max(peak_before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak = max(peak_before, _peak(peak_reset))
     return {"method": method, "config": cfg, "budget": budget, "trainable": trainable, "held": held, "state": state,
             "phase_growth_mb": None if phase is None else phase - rss_loaded, "adapter_bytes": size,
             "weights_bytes": weights, "peak_rss_mb": peak, "peak_growth_mb": peak - rss_loaded,
