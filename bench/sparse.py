@@ -12,9 +12,14 @@ down_proj channels filling the rest of the budget. Every
 method runs in its own subprocess (so peak memory is its own): load the model, attach, run the method's selection
 phase where it has one (SMT's warm-up and LT-SFT's full phase: 2 steps, through the method's controller, as the
 trainer runs it), then time ``--steps`` optimiser steps (forward + backward + AdamW) on fixed random tokens, and save
-the adapter. "trainable" counts the entries that can change (for SMT and LT-SFT, the selected support: their
-in-memory delta is dense, reported as "held"). Peak memory is the child's peak RSS, and its growth over the RSS
-right after the model loaded.
+the adapter. "trainable" counts the entries that can change, "held" the adapter parameter elements in memory after
+the run and "state" the optimiser-state elements (SMT and LT-SFT hold only their selected support after the
+selection). Peak memory is the child's peak RSS from the attach to the end (SMT's and LT-SFT's dense first phase
+included), its growth over the RSS just before the attach (model loaded, budget sized, free heap handed back with
+``malloc_trim``), and "phase MB": the peak RSS growth during the timed steps only (the freed first phase handed back
+with ``malloc_trim`` and the peak reset through ``/proc/self/clear_refs`` after the selection; Linux/glibc; the
+peak resets fall back to getrusage elsewhere). ``--smt-warmup``
+picks SMT's warm-up (``train``: dense, the default; ``score``: gradient scores only).
 """
 from __future__ import annotations
 
@@ -30,6 +35,45 @@ import time
 from pathlib import Path
 
 METHODS = ["lora", "s2ft", "s2ft_heads", "sara", "smt", "lt_sft"]
+
+
+def _hwm_mb() -> float | None:
+    """Peak RSS since the last reset (VmHWM), None where /proc does not give it."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _peak(since_reset: bool) -> float:
+    """Peak RSS in MB: since the last reset where /proc gives it, else the process's (getrusage)."""
+    hwm = _hwm_mb() if since_reset else None
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _trim() -> None:
+    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``): without it the RSS after SMT's or LT-SFT's
+    selection still counts the freed dense first phase (glibc keeps freed mid-size blocks mapped)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _rss_mb() -> float:
@@ -63,7 +107,6 @@ def child(method: str, a: argparse.Namespace) -> dict:
     loaded = load_causal_lm("smollm2-135m")
     model = loaded[0] if isinstance(loaded, tuple) else loaded
     model.train()
-    rss_loaded = _rss_mb()
     lin = [m for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)]
     n_lin = sum(m.weight.numel() for m in lin)
     budget = sum(a.r * (m.in_features + m.out_features) for m in lin)
@@ -73,10 +116,11 @@ def child(method: str, a: argparse.Namespace) -> dict:
     elif method == "sara":
         w = torch.cat([m.weight.detach().abs().flatten() for m in lin])
         theta = float(w.kthvalue(budget).values) + 1e-12  # |W| < theta keeps ~budget entries
+        del w  # the sizing copy is the bench's, not the method's
         cfg = {"method": "sara", "targets": "all-linear", "threshold": theta}
     elif method == "smt":
         cfg = {"method": "smt", "targets": mt, "block": 64, "blocks": round(budget / 64 ** 2),
-               "warmup_steps": 2}
+               "warmup_steps": 2, "warmup": a.smt_warmup}
     elif method == "lt_sft":
         n_t = sum(m.weight.numel() for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)
                   and (mt == "all-linear" or n.endswith("." + a.masked_targets)))
@@ -87,6 +131,9 @@ def child(method: str, a: argparse.Namespace) -> dict:
         downs = [m for n, m in model.model.layers.named_modules() if n.endswith("down_proj")]
         cfg = {"method": "s2ft", "targets": ["down_proj"],
                "ratio": budget / sum(m.out_features for m in downs) / downs[0].in_features}
+    _trim()
+    rss_loaded = _rss_mb()  # the baseline: model loaded, budget sized, nothing attached
+    peak_reset = _reset_peak()  # the whole-run peak then starts here too
     lorakit.attach(model, {**cfg, "seed": 0})
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -97,7 +144,12 @@ def child(method: str, a: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (a.batch, a.seq), generator=g)
     times = []
+    reset, peak_before = False, 0.0
     for step in range(pre + a.steps):
+        if step == pre:
+            _trim()
+            peak_before = _peak(peak_reset)
+            reset = _reset_peak()  # the reset lowers ru_maxrss too
         t = time.perf_counter()
         out = model(input_ids=ids, labels=ids)
         loss = out.loss
@@ -111,18 +163,18 @@ def child(method: str, a: argparse.Namespace) -> dict:
         opt.zero_grad(set_to_none=True)
         if step >= pre:
             times.append(time.perf_counter() - t)
+    phase = _hwm_mb() if reset else None
     held = sum(p.numel() for p in params)
-    trainable = 0
-    for _, ad in lorakit.adapters(model):
-        sup = getattr(ad, "support", None)
-        trainable += int(sup.sum()) if sup is not None else sum(p.numel() for p in ad.parameters() if p.requires_grad)
+    state = sum(v.numel() for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())
+    trainable = sum(p.numel() for _, ad in lorakit.adapters(model) for p in ad.parameters() if p.requires_grad)
     with tempfile.TemporaryDirectory() as d:
         lorakit.save_adapter(model, Path(d) / "a")
         size = sum(f.stat().st_size for f in (Path(d) / "a").iterdir())
         weights = (Path(d) / "a" / "adapter_model.safetensors").stat().st_size
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"method": method, "config": cfg, "budget": budget, "trainable": trainable, "held": held,
-            "adapter_bytes": size, "weights_bytes": weights, "peak_rss_mb": peak, "peak_growth_mb": peak - rss_loaded,
+    peak = max(peak_before, _peak(peak_reset))
+    return {"method": method, "config": cfg, "budget": budget, "trainable": trainable, "held": held, "state": state,
+            "phase_growth_mb": None if phase is None else phase - rss_loaded, "adapter_bytes": size,
+            "weights_bytes": weights, "peak_rss_mb": peak, "peak_growth_mb": peak - rss_loaded,
             "step_s": statistics.median(times), "steps": len(times)}
 
 
@@ -135,8 +187,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--masked-targets", default="all-linear",
-                    help="targets of SMT and LT-SFT (dense delta in memory): all-linear, or one module name such as "
+                    help="targets of SMT and LT-SFT (dense first phase): all-linear, or one module name such as "
                          "down_proj (their support is still sized to the budget)")
+    ap.add_argument("--smt-warmup", default="train", choices=["train", "score"],
+                    help="SMT's warm-up: train (dense, the official schedule) or score (gradient scores only)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -145,7 +199,8 @@ def main() -> None:
     rows = []
     for m in a.methods.split(","):
         cmd = [sys.executable, __file__, "--child", m, "--r", str(a.r), "--batch", str(a.batch), "--seq", str(a.seq),
-               "--steps", str(a.steps), "--threads", str(a.threads), "--masked-targets", a.masked_targets]
+               "--steps", str(a.steps), "--threads", str(a.threads), "--masked-targets", a.masked_targets,
+               "--smt-warmup", a.smt_warmup]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if out.returncode or not line:
@@ -158,11 +213,13 @@ def main() -> None:
     base = next((r for r in rows if r["method"] == "lora"), rows[0])
     print(f"budget (LoRA r={a.r}, all-linear): {base['budget']:,} trainable; batch {a.batch}x{a.seq} tokens, "
           f"{a.steps} timed steps, {a.threads} threads")
-    print(f"{'method':8} {'trainable':>10} {'held':>10} {'file MB':>8} {'peak RSS MB':>11} {'growth MB':>9} "
-          f"{'step s':>7} {'step/LoRA':>9} {'bytes/LoRA':>10}")
+    print(f"{'method':8} {'trainable':>10} {'held':>10} {'state':>10} {'file MB':>8} {'peak RSS MB':>11} "
+          f"{'growth MB':>9} {'phase MB':>8} {'step s':>7} {'step/LoRA':>9} {'bytes/LoRA':>10}")
     for r in rows:
-        print(f"{r['method']:8} {r['trainable']:>10,} {r['held']:>10,} {r['adapter_bytes'] / 2**20:>8.2f} "
-              f"{r['peak_rss_mb']:>11.0f} {r['peak_growth_mb']:>9.0f} {r['step_s']:>7.2f} "
+        ph = "n/a" if r["phase_growth_mb"] is None else f"{r['phase_growth_mb']:.0f}"
+        print(f"{r['method']:8} {r['trainable']:>10,} {r['held']:>10,} {r['state']:>10,} "
+              f"{r['adapter_bytes'] / 2**20:>8.2f} {r['peak_rss_mb']:>11.0f} {r['peak_growth_mb']:>9.0f} {ph:>8} "
+              f"{r['step_s']:>7.2f} "
               f"{r['step_s'] / base['step_s']:>9.2f} {r['adapter_bytes'] / base['adapter_bytes']:>10.2f}")
     print(json.dumps([{k: r[k] for k in ("method", "config")} for r in rows]))
 

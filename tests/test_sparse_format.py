@@ -20,11 +20,13 @@ def _saved(method, tmp_path, d_h=16):
     m = MLP(d_h=d_h)
     lorakit.attach(m, {"method": method, "targets": ["lin0", "lin1"], **CFGS[method]})
     for _, a in lorakit.adapters(m):
+        if a.dense_phase():  # a selected support (what the controller leaves), here every other unit
+            b = a.unit()
+            grid = torch.arange(a.view.d_out * a.view.d_in // b ** 2).view(a.view.d_out // b, a.view.d_in // b)
+            a.compact(grid % 2 == 0, rewind=True)
         with torch.no_grad():
             for p in a.parameters():
                 p.normal_()
-        if hasattr(a, "support"):  # a selected support (what the controller leaves), here every other entry
-            a.set_support(torch.arange(a.support.numel()).view_as(a.support) % 2 == 0)
     lorakit.save_adapter(m, tmp_path / method)
     return m, tmp_path / method
 
@@ -42,8 +44,9 @@ def test_file_holds_indices_values_and_shape_and_round_trips(method, tmp_path):
         dense[idx] = t[pre + VALUES]
         a = dict(lorakit.adapters(m))[key]
         assert torch.equal(dense.view(shape), a.delta_weight())
-        if method != "sara":
-            assert idx.numel() == (shape[0] * shape[1] + 1) // 2  # only the support is written
+        if method != "sara":  # only the support is written (half the units)
+            b = a.unit()
+            assert idx.numel() == (shape[0] * shape[1] // b ** 2 + 1) // 2 * b ** 2
     torch.manual_seed(0)
     fresh = MLP()
     lorakit.load_adapter(fresh, d)
@@ -81,3 +84,15 @@ def test_a_corrupt_sparse_delta_is_refused(bad, match, tmp_path):
     with pytest.raises(AdapterFileError, match=match):
         lorakit.load_adapter(MLP(), d)
     assert json.loads((d / "adapter_config.json").read_text())["peft_type"] == "LORAKIT"
+
+
+def test_an_smt_file_that_is_not_whole_blocks_is_refused(tmp_path):
+    _, d = _saved("smt", tmp_path)
+    f = d / "adapter_model.safetensors"
+    t = load_file(str(f))
+    for k in ("base_model.model.lin0." + INDICES, "base_model.model.lin0." + VALUES):
+        t[k] = t[k][1:].contiguous()  # one entry short of a whole 2x2 block
+    save_file(t, str(f))
+    torch.manual_seed(0)
+    with pytest.raises(AdapterFileError, match="whole 2x2 blocks"):
+        lorakit.load_adapter(MLP(), d)

@@ -646,6 +646,12 @@ class Adapter(nn.Module):
         sizes come from the file (a sparse delta's support) adopts them here, and raises
         :class:`lorakit.errors.AdapterFileError` when the file cannot fit this layer. Default: nothing."""
 
+    def fit_state(self, state: dict[str, Tensor]) -> None:
+        """Called on resume with this adapter's checkpointed tensors (keys relative to the adapter) before they are
+        copied in: a method whose tensor sizes change during training (a sparse support selected mid-run) resizes
+        its tensors to them here, keeping the Parameter objects (the optimiser holds them). Default: nothing (a
+        size mismatch is then a checkpoint of another configuration)."""
+
     def to_file(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """Internal state -> file tensors (PEFT key names and shapes). Default: rename by ``peft_keys``."""
         ren = self.peft_keys.get(self.view.kind, {})

@@ -1,6 +1,7 @@
 """LT-SFT mechanism: after the full fine-tuning phase the mask is the global top-K |θ1 − θ0| (recomputed here), the
-targets are rewound to θ0, and the sparse phase changes only masked entries; two tasks' sparse deltas compose by
-addition (merged model = base + Δ1 + Δ2, read from the files)."""
+targets are rewound to θ0, and the sparse phase changes only masked entries while holding only the K entries
+(parameters and optimiser state counted); the element product's gradients equal torch autograd on the dense formula;
+two tasks' sparse deltas compose by addition (merged model = base + Δ1 + Δ2, read from the files)."""
 import torch
 from safetensors.torch import load_file
 
@@ -26,33 +27,62 @@ def _train(seed=0, x_seed=2, hook=None):
         ctrl.before_step(step, m, opt)
         opt.step()
         if hook:
-            hook(step, ads)
+            hook(step, ads, opt)
         ctrl.step(step, m, opt)
     return m, ads
 
 
-def test_mask_is_top_k_change_rewound_and_only_the_mask_retrains():
-    seen = {}
+def _dense(a):
+    return a.delta_weight().detach().clone()
 
-    def hook(step, ads):
+
+def test_mask_is_top_k_change_rewound_and_only_the_mask_retrains_holding_only_k_entries():
+    seen = {"counts": []}
+
+    def hook(step, ads, opt):
         if step == FULL - 1:  # θ1 − θ0 at the end of the full phase (before the controller selects)
-            seen["d1"] = [a.dense_delta.detach().clone() for a in ads]
-        if step == FULL:  # first sparse step: started from θ0
-            seen["after_rewind_support"] = [a.support.clone() for a in ads]
+            seen["d1"] = [_dense(a) for a in ads]
+        seen["counts"].append((sum(a.sparse_values.numel() for a in ads),
+                               sum(v.numel() for s in opt.state.values() for v in s.values() if v.dim() > 0)))
 
     m, ads = _train(hook=hook)
     d1 = seen["d1"]
     flat = torch.cat([d.abs().flatten() for d in d1])
     k = round(DENSITY * flat.numel())
+    assert seen["counts"][0] == (flat.numel(), 2 * flat.numel())  # phase 1: dense delta + two moments
+    assert all(c == (k, 2 * k) for c in seen["counts"][FULL:])  # phase 2: the K entries only
     cut = flat.sort(descending=True).values
     assert cut[k - 1] > cut[k]
     for a, d in zip(ads, d1):
-        assert torch.equal(a.support, d.abs() >= cut[k - 1])  # global top-K |change|
-    assert sum(int(a.support.sum()) for a in ads) == k
-    for a in ads:
-        assert torch.count_nonzero(a.dense_delta[~a.support]) == 0  # rewound, and only the mask retrained
-        assert torch.count_nonzero(a.dense_delta[a.support]) == int(a.support.sum())
-        assert not torch.equal(a.dense_delta[a.support], d1[ads.index(a)][a.support])  # retrained from θ0
+        want = (d.abs() >= cut[k - 1]).flatten().nonzero().squeeze(1)  # global top-K |change|
+        assert torch.equal(a.sparse_indices, want)
+        assert a.sparse_values.shape == (want.numel(),)
+        now = _dense(a)
+        mask = torch.zeros(now.numel(), dtype=torch.bool)
+        mask[want] = True
+        mask = mask.view_as(now)
+        assert torch.count_nonzero(now[~mask]) == 0  # rewound, and only the mask retrained
+        assert torch.count_nonzero(now[mask]) == want.numel()
+        assert not torch.equal(now[mask], d[mask])  # retrained from θ0
+    assert sum(a.sparse_indices.numel() for a in ads) == k
+
+
+def test_element_product_gradients_equal_autograd_on_the_dense_formula():
+    from lorakit.methods._sparse import _ElementProduct
+
+    g = torch.Generator().manual_seed(0)
+    d_out, d_in = 6, 5
+    idx = torch.tensor([0, 3, 7, 12, 29])
+    fidx, fval = torch.tensor([4, 20]), torch.tensor([0.5, -2.0], dtype=torch.float64)
+    val = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 4, d_in, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(12, d_out, generator=g, dtype=torch.float64)
+    (_ElementProduct.apply(x.reshape(-1, d_in), val, idx, fidx, fval, d_out, d_in) * w).sum().backward()
+    val2, x2 = val.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    dW = torch.zeros(d_out * d_in, dtype=torch.float64)
+    dW = dW.index_put((idx,), val2).index_put((fidx,), fval).view(d_out, d_in)  # frozen entries: no gradient
+    ((x2.reshape(-1, d_in) @ dW.t()) * w).sum().backward()
+    assert torch.allclose(val.grad, val2.grad) and torch.allclose(x.grad, x2.grad)
 
 
 def _file_delta(path, key, shape):

@@ -59,3 +59,54 @@ def test_nuclear_norm_term_is_lambda_times_the_nuclear_norm_of_the_masked_weight
     assert pick.sparse_values.grad is not None and pick.sparse_values.grad.abs().sum() > 0
     assert all(a.sparse_values.grad is None for a in ads if a is not pick)
     get_attachment(m, "default")  # still attached
+
+
+def test_progressive_reselection_is_the_current_below_threshold_set_and_nothing_outside_moves():
+    P, STEPS = 2, 5
+    m, x = tiny_llama(), _ids()
+    w0 = {k: v.clone() for k, v in m.state_dict().items()}
+    lorakit.attach(m, {"method": "sara", "targets": "all-linear", "threshold": TH, "lambda_rank": 0.0,
+                       "progressive_iter": P})
+    (ctrl,) = lorakit.training_controllers(m)
+    ads = dict(lorakit.adapters(m))
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    ctrl.on_train_begin(m, opt, STEPS)
+    seen = {}
+    for step in range(STEPS):
+        opt.zero_grad()
+        m(x).logits.float().pow(2).mean().backward()
+        if step == P:  # the current weights, before the re-selection
+            seen["w"] = {p: w0[p + ".weight"] + a.delta_weight().detach() for p, a in ads.items()}
+        ctrl.before_step(step, m, opt)
+        if step == P:
+            seen["after_select"] = {p: a.delta_weight().detach().clone() for p, a in ads.items()}
+        opt.step()
+        if step == P:  # that step makes no update, and the optimiser state starts afresh
+            assert all(torch.equal(a.delta_weight(), seen["after_select"][p]) for p, a in ads.items())
+            assert all(a.sparse_values not in opt.state for a in ads.values())
+        ctrl.step(step, m, opt)
+    shrank = False
+    for path, a in ads.items():
+        W = seen["w"][path]
+        want = (W.abs() < TH).flatten().nonzero().flatten()  # |W_current| < θ, computed here
+        assert torch.equal(a.sparse_indices, want)
+        assert a.sparse_values.numel() == want.numel() and len(opt.state[a.sparse_values]["exp_avg"]) == want.numel()
+        first = (w0[path + ".weight"].abs() < TH).flatten()
+        shrank |= want.numel() < int(first.sum())
+        d = a.delta_weight().flatten()
+        assert torch.count_nonzero(d[~first]) == 0  # outside the first mask: never changed
+        dropped = first.clone()
+        dropped[want] = False
+        assert torch.equal(d[dropped], seen["after_select"][path].flatten()[dropped])  # frozen at their change
+    assert shrank  # the test exercises a real re-selection
+
+
+def test_progressive_iter_past_the_run_is_refused():
+    import pytest
+    from lorakit.errors import ConfigError
+
+    m = tiny_llama()
+    lorakit.attach(m, {"method": "sara", "targets": "all-linear", "threshold": TH, "progressive_iter": 5})
+    (ctrl,) = lorakit.training_controllers(m)
+    with pytest.raises(ConfigError, match="progressive_iter=5"):
+        ctrl.on_train_begin(m, None, 5)

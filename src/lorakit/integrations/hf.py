@@ -39,7 +39,7 @@ from ..inject import controllers, extra_loss, output_loss
 from ..io import save_adapter
 from ..errors import ConfigError
 from ..procedures import Hyper, Procedure, make_procedure, setup
-from ..train.checkpoint import adapter_tensors
+from ..train.checkpoint import adapter_tensors, fit_saved_tensors
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,7 @@ class AdapterCallback(TrainerCallback):
         ck = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.global_step > 0 and (ck / STATE).is_file():
             st = torch.load(ck / STATE, map_location="cpu", weights_only=True)
+            fit_saved_tensors(model, st["tensors"])  # supports selected during training (sparse methods)
             own = model.state_dict(keep_vars=True)
             with torch.no_grad():
                 for k, v in st["tensors"].items():

@@ -126,14 +126,24 @@ def latest_checkpoint(out: Path) -> Path | None:
     return cands[-1] if cands else None
 
 
+def fit_saved_tensors(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Let each adapter adopt the sizes of its checkpointed tensors (:meth:`lorakit.Adapter.fit_state`: supports
+    selected during training) before they are copied in."""
+    for name, m in model.named_modules():
+        if isinstance(m, Adapter) and type(m).fit_state is not Adapter.fit_state:
+            pre = f"{name}." if name else ""
+            m.fit_state({k[len(pre):]: v for k, v in saved.items() if k.startswith(pre)})
+
+
 def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
     """Restore the adapter tensors into ``model`` and return the rest of the trainer state."""
     try:
         st = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file
         raise LorakitError(f"cannot read checkpoint {path / STATE_NAME}: {e}") from None
-    own = model.state_dict(keep_vars=True)  # the live parameters and buffers
     saved = st.pop("model")
+    fit_saved_tensors(model, saved)
+    own = model.state_dict(keep_vars=True)  # the live parameters and buffers
     bad = [k for k, v in saved.items() if k not in own or own[k].shape != v.shape]
     if bad:
         raise LorakitError(f"checkpoint {path} does not fit this model/adapter (tensor {bad[0]!r}); was the "
