@@ -7,7 +7,8 @@ task (a 4x256 Llama built in code, trained from scratch; validation perplexity).
 results are in docs/benchmarks.md, "SLTrain vs full-rank vs low-rank pre-training").
 
 Three runs of the recipe shakespeare-pretrain-full with the same data, steps, batch and seed:
-* full-rank: method `full` (every weight trains), lr 1e-3 (the recipe's);
+* full-rank: method `full` (every weight trains), lr 1e-3 (the recipe's), and the same at lr 3e-3 (the low-rank runs'
+  learning rate: the control for it);
 * low-rank: `sltrain` with `init=replace` and `sp_ratio=0` (W = s·BA), r=32;
 * SLTrain: `sltrain` `init=replace`, r=28, `sp_ratio=0.0247`, chosen so that r·(m+n) + δ·m·n over the 28 linear
   layers equals the low-rank run's count (624,640 vs 624,636);
@@ -32,6 +33,7 @@ from pathlib import Path
 TRAIN_REST = "[embed_tokens,lm_head,norm,input_layernorm,post_attention_layernorm]"
 RUNS = {
     "full-rank": [],
+    "full-rank lr=3e-3": ["optim.lr=3e-3"],  # the control at the low-rank runs' learning rate
     "low-rank r=32": ["adapter.method=sltrain", "adapter.targets=all-linear", "adapter.init=replace", "adapter.r=32",
                       "adapter.alpha=32", "adapter.sp_ratio=0.0", f"adapter.trainable={TRAIN_REST}", "optim.lr=3e-3"],
     "SLTrain r=28 d=0.0247": ["adapter.method=sltrain", "adapter.targets=all-linear", "adapter.init=replace",
@@ -46,7 +48,8 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench/results/sltrain.json")
-    ap.add_argument("--only", default=None, help="comma-separated run indices (0 full-rank, 1 low-rank, 2 SLTrain)")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated run indices (0 full-rank, 1 full-rank at lr 3e-3, 2 low-rank, 3 SLTrain)")
     a = ap.parse_args()
     from lorakit.train.config import RECIPES_DIR, resolve
     from lorakit.train.loop import run_training

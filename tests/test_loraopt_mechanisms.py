@@ -237,7 +237,7 @@ def test_ggpo_perturbation_form_and_removal():
 
 
 def test_mgpo_gradient_is_taken_at_the_official_weight_space_perturbation():
-    """The official LoRA-MGPO step (llm172/LoRA-MGPO trainer.py), written here on the dense weight: V = s(m_B A + B m_A),
+    """The official LoRA-MGPO step (llm172/LoRA-MGPO trainer.py), written on the dense weight: V = s(m_B A + B m_A),
     ε = −ρ V/‖V‖ · min(1/ḡ, 10), ḡ the EMA of ‖s(g_B A + B g_A)‖ (first value as is); the gradient of A and B is
     taken with W0 + ε as the base weight; the factors themselves are never moved."""
     rho, beta, lr = 0.2, 0.5, 0.05

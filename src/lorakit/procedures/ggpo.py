@@ -129,7 +129,7 @@ class GGPO(Procedure):
 
 
 def _lowrank_norm(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """``‖P @ Q‖_F`` without forming the (d_out, d_in) product: ``sqrt(Σ (PᵀP) ⊙ (QQᵀ))`` (P: (d_out, k), Q: (k, d_in))."""
+    """``‖P @ Q‖_F`` without forming the (d_out, d_in) product: ``sqrt(Σ (PᵀP) ⊙ (QQᵀ))``, P (d_out, k), Q (k, d_in)."""
     return ((P.t() @ P) * (Q @ Q.t())).sum().clamp_min(0).sqrt()
 
 
