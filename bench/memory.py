@@ -15,6 +15,11 @@ steps on one fixed random batch, then report
 * ``predicted``: weights + gradients + state bytes from the formula (the peak-memory model the RSS order is checked
   against; activations are the same batch for every job).
 
+Rows: full FT, LoRA, GaLore, Fira, FRUGAL, LISA, OwLore, GradNormLoRP, SLTrain (a method: AdamW on its factors, sparse
+values, embedding and norms) and LoRAM (LoRA on SmolLM2 pruned at ratio 0.5; the pruned model is written once by
+``lorakit loram prune`` into ``$LORAKIT_BENCH_TMP`` (default /tmp) so the job's peak RSS is the pruned model's alone).
+SLTrain's and LoRAM's formulas are written from the model config's shapes (``_linears``).
+
 Ratios are to full fine-tuning with AdamW. Targets (issue 17): GaLore's state at rank 128 <= 0.35x AdamW's on the
 projected matrices, LISA (gamma=2 of 30) <= 0.25x AdamW's state, measured peak RSS ordered as predicted.
 
