@@ -15,6 +15,11 @@ steps on one fixed random batch, then report
 * ``predicted``: weights + gradients + state bytes from the formula (the peak-memory model the RSS order is checked
   against; activations are the same batch for every job).
 
+Rows: full FT, LoRA, GaLore, Fira, FRUGAL, LISA, OwLore, GradNormLoRP, SLTrain (a method: AdamW on its factors, sparse
+values, embedding and norms) and LoRAM (LoRA on SmolLM2 pruned at ratio 0.5; the pruned model is written once by
+``lorakit loram prune`` into ``$LORAKIT_BENCH_TMP`` (default /tmp) so the job's peak RSS is the pruned model's alone).
+SLTrain's and LoRAM's formulas are written from the model config's shapes (``_linears``).
+
 Ratios are to full fine-tuning with AdamW. Targets (issue 17): GaLore's state at rank 128 <= 0.35x AdamW's on the
 projected matrices, LISA (gamma=2 of 30) <= 0.25x AdamW's state, measured peak RSS ordered as predicted.
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -41,6 +47,19 @@ class Job:
     adapter: dict
     procedure: str = "adamw"
     options: dict = field(default_factory=dict)
+    formula: str | None = None  # key of FORMULAS when not the procedure's (a method with its own state formula)
+    model: str = "smollm2-135m"  # or "loram:RATIO": SmolLM2 structurally pruned by `lorakit loram prune`
+
+
+# SLTrain on this fine-tuning-style job: the official defaults r=128 (the rank of the GaLore rows), alpha 32,
+# sp_ratio 0.01 on every linear layer of the blocks, and, as in the paper's pre-training (and bench/sltrain.py), the
+# embedding (tied head) and the norms train in full (as `adapter.trainable`, i.e. PEFT's modules_to_save: a trainable
+# copy of the 28.3M-parameter embedding next to the frozen original). init="default" (W0 + s*BA + S, S starting at
+# 0) rather than the pre-training "replace": the bytes are the same (the zeroed base stays allocated either way) and
+# the job keeps fine-tuning a pretrained model like every other row.
+SLTRAIN = {"method": "sltrain", "targets": "all-linear", "r": 128, "alpha": 32, "sp_ratio": 0.01, "init": "default",
+           "trainable": ["embed_tokens", "norm", "input_layernorm", "post_attention_layernorm"]}
+LORAM_RATIO = 0.5  # of the kv-head groups (2 of 3 kept: round(1.5) = 2) and MLP channels (768 of 1536 kept)
 
 
 JOBS: list[Job] = [
@@ -52,6 +71,10 @@ JOBS: list[Job] = [
     Job("LISA gamma=2 of 30", FULL, "lisa", {"layers": 2, "interval": 20}),
     Job("OwLore gamma=2, r=128", FULL, "owlore", {"layers": 2, "interval": 20, "rank": 128, "update_proj_gap": 200}),
     Job("GradNormLoRP r=128", FULL, "gradnormlorp", {"rank": 128, "update_proj_gap": 250, "scale": 0.25}),
+    Job("SLTrain r=128 d=0.01 (+emb, norms)", SLTRAIN, formula="sltrain"),
+    Job(f"LoRAM pruned {LORAM_RATIO:.0%} + LoRA r=8 all-linear", {"method": "lora", "targets": "all-linear", "r": 8,
+                                                                  "alpha": 16},
+        formula="loram", model=f"loram:{LORAM_RATIO}"),
 ]
 
 
@@ -108,18 +131,82 @@ def _owlore(params, proc) -> int:
                     or layer_of(t, proc.cfg.layers_pattern) is None], proc)
 
 
+def _linears(cfg) -> list[tuple[int, int]]:
+    """(d_out, d_in) of the seven linear layers of every Llama block, from the model config alone."""
+    h, hd = cfg.hidden_size, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    q, kv, i = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.intermediate_size
+    return [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)] * cfg.num_hidden_layers
+
+
+def _sltrain(params, proc, cfg) -> int:
+    """AdamW on SLTrain's trainables, from the shapes: per linear layer A (r, d_in), B (d_out, r) and the
+    floor(delta*d_out*d_in) sparse values (two fp32 moments each and a step scalar per tensor), plus the embedding
+    (tied head: one tensor) and the 2 per block + 1 final RMSNorm weights trained in full."""
+    r, d = SLTRAIN["r"], SLTRAIN["sp_ratio"]
+    lin = sum(2 * 4 * (r * (m + n) + math.floor(d * m * n)) + 3 * 4 for m, n in _linears(cfg))
+    norms = (2 * cfg.num_hidden_layers + 1) * (2 * 4 * cfg.hidden_size + 4)
+    return lin + norms + 2 * 4 * cfg.vocab_size * cfg.hidden_size + 4
+
+
+def _loram(params, proc, cfg) -> int:
+    """AdamW on LoRA r=8 of every linear layer of the *pruned* model: r*(d_out'+d_in') per layer (two fp32 moments
+    and two step scalars), d' from the pruned config (kept kv groups x their query heads, kept MLP channels)."""
+    return sum(2 * 4 * 8 * (m + n) + 2 * 4 for m, n in _linears(cfg))
+
+
 FORMULAS = {"adamw": lambda params, proc: _adam(params), "galore": _galore, "fira": _galore, "frugal": _frugal,
-            "lisa": _lisa, "owlore": _owlore, "gradnormlorp": _galore}
+            "lisa": _lisa, "owlore": _owlore, "gradnormlorp": _galore, "sltrain": _sltrain, "loram": _loram}
+MODEL_FORMULAS = {"sltrain", "loram"}  # written from the model config's shapes: f(params, proc, config)
+
+
+def formula_of(job: Job, params, proc, cfg) -> int:
+    key = job.formula or job.procedure
+    return FORMULAS[key](params, proc, cfg) if key in MODEL_FORMULAS else FORMULAS[key](params, proc)
+
+
+def pruned_dir(job: Job) -> str:
+    """The pruned model of a LoRAM job (written once by `lorakit loram prune` in its own process, so the pruning's
+    full-size copy never counts in the job's peak RSS)."""
+    ratio = float(job.model.split(":")[1])
+    return os.path.join(os.environ.get("LORAKIT_BENCH_TMP", "/tmp"), f"lorakit-bench-loram-smollm2-{ratio}")
+
+
+def pruned_config(cfg, ratio: float):
+    """The pruned model's config from the full one, as `lorakit.loram.prune_model` sizes it (for --formula-only)."""
+    import copy
+
+    small = copy.deepcopy(cfg)
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    keep_kv = max(1, round(cfg.num_key_value_heads * (1 - ratio)))
+    small.num_key_value_heads, small.num_attention_heads, small.head_dim = keep_kv, keep_kv * group, hd
+    small.intermediate_size = max(1, round(cfg.intermediate_size * (1 - ratio)))
+    return small
 
 
 def _grad_bytes(params, proc) -> int:
-    if proc.name in ("lisa", "owlore"):
+    if proc.name == "owlore":  # its calibration step (step 0) computes every block's gradient before sampling
+        return sum(t.param.numel() * _b(t.param) for t in params)
+    if proc.name == "lisa":
         from lorakit.procedures.lisa import layer_of
 
         on = set(proc.active)
         return sum(t.param.numel() * _b(t.param) for t in params
                    if layer_of(t, proc.cfg.layers_pattern) in on or layer_of(t, proc.cfg.layers_pattern) is None)
     return sum(t.param.numel() * _b(t.param) for t in params)
+
+
+def _predicted_rest(params, proc, formula: int) -> int:
+    """Gradients + state at the step's peak. OwLore: step 0 holds every block's gradient before the unsampled ones are
+    dropped and the (smaller) state is created, so its peak is the larger of the two moments."""
+    if proc.name == "owlore":
+        from lorakit.procedures.lisa import layer_of
+
+        on = set(proc.active)
+        active = sum(t.param.numel() * _b(t.param) for t in params
+                     if layer_of(t, proc.cfg.layers_pattern) in on or layer_of(t, proc.cfg.layers_pattern) is None)
+        return max(_grad_bytes(params, proc), active + formula)
+    return _grad_bytes(params, proc) + formula
 
 
 def _rss_mb() -> float:
@@ -137,7 +224,7 @@ def child(job: Job, a) -> dict:
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    model, _ = load_causal_lm("smollm2-135m")
+    model, _ = load_causal_lm(pruned_dir(job) if job.model.startswith("loram:") else job.model)
     dev = torch.device(a.device)
     model.to(dev)
     loaded = _rss_mb()
@@ -158,11 +245,11 @@ def child(job: Job, a) -> dict:
         opt.zero_grad(set_to_none=True)
     state = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
                 if torch.is_tensor(v))
-    formula = FORMULAS[job.procedure](params, proc)
+    formula = formula_of(job, params, proc, model.config)
     weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     out = {"job": job.name, "state": state, "formula": formula, "peak_rss_mb": _rss_mb(), "loaded_rss_mb": loaded,
            "trainable": sum(t.param.numel() for t in params),
-           "predicted": weights + _grad_bytes(params, proc) + formula}
+           "predicted": weights + _predicted_rest(params, proc, formula)}
     if dev.type == "cuda":
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     if job.procedure in ("galore", "fira", "gradnormlorp"):  # the target is on the projected matrices
@@ -190,15 +277,16 @@ def formula_only() -> None:
     cfg = transformers.AutoConfig.from_pretrained(model_path("smollm2-135m"))
     out = []
     for job in JOBS:
+        jcfg = pruned_config(cfg, float(job.model.split(":")[1])) if job.model.startswith("loram:") else cfg
         with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(cfg)
+            model = transformers.AutoModelForCausalLM.from_config(jcfg)
         lorakit.attach(model, job.adapter, defer_init=True)
         proc = make_procedure(job.procedure, job.options, Hyper())
         params, opt = setup(model, proc)
         proc.on_train_begin(model, opt, 1)
         if job.procedure == "owlore":  # every block is on for its calibration step; then gamma blocks (equal sizes)
             proc.active = sorted(proc._blocks)[:proc.cfg.layers]
-        out.append((job.name, FORMULAS[job.procedure](params, proc)))
+        out.append((job.name, formula_of(job, params, proc, jcfg)))
     base = out[0][1]
     for name, b in out:
         print(f"| {name} | {b / 2 ** 20:.1f} MB | {b / base:.3f} |")
@@ -232,6 +320,9 @@ def main() -> None:
             rows = [json.loads(ln) for ln in f if ln.strip()]
         idx = []
     for i in idx:
+        if JOBS[i].model.startswith("loram:") and not os.path.isdir(pruned_dir(JOBS[i])):
+            subprocess.run([sys.executable, "-m", "lorakit", "loram", "prune", "--model", "smollm2-135m", "--ratio",
+                            JOBS[i].model.split(":")[1], "--out", pruned_dir(JOBS[i])], check=True, env=os.environ)
         cmd = [sys.executable, __file__, "--job", str(i)] + [f"--{k}={getattr(a, k)}" for k in
                                                              ("steps", "tokens", "batch", "threads", "device")]
         r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)

@@ -236,32 +236,55 @@ def test_ggpo_perturbation_form_and_removal():
                 assert torch.allclose(p, rp[n], atol=1e-6), (step, n)
 
 
-def test_mgpo_perturbs_along_the_momentum_scaled_by_the_gradient_norm_ema():
-    rho, beta = 0.2, 0.5
+def test_mgpo_gradient_is_taken_at_the_official_weight_space_perturbation():
+    """The official LoRA-MGPO step (llm172/LoRA-MGPO trainer.py), written on the dense weight: V = s(m_B A + B m_A),
+    ε = −ρ V/‖V‖ · min(1/ḡ, 10), ḡ the EMA of ‖s(g_B A + B g_A)‖ (first value as is); the gradient of A and B is
+    taken with W0 + ε as the base weight; the factors themselves are never moved."""
+    rho, beta, lr = 0.2, 0.5, 0.05
     m, ad = _lora()
+    ref = copy.deepcopy(m)
+    rad = ref.lin.adapters["default"]
     x, t = _data()
-    proc = make_procedure("mgpo", {"rho": rho, "ema": beta}, lorakit.procedures.Hyper(lr=0.05))
+    proc = make_procedure("mgpo", {"rho": rho, "ema": beta}, lorakit.procedures.Hyper(lr=lr))
     _, opt = setup(m, proc)
-    proc.on_train_begin(m, opt, 3)
-    params = {n: p for n, p in m.named_parameters() if p.requires_grad and "lora_" in n}
-    ema: dict = {}
-    for step in range(3):
-        theta = {n: p.detach().clone() for n, p in params.items()}
+    rparams = [rad.lora_A.weight, rad.lora_B.weight]
+    ropt = torch.optim.AdamW(rparams, lr=lr, weight_decay=0.0)
+    proc.on_train_begin(m, opt, 4)
+    s, gbar, seen_eps = ad.scale, None, 0
+    for step in range(4):
+        A0, B0 = ad.lora_A.weight.detach().clone(), ad.lora_B.weight.detach().clone()
         proc.before_forward(step, m, opt)
-        if step == 0:
-            assert proc.last_eps == {}  # no momentum yet
-        for n, p in params.items():
-            if step:
-                want = rho * opt.state[p]["exp_avg"] / ema[n]
-                assert torch.allclose(p.detach() - theta[n], want, atol=1e-6), (step, n)
+        # the reference: dense ε on the base weight of a copy, from the same formula
+        eps = torch.zeros_like(rad.base.weight)
+        st_a, st_b = ropt.state.get(rparams[0], {}), ropt.state.get(rparams[1], {})
+        if "exp_avg" in st_a:
+            V = s * (st_b["exp_avg"] @ rparams[0].detach() + rparams[1].detach() @ st_a["exp_avg"])
+            c = 1.0 if gbar is None else min(1.0 / (gbar + 1e-12), 10.0)
+            eps = -rho * V / (V.norm() + 1e-12) * c
+            seen_eps += 1
+        with torch.no_grad():
+            rad.base.weight.add_(eps)
         _loss(m, x, t).backward()
+        _loss(ref, x, t).backward()
+        with torch.no_grad():
+            rad.base.weight.sub_(eps)
         proc.before_step(step, m, opt)
-        for n, p in params.items():
-            assert torch.equal(p.detach(), theta[n])  # removed exactly before the step
-            g = float(p.grad.norm())
-            ema[n] = g if n not in ema else beta * ema[n] + (1 - beta) * g
+        assert torch.equal(ad.lora_A.weight.detach(), A0) and torch.equal(ad.lora_B.weight.detach(), B0)
+        for p, q in zip([ad.lora_A.weight, ad.lora_B.weight], rparams):
+            assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-5), step
+        gn = float((s * (rparams[1].grad @ rparams[0].detach() + rparams[1].detach() @ rparams[0].grad)).norm())
+        gbar = gn if gbar is None else beta * gbar + (1 - beta) * gn
         opt.step()
+        ropt.step()
         opt.zero_grad()
+        ropt.zero_grad()
+        if step == 0:
+            assert proc.last_eps == {}  # no momentum yet: no perturbation
+    assert seen_eps == 3
+    assert float(eps.norm()) > 0  # the last step was perturbed, by a non-trivial ε
+    ((name, _),) = proc.last_eps.items()
+    assert torch.allclose(proc.perturbation(name), eps, rtol=1e-4, atol=1e-7)
+    assert not proc._hooks  # removed before the step: the model computes what its file says
 
 
 # -------------------------------------------------------------------------------------------------------- Flexora
@@ -291,7 +314,7 @@ def test_flexora_hypergradient_matches_finite_differences_of_the_unrolled_valida
         return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
 
     xi = 0.5
-    proc = make_procedure("flexora", {"unroll_lr": xi})
+    proc = make_procedure("flexora", {"unroll_lr": xi, "gates": "direct", "second_order": True})
     proc.set_validation(lambda i, split="validation": L(tr if split == "train" else va))
     _, opt = setup(m, proc)
     proc.on_train_begin(m, opt, 100)
@@ -322,7 +345,8 @@ def test_flexora_hypergradient_matches_finite_differences_of_the_unrolled_valida
 def test_flexora_gate_gradient_is_the_validation_loss_at_the_unrolled_point_and_selection_is_top_gates():
     m, tr, va = _flexora_setup()
     xi = 0.5
-    proc = make_procedure("flexora", {"unroll_lr": xi, "keep": 0.34, "gate_lr": 0.1, "second_order": False})
+    proc = make_procedure("flexora", {"unroll_lr": xi, "keep": 0.34, "gate_lr": 0.1, "second_order": False,
+                                      "gates": "direct", "select": "top"})
     proc.set_validation(lambda i, split="validation": m(input_ids=va, labels=va).loss)
     _, opt = setup(m, proc)
     proc.on_train_begin(m, opt, 100)
@@ -351,9 +375,55 @@ def test_flexora_gate_gradient_is_the_validation_loss_at_the_unrolled_point_and_
     assert proc.selection() == ["model.layers.1"]  # keep 0.34 of 3 -> 1 layer: the largest gate
 
 
+def test_flexora_official_defaults_softmax_gates_first_order_and_the_layers_that_rose():
+    """kithib/Flexora flora.py: gates = L·softmax(h), h from 0, Adam(lr 0.01) on h with the validation loss's gradient
+    (no second-order term); selected = the layers with h > 0. The reference: explicit logits on a copy."""
+    m, tr, va = _flexora_setup()
+    plain = m(input_ids=va).logits.detach()
+    xi = 0.5
+    proc = make_procedure("flexora", {"unroll_lr": xi})
+    assert (proc.cfg.gates, proc.cfg.select, proc.cfg.second_order, proc.cfg.gate_lr) == ("softmax", "increased",
+                                                                                         False, 0.01)
+    proc.set_validation(lambda i, split="validation": m(input_ids=va, labels=va).loss)
+    _, opt = setup(m, proc)
+    proc.on_train_begin(m, opt, 100)
+    assert torch.equal(proc.gates.detach(), torch.zeros(3))
+    assert torch.allclose(m(input_ids=va).logits, plain, atol=1e-6)  # all gates 1: plain LoRA
+    m(input_ids=tr, labels=tr).loss.backward()
+    ref = copy.deepcopy(m)
+    proc._remove_gates()
+    h = torch.zeros(3, requires_grad=True)
+    for name, mod in ref.named_modules():
+        if type(mod).__name__ == "LoRA":
+            i = int(name.split(".")[2])
+            mod.register_forward_hook(lambda mod, a, out, i=i: a[1] + 3 * torch.exp(h[i]) / torch.exp(h).sum()
+                                      * (out - a[1]))
+    with torch.no_grad():
+        for (n, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
+            if p.requires_grad:
+                q.sub_(xi * p.grad)
+    (want,) = torch.autograd.grad(ref(input_ids=va, labels=va).loss, h)
+    proc._install_gates()
+    proc.before_step(0, m, opt)
+    assert torch.allclose(proc.last_gate_grad, want, rtol=1e-4, atol=1e-8)
+    assert abs(float(want.sum())) < 1e-6 and float(want.abs().max()) > 0  # softmax: the logits' gradient sums to 0
+    # Adam's first step moves every logit by -lr·sign(grad): those with a negative gradient rose above 0
+    assert torch.allclose(proc.gates.detach(), -0.01 * torch.sign(want), atol=1e-6)
+    up = [f"model.layers.{i}" for i in range(3) if float(want[i]) < 0]
+    assert proc.selection() == up and 0 < len(up) < 3
+    with torch.no_grad():
+        proc.gates.copy_(torch.tensor([-0.1, 0.2, 0.05]))
+    assert proc.selection() == ["model.layers.1", "model.layers.2"]
+    assert torch.allclose(proc.gate_values().sum(), torch.tensor(3.0))
+    with torch.no_grad():
+        proc.gates.copy_(torch.tensor([-0.1, -0.3, -0.05]))
+    assert proc.selection() == ["model.layers.2"]  # none rose: the largest one
+
+
 def test_flexora_second_stage_trains_only_the_selected_layers():
     m, tr, va = _flexora_setup()
-    proc = make_procedure("flexora", {"search_fraction": 0.5, "keep": 0.34}, lorakit.procedures.Hyper(lr=0.01))
+    proc = make_procedure("flexora", {"search_fraction": 0.5, "keep": 0.34, "select": "top"},
+                          lorakit.procedures.Hyper(lr=0.01))
     proc.set_validation(lambda i, split="validation": m(input_ids=va, labels=va).loss)
     _, opt = setup(m, proc)
     proc.on_train_begin(m, opt, 4)

@@ -33,6 +33,15 @@ was found) leave room:
   adapter file would then say something else than what was configured, and a procedure must not rewrite what a
   method is (``require_plain: false`` skips the check).
 
+**Verification (2026-12), what could and could not be checked.** Checked against the abstract (arXiv:2410.09692v1
+HTML page and OpenReview 7X65yoKl3Y): dropout-free and scaling-free LoRA, "scaling the per sample and per parameter
+gradients with a coefficient inversely proportional to parameters' ℓ2 norm", which removes α and the dropout rate:
+the check of ``dropout = 0`` and ``s = 1`` and the inverse-norm coefficient follow it. Not checkable: the paper's
+body (§4: the exact coefficient, where η enters, its value, rows vs columns) is not in the stored pages (only the
+abstracts), and no code exists to read (the code index and the issue threads have no ALLoRA implementation; the
+paper links none). So ``1/sqrt(‖θ_i‖² + 1/η²)``, η = 1 and row granularity remain the reference's unverified
+reading, and ``scale=update`` is our interpretation of "adaptive learning rate".
+
 Stateless (the coefficients come from the current weights), so exact resume needs nothing beyond the optimiser.
 """
 from __future__ import annotations

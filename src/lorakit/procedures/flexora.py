@@ -11,24 +11,46 @@ differentiation: at each search step (after the training backward, before the op
     θ'(α) = θ − ξ·∇_θ L_train(θ, α)            (ξ = ``unroll_lr``, default the current optim.lr)
     α     ← Adam_α(d/dα L_val(θ'(α), α))        (``gate_lr``; one validation batch per step)
 
-Stage 2: the ``keep`` share of the layers with the largest ``α_ℓ`` is selected; the adapters of the other layers
-are reset to their no-op init and frozen (they stay in the file as zero updates, so every layer loads), the gates
-are removed, the selected adapters are re-initialised (``reinit``) and train alone for the remaining steps.
+Stage 2: the layers whose gate rose during the search are selected (``select: increased``); the adapters of the
+other layers are reset to their no-op init and frozen (they stay in the file as zero updates, so every layer loads),
+the gates are removed, the selected adapters are re-initialised (``reinit``) and train alone for the remaining steps.
 
-Choices, and why (the paper body and code were not available to us; methods-training.md A5 is partly unverified):
+**Verified against the official code** (github.com/kithib/Flexora, the authors' LLaMA-Factory fork:
+``src/llamafactory/train/flora.py``, ``flexora.yaml``, ``sft.yaml``, ``train/sft/workflow.py``; read 2026-12):
+
+* **Gates = L·softmax(h)** over the L layers, one logit ``h_ℓ`` per layer starting at 0 (so every gate starts at 1:
+  the search begins from plain LoRA), the logits trained by Adam at lr **0.01** (``gate_lr``): ``gates: softmax``
+  (default). ``gates: direct`` trains the L gates as free scalars from 1 (the reference's reading; earlier default).
+* **Selection: the layers whose logit ended above its start** (``selected_layer() = hyper_param > 0``): the number
+  of layers is data-dependent (the official per-task lists keep 7 to 16 of 32 layers), not a fixed share:
+  ``select: increased`` (default; with ``gates: direct``, the gates above 1). ``select: top`` keeps the ``keep``
+  share with the largest gates (the reference's reading; earlier default). If no gate rose, the largest one is kept
+  (the official code would train no layer).
+* **First order.** The official hyper-step takes the gradient of the validation loss with respect to the logits at
+  the current adapter weights (after the step), without a second-order term: ``second_order: false`` (default);
+  ``true`` adds DARTS' finite-difference term (below).
+* **Stage 2 re-trains from scratch** (a fresh LoRA on the selected layers, a separate run in the official scripts):
+  ``reinit: true``. Validation batches are held out of the training rows (official: ``val_size: 200``).
+
+Differences that remain: the official gate multiplies the *input* of each PEFT ``lora_*`` submodule (a pre-hook), so
+with dropout, A and B hooked the LoRA path is scaled by α³; here the adapter's output ``ΔW x`` is scaled by α once
+(the paper's ``α_ℓ·s·B_ℓA_ℓx``, reference A5). The official hyper-step sums the gradients of 8 validation batches
+per step; here one batch per step. The official search runs one epoch of 5000 samples at lr 1e-4 (then 3 epochs
+of fine-tuning); here the first ``search_fraction`` of the steps (ours).
+
+Other choices:
 
 * **The hyper-gradient** ``d/dα L_val(θ − ξ∇_θL_train(θ, α), α) = ∇_α L_val(θ', α) − ξ·∇²_{α,θ}L_train(θ, α)·v``,
-  ``v = ∇_θ' L_val(θ', α)``, takes the mixed second derivative by DARTS' central difference (two extra
-  forward/backward passes on the step's first training micro-batch, which the trainer supplies through
-  ``loss_fn(step, split="train")``); ``second_order: false`` drops it (first order at the look-ahead point). The HF
-  Trainer does not hand its training batches to callbacks, so there the first-order form is used (logged once).
+  ``v = ∇_θ' L_val(θ', α)``: by default first order (the official code's choice; the gradient at the look-ahead
+  point θ', which the official code reaches by the optimiser's real step); ``second_order: true`` adds the mixed
+  second derivative by DARTS' central difference (two extra forward/backward passes on the step's first training
+  micro-batch, which the trainer supplies through ``loss_fn(step, split="train")``). The HF Trainer does not hand
+  its training batches to callbacks, so there the first-order form is always used (logged once).
   θ' uses the step's gradient after clipping (what the optimiser steps with).
 * **Validation data = held-out training rows** (``val_fraction``, default 10%, taken from the end of the training
   set before training starts), never the evaluation split the reported metrics come from. The trainer honours
   the ``needs_validation`` capability; the HF callback takes ``create_optimizer(..., validation=[batches])``.
-* **Selection rule: top ``keep`` fraction by α** (default 0.5: the paper reports using about half of the layers;
-  the reference does not say whether the rule is top-k or α > threshold). Ties break by layer order.
-* **Gates start at 1** (the search begins from plain LoRA) and train with Adam at ``gate_lr`` = 0.01 (ours).
+* ``select: top``: ties break by layer order.
 * **Re-initialising the selected layers** follows the reference's reading of the paper (fine-tune the selected
   layers from scratch); ``reinit: false`` keeps their searched weights. Re-initialisation draws from a generator
   seeded with the adapter seed, so the run's RNG stream is untouched.
@@ -41,6 +63,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -71,12 +94,14 @@ class Flexora(Procedure):
     @dataclass
     class Config:
         search_fraction: float = 0.25  # share of train.steps spent on the layer search (stage 1)
-        keep: float = 0.5  # share of the layers kept (top by gate)
-        gate_lr: float = 0.01  # Adam rate of the gates
+        keep: float = 0.5  # share of the layers kept with select=top
+        gate_lr: float = 0.01  # Adam rate of the gate parameters (official: 0.01)
+        gates: Literal["softmax", "direct"] = "softmax"  # softmax: gates = L·softmax(h), h from 0 (official)
+        select: Literal["increased", "top"] = "increased"  # increased: the gates that rose (official); top: `keep`
         unroll_lr: float | None = None  # ξ of the unrolled step; None: the current optim.lr
         val_fraction: float = 0.1  # training rows held out as validation data
         reinit: bool = True  # re-initialise the selected adapters after the search
-        second_order: bool = True  # the unrolled step's second-order term (DARTS finite difference)
+        second_order: bool = False  # the unrolled step's second-order term (DARTS; the official code: none)
 
     def __init__(self, cfg=None, hp=None):
         super().__init__(cfg, hp)
@@ -100,6 +125,10 @@ class Flexora(Procedure):
             raise ConfigError(f"flexora: gate_lr={c.gate_lr} must be > 0")
         if c.unroll_lr is not None and c.unroll_lr < 0:
             raise ConfigError(f"flexora: unroll_lr={c.unroll_lr} must be >= 0")
+        if c.gates not in ("softmax", "direct"):
+            raise ConfigError(f"flexora: gates={c.gates!r}; valid: softmax (official), direct")
+        if c.select not in ("increased", "top"):
+            raise ConfigError(f"flexora: select={c.select!r}; valid: increased (official), top")
 
     def validation_rows(self, n_train: int) -> int:
         return max(1, round(self.cfg.val_fraction * n_train))
@@ -127,7 +156,8 @@ class Flexora(Procedure):
                               f"({', '.join(self.layers) or 'none'}); target modules in several blocks")
         self.search_steps = max(1, round(self.cfg.search_fraction * total_steps))
         dev = next(iter(self._members.values()))[0].parameters().__next__().device
-        self.gates = torch.ones(len(self.layers), device=dev, requires_grad=True)
+        start = 0.0 if self.cfg.gates == "softmax" else 1.0  # every gate value starts at 1
+        self.gates = torch.full((len(self.layers),), start, device=dev, requires_grad=True)
         self.gate_opt = torch.optim.Adam([self.gates], lr=self.cfg.gate_lr)
         self._install_gates()
 
@@ -145,9 +175,15 @@ class Flexora(Procedure):
             for a in self._members[key]:
                 def gate(mod, args, out, i=i):
                     y = base_out.pop(id(mod))
-                    return y + self.gates[i].to(out.dtype) * (out - y)
+                    return y + self.gate_values()[i].to(out.dtype) * (out - y)
                 self._hooks.append(a.register_forward_pre_hook(keep_y))
                 self._hooks.append(a.register_forward_hook(gate))
+
+    def gate_values(self) -> torch.Tensor:
+        """α: ``L·softmax(h)`` of the trained logits (``gates: softmax``), or the trained gates themselves."""
+        if self.cfg.gates == "softmax":
+            return len(self.layers) * torch.softmax(self.gates, dim=0)
+        return self.gates
 
     def _remove_gates(self) -> None:
         for h in self._hooks:
@@ -211,9 +247,14 @@ class Flexora(Procedure):
 
     # --- stage 2: the chosen layers -------------------------------------------------------------------------------
     def selection(self) -> list[str]:
-        """The layers to keep: the ``keep`` share with the largest gates (at least one)."""
-        k = max(1, round(self.cfg.keep * len(self.layers)))
+        """The layers to keep: those whose gate parameter rose above its start (``select: increased``: logit > 0, or
+        gate > 1 for direct gates), else the ``keep`` share with the largest gates; at least one."""
         order = sorted(range(len(self.layers)), key=lambda i: (-float(self.gates[i].detach()), i))
+        if self.cfg.select == "increased":
+            start = 0.0 if self.cfg.gates == "softmax" else 1.0
+            up = [i for i in range(len(self.layers)) if float(self.gates[i].detach()) > start]
+            return [self.layers[i] for i in (up or order[:1])]
+        k = max(1, round(self.cfg.keep * len(self.layers)))
         return [self.layers[i] for i in sorted(order[:k])]
 
     def _select(self, optimizer, reinit: bool, chosen: list[str] | None = None) -> None:
@@ -239,7 +280,7 @@ class Flexora(Procedure):
     def step_metrics(self) -> dict[str, float]:
         if self.gates is None:
             return {}
-        out = {f"gate/{k}": float(v) for k, v in zip(self.layers, self.gates.detach())}
+        out = {f"gate/{k}": float(v) for k, v in zip(self.layers, self.gate_values().detach())}
         out["selected_layers"] = float(len(self.selected)) if self.selected is not None else 0.0
         return out
 

@@ -94,11 +94,19 @@ class OwLore(LISA, GaLore):
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        per: dict[int, list[torch.Tensor]] = {}
-        for mod, (i, w) in self._weights.items():
+        # one block's Wanda scores at a time (float64, the size of its weights x2): holding every block's at once
+        # cost 8 bytes per linear weight of the model (850 MB on SmolLM2-135M, more than AdamW's whole state;
+        # measured with bench/memory.py, docs/benchmarks.md)
+        mods: dict[int, list[nn.Module]] = {}
+        for mod, (i, _) in self._weights.items():
             if mod in self._sq:
-                per.setdefault(i, []).append(w.detach().abs().double() * self._sq[mod].sqrt()[None, :])
-        self.ratios = {i: outlier_ratio(per[i], self.cfg.outlier_m) if i in per else 0.0 for i in sorted(self._blocks)}
+                mods.setdefault(i, []).append(mod)
+        self.ratios = {}
+        for i in sorted(self._blocks):
+            scores = [self._weights[mod][1].detach().abs().double() * self._sq.pop(mod).sqrt()[None, :]
+                      for mod in mods.get(i, [])]
+            self.ratios[i] = outlier_ratio(scores, self.cfg.outlier_m) if scores else 0.0
+            del scores
         self._sq.clear()
         log.info("owlore: outlier ratios %s", self.ratios)
 
