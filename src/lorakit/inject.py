@@ -210,6 +210,7 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
             _set_module(model, m.path, m.host)
         m.adapter.ctx = ctx
         m.host.adapters[name] = m.adapter
+    _warn_tied_trainable(model, cfg.trainable)
     for t in cfg.trainable:
         mod = model.get_submodule(t)
         wrap = mod if isinstance(mod, ModulesToSave) else ModulesToSave(mod)
@@ -409,6 +410,33 @@ def _check_not_shared(model: nn.Module, paths: list[str]) -> None:
             raise TargetError(f"'{path}' ({type(base).__name__}) is the same module object as '{uses[0]}': an adapter "
                               "on one of them cannot be merged exactly. Exclude it, or give the model separate "
                               "modules that share (tie) the weight Parameter instead")
+
+
+def _warn_tied_trainable(model: nn.Module, trainable) -> None:
+    """A trainable copy of a module whose parameter another module shares (tied input embedding / output head)
+    unties them: the copy trains, the other module keeps reading the frozen original. Say so once per module, naming
+    the other user, since a run that trains ``embed_tokens`` on a tied model otherwise has a frozen head."""
+    chosen = tuple(trainable)
+    if not chosen:
+        return
+    users: dict[int, list[str]] = {}
+    for mp, m in model.named_modules(remove_duplicate=False):
+        for pn, prm in m._parameters.items():
+            if prm is not None:
+                users.setdefault(id(prm), []).append(mp)
+    inside = lambda path, root: path == root or path.startswith(root + ".")  # noqa: E731
+    for t in chosen:
+        mod = model.get_submodule(t)
+        if isinstance(mod, ModulesToSave):
+            continue
+        for pn, prm in mod.named_parameters(remove_duplicate=False):
+            others = sorted({u for u in users.get(id(prm), []) if not inside(u, t)
+                             and not any(inside(u, c) for c in chosen)})
+            if others:
+                log.warning("trainable '%s': its %s is shared with %s (tied weights); the trainable copy unties "
+                            "them, so %s keeps the frozen original. List %s in `trainable` too to train it (as its "
+                            "own copy), or train '%s' through an adapter instead.", t, pn, others, others,
+                            others[0], t)
 
 
 def _find_ties(model: nn.Module) -> None:
