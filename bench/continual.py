@@ -5,8 +5,8 @@ adapter, steps, batches, learning rate and seed for the three), writing the accu
 
 Each mode runs in its own process (a fresh model); the output file is rewritten after each mode (a cut run keeps the
 finished modes) and ``--modes`` runs a subset, merged into an existing ``--out`` file with the same settings. GSM8K
-is scored by its SFT evaluation (token accuracy of the completion under teacher forcing, lorakit's sft metric) so
-that every task has an accuracy.
+is scored by its SFT evaluation, the completion's loss under teacher forcing (``lorakit continual`` falls back to the
+loss where a task has no accuracy; it is left out of the average accuracy and forgetting).
 """
 from __future__ import annotations
 
