@@ -125,6 +125,21 @@ def test_pipeline_student_trains_on_teacher_labelled_synthetic_rows_only(tiny_di
     lorakit.load_adapter(teacher, teacher_dir)
     assert [r["label"] for r in syn] == tr.teacher_labels(task, teacher, tok, [r["text"] for r in syn])
     assert set(s) >= {"source", "student", "baseline_seeds", "target_base", "acceptance"}
+    # balance: distil again from the same synthetic set; the student's file is the teacher-labelled kept candidates cut
+    # to the smaller class's count per class, the most real-looking of each class (recomputed here from the files)
+    teach = {r["text"]: r["label"] for r in syn}
+    counts = {c: sum(y == c for y in teach.values()) for c in ("negative", "positive")}
+    n = min(counts.values())
+    assert 0 < n < max(counts.values())  # both classes present and unequal (5 vs 3 here): the cut is not vacuous
+    b = tr.distil({**cfg, "balance": True, "baseline": False})
+    bal = [json.loads(x) for x in (out / "synthetic.jsonl").read_text().splitlines()]
+    want = set()
+    for c in ("negative", "positive"):
+        mine = sorted((x for x in cands if x["kept"] and teach[x["text"]] == c), key=lambda x: -x["p_real"])
+        want |= {x["text"] for x in mine[:n]}
+    assert {r["text"] for r in bal} == want and len(bal) == 2 * n == b["student_train_rows"]
+    assert all(r["label"] == teach[r["text"]] for r in bal)
+    assert b["label_counts"] == counts and b["label_counts_balanced"] == {"negative": n, "positive": n}
 
 
 def test_bad_transfer_options():
@@ -143,6 +158,17 @@ def test_min_kept_tops_up_with_the_most_real_looking_rest():
     assert tr.keep_real(texts, p, 0.5) == ["b"]
     assert tr.keep_real(texts, p, 0.5, min_kept=3) == ["b", "c", "d"]
     assert tr.keep_real(texts, p, 0.05, min_kept=2) == texts
+
+
+def test_balance_keeps_the_smallest_class_count_of_each_class_most_real_first():
+    labels = ["pos", "neg", "pos", "pos", "neg", "pos", "neg"]
+    p = [0.2, 0.9, 0.8, 0.8, 0.1, 0.95, 0.5]
+    idx = tr.balance_labels(labels, p, ["neg", "pos"])
+    assert idx == [1, 2, 3, 4, 5, 6]  # neg: all 3; pos: 0.95, 0.8, 0.8 (the earlier 0.8 first), not the 0.2
+    assert [labels[i] for i in idx].count("pos") == [labels[i] for i in idx].count("neg") == 3
+    assert tr.balance_labels(["a", "b", "b", "b"], [0.1, 0.9, 0.2, 0.3], ["a", "b"]) == [0, 1]
+    with pytest.raises(ConfigError, match="balance"):
+        tr.balance_labels(["pos", "pos"], [0.5, 0.6], ["neg", "pos"])
 
 
 def test_cli_temp_lora_and_transfer_baseline(tiny_dir, tmp_path, capsys):

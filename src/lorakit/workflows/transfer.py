@@ -17,7 +17,9 @@ and a target base ``M_t``:
    tops S* up with the next most real-looking candidates when too few pass; the summary reports how many passed.
 4. *Teacher labels*: ``y(x) = argmax_c score_c(M_s + θ_s, x)`` for x ∈ S* (the task's own classifier scores: label-word
    log-likelihoods for ``lm-classify``, head logits for ``head-classify``): sequence-level distillation with the
-   teacher's outputs as targets, as the paper trains the target on the teacher's generations.
+   teacher's outputs as targets, as the paper trains the target on the teacher's generations. With ``balance: true``
+   each class is then cut to the smallest class's count, keeping the labelled candidates the discriminator scored most
+   real (:func:`balance_labels`).
 5. *Student*: an adapter (any method: ``student.adapter``; any procedure: ``student.optim``) trains on
    ``{(x, y(x)) : x ∈ S*}`` on ``M_t`` with the same trainer as ``lorakit train``; it is evaluated on the task's
    real held-out split, which no step above reads.
@@ -31,6 +33,13 @@ Choices where the paper is unclear or that differ, and why:
   repeating the seeds (the handful of reals would otherwise be a small minority of the rows).
 * Hard teacher labels (argmax), not soft targets: the paper distils on the teacher's generated outputs, which for a
   label-word classifier is its argmax label.
+* ``balance`` (default off; the packaged recipe turns it on) is our addition: a small generator's synthetic inputs
+  are not class-balanced (the first measured run's teacher labelled 38 of 49 kept inputs positive, and the student
+  learnt to answer "positive"). Balancing the distillation set by down-sampling is a standard, documented choice; the
+  labels are still the teacher's, nothing else changes. The summary reports the teacher's counts before and after.
+* The default ``gen_prompt`` ends with ``"\n-"``, not ``"\n- "``: a BPE tokenizer (SmolLM2's) writes the space as
+  part of the next word's token, so a prompt ending in a space pushes the model toward space-less tokens (it
+  started most lines with digits: "1982 single wow ."). ``_clean`` strips the leading space of each line.
 * A target that is a *different* model is needed to demonstrate transfer offline; :func:`derive_model` builds one from
   SmolLM2 by dropping decoder layers (see ``recipes/workflows/transfer-sentiment.yaml`` and docs/workflows.md).
 """
@@ -56,7 +65,7 @@ from ..errors import ConfigError
 log = logging.getLogger(__name__)
 
 __all__ = ["TransferConfig", "make_config", "derive_model", "generate_inputs", "discriminate", "keep_real",
-           "teacher_labels", "transfer", "synthesize", "distil", "run_baseline"]
+           "teacher_labels", "balance_labels", "transfer", "synthesize", "distil", "run_baseline"]
 
 
 @dataclass
@@ -74,11 +83,12 @@ class TransferConfig:
     threshold: float = 0.5  # keep a candidate when the discriminator's p(real) >= threshold
     min_kept: int = 0  # fewer passed: add the next most real-looking candidates up to this many (recorded)
     shots: int = 3  # seed examples in each generation prompt
-    gen_prompt: str = "Here are some examples of short texts, one per line:\n{examples}\n- "
+    gen_prompt: str = "Here are some examples of short texts, one per line:\n{examples}\n-"
     max_new_tokens: int = 40
     temperature: float = 1.0
     top_p: float = 0.95
     gen_batch: int = 16
+    balance: bool = False  # distil on a class-balanced set: every class cut to the smallest's count (most real first)
     discriminator: dict[str, Any] = field(default_factory=lambda: {
         "adapter": {"method": "lora", "targets": "all-attention", "r": 8, "alpha": 16, "seed": 0},
         "optim": {"lr": 1e-3}, "train": {"steps": 30}, "data": {"batch_size": 8, "max_length": 64}})
@@ -232,6 +242,22 @@ def keep_real(texts: list[str], p_real: list[float], threshold: float, min_kept:
         rest = sorted((i for i in range(len(texts)) if i not in keep), key=lambda i: -p_real[i])
         keep |= set(rest[:min_kept - len(keep)])
     return [t for i, t in enumerate(texts) if i in keep]
+
+
+def balance_labels(labels: list[str], p_real: list[float], classes: list[str]) -> list[int]:
+    """Indices (in their original order) of a class-balanced subset: every class in ``classes`` keeps ``n = min_c
+    count_c`` rows, those with the highest ``p_real`` (ties: the earlier row). A class with no row is a
+    ``ConfigError`` (nothing balanced can be built: generate more candidates or turn ``balance`` off)."""
+    counts = {c: labels.count(c) for c in classes}
+    n = min(counts.values()) if counts else 0
+    if n == 0:
+        raise ConfigError(f"transfer.balance: the teacher labelled {counts} of {len(labels)} kept candidates, so a "
+                          "balanced set is empty; generate more (transfer.candidates) or set transfer.balance=false")
+    keep: set[int] = set()
+    for c in classes:
+        idx = sorted((i for i, y in enumerate(labels) if y == c), key=lambda i: (-p_real[i], i))
+        keep.update(idx[:n])
+    return sorted(keep)
 
 
 def teacher_labels(task, model, tok, texts: list[str]) -> list[str]:
@@ -391,8 +417,9 @@ def distil(config: TransferConfig | dict | None = None, *, log_fn=None) -> dict[
                           "synthesize, or the whole transfer)")
     summary: dict[str, Any] = {"task": cfg.task, "seeds": len(seeds), "out": str(out),
                                **json.loads((out / "synthesis.json").read_text())}
-    kept = [c["text"] for c in map(json.loads, (out / "candidates.jsonl").read_text(encoding="utf-8").splitlines())
-            if c["kept"]]
+    kept_rows = [c for c in map(json.loads, (out / "candidates.jsonl").read_text(encoding="utf-8").splitlines())
+                 if c["kept"]]
+    kept = [c["text"] for c in kept_rows]
 
     # the teacher: the source base + its adapter, scored on the real held-out rows (the number to recover)
     seed_everything(cfg.seed)
@@ -404,8 +431,13 @@ def distil(config: TransferConfig | dict | None = None, *, log_fn=None) -> dict[
     # 4. teacher labels
     labels = teacher_labels(task, teacher, tok, kept)
     del teacher
-    syn_path = _write_rows(out / "synthetic.jsonl", [{"text": t, "label": y} for t, y in zip(kept, labels)])
     summary["label_counts"] = {c: labels.count(c) for c in task.labels}
+    if cfg.balance:
+        idx = balance_labels(labels, [c["p_real"] for c in kept_rows], list(task.labels))
+        kept, labels = [kept[i] for i in idx], [labels[i] for i in idx]
+        summary["label_counts_balanced"] = {c: labels.count(c) for c in task.labels}
+        say(f"teacher labels {summary['label_counts']}; balanced to {summary['label_counts_balanced']}")
+    syn_path = _write_rows(out / "synthetic.jsonl", [{"text": t, "label": y} for t, y in zip(kept, labels)])
 
     # 5. the student on the target base, synthetic data only; and the baseline on the seeds alone
     s_res = _run(cfg.student, cfg.task, target, out / "student", syn_path, eval_path, task.labels, cfg.seed,
