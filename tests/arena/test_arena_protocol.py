@@ -164,3 +164,16 @@ def test_choose_rate():
     assert arena_run.choose_rate({1e-3: 0.7, 2e-3: 0.8}, lower_is_better=True) == 1e-3  # a loss
     assert arena_run.choose_rate({1e-3: 0.8, 2e-3: 0.8}, lower_is_better=False) == 1e-3  # ties: the smaller
     assert arena_run.choose_rate({1e-3: None, 2e-3: float("nan")}, lower_is_better=False) is None
+
+
+def test_every_arena_budget_resolves_to_a_valid_run_config():
+    """Each task's budget entries (quick, smoke, the measured ``converged`` ones) are overrides the trainer accepts:
+    a typo in a key or a value fails here, not hours into a run; the step count is the one the entry names."""
+    from lorakit.arena.worker import BUDGETS, run_config
+
+    for task, table in BUDGETS.items():
+        for budget, overrides in table.items():
+            cfg = run_config({"task": task, "budget": budget, "seed": 0, "method": "lora"})
+            for o in overrides:
+                if o.startswith("train.steps="):
+                    assert cfg.train.steps == int(o.split("=")[1]), (task, budget)
