@@ -130,13 +130,15 @@ def _take(p: Tensor | None, idx: Tensor, dim: int) -> None:
         p.copy_(p.index_select(dim, idx.to(p.device)))
 
 
-class _Channels:
-    """FFN unit: the channels between the producers (gate/up: rows) and the consumer (down: columns) of one FFN,
-    permuted by channel; roles ``"ffn"`` (the consumer's columns train) and ``"u"`` (a producer's rows train)."""
+class _Unit:
+    """What the FFN and attention units share: two roles trained as contiguous blocks after the official order
+    ``only_first + both + only_second + rest`` (each part ascending), the permutation applied now, the paths it
+    rewrites."""
 
-    def __init__(self, consumer: nn.Linear, producers: tuple[nn.Linear, ...]):
-        self.consumer, self.producers = consumer, producers
-        self.n_units = consumer.in_features
+    first = second = ""
+
+    def __init__(self, n_units: int):
+        self.n_units = n_units
         self.roles: dict[str, "S2FT"] = {}
         self.applied: Tensor | None = None
         self.paths: tuple[str, ...] = ()  # the modules whose weights it permutes
@@ -145,23 +147,37 @@ class _Channels:
     def adapters(self) -> tuple["S2FT", ...]:
         return tuple(self.roles.values())
 
+    def _parts(self) -> tuple[list[int], list[int], list[int], list[int]]:
+        A = set(self.roles[self.first]._units.tolist()) if self.first in self.roles else set()
+        B = set(self.roles[self.second]._units.tolist()) if self.second in self.roles else set()
+        return sorted(A - B), sorted(A & B), sorted(B - A), [u for u in range(self.n_units) if u not in A | B]
+
+    def refresh(self) -> None:
+        self.apply(self.order())
+
+
+class _Channels(_Unit):
+    """FFN unit: the channels between the producers (gate/up: rows) and the consumer (down: columns) of one FFN,
+    permuted by channel; roles ``"ffn"`` (the consumer's columns train) and ``"u"`` (a producer's rows train)."""
+
+    first, second = "u", "ffn"
+
+    def __init__(self, consumer: nn.Linear, producers: tuple[nn.Linear, ...]):
+        super().__init__(consumer.in_features)
+        self.consumer, self.producers = consumer, producers
+
     def order(self) -> Tensor:
         """``only_u + ud + only_d + rest`` (each part ascending), as the official ``convert_ffn_layer_to_s2``;
         with the consumer alone: ``[S, rest]``."""
-        U = set(self.roles["u"]._units.tolist()) if "u" in self.roles else set()
-        D = set(self.roles["ffn"]._units.tolist()) if "ffn" in self.roles else set()
-        only_u, ud, only_d = sorted(U - D), sorted(U & D), sorted(D - U)
-        rest = torch.ones(self.n_units, dtype=torch.bool)
-        rest[torch.tensor(sorted(U | D), dtype=torch.int64)] = False
-        head = torch.tensor(only_u + ud + only_d, dtype=torch.int64)
+        only_u, ud, only_d, rest = self._parts()
         if "u" in self.roles:
             a = self.roles["u"]
-            a._start, a._stop, a._ids = 0, len(U), torch.tensor(only_u + ud, dtype=torch.int64)
+            a._start, a._stop, a._ids = 0, len(only_u) + len(ud), torch.tensor(only_u + ud, dtype=torch.int64)
         if "ffn" in self.roles:
             a = self.roles["ffn"]
-            a._start, a._stop = len(only_u), len(only_u) + len(D)
+            a._start, a._stop = len(only_u), len(only_u) + len(ud) + len(only_d)
             a._ids = torch.tensor(ud + only_d, dtype=torch.int64)
-        return torch.cat([head, rest.nonzero().squeeze(1)])
+        return torch.tensor(only_u + ud + only_d + rest, dtype=torch.int64)
 
     @torch.no_grad()
     def apply(self, perm: Tensor | None) -> None:
@@ -174,43 +190,32 @@ class _Channels:
             _take(p.bias, rel, 0)
         self.applied = perm
 
-    def refresh(self) -> None:
-        self.apply(self.order())
 
-
-class _Heads:
+class _Heads(_Unit):
     """Attention-head unit: one attention module's q/k/v rows and o columns, permuted by whole kv groups."""
+
+    first, second = "v", "o"
 
     def __init__(self, path: str, q: nn.Linear, k: nn.Linear, v: nn.Linear, o: nn.Linear, hd: int, n_heads: int,
                  n_kv: int):
+        super().__init__(n_kv)
         self.path, self.q, self.k, self.v, self.o = path, q, k, v, o
-        self.hd, self.n_heads, self.n_units = hd, n_heads, n_kv
+        self.hd, self.n_heads = hd, n_heads
         self.g = n_heads // n_kv
-        self.roles: dict[str, "S2FT"] = {}
-        self.applied: Tensor | None = None
-        self.paths: tuple[str, ...] = ()  # the modules whose weights it permutes
-
-    @property
-    def adapters(self) -> tuple["S2FT", ...]:
-        return tuple(self.roles.values())
 
     def order(self) -> Tensor:
         """``only_v + vo + only_o + rest`` over kv groups (each part ascending), as the official code orders heads;
         sets each member's block ``[start, stop)`` and its original ids in block order."""
-        V = set(self.roles["v"]._units.tolist()) if "v" in self.roles else set()
-        O = set(self.roles["o"]._units.tolist()) if "o" in self.roles else set()
-        only_v, vo, only_o = sorted(V - O), sorted(V & O), sorted(O - V)
-        rest = [u for u in range(self.n_units) if u not in V | O]
-        order = torch.tensor(only_v + vo + only_o + rest, dtype=torch.int64)
+        only_v, vo, only_o, rest = self._parts()
         if "v" in self.roles:
             a = self.roles["v"]
-            a._start, a._stop = 0, len(V) * self.hd
+            a._start, a._stop = 0, (len(only_v) + len(vo)) * self.hd
             a._ids = _blocks(torch.tensor(only_v + vo, dtype=torch.int64), self.hd)
         if "o" in self.roles:
             a, w = self.roles["o"], self.g * self.hd
-            a._start, a._stop = len(only_v) * w, (len(only_v) + len(O)) * w
+            a._start, a._stop = len(only_v) * w, (len(only_v) + len(vo) + len(only_o)) * w
             a._ids = _blocks(torch.tensor(vo + only_o, dtype=torch.int64), w)
-        return order
+        return torch.tensor(only_v + vo + only_o + rest, dtype=torch.int64)
 
     @torch.no_grad()
     def apply(self, perm: Tensor | None) -> None:
@@ -223,9 +228,6 @@ class _Heads:
             _take(lin.bias, idx, 0)
         _take(self.o.weight, qo, 1)
         self.applied = perm
-
-    def refresh(self) -> None:
-        self.apply(self.order())
 
 
 class _Permutation:
