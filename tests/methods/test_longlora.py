@@ -48,8 +48,40 @@ def test_one_group_without_shift_is_full_causal_and_groups_cover_every_token():
     for h in range(2):
         assert bool(reached[h].diagonal().all())  # each token attends at least to itself
         assert int(reached[h].sum(1).max()) <= G  # and to at most G tokens (its group)
-    with pytest.raises(lorakit.LorakitError, match="divisible"):
-        s2_attention_core(q, k, v, group=5)
+    with pytest.raises(lorakit.LorakitError, match="group size"):
+        s2_attention_core(q, k, v, group=0)
+
+
+def _naive_padded(q, k, v, group, shift):
+    """Any N: pad the end to a multiple of G; padded keys take no attention (a query always sees itself); roll the
+    padded sequence for the shifted heads; cut the padding from the output."""
+    B, H, N, D = q.shape
+    M = -(-N // group) * group
+    qp, kp, vp = (F.pad(t, (0, 0, 0, M - N)) for t in (q, k, v))
+    pos = torch.arange(M)
+    out = torch.empty_like(qp)
+    for h in range(H):
+        by = -(group // 2) if shift and h >= H // 2 else 0
+        perm = torch.roll(pos, by)
+        valid = perm < N  # the token at new position i is real
+        allowed = (pos[:, None] // group == pos[None, :] // group) & (pos[None, :] <= pos[:, None]) \
+            & (valid[None, :] | torch.eye(M, dtype=torch.bool))
+        s = qp[:, h, perm] @ kp[:, h, perm].transpose(-1, -2) / D ** 0.5
+        out[:, h, perm] = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ vp[:, h, perm]
+    return out[:, :, :N]
+
+
+@pytest.mark.parametrize("N,group,shift", [(49, 12, True), (49, 12, False), (13, 4, True), (16, 4, True)])
+def test_any_length_trains_padded_to_a_multiple_of_the_group(N, group, shift):
+    """A batch whose length is not a multiple of G (variable-length classification batches) runs S²-Attn on the
+    padded sequence with the padding masked out; a multiple of G is the unpadded computation unchanged."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, N, 8, generator=g) for _ in range(3))
+    got = s2_attention_core(q, k, v, group=group, shift=shift)
+    assert got.shape == q.shape and torch.isfinite(got).all()
+    assert torch.allclose(got, _naive_padded(q, k, v, group, shift), atol=1e-5)
+    if N % group == 0:
+        assert torch.allclose(got, _naive(q, k, v, group, shift), atol=1e-5)
 
 
 def test_training_uses_s2_and_eval_is_the_base_attention():

@@ -17,11 +17,15 @@ unchanged: the trained adapter is used with full attention (tested identical to 
 Implementation: a transformers attention function registered as ``"lorakit_s2attn"`` through
 ``AttentionInterface``; ``bind`` switches the model's attention implementation to it and the handle restores the
 previous one on detach. In training mode it runs S²-Attn (``torch.nn.functional.scaled_dot_product_attention`` per
-group); otherwise it calls the previous implementation. Decisions as the official code: ``N`` must be divisible by
-``G`` (a ConfigError-like error names both); the roll wraps around, so the last group of the shifted heads holds
-the sequence's last G/2 and first G/2 tokens (the official behaviour); the padding mask is not applied inside
+group); otherwise it calls the previous implementation. Decisions as the official code: the roll wraps around, so
+the last group of the shifted heads holds the sequence's last G/2 and first G/2 tokens (the official behaviour); the padding mask is not applied inside
 groups (train on packed sequences, as the paper does). RoPE position interpolation (``⌈target/orig⌉``) is a model
 setting (``rope_scaling``), not part of the adapter; SmolLM2's native window already covers the lengths tested here.
+Where we differ: the official code requires ``N`` divisible by ``G``; here a batch of any length trains (padded,
+variable-length batches, as the arena's classification tasks have): the sequence is padded at its end to the next
+multiple of ``G`` with keys no query attends to (each query still sees itself, so no row is empty), the shifted
+heads roll the padded sequence, and the padded positions are cut from the output. With ``N`` a multiple of ``G``
+nothing changes (the official computation).
 """
 from __future__ import annotations
 
@@ -48,18 +52,29 @@ def s2_attention_core(q: Tensor, k: Tensor, v: Tensor, group: int, scaling: floa
                       dropout: float = 0.0) -> Tensor:
     """S²-Attn on (B, H, N, D) tensors (k/v already repeated to H heads); returns (B, H, N, D)."""
     B, H, N, D = q.shape
-    if group <= 0 or N % group:
-        raise LorakitError(f"longlora: the sequence length {N} must be divisible by the group size {group} "
-                           "(S²-Attn; pad or pack to a multiple, or change group_ratio)")
+    if group <= 0:
+        raise LorakitError(f"longlora: the group size must be positive, got {group}")
     half = H // 2 if shift else H
+    pad = (-N) % group
+    if pad:  # pad the end to a multiple of G with keys nobody attends to (a query always sees itself)
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    M = N + pad
 
     def roll(t: Tensor, by: int) -> Tensor:
         return torch.cat([t[:, :half], t[:, half:].roll(by, dims=2)], dim=1) if half < H else t
 
-    n_g = N // group
+    n_g = M // group
     qs, ks, vs = (roll(t, -group // 2).reshape(B, H, n_g, group, D) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling, dropout_p=dropout)
-    return roll(out.reshape(B, H, N, D), group // 2)
+    if pad:
+        valid = torch.arange(M, device=q.device) < N  # (M,), before the roll
+        vh = valid.expand(H, M)
+        vh = roll(vh[None, :, :, None], -group // 2)[0, :, :, 0].reshape(H, n_g, group)  # rolled like the keys
+        causal = torch.ones(group, group, dtype=torch.bool, device=q.device).tril()
+        mask = causal & (vh[:, :, None, :] | torch.eye(group, dtype=torch.bool, device=q.device))
+        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scaling, dropout_p=dropout)
+    else:
+        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling, dropout_p=dropout)
+    return roll(out.reshape(B, H, M, D), group // 2)[:, :, :N]
 
 
 def _s2_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
