@@ -82,6 +82,13 @@ def test_a_failing_run_is_recorded_and_the_arena_goes_on(smoke, tmp_path, broken
     with open(tmp_path / "runs.jsonl", "a") as f:
         f.write('{"key": "trunc')
     assert len(read_records(tmp_path)) == 2
+    # the next `arena run` retries the failed run only (a fix may have landed since); its new record replaces the
+    # old one in what the report reads, the finished one is not rerun
+    again = run_arena(plan)
+    assert [(r["variant"], r["status"]) for r in again] == [("broken_test", "error")]
+    recs2 = read_records(tmp_path)
+    assert [r["variant"] for r in recs2] == ["broken_test", "lora"]
+    assert recs2[0]["timestamp"] == again[0]["timestamp"] != recs[0]["timestamp"]
 
 
 def test_bad_plans_name_the_problem(tmp_path):

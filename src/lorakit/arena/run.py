@@ -102,7 +102,8 @@ def environment() -> dict:
 
 def read_records(out: Path) -> list[dict]:
     """Every record of ``out``: ``runs.jsonl`` and the shards' ``runs-shard-I-of-N.jsonl`` (one file per writer,
-    so processes on several machines sharing the directory never interleave a line)."""
+    so processes on several machines sharing the directory never interleave a line). A run recorded twice (an
+    ``error`` retried by a later ``arena run``) counts once: the later record replaces the earlier one, in place."""
     recs = []
     for f in sorted(Path(out).glob("runs*.jsonl")):
         for i, line in enumerate(f.read_text().splitlines(), 1):
@@ -112,7 +113,10 @@ def read_records(out: Path) -> list[dict]:
                     recs.append(json.loads(line))
                 except json.JSONDecodeError:  # a run killed mid-write: that run is simply redone
                     log.warning("%s line %d is not valid JSON (an interrupted write?); ignored", f, i)
-    return recs
+    latest: dict = {}
+    for n, rec in enumerate(recs):
+        latest[rec.get("key", ("unkeyed", n))] = rec
+    return list(latest.values())
 
 
 def records_file(plan: "ArenaPlan") -> str:
@@ -121,8 +125,14 @@ def records_file(plan: "ArenaPlan") -> str:
 
 def _append(out: Path, rec: dict, name: str = "runs.jsonl") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / name, "a") as f:
-        f.write(json.dumps(rec, default=str) + "\n")
+    path = out / name
+    torn = False  # a run killed mid-write leaves a line without its newline: start on a fresh line, or the new
+    if path.exists() and path.stat().st_size:  # record would be glued to the torn one and lost with it
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+    with open(path, "a") as f:
+        f.write(("\n" if torn else "") + json.dumps(rec, default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -334,7 +344,7 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
         raise ConfigError(f"{plan.out} holds runs made with budget={clash.get('budget')} "
                           f"lr={clash.get('lr_policy', 'paper')}; this arena uses budget={plan.budget} "
                           f"lr={policy(plan)}: choose another --out so results stay comparable")
-    done = {r["key"] for r in old}
+    done = {r["key"] for r in old if r.get("status") != "error"}  # failed runs are retried (a fix since?)
     todo = [r for r in expand(plan) if r["key"] not in done]
     if not todo:
         return []
