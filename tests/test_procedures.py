@@ -283,3 +283,14 @@ def test_procedures_listing_and_docs_are_current(tmp_path, capsys):
     assert p.read_text() == procedures_markdown()
     doc = Path(__file__).resolve().parents[1] / "docs" / "procedures.md"
     assert doc.read_text() == procedures_markdown(), "docs/procedures.md is stale"
+
+
+def test_layer_sampling_is_not_refused_on_a_probe_with_a_trainable_head():
+    """A task's trainable head (``trainable: [classifier]``, every MiniLM task) is part of the shape-only probe; it
+    must not make LISA/OwLore refuse at config resolution (the arena recorded them as skipped on MiniLM): the probe
+    has no layer names, so the decision belongs to the real model."""
+    from lorakit.procedures import make_procedure, preflight
+
+    for name in ("lisa", "owlore"):
+        preflight(make_procedure(name), {"method": "lora", "r": 2, "trainable": ["classifier"]})
+        preflight(make_procedure(name), {"method": "full", "targets": ".*", "trainable": ["classifier"]})

@@ -457,7 +457,8 @@ def probe_parameters(adapter_cfg: Any) -> list[TrainParam] | None:
                           method=method.name, kind=kind, local=local)
                for local, p in a.named_parameters() if p.requires_grad and local not in frozen]
         for t in cfg.trainable:
-            out.append(TrainParam(name=t, param=nn.Parameter(torch.empty(1, 1, device="meta")), role="head", path=t))
+            out.append(TrainParam(name=t, param=nn.Parameter(torch.empty(1, 1, device="meta")), role="head", path=t,
+                                  adapter_name="probe"))  # a shape-only stand-in too: checks defer to the model
         return out
     except Exception:  # noqa: BLE001 - probing is best effort; the real check runs after attach
         return None
