@@ -419,18 +419,14 @@ def _warn_tied_trainable(model: nn.Module, trainable) -> None:
     chosen = tuple(trainable)
     if not chosen:
         return
-    users: dict[int, list[str]] = {}
-    for mp, m in model.named_modules(remove_duplicate=False):
-        for pn, prm in m._parameters.items():
-            if prm is not None:
-                users.setdefault(id(prm), []).append(mp)
+    users = _param_users(model)
     inside = lambda path, root: path == root or path.startswith(root + ".")  # noqa: E731
     for t in chosen:
         mod = model.get_submodule(t)
         if isinstance(mod, ModulesToSave):
             continue
         for pn, prm in mod.named_parameters(remove_duplicate=False):
-            others = sorted({u for u in users.get(id(prm), []) if not inside(u, t)
+            others = sorted({u for u, _ in users.get(id(prm), []) if not inside(u, t)
                              and not any(inside(u, c) for c in chosen)})
             if others:
                 log.warning("trainable '%s': its %s is shared with %s (tied weights); the trainable copy unties "
@@ -439,20 +435,27 @@ def _warn_tied_trainable(model: nn.Module, trainable) -> None:
                             others[0], t)
 
 
-def _find_ties(model: nn.Module) -> None:
-    """Record on every host where else its base weight Parameter is used (tied input/output embeddings): merging
-    and residual inits then write into a private copy (``core.untie``), so only the adapted module changes."""
-    users: dict[int, list[str]] = {}
+def _param_users(model: nn.Module) -> dict[int, list[tuple[str, str]]]:
+    """``id(Parameter)`` -> every (module path, parameter name) holding it, shared (tied) uses included."""
+    users: dict[int, list[tuple[str, str]]] = {}
     for mp, m in model.named_modules(remove_duplicate=False):
         for pn, prm in m._parameters.items():
             if prm is not None:
-                users.setdefault(id(prm), []).append(f"{mp}.{pn}" if mp else pn)
+                users.setdefault(id(prm), []).append((mp, pn))
+    return users
+
+
+def _find_ties(model: nn.Module) -> None:
+    """Record on every host where else its base weight Parameter is used (tied input/output embeddings): merging
+    and residual inits then write into a private copy (``core.untie``), so only the adapted module changes."""
+    users = _param_users(model)
     for path, h in hosts(model):
         w = h.base_layer._parameters.get("weight")
         if h._untied is not None:
             w = h._untied[0]
         own = f"{path}.base_layer.weight"
-        h.tied_to = tuple(u for u in users.get(id(w), []) if u != own) if w is not None else ()
+        names = (f"{mp}.{pn}" if mp else pn for mp, pn in users.get(id(w), [])) if w is not None else ()
+        h.tied_to = tuple(u for u in names if u != own)
 
 
 # ----------------------------------------------------------------------------------------------------------------
