@@ -40,7 +40,9 @@ class FakeWorker:
                 "metrics": {"accuracy": m, "eval_split": cfg.data.eval_split}, "trainable_params": 1000,
                 "adapter_bytes": 4096, "steps": 3, "wall_s": 1.0, "time_per_step_s": 0.1, "reference_s": 0.001,
                 "time_per_step_norm": 100.0, "intruders": 0, "forgetting_ratio": None, "peak_rss_mb": 100.0,
-                "loss_curve": [1.0, 0.5], "config": cfg.to_dict()}
+                "loss_curve": [1.0, 0.5], "config": cfg.to_dict(),
+                **({f"metrics_{spec['also_eval']}": {"accuracy": m - 0.01, "eval_split": spec["also_eval"]}}
+                   if spec.get("also_eval") else {})}
 
 
 @pytest.fixture
@@ -120,6 +122,15 @@ def test_tuned_rate_sweeps_on_validation_then_runs_the_seeds_on_test(fake, tmp_p
     assert all(split == "validation" for m, lr, split, ph in calls if ph == "sweep")
     tests = [r for r in recs if r.get("phase") == "test"]
     assert sorted((r["method"], r["seed"]) for r in tests) == [("lora", 0), ("lora", 1), ("vera", 0), ("vera", 1)]
+    # the tune seed's test run at the chosen rate is the sweep run at that rate, which also scored the test split:
+    # not trained twice (except LoRA's, which must also score the untrained model on the test split)
+    assert all(c.get("also_eval") == "test" for c in fake.calls if c.get("phase") == "sweep")
+    trained = sorted((c["method"], c["seed"]) for c in fake.calls if c.get("phase") == "test")
+    assert trained == [("lora", 0), ("lora", 1), ("vera", 1)]
+    reused = next(r for r in tests if r["method"] == "vera" and r["seed"] == 0)
+    assert reused["reused_from"] == f"{TASK}|vera|sweep lr=0.008|0" and reused["status"] == "ok"
+    assert reused["metric"] == pytest.approx(0.89) and reused["metrics"]["eval_split"] == "test"
+    assert "metrics_test" not in reused and reused["phase"] == "test" and reused["key"] == f"{TASK}|vera|0"
     for r in tests:
         want = 8e-3 if r["method"] == "vera" else 6e-3  # the best validation metric of each sweep
         assert r["lr_chosen"] == pytest.approx(want) and r["config"]["optim"]["lr"] == pytest.approx(want)
@@ -153,7 +164,8 @@ def test_tuned_arena_resumes_from_its_records_and_keeps_a_cell_in_one_shard(fake
     for i in range(2):
         run_arena(ArenaPlan(**{**plan.__dict__, "shard": (i, 2)}))
     again = fake.calls[n:]
-    assert {c.get("phase") for c in again} == {"test"} and len(again) == 6
+    # 3 methods x 2 seeds, less the tune seed's runs of vera and dora (their sweep runs scored the test split)
+    assert {c.get("phase") for c in again} == {"test"} and len(again) == 4
     assert len(before) == len([r for r in read_records(tmp_path) if r.get("phase") == "sweep"])
     with pytest.raises(ConfigError, match="choose another --out"):  # tuned and fixed-rate runs never mix
         run_arena(ArenaPlan(**{**plan.__dict__, "lr_tuning": False}))
@@ -177,3 +189,27 @@ def test_every_arena_budget_resolves_to_a_valid_run_config():
             for o in overrides:
                 if o.startswith("train.steps="):
                     assert cfg.train.steps == int(o.split("=")[1]), (task, budget)
+
+
+def test_a_sweep_run_scores_the_test_split_exactly_as_a_test_run_would():
+    """The real worker: a run trained with ``data.eval_split=validation`` and ``also_eval=test`` reports, as
+    ``metrics_test``, the same numbers as the same run scored on the test split (so reusing it as the tune seed's
+    test run changes nothing but the time)."""
+    _needs_minilm()
+    spec = {"task": TASK, "method": "lora", "seed": 0, "budget": "smoke", "lr": 3e-3, "eval_before": False,
+            "diagnostics": False}
+    sweep = worker.execute({**spec, "extra": ["data.eval_split=validation"], "also_eval": "test"})
+    test = worker.execute({**spec, "extra": []})
+    assert sweep["config"]["data"]["eval_split"] == "validation" and test["config"]["data"]["eval_split"] == "test"
+    assert sweep["metrics_test"] == pytest.approx(test["metrics"])
+    assert sweep["loss_curve"] == pytest.approx(test["loss_curve"])
+    assert "metrics_test" not in test
+
+
+def test_a_tuned_arena_finishes_one_task_before_the_next(fake, tmp_path):
+    """Task by task (its sweep, then its seeds): an arena cut short holds whole tasks, not every task's stage 1."""
+    run_arena(_plan(tmp_path, methods=["lora", "vera"], tasks=["bbc-minilm", TASK], seeds=[0, 1], lr_tuning=True))
+    order = [c["task"] for c in fake.calls]
+    assert order == sorted(order, key=["bbc-minilm", TASK].index) and set(order) == {"bbc-minilm", TASK}
+    phases = [c.get("phase") for c in fake.calls if c["task"] == "bbc-minilm"]
+    assert phases.index("test") > max(i for i, p in enumerate(phases) if p == "sweep")

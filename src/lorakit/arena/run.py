@@ -1,7 +1,7 @@
 """``lorakit arena run``: every (method, task, seed) trained through the same path as ``lorakit train``.
 
 Order: seed-major (every method on every task for seed 0, then seed 1, ...), so an arena cut short still covers
-every method. Each run happens in its own process: forked from a clean fork server that has the imports loaded
+every method; with ``lr_tuning`` task by task (a task's sweep, then its seeds), so it holds whole tasks. Each run happens in its own process: forked from a clean fork server that has the imports loaded
 (``isolate="fork"``: imports paid once, and no OpenMP state inherited from a parent that already computed, which
 can deadlock a plain fork), or a fresh interpreter (``"spawn"``). Its peak RSS is its own and a crash cannot take
 the arena down. ``plugins`` are modules imported by the arena and every run (your own registered methods). Each record is
@@ -187,7 +187,8 @@ def sweep_run(plan: "ArenaPlan", cell: tuple[str, str, str], lr: float, stage: i
     variant = method if proc == "adamw" else f"{method} + {proc}"
     return {"key": f"{task}|{variant}|sweep lr={_lr_key(lr)}|{seed}", "task": task, "method": method,
             "procedure": proc, "variant": variant, "seed": seed, "lr_mult": 1.0, "lr": lr, "phase": "sweep",
-            "sweep_stage": stage, "eval_split": "validation", "budget": plan.budget, "lr_policy": policy(plan)}
+            "sweep_stage": stage, "eval_split": "validation", "also_eval": "test", "budget": plan.budget,
+            "lr_policy": policy(plan)}
 
 
 def candidate_rates(plan: "ArenaPlan", cell: tuple[str, str, str]) -> dict[str, float]:
@@ -315,8 +316,13 @@ def budgets(plan: ArenaPlan, pairs: set[tuple[str, str]] | None = None,
                 same = {**adapter, "targets": lora_ref.get("targets"), "exclude": lora_ref.get("exclude")}
                 if not table[(task, method)][1]["matched"] and adapter.get("targets") != same["targets"]:
                     # the method's own targets (all linear layers, several experts each) cannot come down to
-                    # the budget: try it on LoRA's targets before giving up on matching
-                    cfg2, info2 = match_budget(make_meta, same, target)
+                    # the budget: try it on LoRA's targets before giving up on matching (a method that cannot
+                    # adapt those layers at all keeps the first attempt's reason)
+                    try:
+                        cfg2, info2 = match_budget(make_meta, same, target)
+                    except Exception as e:  # noqa: BLE001
+                        log.debug("%s on LoRA's targets: %s", method, e)
+                        cfg2, info2 = None, {"matched": False}
                     if info2["matched"]:
                         notes.append(f"on LoRA's targets {same['targets']} (its own {adapter.get('targets')} "
                                      "cannot reach the budget)")
@@ -421,8 +427,9 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
             finish(rec, t0, res, err)
 
     try:
-        if plan.lr_tuning:
-            _tuned(plan, todo, table, refusals, by_key, run_batch, finish, bar)
+        if plan.lr_tuning:  # task by task (sweep, then seeds), so an arena cut short has whole tasks
+            for task in dict.fromkeys(r["task"] for r in todo):
+                _tuned(plan, [r for r in todo if r["task"] == task], table, refusals, by_key, run_batch, finish, bar)
         else:
             run_batch(todo)
     finally:
@@ -435,8 +442,8 @@ def _tuned(plan: ArenaPlan, todo: list[dict], table: dict, refusals: dict, by_ke
            bar) -> None:
     """``--tune-lr``: per (task, method, procedure) cell, a sweep on one seed evaluated on the validation split:
     stage 1 the method's paper rate and the task's recipe rate, stage 2 the better one x0.5 and x2; the rate with the
-    best validation metric is chosen and the seeds run at it on the test split. Stages run over every cell at once
-    (so ``--backend ray`` runs a stage in parallel); every sweep run is a record (``phase: sweep``) found again on
+    best validation metric is chosen and the seeds run at it on the test split. Stages run over every cell of the
+    task at once (so ``--backend ray`` runs a stage in parallel); every sweep run is a record (``phase: sweep``) found again on
     resume, so the choice is recomputed identically. A cell's sweep and seeds share its shard (the cell's hash)."""
     from .report import LOWER_IS_BETTER
     from .worker import PRIMARY
@@ -477,6 +484,7 @@ def _tuned(plan: ArenaPlan, todo: list[dict], table: dict, refusals: dict, by_ke
         sweep = {lr: metric(c, lr) for lr in lrs}
         chosen[c] = (choose_rate(sweep, low), [[lr, m] for lr, m in sorted(sweep.items())])
     runs = []
+    tune_seed = plan.tune_seed if plan.tune_seed is not None else plan.seeds[0]
     for run in todo:
         cell = (run["task"], run["method"], run.get("procedure", "adamw"))
         if cell not in rates:
@@ -488,8 +496,35 @@ def _tuned(plan: ArenaPlan, todo: list[dict], table: dict, refusals: dict, by_ke
                    "error": "not run: no run of the learning-rate sweep succeeded (see its phase=sweep records)"}
             finish(rec, time.time(), None, None)
             continue
-        runs.append({**run, "lr": lr, "lr_chosen": lr, "lr_sweep": sweep})
+        run = {**run, "lr": lr, "lr_chosen": lr, "lr_sweep": sweep}
+        src = by_key.get(sweep_run(plan, cell, lr, 0)["key"]) if run["seed"] == tune_seed else None
+        if src is not None and _reusable(run, src):
+            finish({**run, "budget_info": table[cell[:2]][1], "reused_from": src["key"]}, time.time(),
+                   _test_measurements(src), None)
+            continue
+        runs.append(run)
     run_batch(runs)
+
+
+def _reusable(run: dict, sweep_rec: dict) -> bool:
+    """The tune seed's test run at the chosen rate is the sweep run at that rate (same config, same seed, same
+    training; it scored the test split too) unless this run must also measure the untrained model (the LoRA
+    baseline's first run of a (task, seed): ``metric_before``), which the sweep run did not."""
+    if sweep_rec.get("status") != "ok" or not isinstance(sweep_rec.get("metrics_test"), dict):
+        return False
+    return not (run["method"] == "lora" and run.get("procedure", "adamw") == "adamw")
+
+
+def _test_measurements(sweep_rec: dict) -> dict:
+    """A sweep record's measurements with its test-split scores as the run's metrics."""
+    skip = {"key", "task", "method", "procedure", "variant", "seed", "lr_mult", "lr", "phase", "sweep_stage",
+            "eval_split", "also_eval", "budget", "lr_policy", "budget_info", "status", "error", "metrics_test",
+            "git_rev", "versions", "hardware", "timestamp"}
+    out = {k: v for k, v in sweep_rec.items() if k not in skip}
+    test = sweep_rec["metrics_test"]
+    out.update(metrics=test, metric=test.get(sweep_rec.get("metric_name")), trained_at=sweep_rec.get("timestamp"),
+               trained_git_rev=sweep_rec.get("git_rev"))
+    return out
 
 
 def _procedure_refusals(plan: ArenaPlan, table: dict, todo: list[dict]) -> dict[tuple[str, str, str], str]:

@@ -134,6 +134,29 @@ class _Forgetting:
             result["forgetting"] = {"error": f"{type(e).__name__}: {e}"[:200]}
 
 
+class _AlsoEvaluate:
+    """Arena ``--tune-lr``: a sweep run (scored on the validation split) also scores ``split`` after training, so the
+    tune seed's test run at the chosen rate is that same trained model, not a second training of the same config."""
+
+    def __init__(self, data_cfg, split: str):
+        self.data_cfg, self.split = data_cfg, split
+        self.model = self.tok = None
+
+    def on_attach(self, model, tok=None):
+        self.model, self.tok = model, tok
+
+    def on_train_end(self, result: dict) -> None:
+        import dataclasses
+
+        from ..tasks import get_task
+
+        task = get_task(self.data_cfg.task, dataclasses.replace(self.data_cfg, eval_split=self.split))
+        rows = task.rows()["eval"]
+        self.model.eval()
+        result[f"metrics_{self.split}"] = task.evaluate(self.model, self.tok, task.encode(rows, self.tok),
+                                                        self.data_cfg.eval_batch_size)
+
+
 def execute(spec: dict) -> dict:
     """Train one run and return its measurements (the record minus the run's identity and environment)."""
     import torch
@@ -147,6 +170,8 @@ def execute(spec: dict) -> dict:
         from ..diagnostics import IntruderCallback
 
         callbacks = [IntruderCallback(every=10 ** 9), _Forgetting()]
+    if spec.get("also_eval"):
+        callbacks.append(_AlsoEvaluate(cfg.data, spec["also_eval"]))
     keep = spec.get("keep_dir")
     out = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="lorakit-arena-"))
     cfg.output.dir = str(out)
@@ -184,6 +209,7 @@ def execute(spec: dict) -> dict:
         "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "loss_curve": [round(float(x), 5) for x in res.get("loss_curve", [])],
         "config": res.get("config"),
+        **({f"metrics_{spec['also_eval']}": res.get(f"metrics_{spec['also_eval']}")} if spec.get("also_eval") else {}),
     }
 
 
