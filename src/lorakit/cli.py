@@ -491,7 +491,9 @@ def cmd_arena(a) -> int:
         if plan.lr_tuning:
             cells = {(r["task"], r["method"], r["procedure"]) for r in runs}
             _out(f"--tune-lr: plus 1-2 + 2 learning-rate sweep runs for each of the {len(cells)} cells "
-                 f"({sum(r.get('phase') == 'sweep' for r in read_records(plan.out))} recorded)")
+                 f"({sum(r.get('phase') == 'sweep' for r in read_records(plan.out))} recorded); the tune seed's run "
+                 "of a cell reuses its sweep run at the chosen rate (LoRA's is trained: it also scores the untrained "
+                 "model)")
         return 0
     from .arena import run_arena
 
