@@ -494,6 +494,12 @@ def cmd_arena(a) -> int:
                  f"({sum(r.get('phase') == 'sweep' for r in read_records(plan.out))} recorded); the tune seed's run "
                  "of a cell reuses its sweep run at the chosen rate (LoRA's is trained: it also scores the untrained "
                  "model)")
+        from .arena.run import machine_time
+
+        t = machine_time(plan)
+        eta = "unknown until a run is recorded" if t["left_s"] is None else \
+            f"~{t['left_s'] / 3600:.1f} h in one process at the recorded mean per task (divide by the processes)"
+        _out(f"machine time: {t['spent_s'] / 3600:.1f} h spent on {t['trained']} runs; {t['left']} runs left: {eta}")
         return 0
     from .arena import run_arena
 

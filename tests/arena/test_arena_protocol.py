@@ -213,3 +213,18 @@ def test_a_tuned_arena_finishes_one_task_before_the_next(fake, tmp_path):
     assert order == sorted(order, key=["bbc-minilm", TASK].index) and set(order) == {"bbc-minilm", TASK}
     phases = [c.get("phase") for c in fake.calls if c["task"] == "bbc-minilm"]
     assert phases.index("test") > max(i for i, p in enumerate(phases) if p == "sweep")
+
+
+def test_machine_time_counts_what_was_spent_and_estimates_what_is_left(fake, tmp_path):
+    plan = _plan(tmp_path, methods=["lora", "vera"], tasks=[TASK], seeds=[0, 1], lr_tuning=True)
+    t0 = arena_run.machine_time(plan)
+    # lora: 1 first-stage rate + 2 neighbours, 2 seeds; vera: 2 + 2, 2 seeds less the reused tune-seed run
+    assert t0["left"] == (3 + 2) + (4 + 1) and t0["spent_s"] == 0 and t0["left_s"] is None
+    run_arena(plan)
+    t1 = arena_run.machine_time(plan)
+    trained = len(fake.calls)  # the stand-in reports wall_s = 1.0 per run; the reused record is not counted again
+    assert t1["trained"] == trained == 10 and t1["spent_s"] == pytest.approx(10.0) and t1["left"] == 0
+    keep = [ln for ln in (tmp_path / "runs.jsonl").read_text().splitlines() if '"phase": "sweep"' in ln]
+    (tmp_path / "runs.jsonl").write_text("\n".join(keep) + "\n")  # the seed runs lost: 3 to train again
+    t2 = arena_run.machine_time(plan)
+    assert t2["left"] == 3 and t2["left_s"] == pytest.approx(3.0) and t2["spent_s"] == pytest.approx(7.0)

@@ -527,6 +527,49 @@ def _test_measurements(sweep_rec: dict) -> dict:
     return out
 
 
+def machine_time(plan: ArenaPlan) -> dict:
+    """What the arena in ``plan.out`` has cost and what is left: ``spent_s`` (the wall time of every run recorded,
+    reused records not counted twice), ``trained`` (runs that trained), ``left`` (runs still to do: the seed runs not
+    recorded, less the tune seed's runs a tuned arena reuses from its sweep, plus each tuned cell's sweep runs not
+    recorded: its 1-2 first-stage rates and the 2 neighbours) and ``left_s`` (those runs at the mean wall time of the
+    task's trained runs so far; the mean over every task where a task has none; None with no run yet), one process."""
+    recs = read_records(plan.out)
+    trained = [r for r in recs if not r.get("reused_from") and r.get("status") != "skipped"]
+    spent = sum(float(r.get("wall_s") or 0.0) for r in trained)
+    walls: dict[str, list[float]] = {}
+    for r in trained:
+        if r.get("status") == "ok" and r.get("wall_s"):
+            walls.setdefault(r["task"], []).append(float(r["wall_s"]))
+    every = [w for ws in walls.values() for w in ws]
+    done = {r["key"] for r in recs if r.get("status") != "error"}
+    tune_seed = plan.tune_seed if plan.tune_seed is not None else plan.seeds[0]
+    left: dict[str, int] = {}
+    for run in expand(plan):
+        if run["key"] in done:
+            continue
+        reused = plan.lr_tuning and run["seed"] == tune_seed and not (run["method"] == "lora"
+                                                                       and run["procedure"] == "adamw")
+        left[run["task"]] = left.get(run["task"], 0) + (0 if reused else 1)
+    if plan.lr_tuning:
+        swept: dict[tuple, int] = {}
+        for r in recs:
+            if r.get("phase") == "sweep" and r.get("status") != "error":
+                cell = (r["task"], r["method"], r.get("procedure", "adamw"))
+                swept[cell] = swept.get(cell, 0) + 1
+        for cell in dict.fromkeys((r["task"], r["method"], r["procedure"]) for r in expand(plan)):
+            try:
+                n = len(candidate_rates(plan, cell)) + len(TUNE_NEIGHBOURS)
+            except Exception:  # noqa: BLE001 - a cell whose config does not resolve runs nothing
+                continue
+            left[cell[0]] = left.get(cell[0], 0) + max(0, n - swept.get(cell, 0))
+    est = None
+    if every:
+        est = sum(n * (sum(walls[t]) / len(walls[t]) if t in walls else sum(every) / len(every))
+                  for t, n in left.items())
+    return {"spent_s": spent, "trained": len(trained), "left": sum(left.values()), "left_by_task": left,
+            "left_s": est}
+
+
 def _procedure_refusals(plan: ArenaPlan, table: dict, todo: list[dict]) -> dict[tuple[str, str, str], str]:
     """(task, method, procedure) -> why the procedure cannot train that method (its ``check`` on a shape-only probe
     of the adapter), so such cells are recorded as skipped with the reason instead of failing at run time."""
