@@ -19,7 +19,7 @@ from ..errors import ConfigError
 BUDGETS: dict[str, dict[str, list[str]]] = {
     # converged (Arena II, docs/arena.md "Convergence check"): the smallest budget where LoRA at the recipe rate has
     # std <= 0.03 over seeds 0-2 and moves <= 0.02 when the steps double. sentiment-minilm: 192 (0.822 +- 0.004;
-    # 384: 0.809, -0.013); bbc-minilm: 96 (192 measured on one seed so far: +0.007); sentiment-smollm2: 32 (64: +0.018).
+    # 384: 0.809, -0.013); bbc-minilm: 96 (192: +0.005); sentiment-smollm2: 32 (64: +0.018).
     "sentiment-minilm": {"default": [], "quick": ["train.steps=24", "data.eval_size=300"],
                          "converged": ["train.steps=192", "data.eval_size=300"],
                          "smoke": ["train.steps=3", "data.train_size=96", "data.eval_size=24"]},
