@@ -48,6 +48,27 @@ def test_method_swap_from_methods_dir(tiny_lm_dir, cls_data, tmp_path, monkeypat
     assert cfg.adapter["method"] == "lora" and cfg.adapter["r"] == 8
 
 
+def test_method_swap_keeps_the_recipes_trainable_head(tmp_path, monkeypatch):
+    """A recipe's ``trainable`` is the task's (a new head) and a method file's is the method's (LongLoRA's
+    embeddings and norms): the swap trains both, the recipe's first, instead of dropping the head."""
+    from lorakit.train import config as tc
+
+    (tmp_path / "configs" / "methods").mkdir(parents=True)
+    (tmp_path / "configs" / "methods" / "longlora.yaml").write_text(
+        "adapter:\n  method: longlora\n  trainable: [embed_tokens, score, norm]\n")
+    monkeypatch.setattr(tc, "CONFIG_DIRS", [tmp_path / "configs"])
+    recipe = tmp_path / "head.yaml"
+    recipe.write_text("adapter:\n  method: lora\n  trainable: [score]\n")
+    assert tc.resolve(recipe, method="longlora").adapter["trainable"] == ["score", "embed_tokens", "norm"]
+    recipe.write_text("adapter:\n  method: lora\n")
+    assert tc.resolve(recipe, method="longlora").adapter["trainable"] == ["embed_tokens", "score", "norm"]
+    (tmp_path / "configs" / "methods" / "dora.yaml").write_text("adapter:\n  method: dora\n")
+    recipe.write_text("adapter:\n  method: lora\n  trainable: [score]\n")
+    assert tc.resolve(recipe, method="dora").adapter["trainable"] == ["score"]
+    # an override after the swap still decides
+    assert tc.resolve(recipe, ["adapter.trainable=[lm_head]"], method="longlora").adapter["trainable"] == ["lm_head"]
+
+
 def test_default_config_equals_the_recipe():
     from lorakit.train import DEFAULT, resolve
 

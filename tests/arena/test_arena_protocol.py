@@ -228,3 +228,30 @@ def test_machine_time_counts_what_was_spent_and_estimates_what_is_left(fake, tmp
     (tmp_path / "runs.jsonl").write_text("\n".join(keep) + "\n")  # the seed runs lost: 3 to train again
     t2 = arena_run.machine_time(plan)
     assert t2["left"] == 3 and t2["left_s"] == pytest.approx(3.0) and t2["spent_s"] == pytest.approx(7.0)
+
+
+def test_a_cell_whose_sweep_failed_is_retried_on_resume(fake, tmp_path, monkeypatch):
+    """Every sweep run of vera fails the first time: its seeds are recorded as skipped (no rate). A later arena
+    (the cause fixed) reruns the failed sweep runs and then the seeds, instead of keeping the skips for good."""
+    real = worker.execute
+
+    def broken(spec):
+        if spec["method"] == "vera":
+            raise RuntimeError("broken for now")
+        return real(spec)
+
+    monkeypatch.setattr(worker, "execute", broken)
+    plan = _plan(tmp_path, methods=["lora", "vera"], tasks=[TASK], seeds=[0, 1], lr_tuning=True)
+    first = {r["key"]: r for r in run_arena(plan)}
+    assert first[f"{TASK}|vera|0"]["status"] == "skipped" and first[f"{TASK}|vera|1"]["error"] == \
+        arena_run.SWEEP_FAILED
+    # vera's 2 first-stage rates and their 2 neighbours, and 1 seed run (the tune seed's is reused)
+    assert arena_run.machine_time(plan)["left"] == 4 + 1
+    monkeypatch.setattr(worker, "execute", real)
+    n = len(fake.calls)
+    again = run_arena(plan)
+    assert {r["method"] for r in again} == {"vera"}  # lora's records stand
+    assert {(c["method"], c.get("phase")) for c in fake.calls[n:]} == {("vera", "sweep"), ("vera", "test")}
+    recs = {r["key"]: r for r in read_records(tmp_path)}
+    assert recs[f"{TASK}|vera|0"]["status"] == recs[f"{TASK}|vera|1"]["status"] == "ok"
+    assert recs[f"{TASK}|vera|0"]["lr_chosen"] == pytest.approx(8e-3)

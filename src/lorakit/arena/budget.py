@@ -75,9 +75,10 @@ def fit_targets(make_meta: Callable[[], nn.Module], adapter_cfg: dict, fallback)
     from ..targets import match
 
     model = make_meta()
+    adapter_cfg, note = _fit_trainable(model, adapter_cfg)
     try:
         match(model, adapter_cfg.get("targets"), adapter_cfg.get("exclude"), adapter_cfg.get("layers"))
-        return adapter_cfg, None
+        return adapter_cfg, note
     except TargetError:
         pass
     old = adapter_cfg.get("targets")
@@ -86,7 +87,32 @@ def fit_targets(make_meta: Callable[[], nn.Module], adapter_cfg: dict, fallback)
     if names and all("embed" in n for n in names):
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         new = next(([n] for n, m in model.named_modules() if m is emb and emb is not None), fallback)
-    return {**adapter_cfg, "targets": new}, f"targets {old} are not in this model: used {new}"
+    return {**adapter_cfg, "targets": new}, "; ".join(x for x in (note, f"targets {old} are not in this model: "
+                                                                     f"used {new}") if x)
+
+
+def _fit_trainable(model: nn.Module, adapter_cfg: dict) -> tuple[dict, str | None]:
+    """Trainable modules a method file names for another architecture (LongLoRA's Llama ``embed_tokens`` and
+    ``*norm``) by their role in this model: a name with "embed" is the input embedding, a name with "norm" every
+    normalisation layer (``LayerNorm``/``RMSNorm`` modules); names found as they are stay."""
+    from ..targets import resolve_trainable
+
+    names = list(adapter_cfg.get("trainable") or [])
+    missing = [t for t in names if not resolve_trainable(model, [t], strict=False)]
+    if not missing:
+        return adapter_cfg, None
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = [t for t in names if t not in missing]
+    for t in missing:
+        if "embed" in t.lower():
+            found = [p for p, m in model.named_modules() if emb is not None and m is emb]
+        elif "norm" in t.lower():
+            found = [p for p, m in model.named_modules() if p and "norm" in type(m).__name__.lower()]
+        else:
+            found = []
+        out += [p for p in found if p not in out]
+    shown = ", ".join(out[:4]) + (f", ... ({len(out)} modules)" if len(out) > 4 else "")
+    return {**adapter_cfg, "trainable": out}, f"trainable {missing} are not in this model: trained {shown}"
 
 
 def _search(make_meta, adapter_cfg: dict, knob, target: int, vals: list[int]) -> dict[int, int]:

@@ -174,6 +174,7 @@ def policy(plan: "ArenaPlan") -> str:
 
 
 TUNE_NEIGHBOURS = (0.5, 2.0)  # after the first stage, the better rate's neighbours
+SWEEP_FAILED = "not run: no run of the learning-rate sweep succeeded (see its phase=sweep records)"
 
 
 def _lr_key(lr: float) -> str:
@@ -350,7 +351,7 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
         raise ConfigError(f"{plan.out} holds runs made with budget={clash.get('budget')} "
                           f"lr={clash.get('lr_policy', 'paper')}; this arena uses budget={plan.budget} "
                           f"lr={policy(plan)}: choose another --out so results stay comparable")
-    done = {r["key"] for r in old if r.get("status") != "error"}  # failed runs are retried (a fix since?)
+    done = {r["key"] for r in old if not _retry(r)}
     todo = [r for r in expand(plan) if r["key"] not in done]
     if not todo:
         return []
@@ -469,15 +470,16 @@ def _tuned(plan: ArenaPlan, todo: list[dict], table: dict, refusals: dict, by_ke
             bar.refresh()
         run_batch(runs)
 
-    stage([sweep_run(plan, c, lr, 1) for c, lrs in rates.items() for lr in lrs
-           if sweep_run(plan, c, lr, 1)["key"] not in by_key])
+    def todo_(run):  # not recorded, or recorded as failed (retried, as every failed run is)
+        return run["key"] not in by_key or _retry(by_key[run["key"]])
+
+    stage([sweep_run(plan, c, lr, 1) for c, lrs in rates.items() for lr in lrs if todo_(sweep_run(plan, c, lr, 1))])
     for c, lrs in rates.items():
         low = PRIMARY.get(c[0], "loss") in LOWER_IS_BETTER
         best = choose_rate({lr: metric(c, lr) for lr in lrs}, low)
         if best is not None:
             lrs += [best * m for m in TUNE_NEIGHBOURS if _lr_key(best * m) not in {_lr_key(x) for x in lrs}]
-    stage([sweep_run(plan, c, lr, 2) for c, lrs in rates.items() for lr in lrs
-           if sweep_run(plan, c, lr, 2)["key"] not in by_key])
+    stage([sweep_run(plan, c, lr, 2) for c, lrs in rates.items() for lr in lrs if todo_(sweep_run(plan, c, lr, 2))])
     chosen = {}
     for c, lrs in rates.items():
         low = PRIMARY.get(c[0], "loss") in LOWER_IS_BETTER
@@ -493,7 +495,7 @@ def _tuned(plan: ArenaPlan, todo: list[dict], table: dict, refusals: dict, by_ke
         lr, sweep = chosen[cell]
         if lr is None:
             rec = {**run, "budget_info": table[cell[:2]][1], "lr_sweep": sweep, "status": "skipped",
-                   "error": "not run: no run of the learning-rate sweep succeeded (see its phase=sweep records)"}
+                   "error": SWEEP_FAILED}
             finish(rec, time.time(), None, None)
             continue
         run = {**run, "lr": lr, "lr_chosen": lr, "lr_sweep": sweep}
@@ -504,6 +506,12 @@ def _tuned(plan: ArenaPlan, todo: list[dict], table: dict, refusals: dict, by_ke
             continue
         runs.append(run)
     run_batch(runs)
+
+
+def _retry(rec: dict) -> bool:
+    """Whether a resumed arena runs this record's key again: a failed run (a fix since?), and a seed run skipped
+    because its cell's sweep had failed (its sweep runs are retried, so the seeds get another chance too)."""
+    return rec.get("status") == "error" or (rec.get("status") == "skipped" and rec.get("error") == SWEEP_FAILED)
 
 
 def _reusable(run: dict, sweep_rec: dict) -> bool:
@@ -541,7 +549,7 @@ def machine_time(plan: ArenaPlan) -> dict:
         if r.get("status") == "ok" and r.get("wall_s"):
             walls.setdefault(r["task"], []).append(float(r["wall_s"]))
     every = [w for ws in walls.values() for w in ws]
-    done = {r["key"] for r in recs if r.get("status") != "error"}
+    done = {r["key"] for r in recs if not _retry(r)}
     tune_seed = plan.tune_seed if plan.tune_seed is not None else plan.seeds[0]
     left: dict[str, int] = {}
     for run in expand(plan):

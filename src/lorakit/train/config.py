@@ -285,8 +285,10 @@ def recipe_path(path: str | Path) -> Path:
 
 
 def _apply_method(data: dict, name: str) -> dict:
-    """Swap in ``configs/methods/NAME.yaml``'s adapter (keeping the recipe's targets/trainable if it has none) and
-    its optim section; without such a file just set ``adapter.method``."""
+    """Swap in ``configs/methods/NAME.yaml``'s adapter (keeping the recipe's targets if it has none) and its optim
+    section; without such a file just set ``adapter.method``. ``trainable`` is the union, recipe's first: the
+    recipe's modules are the task's (a new classification head must train whatever the method), the method's are
+    its own (LongLoRA's embeddings and norms)."""
     p = method_file(name)
     old = dict(data.get("adapter") or {})
     if p is None:
@@ -298,9 +300,11 @@ def _apply_method(data: dict, name: str) -> dict:
         raise ConfigError(f"{p}: unknown section(s) {sorted(unknown)}; a method file has `adapter` and `optim`")
     new = dict(m.get("adapter") or {})
     new.setdefault("method", name)
-    for keep in ("targets", "trainable"):
-        if new.get(keep) is None and old.get(keep) is not None:
-            new[keep] = old[keep]
+    if new.get("targets") is None and old.get("targets") is not None:
+        new["targets"] = old["targets"]
+    if old.get("trainable") or new.get("trainable") is not None:
+        mine, theirs = list(old.get("trainable") or []), list(new.get("trainable") or [])
+        new["trainable"] = mine + [t for t in theirs if t not in mine]
     data["adapter"] = new
     if m.get("optim"):
         data["optim"] = {**(data.get("optim") or {}), **m["optim"]}
