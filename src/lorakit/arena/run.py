@@ -63,19 +63,27 @@ class ArenaPlan:
     tune_seed: int | None = None  # the sweep's seed (default: the first of ``seeds``)
 
 
-def git_revision() -> str | None:
+def git_revision(exclude: Path | None = None) -> str | None:
+    """The checkout's short revision, ``+dirty`` when tracked files changed; changes under ``exclude`` (the arena's
+    own results directory, whose committed records grow while it runs) do not count."""
     try:
         root = Path(__file__).resolve().parents[3]
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root,
                              timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+        spec = []
+        if exclude is not None:
+            try:
+                spec = ["--", ".", f":(exclude){Path(exclude).resolve().relative_to(root)}"]
+            except ValueError:  # outside the checkout
+                pass
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", *spec], capture_output=True,
                                text=True, cwd=root, timeout=5).stdout.strip()
         return (rev + ("+dirty" if dirty else "")) or None
     except Exception:
         return None
 
 
-def environment() -> dict:
+def environment(out: Path | None = None) -> dict:
     versions = {}
     for pkg in ("lorakit", "torch", "transformers", "safetensors", "peft"):
         try:
@@ -97,7 +105,7 @@ def environment() -> dict:
             hw["mem_gb"] = round(int(f.readline().split()[1]) / 2**20, 1)
     except OSError:
         pass
-    return {"git_rev": git_revision(), "versions": versions, "hardware": hw}
+    return {"git_rev": git_revision(exclude=out), "versions": versions, "hardware": hw}
 
 
 def read_records(out: Path) -> list[dict]:
@@ -355,7 +363,7 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
     todo = [r for r in expand(plan) if r["key"] not in done]
     if not todo:
         return []
-    env = environment()
+    env = environment(plan.out)
     cache = "budgets.json" if plan.shard is None else f"budgets-shard-{plan.shard[0]}-of-{plan.shard[1]}.json"
     table = budgets(plan, pairs={(r["task"], r["method"]) for r in todo}, cache=plan.out / cache)
     refusals = _procedure_refusals(plan, table, todo)
