@@ -68,6 +68,11 @@ def test_header_names_revisions_and_thread_counts_per_seed(tmp_path):
     head = md.read_text().split("## Overview")[0]
     assert "git aaa (seed 0), bbb (seeds 1, 2)" in head
     assert "torch threads per run: 2 (seed 0), 1 (seeds 1, 2)" in head
+    # a run's own train.threads (--set train.threads=1) wins over the arena process's count it would inherit
+    recs = [{**r, "hardware": {"cpus": 2, "torch_threads": 2}, "config": {"train": {"threads": 1}}} for r in recs]
+    (tmp_path / "runs.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    head = write_report(tmp_path)[0].read_text().split("## Overview")[0]
+    assert "torch threads per run: 1." in head
 
 
 def test_scatter_labels_skip_overlaps_and_keep_the_baseline():

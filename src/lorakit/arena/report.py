@@ -19,6 +19,13 @@ TOP_CURVES = 6  # loss-curve plot: how many methods besides the baselines get a 
 LOWER_IS_BETTER = {"loss", "completion_loss", "eval_loss"}
 
 
+def _run_threads(rec: dict):
+    """The torch threads a run trained with: its config's ``train.threads`` when set (``--set train.threads=1``),
+    else the arena process's own count (what the run inherited)."""
+    return ((rec.get("config") or {}).get("train") or {}).get("threads") or \
+        (rec.get("hardware") or {}).get("torch_threads")
+
+
 def _ms(vals: list[float]) -> tuple[float, float]:
     vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not vals:
@@ -473,7 +480,7 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
             f"(git {by_seed(lambda r: r.get('git_rev'))}), torch {env.get('versions', {}).get('torch')}, "
             f"{env.get('hardware', {}).get('cpus')} CPUs"
             f"{', ' + env['hardware']['gpu'] if env.get('hardware', {}).get('gpu') else ''}, "
-            f"torch threads per run: {by_seed(lambda r: r.get('hardware', {}).get('torch_threads'))}.\n\n")
+            f"torch threads per run: {by_seed(_run_threads)}.\n\n")
     md_path = out_dir / "report.md"
     out_dir.mkdir(parents=True, exist_ok=True)
     budgets = sorted({str(r.get("budget")) for r in recs if r.get("budget") is not None})
