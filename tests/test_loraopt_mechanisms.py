@@ -288,6 +288,22 @@ def test_mgpo_gradient_is_taken_at_the_official_weight_space_perturbation():
 
 
 # -------------------------------------------------------------------------------------------------------- Flexora
+def _unrolled_gate_grad(ref, m, xi, va, leaf, gate):
+    """The reference for Flexora's gate gradient, written independently: ``ref`` (a copy of ``m``, whose adapters'
+    gradients are computed) stepped by ``θ' = θ − ξ g``, each layer's LoRA output scaled by ``gate(layer)`` (a
+    function of the explicit ``leaf``), and ``dL_val/d leaf`` on the validation batch."""
+    for name, mod in ref.named_modules():
+        if type(mod).__name__ == "LoRA":
+            i = int(name.split(".")[2])
+            mod.register_forward_hook(lambda mod, a, out, i=i: a[1] + gate(i) * (out - a[1]))
+    with torch.no_grad():
+        for (n, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
+            if p.requires_grad:
+                q.sub_(xi * p.grad)
+    (want,) = torch.autograd.grad(ref(input_ids=va, labels=va).loss, leaf)
+    return want
+
+
 def _flexora_setup():
     from conftest import tiny_llama
 
@@ -356,16 +372,7 @@ def test_flexora_gate_gradient_is_the_validation_loss_at_the_unrolled_point_and_
     ref = copy.deepcopy(m)
     proc._remove_gates()
     gates = torch.ones(3, requires_grad=True)
-    hooks = []
-    for name, mod in ref.named_modules():
-        if type(mod).__name__ == "LoRA":
-            i = int(name.split(".")[2])
-            hooks.append(mod.register_forward_hook(lambda mod, a, out, i=i: a[1] + gates[i] * (out - a[1])))
-    with torch.no_grad():
-        for (n, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
-            if p.requires_grad:
-                q.sub_(xi * p.grad)
-    (want,) = torch.autograd.grad(ref(input_ids=va, labels=va).loss, gates)
+    want = _unrolled_gate_grad(ref, m, xi, va, gates, lambda i: gates[i])
     proc._install_gates()
     proc.before_step(0, m, opt)
     assert torch.allclose(proc.last_gate_grad, want, rtol=1e-4, atol=1e-7)
@@ -393,16 +400,7 @@ def test_flexora_official_defaults_softmax_gates_first_order_and_the_layers_that
     ref = copy.deepcopy(m)
     proc._remove_gates()
     h = torch.zeros(3, requires_grad=True)
-    for name, mod in ref.named_modules():
-        if type(mod).__name__ == "LoRA":
-            i = int(name.split(".")[2])
-            mod.register_forward_hook(lambda mod, a, out, i=i: a[1] + 3 * torch.exp(h[i]) / torch.exp(h).sum()
-                                      * (out - a[1]))
-    with torch.no_grad():
-        for (n, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
-            if p.requires_grad:
-                q.sub_(xi * p.grad)
-    (want,) = torch.autograd.grad(ref(input_ids=va, labels=va).loss, h)
+    want = _unrolled_gate_grad(ref, m, xi, va, h, lambda i: 3 * torch.exp(h[i]) / torch.exp(h).sum())
     proc._install_gates()
     proc.before_step(0, m, opt)
     assert torch.allclose(proc.last_gate_grad, want, rtol=1e-4, atol=1e-8)

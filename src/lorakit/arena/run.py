@@ -560,7 +560,8 @@ def machine_time(plan: ArenaPlan) -> dict:
     done = {r["key"] for r in recs if not _retry(r)}
     tune_seed = plan.tune_seed if plan.tune_seed is not None else plan.seeds[0]
     left: dict[str, int] = {}
-    for run in expand(plan):
+    runs = expand(plan)
+    for run in runs:
         if run["key"] in done:
             continue
         reused = plan.lr_tuning and run["seed"] == tune_seed and not (run["method"] == "lora"
@@ -572,7 +573,7 @@ def machine_time(plan: ArenaPlan) -> dict:
             if r.get("phase") == "sweep" and r.get("status") != "error":
                 cell = (r["task"], r["method"], r.get("procedure", "adamw"))
                 swept[cell] = swept.get(cell, 0) + 1
-        for cell in dict.fromkeys((r["task"], r["method"], r["procedure"]) for r in expand(plan)):
+        for cell in dict.fromkeys((r["task"], r["method"], r["procedure"]) for r in runs):
             try:
                 n = len(candidate_rates(plan, cell)) + len(TUNE_NEIGHBOURS)
             except Exception:  # noqa: BLE001 - a cell whose config does not resolve runs nothing

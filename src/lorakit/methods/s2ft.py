@@ -152,6 +152,21 @@ class _Unit:
         B = set(self.roles[self.second]._units.tolist()) if self.second in self.roles else set()
         return sorted(A - B), sorted(A & B), sorted(B - A), [u for u in range(self.n_units) if u not in A | B]
 
+    def _layout(self, w_first: int, w_second: int) -> Tensor:
+        """The unit order ``only_first + both + only_second + rest``; sets each role's block ``[start, stop)`` and
+        its original ids in block order, a unit being ``w_first`` rows/columns of the first role's weight and
+        ``w_second`` of the second's."""
+        only_a, both, only_b, rest = self._parts()
+        if self.first in self.roles:
+            a = self.roles[self.first]
+            a._start, a._stop = 0, (len(only_a) + len(both)) * w_first
+            a._ids = _blocks(torch.tensor(only_a + both, dtype=torch.int64), w_first)
+        if self.second in self.roles:
+            a = self.roles[self.second]
+            a._start, a._stop = len(only_a) * w_second, (len(only_a) + len(both) + len(only_b)) * w_second
+            a._ids = _blocks(torch.tensor(both + only_b, dtype=torch.int64), w_second)
+        return torch.tensor(only_a + both + only_b + rest, dtype=torch.int64)
+
     def refresh(self) -> None:
         self.apply(self.order())
 
@@ -169,15 +184,7 @@ class _Channels(_Unit):
     def order(self) -> Tensor:
         """``only_u + ud + only_d + rest`` (each part ascending), as the official ``convert_ffn_layer_to_s2``;
         with the consumer alone: ``[S, rest]``."""
-        only_u, ud, only_d, rest = self._parts()
-        if "u" in self.roles:
-            a = self.roles["u"]
-            a._start, a._stop, a._ids = 0, len(only_u) + len(ud), torch.tensor(only_u + ud, dtype=torch.int64)
-        if "ffn" in self.roles:
-            a = self.roles["ffn"]
-            a._start, a._stop = len(only_u), len(only_u) + len(ud) + len(only_d)
-            a._ids = torch.tensor(ud + only_d, dtype=torch.int64)
-        return torch.tensor(only_u + ud + only_d + rest, dtype=torch.int64)
+        return self._layout(1, 1)
 
     @torch.no_grad()
     def apply(self, perm: Tensor | None) -> None:
@@ -206,16 +213,7 @@ class _Heads(_Unit):
     def order(self) -> Tensor:
         """``only_v + vo + only_o + rest`` over kv groups (each part ascending), as the official code orders heads;
         sets each member's block ``[start, stop)`` and its original ids in block order."""
-        only_v, vo, only_o, rest = self._parts()
-        if "v" in self.roles:
-            a = self.roles["v"]
-            a._start, a._stop = 0, (len(only_v) + len(vo)) * self.hd
-            a._ids = _blocks(torch.tensor(only_v + vo, dtype=torch.int64), self.hd)
-        if "o" in self.roles:
-            a, w = self.roles["o"], self.g * self.hd
-            a._start, a._stop = len(only_v) * w, (len(only_v) + len(vo) + len(only_o)) * w
-            a._ids = _blocks(torch.tensor(vo + only_o, dtype=torch.int64), w)
-        return torch.tensor(only_v + vo + only_o + rest, dtype=torch.int64)
+        return self._layout(self.hd, self.g * self.hd)  # v rows: one kv head; o columns: the group's query heads
 
     @torch.no_grad()
     def apply(self, perm: Tensor | None) -> None:
