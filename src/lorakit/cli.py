@@ -430,7 +430,9 @@ def _csv(v: str | None) -> list[str] | None:
 
 def _arena_plan(a):
     from .arena import DEFAULT_TASKS, ArenaPlan
+    from .arena.run import BASELINE
     from .core import REGISTRY
+    from .procedures import DEFAULT_PROCEDURE
     from .errors import ConfigError
 
     from .arena.run import _import_plugins
@@ -451,8 +453,9 @@ def _arena_plan(a):
     return ArenaPlan(methods=methods, tasks=_csv(a.tasks) or list(DEFAULT_TASKS), seeds=seeds, budget=a.budget,
                      out=Path(a.out), match_params=not a.no_match, lr_sweep=not a.no_lr_sweep, extra=list(a.set),
                      isolate=a.isolate, timeout_s=a.timeout, plugins=_csv(a.plugins) or [],
-                     lr_policy=a.lr, procedures=_csv(a.procedures) or ["adamw"], shard=shard, backend=a.backend,
-                     ray_address=a.ray_address, diagnostics=not a.no_diagnostics, lr_tuning=a.tune_lr)
+                     lr_policy=a.lr, procedures=_csv(a.procedures) or [DEFAULT_PROCEDURE], shard=shard,
+                     backend=a.backend, ray_address=a.ray_address, diagnostics=not a.no_diagnostics,
+                     lr_tuning=a.tune_lr, baseline=a.baseline or BASELINE)
 
 
 def cmd_arena(a) -> int:
@@ -482,9 +485,9 @@ def cmd_arena(a) -> int:
         for (task, method), (adapter, info) in sorted(table.items()):
             knob = info.get("knob")
             rows.append([task, method, f"{knob}={info['value']}" if info.get("matched") and knob else
-                         ("(recipe)" if method == "lora" else "-"), info.get("trainable"), info.get("target"),
+                         ("(recipe)" if method == plan.baseline else "-"), info.get("trainable"), info.get("target"),
                          "yes" if info.get("matched") else "no", info.get("skip") or info.get("reason") or ""])
-        _out(_table(rows, ["task", "method", "knob", "trainable", "LoRA target", "matched", "note"]))
+        _out(_table(rows, ["task", "method", "knob", "trainable", f"{plan.baseline} target", "matched", "note"]))
         done = {r["key"] for r in read_records(plan.out)}
         runs = expand(plan)
         _out(f"\n{len(runs)} runs planned, {sum(r['key'] in done for r in runs)} already recorded in {plan.out}")
@@ -627,8 +630,10 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--tune-lr", action="store_true",
                     help="per (task, method, procedure): choose the rate on the validation split (first seed; the "
                     "paper and recipe rates, then x0.5/x2 of the better), then run the seeds at it on test")
+    ar.add_argument("--baseline", help="the method every other is matched to (trainable parameters) and compared "
+                    "against (default: lora)")
     ar.add_argument("--no-match", action="store_true", help="run paper settings without matching the budget")
-    ar.add_argument("--no-lr-sweep", action="store_true", help="LoRA baseline at the recipe's rate only")
+    ar.add_argument("--no-lr-sweep", action="store_true", help="the baseline at the recipe's rate only")
     ar.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     ar.add_argument("--isolate", default="fork", choices=["fork", "spawn", "none"],
                     help="each run in a forked (default) or fresh process, or in this one")

@@ -56,13 +56,13 @@ def test_aggregate_pairs_seeds_and_flips_the_sign_for_a_loss():
     recs.append(_rec("pissa", 0, 0.9))  # one seed only
     rows = {r["variant"]: r for r in aggregate(recs)["sentiment-minilm"]}
     # dora is ahead on each seed (+0.05, +0.04, +0.06) although its spread across seeds (0.66-0.85) overlaps lora's
-    assert rows["dora"]["verdict"] == "better" and rows["dora"]["vs_lora"][0] == pytest.approx(0.05)
+    assert rows["dora"]["verdict"] == "better" and rows["dora"]["vs_base"][0] == pytest.approx(0.05)
     assert rows["vera"]["verdict"] == "no detectable difference"
     assert rows["pissa"]["verdict"] == "too few seeds" and rows["lora"]["verdict"] is None
     losses = [_rec(m, s, v, task="gsm8k-smollm2", name="loss")
               for s in range(3) for m, v in (("lora", 1.0 + s / 10), ("dora", 0.9 + s / 10))]
     rows = {r["variant"]: r for r in aggregate(losses)["gsm8k-smollm2"]}
-    assert rows["dora"]["verdict"] == "better" and rows["dora"]["vs_lora"][0] == pytest.approx(0.1)
+    assert rows["dora"]["verdict"] == "better" and rows["dora"]["vs_base"][0] == pytest.approx(0.1)
 
 
 def test_cost_columns_front_and_what_to_use(tmp_path):
@@ -81,7 +81,7 @@ def test_cost_columns_front_and_what_to_use(tmp_path):
     assert [r["variant"] for r in front(rows, "step_norm", 1.0)] == ["vera", "lora", "dora"]
     assert "slow" not in {r["variant"] for r in front(rows, "rss_mb", 1.0)}
     text = what_to_use(tasks)
-    assert "Better than LoRA with confidence at matched parameters: dora (+0.050" in text
+    assert "Better than lora with confidence at matched parameters: dora (+0.050" in text
     assert "Most forgetting (perplexity ratio on general text): dora (1.300), slow (1.100), vera (1.020)" in text
     assert "Most intruder dimensions: dora (7.0), slow (3.0), vera (1.0)" in text
     assert "Front of accuracy vs trainable parameters: vera (0.790 at 100), lora" in text
@@ -98,4 +98,4 @@ def test_cost_columns_front_and_what_to_use(tmp_path):
 def test_no_confident_winner_is_said_so():
     recs = [_rec(m, s, v) for s in range(3) for m, v in (("lora", 0.8 + s / 50), ("dora", 0.8 + (-1) ** s / 100))]
     text = what_to_use(aggregate(recs))
-    assert "No method is better than LoRA with confidence at matched parameters (1 compared, 0 worse)" in text
+    assert "No method is better than lora with confidence at matched parameters (1 compared, 0 worse)" in text

@@ -255,3 +255,41 @@ def test_a_cell_whose_sweep_failed_is_retried_on_resume(fake, tmp_path, monkeypa
     recs = {r["key"]: r for r in read_records(tmp_path)}
     assert recs[f"{TASK}|vera|0"]["status"] == recs[f"{TASK}|vera|1"]["status"] == "ok"
     assert recs[f"{TASK}|vera|0"]["lr_chosen"] == pytest.approx(8e-3)
+
+
+# ---- another baseline ---------------------------------------------------------------------------------------------
+def test_another_baseline_is_matched_to_compared_against_and_scores_the_untrained_model(fake, tmp_path):
+    plan = _plan(tmp_path, methods=["lora", "vera"], tasks=[TASK], seeds=[0, 1, 2], lr_sweep=True, baseline="vera")
+    variants = {r["variant"] for r in arena_run.expand(plan)}
+    assert variants == {"lora", "vera", "vera (lr x0.3)", "vera (lr x3)"}  # the baseline gets the rate sweep
+    recs = run_arena(plan)
+    assert {r["baseline"] for r in recs} == {"vera"}
+    by = {(r["variant"], r["seed"]): r for r in recs}
+    # the untrained model is scored by the baseline's own run, once per seed, and by no other run
+    assert [s for (v, s), r in by.items() if r.get("metric_before") is not None] == [0, 1, 2]
+    assert all(by[("vera", s)]["metric_before"] == 0.5 for s in (0, 1, 2))
+    # every method's trainable parameters are matched to the baseline's count
+    target = by[("vera", 0)]["budget_info"]["trainable"]
+    assert by[("vera", 0)]["budget_info"]["matched"] and by[("lora", 0)]["budget_info"]["target"] == target
+    assert by[("lora", 0)]["budget_info"]["matched"] and by[("lora", 0)]["budget_info"]["knob"] == "r"
+    from lorakit.arena import aggregate
+    from lorakit.arena.report import what_to_use
+
+    rows = {r["variant"]: r for r in aggregate(read_records(tmp_path))[TASK]}
+    assert rows["vera"]["reference"] and rows["vera"]["vs_base"] is None and rows["lora"]["baseline"] is None
+    lora, vera = ([by[(m, s)]["metric"] for s in (0, 1, 2)] for m in ("lora", "vera"))
+    assert rows["lora"]["vs_base"][0] == pytest.approx(sum(a - b for a, b in zip(lora, vera)) / 3)
+    assert rows["vera (lr x3)"]["baseline"] == "vera" and not rows["vera (lr x3)"]["reference"]
+    md = write_report(tmp_path)[0].read_text()
+    assert "| vs vera [95% CI] |" in md and "**vera** (baseline)" in md and "vs LoRA" not in md
+    assert "**lora**" not in md and "than vera with confidence" in what_to_use(aggregate(read_records(tmp_path)))
+    # results against one baseline are not mixed with another's
+    with pytest.raises(ConfigError, match="baseline=vera.*baseline=lora"):
+        run_arena(_plan(tmp_path, methods=["lora", "vera"], tasks=[TASK], seeds=[0, 1, 2], lr_sweep=True))
+
+
+def test_an_unknown_baseline_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(ConfigError, match="nope"):
+        arena_run.validate(_plan(tmp_path, baseline="nope"))
+    assert cli.main(["arena", "plan", "--methods", "lora", "--tasks", TASK, "--seeds", "0", "--budget", "smoke",
+                     "--out", str(tmp_path), "--baseline", "nope"]) == 2

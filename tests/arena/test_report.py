@@ -24,7 +24,7 @@ def test_aggregate_sorts_and_marks_baselines():
     assert names[-1] == "vera" and rows[-1]["errors"] == 1
     lora = rows[1]
     assert abs(lora["mean"] - 0.82) < 1e-9 and abs(lora["std"] - 0.028284271) < 1e-6
-    assert lora["baseline"] == "LoRA" and rows[2]["baseline"] == "untrained" and rows[2]["mean"] == 0.5
+    assert lora["baseline"] == "lora" and lora["reference"] and rows[2]["baseline"] == "untrained" and rows[2]["mean"] == 0.5
 
 
 def test_write_report(tmp_path):
@@ -33,7 +33,7 @@ def test_write_report(tmp_path):
     md, html = write_report(tmp_path)
     text = md.read_text()
     assert "| 1 | dora ◆ | 0.900 ± 0.000 | +0.100 (1 seed) | too few seeds |" in text and "**lora** (baseline)" in text
-    assert "untrained model" in text and "vs LoRA: the mean of the per-seed differences" in text
+    assert "untrained model" in text and "vs lora: the mean of the per-seed differences from the baseline, lora" in text
     page = html.read_text()
     assert page.count("data:image/png;base64,") == 4 and "class='base'" in page
 
@@ -85,7 +85,7 @@ def test_scatter_labels_skip_overlaps_and_keep_the_baseline():
 
     # rows come sorted best first; two methods sit exactly on the LoRA baseline, one far away
     rows = [{"variant": "dora", "mean": 0.8, "baseline": None}, {"variant": "pissa", "mean": 0.8, "baseline": None},
-            {"variant": "lora", "mean": 0.8, "baseline": "LoRA"}, {"variant": "vera", "mean": 0.2, "baseline": None}]
+            {"variant": "lora", "mean": 0.8, "baseline": "lora"}, {"variant": "vera", "mean": 0.2, "baseline": None}]
     fig, ax = plt.subplots(figsize=(6, 4))
     points = [(r, 1000.0 if r["variant"] != "vera" else 10.0) for r in rows]
     for r, x in points:
@@ -126,15 +126,15 @@ def test_paired_difference_from_lora_uses_the_shared_seeds_only():
     recs = [_rec("lora", 0, 0.80), _rec("lora", 1, 0.70), _rec("lora", 2, 0.90),
             _rec("dora", 0, 0.85), _rec("dora", 1, 0.75), _rec("dora", 2, 0.60), _rec("dora", 3, 0.99)]
     rows = {r["variant"]: r for r in aggregate(recs)["sentiment-minilm"]}
-    d, wins, n = rows["dora"]["vs_lora"]
+    d, wins, n = rows["dora"]["vs_base"]
     assert (wins, n) == (2, 3) and abs(d - (0.05 + 0.05 - 0.30) / 3) < 1e-9
-    assert rows["lora"]["vs_lora"] is None
-    d, wins, n = rows["untrained model"]["vs_lora"]  # metric_before 0.5 on every seed
+    assert rows["lora"]["vs_base"] is None
+    d, wins, n = rows["untrained model"]["vs_base"]  # metric_before 0.5 on every seed
     assert (wins, n) == (0, 3) and abs(d - (0.5 - 0.8)) < 1e-9
     # a loss: lower is better, so a lower loss is a positive difference and a win
     loss = [{**_rec("lora", 0, 2.0), "metric_name": "loss"}, {**_rec("dora", 0, 1.5), "metric_name": "loss"}]
     rows = {r["variant"]: r for r in aggregate(loss)["sentiment-minilm"]}
-    assert rows["dora"]["vs_lora"] == (0.5, 1, 1)
+    assert rows["dora"]["vs_base"] == (0.5, 1, 1)
 
 
 def test_pareto_front_of_metric_against_trainable_parameters():

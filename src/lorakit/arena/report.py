@@ -1,7 +1,8 @@
 """``lorakit arena report``: a Markdown table and a self-contained HTML page (plots embedded as PNG).
 
 Per (task, method variant): mean ± std of the task metric over seeds, trainable parameters, adapter size, time
-per step, peak memory. The untrained model and LoRA are marked as baselines. Sorted by the metric.
+per step, peak memory. The untrained model and the arena's baseline method (LoRA unless ``--baseline``) are marked
+as baselines; every other row is set against the baseline, paired over seeds. Sorted by the metric.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from .run import read_records
+from ..procedures.base import DEFAULT_PROCEDURE
+from .run import BASELINE, read_records
 
 TOP_CURVES = 6  # loss-curve plot: how many methods besides the baselines get a colour and a legend entry
 LOWER_IS_BETTER = {"loss", "completion_loss", "eval_loss"}
@@ -33,8 +35,16 @@ def _ms(vals: list[float]) -> tuple[float, float]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
+def baseline_of(rows: list[dict]) -> str:
+    """The baseline method of a task's rows (the records say; LoRA for records that predate ``--baseline``)."""
+    return next((r["variant"] for r in rows if r.get("reference")), None) or \
+        next((r["baseline"] for r in rows if r.get("baseline") not in (None, "untrained")), BASELINE)
+
+
 def aggregate(records: list[dict]) -> dict[str, list[dict]]:
-    """task -> rows (one per method variant, plus the untrained baseline), sorted best first."""
+    """task -> rows (one per method variant, plus the untrained baseline), sorted best first. Rows of the
+    baseline method under the default procedure carry ``baseline`` = its name (``reference``: the one at the
+    recipe's rate, which every row is compared against); the untrained model's row ``baseline = "untrained"``."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     sweeps: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in records:
@@ -44,6 +54,8 @@ def aggregate(records: list[dict]) -> dict[str, list[dict]]:
         ok = [r for r in recs if r.get("status") == "ok" and r.get("metric") is not None]
         errs = [r for r in recs if r.get("status") != "ok"]
         mean, std = _ms([r["metric"] for r in ok])
+        base = recs[0].get("baseline") or BASELINE
+        of_base = recs[0]["method"] == base and recs[0].get("procedure", DEFAULT_PROCEDURE) == DEFAULT_PROCEDURE
         row = {"task": task, "variant": variant, "method": recs[0]["method"], "n": len(ok), "errors": len(errs),
                "error": errs[0].get("error") if errs else None, "metric_name": ok[0]["metric_name"] if ok else None,
                "mean": mean, "std": std, "params": _ms([r.get("trainable_params") for r in ok])[0],
@@ -67,11 +79,11 @@ def aggregate(records: list[dict]) -> dict[str, list[dict]]:
                "knob": next((f"{(r.get('budget_info') or {}).get('knob')}={(r.get('budget_info') or {}).get('value')}"
                              for r in ok if (r.get("budget_info") or {}).get("matched")
                              and (r.get("budget_info") or {}).get("knob")), None),
-               "baseline": "LoRA" if recs[0]["method"] == "lora" else None}
+               "baseline": base if of_base else None, "reference": of_base and variant == base}
         if row["lr_chosen"] is not None:
             row["lr"] = row["lr_chosen"]
         tasks[task].append(row)
-        if recs[0]["method"] == "lora" and variant == "lora" and ok and ok[0].get("metric_before") is not None:
+        if row["reference"] and ok and ok[0].get("metric_before") is not None:
             bm, bs = _ms([r.get("metric_before") for r in ok])
             tasks[task].append({**row, "variant": "untrained model", "method": "(none)", "knob": None, "notes": [],
                                 "mean": bm, "std": bs,
@@ -80,12 +92,13 @@ def aggregate(records: list[dict]) -> dict[str, list[dict]]:
                                 "params": 0, "adapter_mb": 0, "step_s": float("nan"), "wall_s": float("nan"),
                                 "step_norm": float("nan"), "intruders": float("nan"), "forgetting": float("nan"),
                                 "sweep": [], "lr_chosen": None,
-                                "rss_mb": float("nan"), "curves": [], "baseline": "untrained", "errors": 0, "lr": None})
+                                "rss_mb": float("nan"), "curves": [], "baseline": "untrained", "reference": False,
+                                "errors": 0, "lr": None})
     for task, rows in tasks.items():
         name = next((r["metric_name"] for r in rows if r["metric_name"]), "")
         low = name in LOWER_IS_BETTER
         rows.sort(key=lambda r: (math.isnan(r["mean"]), r["mean"] if low else -r["mean"]))
-        _paired_vs_lora(rows, -1.0 if low else 1.0)
+        _paired_vs_baseline(rows, -1.0 if low else 1.0)
         _pareto(rows, -1.0 if low else 1.0)
     return dict(tasks)
 
@@ -124,20 +137,20 @@ def verdict(diffs: list[float], level: float = 0.95) -> tuple[str, tuple[float, 
     return "no detectable difference", (lo, hi)
 
 
-def _paired_vs_lora(rows: list[dict], sign: float) -> None:
-    """Each row against the LoRA baseline on the seeds both have (the same seed means the same data order, the
-    same head init and the same evaluation rows, so the per-seed differences are paired): ``vs_lora`` =
+def _paired_vs_baseline(rows: list[dict], sign: float) -> None:
+    """Each row against the baseline (the ``reference`` row) on the seeds both have (the same seed means the same
+    data order, the same head init and the same evaluation rows, so the per-seed differences are paired): ``vs_base`` =
     (mean difference, seeds better, seeds compared), better = higher unless the metric is a loss; ``verdict`` and
     ``ci`` from the seeded bootstrap interval of the mean paired difference (:func:`verdict`)."""
-    lora = next((r for r in rows if r["variant"] == "lora"), None)
+    ref = next((r for r in rows if r.get("reference")), None)
     for r in rows:
-        r["vs_lora"], r["verdict"], r["ci"] = None, None, None
-        if lora is None or r is lora:
+        r["vs_base"], r["verdict"], r["ci"] = None, None, None
+        if ref is None or r is ref:
             continue
-        common = sorted(set(r.get("by_seed", {})) & set(lora.get("by_seed", {})))
-        diffs = [sign * (r["by_seed"][s] - lora["by_seed"][s]) for s in common]
+        common = sorted(set(r.get("by_seed", {})) & set(ref.get("by_seed", {})))
+        diffs = [sign * (r["by_seed"][s] - ref["by_seed"][s]) for s in common]
         if diffs:
-            r["vs_lora"] = (statistics.fmean(diffs), sum(d > 0 for d in diffs), len(diffs))
+            r["vs_base"] = (statistics.fmean(diffs), sum(d > 0 for d in diffs), len(diffs))
             r["verdict"], r["ci"] = verdict(diffs)
 
 
@@ -154,8 +167,8 @@ def _pareto(rows: list[dict], sign: float) -> None:
                               for q in trained)
 
 
-def _vs_lora(r: dict) -> str:
-    v = r.get("vs_lora")
+def _vs_base(r: dict) -> str:
+    v = r.get("vs_base")
     if not v:
         return "—"
     d, wins, n = v
@@ -179,8 +192,9 @@ def markdown(tasks: dict[str, list[dict]]) -> str:
     for task in sorted(tasks):
         rows = tasks[task]
         metric = next((r["metric_name"] for r in rows if r["metric_name"]), "metric")
+        base = baseline_of(rows)
         out.append(f"### {task}  ({metric}, mean ± std over seeds; best first)\n")
-        out.append(f"| # | method | {metric} | vs LoRA [95% CI] | verdict | seeds | trainable params | lr | "
+        out.append(f"| # | method | {metric} | vs {base} [95% CI] | verdict | seeds | trainable params | lr | "
                    "adapter MB | s/step | step / ref | peak RSS MB | intruders | forgetting | note |")
         out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for i, r in enumerate(rows, 1):
@@ -197,19 +211,19 @@ def markdown(tasks: dict[str, list[dict]]) -> str:
             note += r.get("notes") or []
             if _sweep(r):
                 note.append(_sweep(r))
-            out.append(f"| {i} | {name} | {_fmt(r['mean'])} ± {_fmt(r['std'])} | {_vs_lora(r)} | "
+            out.append(f"| {i} | {name} | {_fmt(r['mean'])} ± {_fmt(r['std'])} | {_vs_base(r)} | "
                        f"{r.get('verdict') or '—'} | {r['n']} | "
                        f"{_fmt(r['params'], ',.0f')} | {_fmt(r.get('lr'), '.0e')} | {_fmt(r['adapter_mb'], '.2f')} | "
                        f"{_fmt(r['step_s'], '.2f')} | {_fmt(r.get('step_norm'), ',.0f')} | "
                        f"{_fmt(r['rss_mb'], ',.0f')} | {_fmt(r.get('intruders'), '.1f')} | "
                        f"{_fmt(r.get('forgetting'), '.3f')} | {'; '.join(note)} |")
         out.append("")
-        out.append(LEGEND.format(better="lower" if metric in LOWER_IS_BETTER else "higher"))
+        out.append(LEGEND.format(better="lower" if metric in LOWER_IS_BETTER else "higher", base=base))
         out.append("")
     return "\n".join(out)
 
 
-LEGEND = ("vs LoRA: the mean of the per-seed differences from the LoRA baseline (same seed = same data order, head "
+LEGEND = ("vs {base}: the mean of the per-seed differences from the baseline, {base} (same seed = same data order, head "
           "init and evaluation rows; > 0 = better, {better} metric is better) and the seeded bootstrap 95% interval "
           "of that mean; verdict: better / worse when the interval excludes 0, else no detectable difference (at "
           "least 3 shared seeds; with 3 the interval excludes 0 only when every seed agrees). step / ref: time per "
@@ -237,7 +251,7 @@ COSTS = (("params", "trainable parameters", ",.0f"), ("step_norm", "time per ste
 
 
 def what_to_use(tasks: dict[str, list[dict]], worst: int = 3) -> str:
-    """The "what to use" section, written from the numbers: per task, the methods better than LoRA with confidence
+    """The "what to use" section, written from the numbers: per task, the methods better than the baseline with confidence
     (bootstrap verdict) at matched parameters, the front of the metric against each cost, and the methods that
     cost the base model most (forgetting ratio, intruder count)."""
     out = []
@@ -245,20 +259,21 @@ def what_to_use(tasks: dict[str, list[dict]], worst: int = 3) -> str:
         rows = tasks[task]
         metric = next((r["metric_name"] for r in rows if r["metric_name"]), "metric")
         sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+        base = baseline_of(rows)
         out.append(f"### {task} ({metric})\n")
         methods = [r for r in rows if r.get("baseline") != "untrained"]
         better = [r for r in methods if r.get("verdict") == "better" and r.get("matched")]
         worse = [r for r in methods if r.get("verdict") == "worse"]
         judged = [r for r in methods if r.get("verdict") not in (None, "too few seeds")]
         if better:
-            out.append("* Better than LoRA with confidence at matched parameters: " + ", ".join(
-                f"{r['variant']} ({r['vs_lora'][0]:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}])" for r in better)
+            out.append(f"* Better than {base} with confidence at matched parameters: " + ", ".join(
+                f"{r['variant']} ({r['vs_base'][0]:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}])" for r in better)
                 + ".")
         elif judged:
-            out.append(f"* No method is better than LoRA with confidence at matched parameters ({len(judged)} "
+            out.append(f"* No method is better than {base} with confidence at matched parameters ({len(judged)} "
                        f"compared, {len(worse)} worse).")
         else:
-            out.append(f"* No verdict against LoRA: fewer than {MIN_SEEDS} shared seeds.")
+            out.append(f"* No verdict against {base}: fewer than {MIN_SEEDS} shared seeds.")
         for key, label, spec in COSTS:
             f = front(rows, key, sign)
             if f:
@@ -289,12 +304,12 @@ def overview(tasks: dict[str, list[dict]]) -> str:
             cells.setdefault(r["variant"], {}).setdefault(task, "failed" if r["errors"] else "—")
             ranks.setdefault(r["variant"], [])
     order = sorted(cells, key=lambda v: (sum(ranks[v]) / len(ranks[v]) if ranks[v] else 2.0, v))
+    bases = {r["variant"] for rows in tasks.values() for r in rows if r.get("reference") or r["baseline"] == "untrained"}
     metric = {t: next((r["metric_name"] for r in tasks[t] if r["metric_name"]), "") for t in names}
     out = ["| method | " + " | ".join(f"{t} ({metric[t]})" for t in names) + " | mean rank |",
            "|---|" + "---|" * len(names) + "---|"]
     for v in order:
-        base = v in ("lora", "untrained model")
-        name = f"**{v}**" if base else v
+        name = f"**{v}**" if v in bases else v
         rank = f"{sum(ranks[v]) / len(ranks[v]):.2f}" if ranks[v] else "—"
         out.append(f"| {name} | " + " | ".join(cells[v].get(t, "—") for t in names) + f" | {rank} |")
     return "\n".join(out) + "\n\nmean rank: 0 = best on every task, 1 = worst; bold = baselines.\n"
@@ -354,7 +369,7 @@ def _png(fig) -> str:
 
 
 def _label_points(fig, ax, points: list[tuple[dict, float]]) -> int:
-    """Name each point, LoRA baselines first, then best first, leaving off a label that would overlap
+    """Name each point, the baselines first, then best first, leaving off a label that would overlap
     one already placed, so a dense cluster stays readable. Returns how many labels were left off."""
     renderer = fig.canvas.get_renderer()
     order = sorted(points, key=lambda p: not p[0]["baseline"])  # stable: rows come sorted best first
@@ -379,6 +394,7 @@ def plots(tasks: dict[str, list[dict]]) -> dict[str, list[tuple[str, str]]]:
     figs: dict[str, list[tuple[str, str]]] = {}
     for task, rows in sorted(tasks.items()):
         metric = next((r["metric_name"] for r in rows if r["metric_name"]), "metric")
+        base = baseline_of(rows)
         trained = [r for r in rows if r["baseline"] != "untrained" and not math.isnan(r["mean"])]
         untrained = next((r for r in rows if r["baseline"] == "untrained"), None)
         items = []
@@ -405,7 +421,7 @@ def plots(tasks: dict[str, list[dict]]) -> dict[str, list[tuple[str, str]]]:
             ax.set_xlabel(xlabel)
             ax.set_ylabel(metric)
             hidden = _label_points(fig, ax, points)
-            ax.set_title(f"{task}: {metric} vs {xlabel}  (★ = LoRA baseline)"
+            ax.set_title(f"{task}: {metric} vs {xlabel}  (★ = the baseline, {base})"
                          + (f"\n{hidden} labels left off where they would overlap: see the table" if hidden else ""),
                          fontsize=10)
             ax.grid(alpha=0.3)
@@ -419,11 +435,11 @@ def plots(tasks: dict[str, list[dict]]) -> dict[str, list[tuple[str, str]]]:
         if base_rss:
             ax.axvline(base_rss, ls=":", color="crimson", lw=1)
         ax.set_xlabel("peak RSS (MB)")
-        ax.set_title(f"{task}: peak memory per method (best metric first; red = LoRA)", fontsize=10)
+        ax.set_title(f"{task}: peak memory per method (best metric first; red = {base})", fontsize=10)
         ax.invert_yaxis()
         items.append(("memory", _png(fig)))
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        # rows come best first: the LoRA baselines thick, the best TOP_CURVES others in colour, the rest grey
+        # rows come best first: the baselines thick, the best TOP_CURVES others in colour, the rest grey
         top = {r["variant"] for r in [r for r in trained if not r["baseline"]][:TOP_CURVES]}
         every: list[float] = []
         for r in trained:
@@ -440,7 +456,7 @@ def plots(tasks: dict[str, list[dict]]) -> dict[str, list[tuple[str, str]]]:
         if every and min(every) > 0 and max(every) / min(every) > 10:  # a few diverging runs would flatten the rest
             ax.set_yscale("log")
             ax.set_ylabel("training loss (log scale)")
-        ax.set_title(f"{task}: loss curves (first seed; thick = LoRA"
+        ax.set_title(f"{task}: loss curves (first seed; thick = {base}"
                      + (f"; colour: the {len(top)} best others; grey: the rest)"
                         if len(trained) - len(top) > TOP_CURVES else ")"), fontsize=10)
         ax.grid(alpha=0.3)

@@ -28,12 +28,16 @@ from pathlib import Path
 
 from ..core import REGISTRY, get_method
 from ..errors import ConfigError
+from ..procedures.base import DEFAULT_PROCEDURE
 
 log = logging.getLogger(__name__)
 
 TASKS = ("sentiment-minilm", "bbc-minilm", "sentiment-smollm2", "gsm8k-smollm2", "multitask-smollm2")
 DEFAULT_TASKS = ("sentiment-minilm", "bbc-minilm", "sentiment-smollm2")
-LORA_LR_SWEEP = (0.3, 1.0, 3.0)  # multiples of the recipe's learning rate, for the LoRA baseline
+BASELINE = "lora"  # the default baseline: every method's trainable parameters are matched to its count on the task,
+# and every method is compared against it (paired over seeds); its first run of a (task, seed) also scores the
+# untrained model. ``--baseline`` picks another registered method.
+BASELINE_LR_SWEEP = (0.3, 1.0, 3.0)  # multiples of the recipe's learning rate, for the baseline (without --tune-lr)
 # Methods that need inputs the arena's tasks do not have (none today: on the single-task sets the multi-task methods
 # run as task 0; multitask-smollm2 tags rows with task_ids 0/1/2).
 NEEDS: dict[str, str] = {}
@@ -54,13 +58,14 @@ class ArenaPlan:
     isolate: str = "fork"  # "fork" (from a clean fork server) | "spawn" | "none" (in this process: tests)
     plugins: list[str] = field(default_factory=list)  # modules that register extra methods (imported everywhere)
     lr_policy: str = "paper"  # "paper": configs/methods/<m>.yaml's rate; "recipe": the task's LoRA-tuned rate for all
-    procedures: list[str] = field(default_factory=lambda: ["adamw"])  # the second axis: optim.name per run
+    procedures: list[str] = field(default_factory=lambda: [DEFAULT_PROCEDURE])  # the second axis: optim.name
     shard: tuple[int, int] | None = None  # (i, N): this process runs the (task, method, procedure) cells i mod N
     backend: str = "local"  # "local" (this machine, one run at a time) | "ray" (tasks on an existing Ray cluster)
     ray_address: str | None = None  # ray.init(address=...); None: "auto" (a running cluster) or a local instance
     diagnostics: bool = True  # per run: intruder dimensions and (causal LMs) forgetting perplexity
     lr_tuning: bool = False  # per cell: choose the rate on the validation split (one seed), then the seeds on test
     tune_seed: int | None = None  # the sweep's seed (default: the first of ``seeds``)
+    baseline: str = BASELINE  # the method the others are matched to and compared against
 
 
 def git_revision(exclude: Path | None = None) -> str | None:
@@ -147,15 +152,31 @@ def _append(out: Path, rec: dict, name: str = "runs.jsonl") -> None:
 
 def cell_shard(task: str, method: str, procedure: str, n: int) -> int:
     """The shard of a (task, method, procedure) cell: a stable hash, so every seed and rate of a cell (and its
-    LoRA comparison inside the same task) can be joined by one report whatever ran where."""
+    baseline comparison inside the same task) can be joined by one report whatever ran where."""
     import zlib
 
     return zlib.crc32(f"{task}|{method}|{procedure}".encode()) % n
 
 
+def variant_name(method: str, proc: str) -> str:
+    """A cell's name in records and reports: the method, ``"method + procedure"`` for another procedure."""
+    return method if proc == DEFAULT_PROCEDURE else f"{method} + {proc}"
+
+
+def procedure_overrides(proc: str) -> list[str]:
+    """The ``--set`` overrides that make a run train with procedure ``proc``."""
+    return [] if proc == DEFAULT_PROCEDURE else [f"optim.name={proc}"]
+
+
+def is_baseline(plan: "ArenaPlan", run: dict) -> bool:
+    """Whether ``run`` is the baseline method under the default procedure (the reference of its task)."""
+    return run["method"] == plan.baseline and run.get("procedure", DEFAULT_PROCEDURE) == DEFAULT_PROCEDURE
+
+
 def expand(plan: ArenaPlan) -> list[dict]:
-    """The runs, seed-major: one per (seed, task, method variant, procedure). LoRA also gets the learning-rate
-    sweep. Procedures other than adamw are a second axis (``variant = "method + procedure"``, ``optim.name``)."""
+    """The runs, seed-major: one per (seed, task, method variant, procedure). The baseline also gets the
+    learning-rate sweep (without ``lr_tuning``). Procedures other than the default are a second axis
+    (``variant = "method + procedure"``, ``optim.name``)."""
     runs = []
     for seed in plan.seeds:
         for task in plan.tasks:
@@ -164,14 +185,14 @@ def expand(plan: ArenaPlan) -> list[dict]:
                     if plan.shard is not None and cell_shard(task, method, proc, plan.shard[1]) != plan.shard[0]:
                         continue
                     variants = [("", 1.0)]
-                    if method == "lora" and plan.lr_sweep and proc == "adamw" and not plan.lr_tuning:
-                        variants = [(f"lr x{m:g}" if m != 1.0 else "", m) for m in LORA_LR_SWEEP]
+                    if is_baseline(plan, {"method": method, "procedure": proc}) and plan.lr_sweep \
+                            and not plan.lr_tuning:
+                        variants = [(f"lr x{m:g}" if m != 1.0 else "", m) for m in BASELINE_LR_SWEEP]
                     for vname, lr_mult in variants:
-                        base = method if proc == "adamw" else f"{method} + {proc}"
-                        variant = base + (f" ({vname})" if vname else "")
+                        variant = variant_name(method, proc) + (f" ({vname})" if vname else "")
                         runs.append({"key": f"{task}|{variant}|{seed}", "task": task, "method": method,
                                      "procedure": proc, "variant": variant, "seed": seed, "lr_mult": lr_mult,
-                                     "budget": plan.budget, "lr_policy": policy(plan),
+                                     "budget": plan.budget, "lr_policy": policy(plan), "baseline": plan.baseline,
                                      **({"phase": "test"} if plan.lr_tuning else {})})
     return runs
 
@@ -193,11 +214,11 @@ def sweep_run(plan: "ArenaPlan", cell: tuple[str, str, str], lr: float, stage: i
     """One run of a cell's learning-rate sweep: the tune seed, ``data.eval_split=validation``, an explicit rate."""
     task, method, proc = cell
     seed = plan.tune_seed if plan.tune_seed is not None else plan.seeds[0]
-    variant = method if proc == "adamw" else f"{method} + {proc}"
+    variant = variant_name(method, proc)
     return {"key": f"{task}|{variant}|sweep lr={_lr_key(lr)}|{seed}", "task": task, "method": method,
             "procedure": proc, "variant": variant, "seed": seed, "lr_mult": 1.0, "lr": lr, "phase": "sweep",
             "sweep_stage": stage, "eval_split": "validation", "also_eval": "test", "budget": plan.budget,
-            "lr_policy": policy(plan)}
+            "lr_policy": policy(plan), "baseline": plan.baseline}
 
 
 def candidate_rates(plan: "ArenaPlan", cell: tuple[str, str, str]) -> dict[str, float]:
@@ -207,7 +228,7 @@ def candidate_rates(plan: "ArenaPlan", cell: tuple[str, str, str]) -> dict[str, 
 
     task, method, proc = cell
     spec = {"task": task, "method": method, "seed": 0, "budget": plan.budget,
-            "extra": list(plan.extra) + ([f"optim.name={proc}"] if proc != "adamw" else [])}
+            "extra": list(plan.extra) + procedure_overrides(proc)}
     paper = float(run_config({**spec, "lr_policy": "paper"}).optim.lr)
     recipe = float(run_config({**spec, "lr_policy": "recipe"}).optim.lr)
     return {"paper": paper} if _lr_key(paper) == _lr_key(recipe) else {"paper": paper, "recipe": recipe}
@@ -233,7 +254,7 @@ def _import_plugins(names) -> None:
 
 def validate(plan: ArenaPlan) -> None:
     _import_plugins(plan.plugins)
-    unknown = [m for m in plan.methods if m not in REGISTRY]
+    unknown = [m for m in [*plan.methods, plan.baseline] if m not in REGISTRY]
     if unknown:
         get_method(unknown[0])  # raises, naming the registered methods
     bad = [t for t in plan.tasks if t not in TASKS]
@@ -264,7 +285,8 @@ def validate(plan: ArenaPlan) -> None:
 
 def budgets(plan: ArenaPlan, pairs: set[tuple[str, str]] | None = None,
             cache: Path | None = None) -> dict[tuple[str, str], tuple[dict, dict]]:
-    """(task, method) -> (adapter config to run, budget info), matched to LoRA's trainable count on the task.
+    """(task, method) -> (adapter config to run, budget info), matched to the baseline's trainable count on the
+    task (``plan.baseline``, LoRA by default).
 
     ``pairs`` limits the work to the runs still to do; ``cache`` (a JSON file) keeps decisions between
     invocations, keyed by everything that determines them (task, method, budget, overrides, method settings)."""
@@ -282,12 +304,12 @@ def budgets(plan: ArenaPlan, pairs: set[tuple[str, str]] | None = None,
     for task in plan.tasks:
         if pairs is not None and not any(t == task for t, _ in pairs):
             continue
-        spec0 = {"task": task, "method": "lora", "seed": 0, "budget": plan.budget, "extra": plan.extra}
+        spec0 = {"task": task, "method": plan.baseline, "seed": 0, "budget": plan.budget, "extra": plan.extra}
         cfg0 = run_config(spec0)
         t = get_task(cfg0.data.task, cfg0.data)
         make_meta = lambda t=t, name=cfg0.model.name: t.meta_model(name)  # noqa: E731
-        lora_ref = dict(cfg0.adapter)
-        target = trainable_count(make_meta, lora_ref)
+        ref = dict(cfg0.adapter)
+        target = trainable_count(make_meta, ref)
         for method in plan.methods:
             if pairs is not None and (task, method) not in pairs:
                 continue
@@ -297,43 +319,43 @@ def budgets(plan: ArenaPlan, pairs: set[tuple[str, str]] | None = None,
                 table[(task, method)] = ({"method": method}, {"matched": False, "target": target,
                                                               "skip": f"its config does not resolve: {e}"[:500]})
                 continue
-            key = json.dumps([task, method, plan.budget, plan.extra, plan.match_params, cfg.adapter, lora_ref],
+            key = json.dumps([task, method, plan.budget, plan.extra, plan.match_params, cfg.adapter, ref],
                              sort_keys=True, default=str)
             if key in memo:
                 table[(task, method)] = tuple(memo[key])
                 continue
-            adapter, note = fit_targets(make_meta, dict(cfg.adapter), lora_ref.get("targets"))
+            adapter, note = fit_targets(make_meta, dict(cfg.adapter), ref.get("targets"))
             single = t.spec.kind != "multitask"  # the multi-task set gives the task-routed methods real task_ids
             notes = [x for x in (note, NOTES.get(method) if single else None) if x]
             if method in NEEDS:
                 table[(task, method)] = (adapter, {"matched": False, "skip": f"needs {NEEDS[method]}",
                                                    "target": target})
                 continue
-            if method == "lora" or not plan.match_params:
+            if method == plan.baseline or not plan.match_params:
                 try:
                     n = trainable_count(make_meta, adapter)
                 except Exception as e:
                     n = None
                     log.debug("count failed for %s: %s", method, e)
-                info = {"matched": method == "lora", "trainable": n, "target": target,
-                        **({"reason": "matching disabled"} if method != "lora" else {}),
+                info = {"matched": method == plan.baseline, "trainable": n, "target": target,
+                        **({"reason": "matching disabled"} if method != plan.baseline else {}),
                         **({"notes": notes} if notes else {})}
                 table[(task, method)] = (adapter, info)
                 continue
             try:
                 table[(task, method)] = match_budget(make_meta, adapter, target)
-                same = {**adapter, "targets": lora_ref.get("targets"), "exclude": lora_ref.get("exclude")}
+                same = {**adapter, "targets": ref.get("targets"), "exclude": ref.get("exclude")}
                 if not table[(task, method)][1]["matched"] and adapter.get("targets") != same["targets"]:
                     # the method's own targets (all linear layers, several experts each) cannot come down to
-                    # the budget: try it on LoRA's targets before giving up on matching (a method that cannot
+                    # the budget: try it on the baseline's targets before giving up on matching (a method that cannot
                     # adapt those layers at all keeps the first attempt's reason)
                     try:
                         cfg2, info2 = match_budget(make_meta, same, target)
                     except Exception as e:  # noqa: BLE001
-                        log.debug("%s on LoRA's targets: %s", method, e)
+                        log.debug("%s on the baseline's targets: %s", method, e)
                         cfg2, info2 = None, {"matched": False}
                     if info2["matched"]:
-                        notes.append(f"on LoRA's targets {same['targets']} (its own {adapter.get('targets')} "
+                        notes.append(f"on {plan.baseline}'s targets {same['targets']} (its own {adapter.get('targets')} "
                                      "cannot reach the budget)")
                         table[(task, method)] = (cfg2, info2)
             except Exception as e:  # recorded with the runs; the method still runs with its paper settings
@@ -354,11 +376,13 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
     validate(plan)
     old = read_records(plan.out)
     clash = next((r for r in old if r.get("budget", plan.budget) != plan.budget
-                  or r.get("lr_policy", "paper") != policy(plan)), None)
+                  or r.get("lr_policy", "paper") != policy(plan) or r.get("baseline", BASELINE) != plan.baseline),
+                 None)
     if clash is not None:
         raise ConfigError(f"{plan.out} holds runs made with budget={clash.get('budget')} "
-                          f"lr={clash.get('lr_policy', 'paper')}; this arena uses budget={plan.budget} "
-                          f"lr={policy(plan)}: choose another --out so results stay comparable")
+                          f"lr={clash.get('lr_policy', 'paper')} baseline={clash.get('baseline', BASELINE)}; this "
+                          f"arena uses budget={plan.budget} lr={policy(plan)} baseline={plan.baseline}: choose "
+                          "another --out so results stay comparable")
     done = {r["key"] for r in old if not _retry(r)}
     todo = [r for r in expand(plan) if r["key"] not in done]
     if not todo:
@@ -380,18 +404,16 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
     def prepare(run: dict) -> tuple[dict, dict | None]:
         adapter, info = table[(run["task"], run["method"])]
         rec = {**run, "budget_info": info}
-        why = info.get("skip") or refusals.get((run["task"], run["method"], run.get("procedure", "adamw")))
+        why = info.get("skip") or refusals.get((run["task"], run["method"], run.get("procedure", DEFAULT_PROCEDURE)))
         if why:
             rec.update(status="skipped", error=f"not run: {why}")
             return rec, None
-        # the untrained metric is measured once per (task, seed): by the LoRA baseline's run
+        # the untrained metric is measured once per (task, seed): by the baseline's run
         # (not by a sweep run: the untrained model is measured on the test split, by a test run)
-        first = run["method"] == "lora" and run["lr_mult"] == 1.0 and run.get("procedure", "adamw") == "adamw" \
-            and run.get("phase") != "sweep" and (run["task"], run["seed"]) not in baseline_seen
+        first = is_baseline(plan, run) and run["lr_mult"] == 1.0 and run.get("phase") != "sweep" and (run["task"], run["seed"]) not in baseline_seen
         if first:
             baseline_seen.add((run["task"], run["seed"]))
-        proc = run.get("procedure", "adamw")
-        extra = list(plan.extra) + ([f"optim.name={proc}"] if proc != "adamw" else [])
+        extra = list(plan.extra) + procedure_overrides(run.get("procedure", DEFAULT_PROCEDURE))
         if run.get("eval_split"):
             extra.append(f"data.eval_split={run['eval_split']}")
         return rec, {**run, "adapter": adapter, "extra": extra, "eval_before": first, "plugins": list(plan.plugins),
@@ -457,7 +479,7 @@ def _tuned(plan: ArenaPlan, todo: list[dict], table: dict, refusals: dict, by_ke
     from .report import LOWER_IS_BETTER
     from .worker import PRIMARY
 
-    cells = list(dict.fromkeys((r["task"], r["method"], r.get("procedure", "adamw")) for r in todo))
+    cells = list(dict.fromkeys((r["task"], r["method"], r.get("procedure", DEFAULT_PROCEDURE)) for r in todo))
     rates: dict[tuple, list[float]] = {}
     for cell in cells:
         info = table.get(cell[:2], ({}, {}))[1]
@@ -496,7 +518,7 @@ def _tuned(plan: ArenaPlan, todo: list[dict], table: dict, refusals: dict, by_ke
     runs = []
     tune_seed = plan.tune_seed if plan.tune_seed is not None else plan.seeds[0]
     for run in todo:
-        cell = (run["task"], run["method"], run.get("procedure", "adamw"))
+        cell = (run["task"], run["method"], run.get("procedure", DEFAULT_PROCEDURE))
         if cell not in rates:
             runs.append(run)  # skipped or failing: prepare records why
             continue
@@ -508,7 +530,7 @@ def _tuned(plan: ArenaPlan, todo: list[dict], table: dict, refusals: dict, by_ke
             continue
         run = {**run, "lr": lr, "lr_chosen": lr, "lr_sweep": sweep}
         src = by_key.get(sweep_run(plan, cell, lr, 0)["key"]) if run["seed"] == tune_seed else None
-        if src is not None and _reusable(run, src):
+        if src is not None and _reusable(plan, run, src):
             finish({**run, "budget_info": table[cell[:2]][1], "reused_from": src["key"]}, time.time(),
                    _test_measurements(src), None)
             continue
@@ -522,19 +544,19 @@ def _retry(rec: dict) -> bool:
     return rec.get("status") == "error" or (rec.get("status") == "skipped" and rec.get("error") == SWEEP_FAILED)
 
 
-def _reusable(run: dict, sweep_rec: dict) -> bool:
+def _reusable(plan: ArenaPlan, run: dict, sweep_rec: dict) -> bool:
     """The tune seed's test run at the chosen rate is the sweep run at that rate (same config, same seed, same
-    training; it scored the test split too) unless this run must also measure the untrained model (the LoRA
+    training; it scored the test split too) unless this run must also measure the untrained model (the
     baseline's first run of a (task, seed): ``metric_before``), which the sweep run did not."""
     if sweep_rec.get("status") != "ok" or not isinstance(sweep_rec.get("metrics_test"), dict):
         return False
-    return not (run["method"] == "lora" and run.get("procedure", "adamw") == "adamw")
+    return not is_baseline(plan, run)
 
 
 def _test_measurements(sweep_rec: dict) -> dict:
     """A sweep record's measurements with its test-split scores as the run's metrics."""
     skip = {"key", "task", "method", "procedure", "variant", "seed", "lr_mult", "lr", "phase", "sweep_stage",
-            "eval_split", "also_eval", "budget", "lr_policy", "budget_info", "status", "error", "metrics_test",
+            "eval_split", "also_eval", "budget", "lr_policy", "baseline", "budget_info", "status", "error", "metrics_test",
             "git_rev", "versions", "hardware", "timestamp"}
     out = {k: v for k, v in sweep_rec.items() if k not in skip}
     test = sweep_rec["metrics_test"]
@@ -564,14 +586,13 @@ def machine_time(plan: ArenaPlan) -> dict:
     for run in runs:
         if run["key"] in done:
             continue
-        reused = plan.lr_tuning and run["seed"] == tune_seed and not (run["method"] == "lora"
-                                                                       and run["procedure"] == "adamw")
+        reused = plan.lr_tuning and run["seed"] == tune_seed and not is_baseline(plan, run)
         left[run["task"]] = left.get(run["task"], 0) + (0 if reused else 1)
     if plan.lr_tuning:
         swept: dict[tuple, int] = {}
         for r in recs:
             if r.get("phase") == "sweep" and r.get("status") != "error":
-                cell = (r["task"], r["method"], r.get("procedure", "adamw"))
+                cell = (r["task"], r["method"], r.get("procedure", DEFAULT_PROCEDURE))
                 swept[cell] = swept.get(cell, 0) + 1
         for cell in dict.fromkeys((r["task"], r["method"], r["procedure"]) for r in runs):
             try:
@@ -593,8 +614,8 @@ def _procedure_refusals(plan: ArenaPlan, table: dict, todo: list[dict]) -> dict[
     from ..procedures import make_procedure, preflight
 
     out = {}
-    for task, method, proc in {(r["task"], r["method"], r.get("procedure", "adamw")) for r in todo}:
-        if proc == "adamw" or (task, method) not in table:
+    for task, method, proc in {(r["task"], r["method"], r.get("procedure", DEFAULT_PROCEDURE)) for r in todo}:
+        if proc == DEFAULT_PROCEDURE or (task, method) not in table:
             continue
         try:
             preflight(make_procedure(proc), table[(task, method)][0])

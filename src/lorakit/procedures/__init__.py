@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from .base import (PROCEDURES, ROLES, Hyper, Procedure, TrainParam, adapter_roles, check_role_optim, get_procedure,
+from .base import (DEFAULT_PROCEDURE, PROCEDURES, ROLES, Hyper, Procedure, TrainParam, adapter_roles, check_role_optim, get_procedure,
                    make_procedure, options_dict, list_procedures, procedures_markdown, role_settings, preflight, probe_parameters, register_procedure, setup, trainable_parameters)
 from . import adamw as _adamw  # noqa: F401  (registers "adamw")
 from . import loraplus as _loraplus  # noqa: F401  (registers "loraplus")
@@ -19,6 +19,6 @@ from . import frugal as _frugal  # noqa: F401  (registers "frugal")
 from . import owlore as _owlore  # noqa: F401  (registers "owlore")
 from . import gradnormlorp as _gradnormlorp  # noqa: F401  (registers "gradnormlorp")
 
-__all__ = ["PROCEDURES", "ROLES", "Hyper", "Procedure", "TrainParam", "adapter_roles", "get_procedure",
+__all__ = ["DEFAULT_PROCEDURE", "PROCEDURES", "ROLES", "Hyper", "Procedure", "TrainParam", "adapter_roles", "get_procedure",
            "make_procedure", "options_dict", "list_procedures", "procedures_markdown", "preflight", "probe_parameters", "register_procedure", "setup",
            "trainable_parameters", "check_role_optim", "role_settings"]

@@ -383,11 +383,13 @@ def get_procedure(name: str) -> type[Procedure]:
     return PROCEDURES[name]
 
 
+DEFAULT_PROCEDURE = "adamw"  # optim.name when none is given: plain AdamW over every trainable parameter
+
 COMMON_KEYS = ("betas", "eps", "lr", "max_grad_norm", "min_lr_ratio", "name", "role_optim", "schedule", "trainable_lr",
                "warmup", "weight_decay")
 
 
-def make_procedure(name: str = "adamw", options: dict | None = None, hyper: Hyper | None = None,
+def make_procedure(name: str = DEFAULT_PROCEDURE, options: dict | None = None, hyper: Hyper | None = None,
                    where: str = "optim", common: tuple[str, ...] = COMMON_KEYS) -> Procedure:
     """Build procedure ``name`` with its ``options`` (validated against its ``Config``: an unknown option is a
     ConfigError naming the valid ones; ``where``/``common`` only shape that message) and the shared ``hyper``."""
