@@ -35,3 +35,20 @@ def test_no_warning_when_both_tied_users_are_listed_or_nothing_is_tied(caplog):
         _attach(tiny_llama(tie_word_embeddings=True), ["embed_tokens", "lm_head"])
         _attach(tiny_llama(tie_word_embeddings=False), ["embed_tokens"])
     assert not [r for r in caplog.records if "tied weights" in r.getMessage()]
+
+
+def test_the_arenas_budget_probes_do_not_repeat_the_warning(caplog):
+    from lorakit.arena.budget import trainable_count
+
+    def meta():
+        with torch.device("meta"):
+            return tiny_llama(tie_word_embeddings=True)
+
+    cfg = {"method": "lora", "targets": ["q_proj"], "r": 2, "trainable": ["embed_tokens"]}
+    with caplog.at_level(logging.WARNING, logger="lorakit.inject"):
+        n = trainable_count(meta, cfg)
+        assert not [r for r in caplog.records if "tied weights" in r.getMessage()]
+        model = tiny_llama(tie_word_embeddings=True)
+        assert n == sum(p.numel() for p in lorakit.attach(model, cfg).parameters() if p.requires_grad)
+    # the run's own attach still says it, once
+    assert len([r for r in caplog.records if "tied weights" in r.getMessage()]) == 1

@@ -31,7 +31,8 @@ def trainable_count(make_meta: Callable[[], nn.Module], adapter_cfg: dict) -> in
     model = make_meta()
     quiet = logging.getLogger("lorakit.inject")
     level = quiet.level
-    quiet.setLevel(logging.WARNING)  # one "attached ..." line per probe is noise
+    quiet.setLevel(logging.ERROR)  # one "attached ..." line (or tied-weights warning) per probe is noise: the run
+    # itself attaches once and says it there
     try:
         attach(model, adapter_cfg, defer_init=True)
     finally:
