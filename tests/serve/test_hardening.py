@@ -365,6 +365,19 @@ def test_loading_a_name_bound_to_another_path_is_409(srv):
     assert c.post("/v1/unload_lora_adapter", json={"lora_name": "bound"}).status_code == 200
 
 
+def test_a_name_can_be_repointed_right_after_its_unload_returns(srv):
+    """unload_adapter returns once the engine thread has evicted an adapter no request uses (it used to return
+    before, so an immediate load of the name from another path raced the eviction and got a 409)."""
+    c, ad, out, eng = srv
+    want = {"pA": _text(c, "pA"), "pB": _text(c, "pB")}
+    for i in range(12):
+        path = "pB" if i % 2 else "pA"
+        assert c.post("/v1/load_lora_adapter", json={"lora_name": "flip", "lora_path": path}).status_code == 200
+        assert _text(c, "flip") == want[path]
+        assert c.post("/v1/unload_lora_adapter", json={"lora_name": "flip"}).status_code == 200
+        assert "flip" not in eng.unload_pending and "flip" not in eng.paths
+
+
 # --- item 7: unload means unloaded ----------------------------------------------------------------------------------
 def test_unloading_a_directory_adapter_keeps_it_unloaded_until_loaded(srv):
     c, ad, out, eng = srv

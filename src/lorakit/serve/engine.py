@@ -41,6 +41,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
 MIN_TEMPERATURE = 1e-5  # below this a temperature is served as greedy (as vLLM does): 1/T would overflow the logits
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 MAX_PATH_CHARS = 4096
+UNLOAD_WAIT_S = 10.0  # unload_adapter waits at most this long for the engine thread to evict an idle adapter
 
 # Engine limits: (smallest, largest) sensible value; anything else is refused when the engine is built.
 LIMITS: dict[str, tuple[float, float]] = {
@@ -328,6 +329,18 @@ class Engine:
             self.wake.notify_all()
         if self.thread is None:
             self._apply_unloads()
+            return
+        # the engine thread evicts between steps: wait for it (a few ms), so that when this returns an adapter no
+        # request is using is gone and its name can be loaded again from another path at once; one that running
+        # requests still use stays "being unloaded" until they finish
+        deadline = time.monotonic() + UNLOAD_WAIT_S
+        with self.lock:
+            while (name in self.unload_pending and self.thread is not None and self.thread.is_alive()
+                   and not any(r.adapter == name for r in self.rows)):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.wake.wait(timeout=min(left, 0.05))
 
     def models(self) -> list[str]:
         with self.lock:
@@ -488,6 +501,7 @@ class Engine:
                     self.bank.remove(n)
                 self.lru.pop(n, None)
                 self.paths.pop(n, None)
+                self.wake.notify_all()  # an unload_adapter call may be waiting for this
 
     def _start_load(self, name: str, path: Path) -> None:
         def job():

@@ -372,7 +372,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         if not isinstance(name, str):
             raise _Bad(400, "body must be {\"lora_name\": str}")
         try:
-            engine.unload_adapter(name)
+            await asyncio.to_thread(engine.unload_adapter, name)  # it waits for the engine thread's eviction
         except AdapterNotFound as e:
             raise _Bad(404, str(e), "not_found_error") from None
         except AdapterConflict as e:
