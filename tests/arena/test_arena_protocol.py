@@ -213,6 +213,14 @@ def test_a_tuned_arena_finishes_one_task_before_the_next(fake, tmp_path):
     assert order == sorted(order, key=["bbc-minilm", TASK].index) and set(order) == {"bbc-minilm", TASK}
     phases = [c.get("phase") for c in fake.calls if c["task"] == "bbc-minilm"]
     assert phases.index("test") > max(i for i, p in enumerate(phases) if p == "sweep")
+    # resumed with the first task's seed-0 runs recorded: its other seeds still come before the next task
+    out = tmp_path / "resumed"
+    plan = _plan(out, methods=["lora", "vera"], tasks=["bbc-minilm", TASK], seeds=[0, 1], lr_tuning=True)
+    run_arena(ArenaPlan(**{**plan.__dict__, "tasks": ["bbc-minilm"], "seeds": [0]}))
+    fake.calls.clear()
+    run_arena(plan)
+    order = [c["task"] for c in fake.calls]
+    assert order[0] == "bbc-minilm" and order == sorted(order, key=["bbc-minilm", TASK].index)
 
 
 def test_machine_time_counts_what_was_spent_and_estimates_what_is_left(fake, tmp_path):

@@ -459,7 +459,9 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
 
     try:
         if plan.lr_tuning:  # task by task (sweep, then seeds), so an arena cut short has whole tasks
-            for task in dict.fromkeys(r["task"] for r in todo):
+            # in the plan's task order (not todo's, which is seed-major: a resumed arena whose first task has its
+            # seed-0 runs done would start on the next task and leave the first one's other seeds for last)
+            for task in [t for t in plan.tasks if any(r["task"] == t for r in todo)]:
                 _tuned(plan, [r for r in todo if r["task"] == task], table, refusals, by_key, run_batch, finish, bar)
         else:
             run_batch(todo)
