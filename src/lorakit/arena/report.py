@@ -223,8 +223,8 @@ def markdown(tasks: dict[str, list[dict]]) -> str:
     return "\n".join(out)
 
 
-LEGEND = ("vs {base}: the mean of the per-seed differences from the baseline, {base} (same seed = same data order, head "
-          "init and evaluation rows; > 0 = better, {better} metric is better) and the seeded bootstrap 95% interval "
+LEGEND = ("vs {base}: the mean of the per-seed differences from the baseline, {base} (same seed = same data order, "
+          "head init and evaluation rows; > 0 = better, {better} metric is better) and the seeded bootstrap 95% interval "
           "of that mean; verdict: better / worse when the interval excludes 0, else no detectable difference (at "
           "least 3 shared seeds; with 3 the interval excludes 0 only when every seed agrees). step / ref: time per "
           "step divided by a fixed matmul timed in the same process just before the run (compares methods across "
@@ -251,8 +251,8 @@ COSTS = (("params", "trainable parameters", ",.0f"), ("step_norm", "time per ste
 
 
 def what_to_use(tasks: dict[str, list[dict]], worst: int = 3) -> str:
-    """The "what to use" section, written from the numbers: per task, the methods better than the baseline with confidence
-    (bootstrap verdict) at matched parameters, the front of the metric against each cost, and the methods that
+    """The "what to use" section, written from the numbers: per task, the methods better than the baseline with
+    confidence (bootstrap verdict) at matched parameters, the front of the metric against each cost, and the methods that
     cost the base model most (forgetting ratio, intruder count)."""
     out = []
     for task in sorted(tasks):
@@ -304,7 +304,8 @@ def overview(tasks: dict[str, list[dict]]) -> str:
             cells.setdefault(r["variant"], {}).setdefault(task, "failed" if r["errors"] else "—")
             ranks.setdefault(r["variant"], [])
     order = sorted(cells, key=lambda v: (sum(ranks[v]) / len(ranks[v]) if ranks[v] else 2.0, v))
-    bases = {r["variant"] for rows in tasks.values() for r in rows if r.get("reference") or r["baseline"] == "untrained"}
+    bases = {r["variant"] for rows in tasks.values() for r in rows
+             if r.get("reference") or r["baseline"] == "untrained"}
     metric = {t: next((r["metric_name"] for r in tasks[t] if r["metric_name"]), "") for t in names}
     out = ["| method | " + " | ".join(f"{t} ({metric[t]})" for t in names) + " | mean rank |",
            "|---|" + "---|" * len(names) + "---|"]

@@ -168,6 +168,11 @@ def procedure_overrides(proc: str) -> list[str]:
     return [] if proc == DEFAULT_PROCEDURE else [f"optim.name={proc}"]
 
 
+def cell_of(run: dict) -> tuple[str, str, str]:
+    """A run's (task, method, procedure) cell (records made before the procedure axis: the default procedure)."""
+    return run["task"], run["method"], run.get("procedure", DEFAULT_PROCEDURE)
+
+
 def is_baseline(plan: "ArenaPlan", run: dict) -> bool:
     """Whether ``run`` is the baseline method under the default procedure (the reference of its task)."""
     return run["method"] == plan.baseline and run.get("procedure", DEFAULT_PROCEDURE) == DEFAULT_PROCEDURE
@@ -355,8 +360,8 @@ def budgets(plan: ArenaPlan, pairs: set[tuple[str, str]] | None = None,
                         log.debug("%s on the baseline's targets: %s", method, e)
                         cfg2, info2 = None, {"matched": False}
                     if info2["matched"]:
-                        notes.append(f"on {plan.baseline}'s targets {same['targets']} (its own {adapter.get('targets')} "
-                                     "cannot reach the budget)")
+                        notes.append(f"on {plan.baseline}'s targets {same['targets']} (its own "
+                                     f"{adapter.get('targets')} cannot reach the budget)")
                         table[(task, method)] = (cfg2, info2)
             except Exception as e:  # recorded with the runs; the method still runs with its paper settings
                 table[(task, method)] = (adapter, {"matched": False, "target": target,
@@ -404,13 +409,14 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
     def prepare(run: dict) -> tuple[dict, dict | None]:
         adapter, info = table[(run["task"], run["method"])]
         rec = {**run, "budget_info": info}
-        why = info.get("skip") or refusals.get((run["task"], run["method"], run.get("procedure", DEFAULT_PROCEDURE)))
+        why = info.get("skip") or refusals.get(cell_of(run))
         if why:
             rec.update(status="skipped", error=f"not run: {why}")
             return rec, None
         # the untrained metric is measured once per (task, seed): by the baseline's run
         # (not by a sweep run: the untrained model is measured on the test split, by a test run)
-        first = is_baseline(plan, run) and run["lr_mult"] == 1.0 and run.get("phase") != "sweep" and (run["task"], run["seed"]) not in baseline_seen
+        first = is_baseline(plan, run) and run["lr_mult"] == 1.0 and run.get("phase") != "sweep" \
+            and (run["task"], run["seed"]) not in baseline_seen
         if first:
             baseline_seen.add((run["task"], run["seed"]))
         extra = list(plan.extra) + procedure_overrides(run.get("procedure", DEFAULT_PROCEDURE))
@@ -481,7 +487,7 @@ def _tuned(plan: ArenaPlan, todo: list[dict], table: dict, refusals: dict, by_ke
     from .report import LOWER_IS_BETTER
     from .worker import PRIMARY
 
-    cells = list(dict.fromkeys((r["task"], r["method"], r.get("procedure", DEFAULT_PROCEDURE)) for r in todo))
+    cells = list(dict.fromkeys(cell_of(r) for r in todo))
     rates: dict[tuple, list[float]] = {}
     for cell in cells:
         info = table.get(cell[:2], ({}, {}))[1]
@@ -520,7 +526,7 @@ def _tuned(plan: ArenaPlan, todo: list[dict], table: dict, refusals: dict, by_ke
     runs = []
     tune_seed = plan.tune_seed if plan.tune_seed is not None else plan.seeds[0]
     for run in todo:
-        cell = (run["task"], run["method"], run.get("procedure", DEFAULT_PROCEDURE))
+        cell = cell_of(run)
         if cell not in rates:
             runs.append(run)  # skipped or failing: prepare records why
             continue
@@ -558,8 +564,8 @@ def _reusable(plan: ArenaPlan, run: dict, sweep_rec: dict) -> bool:
 def _test_measurements(sweep_rec: dict) -> dict:
     """A sweep record's measurements with its test-split scores as the run's metrics."""
     skip = {"key", "task", "method", "procedure", "variant", "seed", "lr_mult", "lr", "phase", "sweep_stage",
-            "eval_split", "also_eval", "budget", "lr_policy", "baseline", "budget_info", "status", "error", "metrics_test",
-            "git_rev", "versions", "hardware", "timestamp"}
+            "eval_split", "also_eval", "budget", "lr_policy", "baseline", "budget_info", "status", "error",
+            "metrics_test", "git_rev", "versions", "hardware", "timestamp"}
     out = {k: v for k, v in sweep_rec.items() if k not in skip}
     test = sweep_rec["metrics_test"]
     out.update(metrics=test, metric=test.get(sweep_rec.get("metric_name")), trained_at=sweep_rec.get("timestamp"),
@@ -594,8 +600,7 @@ def machine_time(plan: ArenaPlan) -> dict:
         swept: dict[tuple, int] = {}
         for r in recs:
             if r.get("phase") == "sweep" and r.get("status") != "error":
-                cell = (r["task"], r["method"], r.get("procedure", DEFAULT_PROCEDURE))
-                swept[cell] = swept.get(cell, 0) + 1
+                swept[cell_of(r)] = swept.get(cell_of(r), 0) + 1
         for cell in dict.fromkeys((r["task"], r["method"], r["procedure"]) for r in runs):
             try:
                 n = len(candidate_rates(plan, cell)) + len(TUNE_NEIGHBOURS)
@@ -616,7 +621,7 @@ def _procedure_refusals(plan: ArenaPlan, table: dict, todo: list[dict]) -> dict[
     from ..procedures import make_procedure, preflight
 
     out = {}
-    for task, method, proc in {(r["task"], r["method"], r.get("procedure", DEFAULT_PROCEDURE)) for r in todo}:
+    for task, method, proc in {cell_of(r) for r in todo}:
         if proc == DEFAULT_PROCEDURE or (task, method) not in table:
             continue
         try:
