@@ -99,3 +99,54 @@ def test_no_confident_winner_is_said_so():
     recs = [_rec(m, s, v) for s in range(3) for m, v in (("lora", 0.8 + s / 50), ("dora", 0.8 + (-1) ** s / 100))]
     text = what_to_use(aggregate(recs))
     assert "No method is better than lora with confidence at matched parameters (1 compared, 0 worse)" in text
+
+
+def test_a_step_ratio_whose_reference_ran_on_another_thread_count_is_not_shown_or_ranked():
+    """A train.threads=1 run whose reference matmul used the process's pool (records before reference_threads):
+    the ratio is noise, so the column shows — and the time front falls back to seconds (one thread count)."""
+    one = {"config": {"train": {"threads": 1}}}
+    recs = []
+    for s in range(3):
+        recs += [_rec("lora", s, 0.80 + s / 100, time_per_step_s=1.0, time_per_step_norm=5000.0, **one),
+                 _rec("dora", s, 0.85 + s / 100, time_per_step_s=1.5, time_per_step_norm=200.0, **one),
+                 _rec("vera", s, 0.78 + s / 100, time_per_step_s=0.8, time_per_step_norm=9000.0, **one)]
+    rows = {r["variant"]: r for r in aggregate(recs)["sentiment-minilm"]}
+    assert all(r["step_norm"] != r["step_norm"] for r in rows.values())  # nan: untrusted
+    text = what_to_use(aggregate(recs))
+    assert "time per step (normalised)" not in text
+    assert "Front of accuracy vs time per step (s, every run on 1 torch thread(s)): vera (0.790 at 0.80), lora " \
+           "(0.810 at 1.00), dora (0.860 at 1.50)." in text
+    # recorded on the run's thread count: trusted, and the front uses it
+    recs = [{**r, "reference_threads": 1} for r in recs]
+    rows = {r["variant"]: r for r in aggregate(recs)["sentiment-minilm"]}
+    assert rows["dora"]["step_norm"] == pytest.approx(200.0)
+    assert "Front of accuracy vs time per step (normalised): dora (0.860 at 200)." in what_to_use(aggregate(recs))
+    # a reference on 2 threads for a 1-thread run is dropped
+    mixed = [{**r, "reference_threads": 2} if r["variant"] == "vera" else r for r in recs]
+    assert next(r for r in aggregate(mixed)["sentiment-minilm"] if r["variant"] == "vera")["step_norm"] != \
+        next(r for r in aggregate(mixed)["sentiment-minilm"] if r["variant"] == "vera")["step_norm"]
+    # vera trained on 2 threads, its reference on 1: no ratio for it, and seconds on 1 and 2 threads don't compare
+    two = [{**r, "config": {"train": {"threads": 2}}} if r["variant"] == "vera" else r for r in recs]
+    assert "vs time per step" not in what_to_use(aggregate(two))
+
+
+def test_the_reference_matmul_runs_on_the_runs_thread_count():
+    import torch
+
+    from lorakit.arena.worker import reference_seconds
+
+    prev = torch.get_num_threads()
+    seen = []
+    real = torch.mm
+
+    def spy(a, b):
+        seen.append(torch.get_num_threads())
+        return real(a, b)
+
+    torch.mm = spy
+    try:
+        assert reference_seconds(1, n=16, reps=3) > 0
+    finally:
+        torch.mm = real
+    assert seen == [1] * 4  # one warm-up and three timed, all on the run's single thread
+    assert torch.get_num_threads() == prev  # the process's pool is restored

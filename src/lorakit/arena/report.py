@@ -28,6 +28,18 @@ def _run_threads(rec: dict):
         (rec.get("hardware") or {}).get("torch_threads")
 
 
+def _step_norm(rec: dict):
+    """The run's time per step over its reference matmul, when that reference ran on the run's thread count (the
+    record's ``reference_threads``). Before that was recorded the reference always used the process's pool: such a
+    ratio is kept only for a run that set no thread count of its own (a ``train.threads=1`` shard's reference was a
+    multi-threaded matmul fighting the other shards for the cores, up to ~100x off); otherwise None."""
+    norm = rec.get("time_per_step_norm")
+    ref_threads = rec.get("reference_threads")
+    if ref_threads is None:
+        return None if ((rec.get("config") or {}).get("train") or {}).get("threads") else norm
+    return norm if ref_threads == _run_threads(rec) else None
+
+
 def _ms(vals: list[float]) -> tuple[float, float]:
     vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not vals:
@@ -63,7 +75,8 @@ def aggregate(records: list[dict]) -> dict[str, list[dict]]:
                "step_s": _ms([r.get("time_per_step_s") for r in ok])[0],
                "wall_s": _ms([r.get("wall_s") for r in ok])[0],
                "rss_mb": _ms([r.get("peak_rss_mb") for r in ok])[0],
-               "step_norm": _ms([r.get("time_per_step_norm") for r in ok])[0],
+               "step_norm": _ms([_step_norm(r) for r in ok])[0],
+               "threads": {_run_threads(r) for r in ok} - {None},
                "intruders": _ms([r.get("intruders") for r in ok])[0],
                "forgetting": _ms([r.get("forgetting_ratio") for r in ok])[0],
                "lr_chosen": next((r.get("lr_chosen") for r in ok if r.get("lr_chosen") is not None), None),
@@ -90,7 +103,8 @@ def aggregate(records: list[dict]) -> dict[str, list[dict]]:
                                 "by_seed": {r.get("seed"): r.get("metric_before") for r in ok
                                             if r.get("metric_before") is not None},
                                 "params": 0, "adapter_mb": 0, "step_s": float("nan"), "wall_s": float("nan"),
-                                "step_norm": float("nan"), "intruders": float("nan"), "forgetting": float("nan"),
+                                "step_norm": float("nan"), "threads": set(), "intruders": float("nan"),
+                                "forgetting": float("nan"),
                                 "sweep": [], "lr_chosen": None,
                                 "rss_mb": float("nan"), "curves": [], "baseline": "untrained", "reference": False,
                                 "errors": 0, "lr": None})
@@ -227,8 +241,8 @@ LEGEND = ("vs {base}: the mean of the per-seed differences from the baseline, {b
           "head init and evaluation rows; > 0 = better, {better} metric is better) and the seeded bootstrap 95% interval "
           "of that mean; verdict: better / worse when the interval excludes 0, else no detectable difference (at "
           "least 3 shared seeds; with 3 the interval excludes 0 only when every seed agrees). step / ref: time per "
-          "step divided by a fixed matmul timed in the same process just before the run (compares methods across "
-          "machine load). intruders: top-10 singular vectors of the tuned weights with no match (ε = 0.5) among the "
+          "step divided by a fixed matmul timed in the same process, on the run's thread count, just before the run "
+          "(compares methods across machine load; — where the reference was not on the run's thread count). intruders: top-10 singular vectors of the tuned weights with no match (ε = 0.5) among the "
           "base's, summed over the adapted matrices. forgetting: perplexity on held-out general text with the "
           "adapter / without (causal LMs; > 1 = the adapter made the model worse at it). ◆ = on the front of metric "
           "vs trainable parameters: no other method scores as well with as few parameters. With --tune-lr, lr is "
@@ -246,8 +260,19 @@ def front(rows: list[dict], key: str, sign: float) -> list[dict]:
     return sorted(on, key=lambda r: r[key])
 
 
-COSTS = (("params", "trainable parameters", ",.0f"), ("step_norm", "time per step (normalised)", ",.0f"),
-         ("rss_mb", "peak memory (MB)", ",.0f"))
+def costs(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """The costs the metric is set against in "what to use": trainable parameters, time per step and peak memory.
+    Time per step is the normalised one (step / ref) when every trained row has it; else the raw seconds when
+    every run of the task trained on one thread count (the arena's same-thread-count protocol); else left out."""
+    out = [("params", "trainable parameters", ",.0f")]
+    trained = [r for r in rows if r.get("baseline") != "untrained" and math.isfinite(r["mean"])]
+    threads = set().union(*(r.get("threads") or set() for r in trained)) if trained else set()
+    if trained and all(math.isfinite(r.get("step_norm", float("nan"))) for r in trained):
+        out.append(("step_norm", "time per step (normalised)", ",.0f"))
+    elif trained and len(threads) == 1:
+        out.append(("step_s", f"time per step (s, every run on {next(iter(threads))} torch thread(s))", ".2f"))
+    out.append(("rss_mb", "peak memory (MB)", ",.0f"))
+    return out
 
 
 def what_to_use(tasks: dict[str, list[dict]], worst: int = 3) -> str:
@@ -274,7 +299,7 @@ def what_to_use(tasks: dict[str, list[dict]], worst: int = 3) -> str:
                        f"compared, {len(worse)} worse).")
         else:
             out.append(f"* No verdict against {base}: fewer than {MIN_SEEDS} shared seeds.")
-        for key, label, spec in COSTS:
+        for key, label, spec in costs(rows):
             f = front(rows, key, sign)
             if f:
                 out.append(f"* Front of {metric} vs {label}: " + ", ".join(

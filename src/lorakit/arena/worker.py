@@ -97,19 +97,31 @@ def _dir_bytes(path: str | None) -> int | None:
 
 
 def reference_seconds(threads: int | None = None, n: int = 256, reps: int = 30) -> float:
-    """A fixed CPU/GPU workload timed in this process right before the run (median of ``reps`` (n x n) matmuls):
-    ``time_per_step_s / reference_s`` compares methods across runs made under different machine load."""
+    """A fixed CPU/GPU workload timed in this process right before the run (median of ``reps`` (n x n) matmuls,
+    after one untimed warm-up) at the run's torch thread count ``threads`` (None: the process's):
+    ``time_per_step_s / reference_s`` compares methods across runs made under different machine load.
+
+    The thread count matters: a run that trains on 1 thread (``train.threads=1``, one per core for N shards) but is
+    referenced with torch's default pool times a multi-threaded matmul competing with the other shards for the
+    cores, which is up to ~100x slower and varies from run to run; the ratio is then noise."""
     import statistics
 
     import torch
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
+    prev = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
         torch.mm(a, b)
-        times.append(time.perf_counter() - t)
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(prev)
     return statistics.median(times)
 
 
@@ -164,7 +176,8 @@ def execute(spec: dict) -> dict:
     from ..train.loop import run_training
 
     cfg = run_config(spec)
-    ref_s = reference_seconds()
+    ref_threads = cfg.train.threads or torch.get_num_threads()
+    ref_s = reference_seconds(ref_threads)
     callbacks = []
     if spec.get("diagnostics"):
         from ..diagnostics import IntruderCallback
@@ -201,6 +214,7 @@ def execute(spec: dict) -> dict:
         "train_s": res.get("train_time_s"),
         "time_per_step_s": res.get("time_per_step_s"),
         "reference_s": ref_s,
+        "reference_threads": ref_threads,
         "time_per_step_norm": (res.get("time_per_step_s") or float("nan")) / ref_s if ref_s else None,
         "intruders": res.get("intruders"),
         "forgetting_ratio": (res.get("forgetting") or {}).get("ratio"),
