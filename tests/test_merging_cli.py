@@ -129,3 +129,26 @@ def test_help_has_examples_and_recipes_list_the_merge_configs(capsys):
         if r["kind"] == "merge":  # every packaged merge config is valid up to its adapter paths
             data = yaml.safe_load(r["path"].read_text())
             assert {"base_model", "merge_method", "models", "output"} <= set(data)
+
+
+def test_a_factor_only_merge_writes_a_full_model_through_its_factors(setup, tmp_path):
+    """lego has no delta-space form: merge_deltas refuses it, and `format: model` merges its factors' product."""
+    from lorakit.extract import load_pretrained
+    from lorakit.merging.combine import has_delta_form, merge_deltas
+
+    base, d = setup
+    assert not has_delta_form("lego") and has_delta_form("ties_svd") and has_delta_form("linear")
+    m = copy.deepcopy(base)
+    lorakit.load_adapter(m, d / "a", "a")
+    lorakit.load_adapter(m, d / "b", "b")
+    with pytest.raises(ConfigError, match="lego merges factors"):
+        merge_deltas(m, ["a", "b"], [1.0, 0.5], "lego")
+    lorakit.combine(m, ["a", "b"], [1.0, 0.5], method="lego", rank=2, name="ref", seed=0)
+    ref = {p: a.delta_weight() for p, a in adapters_of(m, "ref")}
+    out = tmp_path / "model"
+    c = _conf(d, merge_method="lego", parameters={"rank": 2, "seed": 0}, output={"path": str(out), "format": "model"})
+    assert main(["merge", str(_write(tmp_path, "m.yaml", c))]) == 0
+    sd, bsd = load_pretrained(out).state_dict(), base.state_dict()
+    assert ref
+    for p, dw in ref.items():
+        torch.testing.assert_close(sd[p + ".weight"], bsd[p + ".weight"] + dw, atol=1e-5, rtol=1e-5)

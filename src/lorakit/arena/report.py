@@ -242,8 +242,9 @@ LEGEND = ("vs {base}: the mean of the per-seed differences from the baseline, {b
           "of that mean; verdict: better / worse when the interval excludes 0, else no detectable difference (at "
           "least 3 shared seeds; with 3 the interval excludes 0 only when every seed agrees). step / ref: time per "
           "step divided by a fixed matmul timed in the same process, on the run's thread count, just before the run "
-          "(compares methods across machine load; — where the reference was not on the run's thread count). intruders: top-10 singular vectors of the tuned weights with no match (ε = 0.5) among the "
-          "base's, summed over the adapted matrices. forgetting: perplexity on held-out general text with the "
+          "(compares methods across machine load; — where the reference was not on the run's thread count). "
+          "intruders: top-10 singular vectors of the tuned weights with no match (ε = 0.5) among the base's, summed "
+          "over the adapted matrices. forgetting: perplexity on held-out general text with the "
           "adapter / without (causal LMs; > 1 = the adapter made the model worse at it). ◆ = on the front of metric "
           "vs trainable parameters: no other method scores as well with as few parameters. With --tune-lr, lr is "
           "the chosen rate and the note lists the sweep (* = chosen).")

@@ -219,7 +219,7 @@ def run_merge(spec: MergeSpec) -> Path:
     from .. import io
     from ..inject import detach
     from ..merge import merge_and_unload
-    from .combine import attach_factors, combine, merge_deltas, normalize_method
+    from .combine import attach_factors, combine, has_delta_form, merge_deltas, normalize_method
     from .functions import svd_factors
 
     model, tok = _load_base(spec.base_model)
@@ -230,7 +230,7 @@ def run_merge(spec: MergeSpec) -> Path:
     base, svd = normalize_method(spec.method)
     opts = dict(density=p.get("density"), majority_sign=p.get("majority_sign_method", "total"),
                 lam=p.get("lambda", 1.0), seed=p.get("seed"))
-    exact_dense = (spec.format == "model" and base not in ("lego",) and not svd and p.get("rank") is None
+    exact_dense = (spec.format == "model" and has_delta_form(base) and not svd and p.get("rank") is None
                    and p.get("space", "delta") == "delta")
     if exact_dense:  # a full model needs no refactoring: base + the merged ΔW
         deltas = merge_deltas(model, names, spec.weights, base, flavor=p.get("flavor", "peft"),

@@ -41,12 +41,15 @@ from torch import Tensor, nn
 from ..errors import ConfigError, MergeError
 from .functions import TENSOR_METHODS, merge_tensors, svd_factors
 
-__all__ = ["METHODS", "combine", "merge_deltas", "merge_factors", "attach_factors", "sources", "Source",
+__all__ = ["METHODS", "FACTOR_ONLY", "has_delta_form", "combine", "merge_deltas", "merge_factors", "attach_factors", "sources", "Source",
            "normalize_method", "check_options"]
 
 # every method name combine() takes; PEFT's names included
 METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
            "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd", "lego")
+# methods that combine factors and have no delta-space form (merge_deltas refuses them; a full-model merge goes
+# through their factors)
+FACTOR_ONLY = ("lego",)
 _NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 _LAYER_KINDS = ("linear", "conv1d", "embedding")
 
@@ -102,6 +105,11 @@ def normalize_method(method: str) -> tuple[str, bool]:
     if method.endswith("_svd"):
         return method[:-4], True
     return method, False
+
+
+def has_delta_form(method: str) -> bool:
+    """Whether ``method`` merges in delta space (``merge_deltas``): every method but the factor-only ones."""
+    return normalize_method(method)[0] not in FACTOR_ONLY
 
 
 def check_options(method: str, weights: Sequence[float], *, density: float | None = None, rank: Any = None,
@@ -214,8 +222,8 @@ def merge_deltas(model: nn.Module, adapters: Sequence[str], weights: Sequence[fl
     """``{module path: merged ΔW}`` (fp32, dense) in delta space: what a full-model merge adds to each base weight.
     A module some adapters do not adapt takes only the others (their ``τ`` is 0 there, as in PEFT and mergekit)."""
     base, _ = normalize_method(method)
-    if base == "lego":
-        raise ConfigError("lego merges factors (merge_factors); its ΔW is the product of its result")
+    if not has_delta_form(base):
+        raise ConfigError(f"{base} merges factors (merge_factors); its ΔW is the product of its result")
     wd = _weights(adapters, weights)
     check_options(method, list(wd.values()), density=density, majority_sign=majority_sign, lam=lam, flavor=flavor)
     tm = "linear" if base == "cat" else base
