@@ -21,11 +21,15 @@ TOP_CURVES = 6  # loss-curve plot: how many methods besides the baselines get a 
 LOWER_IS_BETTER = {"loss", "completion_loss", "eval_loss"}
 
 
+def _set_threads(rec: dict):
+    """The run's own ``train.threads`` (``--set train.threads=1``), None when it set none."""
+    return ((rec.get("config") or {}).get("train") or {}).get("threads")
+
+
 def _run_threads(rec: dict):
-    """The torch threads a run trained with: its config's ``train.threads`` when set (``--set train.threads=1``),
-    else the arena process's own count (what the run inherited)."""
-    return ((rec.get("config") or {}).get("train") or {}).get("threads") or \
-        (rec.get("hardware") or {}).get("torch_threads")
+    """The torch threads a run trained with: its config's ``train.threads`` when set, else the arena process's own
+    count (what the run inherited)."""
+    return _set_threads(rec) or (rec.get("hardware") or {}).get("torch_threads")
 
 
 def _step_norm(rec: dict):
@@ -36,7 +40,7 @@ def _step_norm(rec: dict):
     norm = rec.get("time_per_step_norm")
     ref_threads = rec.get("reference_threads")
     if ref_threads is None:
-        return None if ((rec.get("config") or {}).get("train") or {}).get("threads") else norm
+        return None if _set_threads(rec) else norm
     return norm if ref_threads == _run_threads(rec) else None
 
 

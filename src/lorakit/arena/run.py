@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -597,10 +598,7 @@ def machine_time(plan: ArenaPlan) -> dict:
         reused = plan.lr_tuning and run["seed"] == tune_seed and not is_baseline(plan, run)
         left[run["task"]] = left.get(run["task"], 0) + (0 if reused else 1)
     if plan.lr_tuning:
-        swept: dict[tuple, int] = {}
-        for r in recs:
-            if r.get("phase") == "sweep" and r.get("status") != "error":
-                swept[cell_of(r)] = swept.get(cell_of(r), 0) + 1
+        swept = Counter(cell_of(r) for r in recs if r.get("phase") == "sweep" and r.get("status") != "error")
         for cell in dict.fromkeys((r["task"], r["method"], r["procedure"]) for r in runs):
             try:
                 n = len(candidate_rates(plan, cell)) + len(TUNE_NEIGHBOURS)

@@ -41,8 +41,8 @@ from torch import Tensor, nn
 from ..errors import ConfigError, MergeError
 from .functions import TENSOR_METHODS, merge_tensors, svd_factors
 
-__all__ = ["METHODS", "FACTOR_ONLY", "has_delta_form", "combine", "merge_deltas", "merge_factors", "attach_factors", "sources", "Source",
-           "normalize_method", "check_options"]
+__all__ = ["METHODS", "FACTOR_ONLY", "has_delta_form", "combine", "merge_deltas", "merge_factors", "attach_factors",
+           "sources", "Source", "normalize_method", "check_options"]
 
 # every method name combine() takes; PEFT's names included
 METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
@@ -136,8 +136,8 @@ def check_options(method: str, weights: Sequence[float], *, density: float | Non
         raise ConfigError(f"rank must be a positive integer or 'full', got {rank!r}")
     if rank is not None and base == "cat":
         raise ConfigError("cat is exact at rank Σr and takes no rank (use 'svd' to refactorise to a rank)")
-    if base == "lego" and (rank is None or rank == "full"):
-        raise ConfigError("lego needs rank=k, the number of clusters (the merged rank)")
+    if not has_delta_form(base) and (rank is None or rank == "full"):  # lego: k = the number of clusters
+        raise ConfigError(f"{base} needs rank=k, the merged rank (it merges factors into k of them)")
     if space not in ("delta", "factors"):
         raise ConfigError(f"space={space!r}; valid: 'delta' (exact, on ΔW) or 'factors' (PEFT's A/B-separate merge)")
     if space == "factors" and (base not in TENSOR_METHODS or svd):
