@@ -455,7 +455,7 @@ def _arena_plan(a):
                      isolate=a.isolate, timeout_s=a.timeout, plugins=_csv(a.plugins) or [],
                      lr_policy=a.lr, procedures=_csv(a.procedures) or [DEFAULT_PROCEDURE], shard=shard,
                      backend=a.backend, ray_address=a.ray_address, diagnostics=not a.no_diagnostics,
-                     lr_tuning=a.tune_lr, baseline=a.baseline or BASELINE)
+                     lr_tuning=a.tune_lr, baseline=a.baseline or BASELINE, rediagnose=_csv(a.rediagnose) or [])
 
 
 def cmd_arena(a) -> int:
@@ -627,6 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--ray-address", help="the Ray cluster (default: 'auto', else a local instance)")
     ar.add_argument("--no-diagnostics", action="store_true",
                     help="skip the per-run intruder count and forgetting perplexity")
+    ar.add_argument("--rediagnose", metavar="METHODS",
+                    help="comma-separated: run these methods' recorded test runs again where their diagnostics "
+                    "predate the current measurement (the new record replaces the old; training is seeded)")
     ar.add_argument("--tune-lr", action="store_true",
                     help="per (task, method, procedure): choose the rate on the validation split (first seed; the "
                     "paper and recipe rates, then x0.5/x2 of the better), then run the seeds at it on test")

@@ -12,6 +12,11 @@
   (``intruder_reduced``) and activates it.
 * **Forgetting** (:func:`forgetting_perplexity`): perplexity of the adapted model on general text (the held-out
   Shakespeare/Milton works) against the base model's, as a ratio.
+* **The reference is the model as loaded.** Both measurements compare with the weights the user started from, not
+  with the adapted model's current base: a residual init (PiSSA, CorDA, LoRA-GA, ...) writes ``W - B0 A0`` into the
+  base, a quantised or compressed base (QLoRA, LQ-LoRA, PELA) replaces it, and full fine-tuning trains it in place,
+  so "the base with adapters off" is not the starting model for them. Pass ``base=`` (a second copy of the model as
+  loaded; the arena does) for a reference that is right for every method.
 * **Safety drift** (G3 of the reference; Lermen et al. 2023, arXiv:2310.20624): :class:`SafetyDriftCallback`
   measures, every ``every`` steps, the refusal rate of the model's responses to a *user-supplied* prompt set with a
   refusal classifier (default: :func:`keyword_refusal`, a keyword match on canned refusal phrases), against the base
@@ -29,11 +34,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from . import quant
 from .errors import ConfigError, LorakitError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["find_intruders", "intruder_report", "reduce_intruders", "IntruderCallback", "forgetting_perplexity",
+__all__ = ["find_intruders", "intruder_report", "reference_matrix", "tuned_matrix", "reduce_intruders", "IntruderCallback", "forgetting_perplexity",
            "keyword_refusal", "SafetyDriftCallback", "SafetyDriftError", "REFUSAL_PATTERNS"]
 
 
@@ -46,20 +52,61 @@ def find_intruders(W0: Tensor, W: Tensor, top_k: int = 10, eps: float = 0.5) -> 
     return idx, cos[:top_k]
 
 
-def intruder_report(model: nn.Module, name: str = "default", top_k: int = 10, eps: float = 0.5
-                    ) -> dict[str, int]:
-    """``{module path: intruder count}`` over the adapter ``name``'s matrices (any method with ``delta_weight``;
-    those without one are skipped)."""
-    from .inject import adapters
+def _base_path(path: str) -> str:
+    """A host's module path in the model as it was before any attach (hosts nest under ``base_layer``)."""
+    return ".".join(p for p in path.split(".") if p != "base_layer")
+
+
+def reference_matrix(host, adapter, path: str = "", base: nn.Module | None = None) -> Tensor:
+    """The weight an adapted matrix is measured against, as a ``(d_out, d_in)`` fp32 matrix: the same module of
+    ``base`` (the model as loaded, before any attach) when given; otherwise the host's weight from before any change
+    to it (the snapshot a residual init such as PiSSA/CorDA, or a merge, took before writing the base), else the
+    current base weight. Not the current base when an init replaced it: a residual init's ``W - B0 A0`` is not what
+    the user started from."""
+    if base is not None:
+        m = base.get_submodule(_base_path(path))
+        w = dict(m.named_parameters())[host.param] if host.param is not None else quant.get_weight(m)
+    elif host._snapshots:
+        w = host._dense(host._snapshots[0][1])
+    else:
+        return adapter.base_matrix().detach().float()
+    return adapter.view.matrix(w.detach().float())
+
+
+def tuned_matrix(host, adapter, name: str) -> Tensor:
+    """The dense weight adapter ``name`` gives its matrix: base + its update (the base alone when it is merged in,
+    or when the adapter trains the base weight itself, role ``weight``). Raises for input-dependent updates."""
+    W = adapter.base_matrix().detach().float()
+    if name in host.merged_names:
+        return W
+    return W + adapter.delta_weight().detach().float().reshape(W.shape)
+
+
+def trains_base_in_place(adapter) -> bool:
+    """Whether the adapter's parameters are the base weights themselves (role ``weight``: full fine-tuning)."""
+    return "weight" in type(adapter).roles.values()
+
+
+def intruder_report(model: nn.Module, name: str = "default", top_k: int = 10, eps: float = 0.5,
+                    base: nn.Module | None = None) -> dict[str, int]:
+    """``{module path: intruder count}`` over the adapter ``name``'s matrices. The reference is
+    :func:`reference_matrix`: pass ``base`` (the model as loaded, e.g. a second ``from_pretrained``) to measure
+    against the untouched weights in every case; without it, residual inits are measured against their
+    pre-init snapshot, and adapters that train the base weight in place (full fine-tuning), which keep no
+    reference of their own, are skipped. Matrices whose update depends on the input (routed mixtures: no
+    ``delta_weight``) are skipped: an empty report means nothing was measurable, not zero intruders."""
+    from .inject import hosts
 
     out = {}
-    for path, a in adapters(model, name):
+    for path, h in hosts(model):
+        a = h.adapters[name] if name in h.adapters else None
+        if a is None or (base is None and trains_base_in_place(a)):
+            continue
         try:
-            W0 = a.base_matrix().float()
-            dW = a.delta_weight().detach().float().reshape(W0.shape)
+            W = tuned_matrix(h, a, name)
         except Exception:  # noqa: BLE001 - no dense update for this adapter (input-dependent methods)
             continue
-        out[path] = len(find_intruders(W0, W0 + dW, top_k, eps)[0])
+        out[path] = len(find_intruders(reference_matrix(h, a, path, base), W, top_k, eps)[0])
     return out
 
 
@@ -105,20 +152,29 @@ class IntruderCallback:
     """Log the intruder count of adapter ``name`` every ``every`` steps and at the end. Works as a ``lorakit train``
     callback (``run_training(callbacks=[...])``: ``on_attach``, ``on_step``, ``on_train_end``) and as a
     ``transformers.TrainerCallback`` (``on_step_end`` / ``on_train_end`` with the model in kwargs). ``history``:
-    ``[(step, total count, {path: count})]``."""
+    ``[(step, total count, {path: count})]``; the total is None when no matrix was measurable (routed mixtures).
+    ``base``: the model as loaded (or a zero-argument function returning it, called once, at the first measurement)
+    to measure against; see :func:`intruder_report` for what is measured without it."""
 
-    def __init__(self, every: int = 50, name: str = "default", top_k: int = 10, eps: float = 0.5):
+    def __init__(self, every: int = 50, name: str = "default", top_k: int = 10, eps: float = 0.5,
+                 base: nn.Module | Callable[[], nn.Module] | None = None):
         if every < 1:
             raise ConfigError(f"IntruderCallback: every={every} must be >= 1")
         self.every, self.name, self.top_k, self.eps = every, name, top_k, eps
+        self.base = base
         self.model: nn.Module | None = None
-        self.history: list[tuple[int, int, dict[str, int]]] = []
+        self.history: list[tuple[int, int | None, dict[str, int]]] = []
 
-    def measure(self, step: int, model: nn.Module | None = None) -> int:
-        rep = intruder_report(model or self.model, self.name, self.top_k, self.eps)
-        total = sum(rep.values())
+    def _reference(self) -> nn.Module | None:
+        if callable(self.base) and not isinstance(self.base, nn.Module):
+            self.base = self.base()
+        return self.base
+
+    def measure(self, step: int, model: nn.Module | None = None) -> int | None:
+        rep = intruder_report(model or self.model, self.name, self.top_k, self.eps, base=self._reference())
+        total = sum(rep.values()) if rep else None
         self.history.append((step, total, rep))
-        log.info("intruder dimensions at step %d: %d over %d matrices", step, total, len(rep))
+        log.info("intruder dimensions at step %d: %s over %d matrices", step, total, len(rep))
         return total
 
     # lorakit train
@@ -127,7 +183,9 @@ class IntruderCallback:
 
     def on_step(self, step: int, logs: dict) -> None:
         if self.model is not None and step % self.every == 0:
-            logs["intruders"] = self.measure(step)
+            total = self.measure(step)
+            if total is not None:
+                logs["intruders"] = total
 
     def on_train_end(self, *a, **kw):
         """lorakit: ``on_train_end(result)``; transformers: ``on_train_end(args, state, control, model=...)``."""
@@ -150,11 +208,16 @@ class IntruderCallback:
 
 
 @torch.no_grad()
-def forgetting_perplexity(model: nn.Module, tok, *, seq: int = 256, chunks: int = 8, texts: list[str] | None = None
-                          ) -> dict[str, float]:
-    """Perplexity on general held-out text (default: the Shakespeare/Milton test works) with the adapters as they
-    are and with every adapter off; ``ratio`` = adapted / base (> 1: the adapter made the model worse at it)."""
-    from .inject import disabled
+def forgetting_perplexity(model: nn.Module, tok, *, seq: int = 256, chunks: int = 8, texts: list[str] | None = None,
+                          base: nn.Module | None = None) -> dict[str, float]:
+    """Perplexity on general held-out text (default: the Shakespeare/Milton test works) of the adapted model and of
+    the base; ``ratio`` = adapted / base (> 1: training made the model worse at it). ``base``: the model as loaded
+    (before any attach), the reference that is right for every method. Without it the base is this model with every
+    adapter off, which is the model as loaded only when nothing changed the base weights: a residual init (PiSSA,
+    CorDA, ...), a quantised or replaced base, or base parameters trained in place (full fine-tuning, ``bias``) make
+    that reference wrong, and a warning says so. ``reference`` in the result names which one was used."""
+    from .attachments import registry
+    from .inject import disabled, hosts
 
     if texts is None:
         from .assets import load_text
@@ -166,24 +229,36 @@ def forgetting_perplexity(model: nn.Module, tok, *, seq: int = 256, chunks: int 
         raise ConfigError(f"forgetting_perplexity: the text has {ids.numel()} tokens, fewer than seq={seq}")
     step = (ids.numel() // seq) // n
     blocks = [ids[i * step * seq:(i * step + 1) * seq] for i in range(n)]
-    device = next(model.parameters()).device
-    was = model.training
-    model.eval()
 
-    def ppl() -> float:
-        nll = 0.0
-        for b in blocks:
-            x = b[None].to(device)
-            nll += float(model(input_ids=x, labels=x).loss)
+    def ppl(m: nn.Module) -> float:
+        device = next(m.parameters()).device
+        was = m.training
+        m.eval()
+        try:
+            nll = 0.0
+            with torch.no_grad():
+                for b in blocks:
+                    x = b[None].to(device)
+                    nll += float(m(input_ids=x, labels=x).loss)
+        finally:
+            m.train(was)
         return math.exp(nll / len(blocks))
 
-    try:
-        adapted = ppl()
+    adapted = ppl(model)
+    if base is not None:
+        ref, kind = ppl(base), "base model"
+    else:
+        changed = any(h._snapshots and any(o != h.MERGE for o, _ in h._snapshots) for _, h in hosts(model))
+        in_place = any(trains_base_in_place(a) for _, h in hosts(model) for a in h.adapters.values()) or \
+            bool(registry(model).get("bias_stash"))  # base parameters trained in place (bias, full's rest)
+        if changed or in_place:
+            log.warning("forgetting_perplexity: an adapter %s the base weights, so the model with adapters off is "
+                        "not the base model; pass base= (the model as loaded) for a true reference",
+                        "trains" if in_place else "changed")
         with disabled(model):
-            base = ppl()
-    finally:
-        model.train(was)
-    return {"base_ppl": base, "adapted_ppl": adapted, "ratio": adapted / base, "tokens": n * seq}
+            ref = ppl(model)
+        kind = "adapters off"
+    return {"base_ppl": ref, "adapted_ppl": adapted, "ratio": adapted / ref, "tokens": n * seq, "reference": kind}
 
 
 REFUSAL_PATTERNS = (r"\bI can(?:no|')t\b", r"\bI (?:will|won't|am not able to|'m not able to)\b.*\b(?:help|assist)",

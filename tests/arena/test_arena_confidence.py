@@ -150,3 +150,9 @@ def test_the_reference_matmul_runs_on_the_runs_thread_count():
         torch.mm = real
     assert seen == [1] * 4  # one warm-up and three timed, all on the run's single thread
     assert torch.get_num_threads() == prev  # the process's pool is restored
+
+
+def test_a_wrecked_models_forgetting_ratio_prints_in_scientific_notation():
+    from lorakit.arena.report import _fmt
+
+    assert _fmt(313616818.22, "ratio") == "3.14e+08" and _fmt(1.2, "ratio") == "1.200" and _fmt(None, "ratio") == "—"

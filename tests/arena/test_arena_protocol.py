@@ -30,6 +30,7 @@ class FakeWorker:
 
     def __init__(self):
         self.calls: list[dict] = []
+        self.diagnostics_version = None  # what a worker of that time recorded (None: before versioned diagnostics)
 
     def __call__(self, spec: dict) -> dict:
         cfg = worker.run_config(spec)
@@ -40,7 +41,7 @@ class FakeWorker:
                 "metrics": {"accuracy": m, "eval_split": cfg.data.eval_split}, "trainable_params": 1000,
                 "adapter_bytes": 4096, "steps": 3, "wall_s": 1.0, "time_per_step_s": 0.1, "reference_s": 0.001,
                 "time_per_step_norm": 100.0, "intruders": 0, "forgetting_ratio": None, "peak_rss_mb": 100.0,
-                "loss_curve": [1.0, 0.5], "config": cfg.to_dict(),
+                "loss_curve": [1.0, 0.5], "config": cfg.to_dict(), "diagnostics_version": self.diagnostics_version,
                 **({f"metrics_{spec['also_eval']}": {"accuracy": m - 0.01, "eval_split": spec["also_eval"]}}
                    if spec.get("also_eval") else {})}
 
@@ -169,6 +170,33 @@ def test_tuned_arena_resumes_from_its_records_and_keeps_a_cell_in_one_shard(fake
     assert len(before) == len([r for r in read_records(tmp_path) if r.get("phase") == "sweep"])
     with pytest.raises(ConfigError, match="choose another --out"):  # tuned and fixed-rate runs never mix
         run_arena(ArenaPlan(**{**plan.__dict__, "lr_tuning": False}))
+
+
+def test_rediagnose_reruns_only_the_named_methods_stale_test_runs_and_replaces_their_records(fake, tmp_path):
+    plan = _plan(tmp_path, methods=["lora", "vera"], tasks=[TASK], seeds=[0, 1], lr_tuning=True, diagnostics=True)
+    run_arena(plan)
+    n, before = len(fake.calls), {r["key"]: r for r in read_records(tmp_path)}
+    fake.diagnostics_version = worker.DIAGNOSTICS_VERSION
+    redo = ArenaPlan(**{**plan.__dict__, "rediagnose": ["vera"]})
+    new = run_arena(redo)
+    again = fake.calls[n:]
+    # vera's two test runs, both trained (the tune seed's is not reused from its sweep record: that one is stale
+    # too), at the recorded chosen rate on the test split; no sweep run, nothing of lora
+    assert sorted((c["method"], c["seed"], c["phase"], c["split"]) for c in again) == \
+        [("vera", 0, "test", "test"), ("vera", 1, "test", "test")]
+    assert all(c["resolved_lr"] == pytest.approx(8e-3) for c in again)
+    after = {r["key"]: r for r in read_records(tmp_path)}
+    assert after.keys() == before.keys() and {r["key"] for r in new} == {f"{TASK}|vera|0", f"{TASK}|vera|1"}
+    for k, r in after.items():  # the new records replace the old ones; every other record is untouched
+        assert (r["diagnostics_version"] == worker.DIAGNOSTICS_VERSION) == (k in {x["key"] for x in new})
+        if not before[k].get("reused_from"):  # (the stand-in scores a sweep run's test split 0.01 lower)
+            assert r["metric"] == pytest.approx(before[k]["metric"])
+    assert before[f"{TASK}|vera|0"]["reused_from"] and not after[f"{TASK}|vera|0"].get("reused_from")
+    assert run_arena(redo) == []  # current now: nothing to redo
+    with pytest.raises(ConfigError, match="does not run"):
+        run_arena(ArenaPlan(**{**plan.__dict__, "rediagnose": ["dora"]}))
+    with pytest.raises(ConfigError, match="diagnostics on"):
+        run_arena(ArenaPlan(**{**plan.__dict__, "rediagnose": ["vera"], "diagnostics": False}))
 
 
 def test_choose_rate():

@@ -202,7 +202,12 @@ def _sweep(r: dict) -> str:
 
 
 def _fmt(v, spec=".3f"):
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+    """``spec`` "ratio": 3 decimals, scientific from 1000 (a forgetting ratio can reach 1e8 for a wrecked model)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if spec == "ratio":
+        spec = ".3f" if abs(v) < 1000 else ".2e"
+    return format(v, spec)
 
 
 def markdown(tasks: dict[str, list[dict]]) -> str:
@@ -234,7 +239,7 @@ def markdown(tasks: dict[str, list[dict]]) -> str:
                        f"{_fmt(r['params'], ',.0f')} | {_fmt(r.get('lr'), '.0e')} | {_fmt(r['adapter_mb'], '.2f')} | "
                        f"{_fmt(r['step_s'], '.2f')} | {_fmt(r.get('step_norm'), ',.0f')} | "
                        f"{_fmt(r['rss_mb'], ',.0f')} | {_fmt(r.get('intruders'), '.1f')} | "
-                       f"{_fmt(r.get('forgetting'), '.3f')} | {'; '.join(note)} |")
+                       f"{_fmt(r.get('forgetting'), 'ratio')} | {'; '.join(note)} |")
         out.append("")
         out.append(LEGEND.format(better="lower" if metric in LOWER_IS_BETTER else "higher", base=base))
         out.append("")
@@ -247,9 +252,12 @@ LEGEND = ("vs {base}: the mean of the per-seed differences from the baseline, {b
           "least 3 shared seeds; with 3 the interval excludes 0 only when every seed agrees). step / ref: time per "
           "step divided by a fixed matmul timed in the same process, on the run's thread count, just before the run "
           "(compares methods across machine load; — where the reference was not on the run's thread count). "
-          "intruders: top-10 singular vectors of the tuned weights with no match (ε = 0.5) among the base's, summed "
-          "over the adapted matrices. forgetting: perplexity on held-out general text with the "
-          "adapter / without (causal LMs; > 1 = the adapter made the model worse at it). ◆ = on the front of metric "
+          "intruders: top-10 singular vectors of the tuned weights with no match (ε = 0.5) among those of the weights "
+          "as loaded, summed over the adapted matrices (— where no matrix has a dense update: routed mixtures). "
+          "forgetting: perplexity on held-out general text of the trained model / of the model as loaded (causal "
+          "LMs; > 1 = training made the model worse at it). Both compare with a second copy of the model as loaded, "
+          "not with the adapters switched off, which is another model after a residual init (PiSSA, CorDA, ...), a "
+          "quantised or compressed base, or weights trained in place (full fine-tuning). ◆ = on the front of metric "
           "vs trainable parameters: no other method scores as well with as few parameters. With --tune-lr, lr is "
           "the chosen rate and the note lists the sweep (* = chosen).")
 
@@ -309,7 +317,7 @@ def what_to_use(tasks: dict[str, list[dict]], worst: int = 3) -> str:
             if f:
                 out.append(f"* Front of {metric} vs {label}: " + ", ".join(
                     f"{r['variant']} ({_fmt(r['mean'])} at {_fmt(r[key], spec)})" for r in f) + ".")
-        for key, label, spec in (("forgetting", "forgetting (perplexity ratio on general text)", ".3f"),
+        for key, label, spec in (("forgetting", "forgetting (perplexity ratio on general text)", "ratio"),
                                  ("intruders", "intruder dimensions", ".1f")):
             costly = sorted((r for r in rows if r.get("baseline") != "untrained" and r.get(key) is not None
                              and math.isfinite(r[key])), key=lambda r: -r[key])[:worst]

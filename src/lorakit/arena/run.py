@@ -67,6 +67,9 @@ class ArenaPlan:
     lr_tuning: bool = False  # per cell: choose the rate on the validation split (one seed), then the seeds on test
     tune_seed: int | None = None  # the sweep's seed (default: the first of ``seeds``)
     baseline: str = BASELINE  # the method the others are matched to and compared against
+    # methods whose recorded test runs are run again when their diagnostics predate the current measurement
+    # (worker.DIAGNOSTICS_VERSION): the new record replaces the old one under the same key
+    rediagnose: list[str] = field(default_factory=list)
 
 
 def git_revision(exclude: Path | None = None) -> str | None:
@@ -260,7 +263,7 @@ def _import_plugins(names) -> None:
 
 def validate(plan: ArenaPlan) -> None:
     _import_plugins(plan.plugins)
-    unknown = [m for m in [*plan.methods, plan.baseline] if m not in REGISTRY]
+    unknown = [m for m in [*plan.methods, plan.baseline, *plan.rediagnose] if m not in REGISTRY]
     if unknown:
         get_method(unknown[0])  # raises, naming the registered methods
     bad = [t for t in plan.tasks if t not in TASKS]
@@ -274,6 +277,11 @@ def validate(plan: ArenaPlan) -> None:
         raise ConfigError(f"isolate must be fork, spawn or none, not {plan.isolate!r}")
     if plan.backend not in ("local", "ray"):
         raise ConfigError(f"backend must be local or ray, not {plan.backend!r}")
+    if plan.rediagnose and not plan.diagnostics:
+        raise ConfigError("rediagnose re-runs records to measure their diagnostics: it needs diagnostics on")
+    outside = [m for m in plan.rediagnose if m not in plan.methods]
+    if outside:
+        raise ConfigError(f"rediagnose names {outside}, which this arena does not run (--methods)")
     if plan.shard is not None:
         i, n = plan.shard
         if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
@@ -389,7 +397,7 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
                           f"lr={clash.get('lr_policy', 'paper')} baseline={clash.get('baseline', BASELINE)}; this "
                           f"arena uses budget={plan.budget} lr={policy(plan)} baseline={plan.baseline}: choose "
                           "another --out so results stay comparable")
-    done = {r["key"] for r in old if not _retry(r)}
+    done = {r["key"] for r in old if not _retry(r) and not _stale(plan, r)}
     todo = [r for r in expand(plan) if r["key"] not in done]
     if not todo:
         return []
@@ -553,11 +561,22 @@ def _retry(rec: dict) -> bool:
     return rec.get("status") == "error" or (rec.get("status") == "skipped" and rec.get("error") == SWEEP_FAILED)
 
 
+def _stale(plan: ArenaPlan, rec: dict, sweeps: bool = False) -> bool:
+    """Whether ``rec`` (a test run; with ``sweeps`` any run) of a method in ``plan.rediagnose`` holds diagnostics
+    older than the worker's current measurement, so a resumed arena runs it again (the same training: seeded)."""
+    from .worker import DIAGNOSTICS_VERSION
+
+    return rec.get("method") in plan.rediagnose and rec.get("status") == "ok" \
+        and (sweeps or rec.get("phase") != "sweep") and (rec.get("diagnostics_version") or 1) < DIAGNOSTICS_VERSION
+
+
 def _reusable(plan: ArenaPlan, run: dict, sweep_rec: dict) -> bool:
     """The tune seed's test run at the chosen rate is the sweep run at that rate (same config, same seed, same
     training; it scored the test split too) unless this run must also measure the untrained model (the
-    baseline's first run of a (task, seed): ``metric_before``), which the sweep run did not."""
-    if sweep_rec.get("status") != "ok" or not isinstance(sweep_rec.get("metrics_test"), dict):
+    baseline's first run of a (task, seed): ``metric_before``), which the sweep run did not, or its diagnostics are
+    to be measured again (``rediagnose``)."""
+    if sweep_rec.get("status") != "ok" or not isinstance(sweep_rec.get("metrics_test"), dict) \
+            or _stale(plan, sweep_rec, sweeps=True):
         return False
     return not is_baseline(plan, run)
 

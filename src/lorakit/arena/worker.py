@@ -42,6 +42,11 @@ BUDGETS: dict[str, dict[str, list[str]]] = {
     "multitask-smollm2": {"default": [], "quick": ["train.steps=10", "data.eval_size=16"],
                           "smoke": ["train.steps=2", "data.train_size=8", "data.eval_size=4"]},
 }
+# 2: intruders and forgetting measured against the model as loaded (a second copy), not the adapted model with
+# adapters off; intruders None when no matrix has a dense update. Records without it predate that (arena run
+# --rediagnose re-runs the ones it changes).
+DIAGNOSTICS_VERSION = 2
+
 # The task metric the arena ranks by (the others are recorded too).
 PRIMARY = {"sentiment-minilm": "accuracy", "bbc-minilm": "macro_f1", "sentiment-smollm2": "accuracy",
            "gsm8k-smollm2": "loss", "multitask-smollm2": "mean_accuracy"}
@@ -125,25 +130,54 @@ def reference_seconds(threads: int | None = None, n: int = 256, reps: int = 30) 
     return statistics.median(times)
 
 
-class _Forgetting:
-    """Arena diagnostic: perplexity on the held-out general text with the adapter / without (causal LMs only)."""
+class _Diagnostics:
+    """Arena diagnostics at the end of a run, both against the model *as loaded* (a second copy read after training,
+    once the run's peak memory is taken): the intruder count over the adapted matrices (None when no matrix has a
+    dense update: routed mixtures) and, for causal LMs, the perplexity ratio on the held-out general text. The model
+    with adapters off is not that reference for a residual init, a quantised or compressed base, or weights trained
+    in place (``lorakit.diagnostics``, "The reference is the model as loaded")."""
 
-    def __init__(self):
+    VERSION = DIAGNOSTICS_VERSION
+
+    def __init__(self, cfg):
+        self.cfg = cfg
         self.model = self.tok = None
 
     def on_attach(self, model, tok=None):
         self.model, self.tok = model, tok
 
-    def on_train_end(self, result: dict) -> None:
-        m = self.model
-        if m is None or self.tok is None or not hasattr(m, "generate") or not type(m).__name__.endswith("CausalLM"):
-            return
-        from ..diagnostics import forgetting_perplexity
+    def _as_loaded(self):
+        import inspect
 
+        from ..tasks import get_task
+
+        task = get_task(self.cfg.data.task, self.cfg.data)
+        kw = {"cache": False} if "cache" in inspect.signature(task.load_model).parameters else {}
+        base, _ = task.load_model(self.cfg.model.name, self.cfg.model.dtype, **kw)
+        return base.to(next(self.model.parameters()).device).eval()
+
+    def on_train_end(self, result: dict) -> None:
+        from ..diagnostics import forgetting_perplexity, intruder_report
+
+        m = self.model
+        if m is None:
+            return
         try:
-            result["forgetting"] = forgetting_perplexity(m, self.tok, seq=128, chunks=4)
-        except Exception as e:  # noqa: BLE001 - a diagnostic never fails a run (the asset may be missing)
-            result["forgetting"] = {"error": f"{type(e).__name__}: {e}"[:200]}
+            base = self._as_loaded()
+        except Exception as e:  # noqa: BLE001 - a diagnostic never fails a run
+            result["diagnostics_error"] = f"{type(e).__name__}: {e}"[:200]
+            return
+        try:
+            rep = intruder_report(m, base=base)
+            result["intruders"] = sum(rep.values()) if rep else None
+        except Exception as e:  # noqa: BLE001
+            result["diagnostics_error"] = f"intruders: {type(e).__name__}: {e}"[:200]
+        if self.tok is not None and hasattr(m, "generate") and type(m).__name__.endswith("CausalLM"):
+            try:
+                result["forgetting"] = forgetting_perplexity(m, self.tok, seq=128, chunks=4, base=base)
+            except Exception as e:  # noqa: BLE001 - the asset may be missing
+                result["forgetting"] = {"error": f"{type(e).__name__}: {e}"[:200]}
+        result["diagnostics_version"] = self.VERSION
 
 
 class _AlsoEvaluate:
@@ -180,9 +214,7 @@ def execute(spec: dict) -> dict:
     ref_s = reference_seconds(ref_threads)
     callbacks = []
     if spec.get("diagnostics"):
-        from ..diagnostics import IntruderCallback
-
-        callbacks = [IntruderCallback(every=10 ** 9), _Forgetting()]
+        callbacks = [_Diagnostics(cfg)]
     if spec.get("also_eval"):
         callbacks.append(_AlsoEvaluate(cfg.data, spec["also_eval"]))
     keep = spec.get("keep_dir")
@@ -218,6 +250,9 @@ def execute(spec: dict) -> dict:
         "time_per_step_norm": (res.get("time_per_step_s") or float("nan")) / ref_s if ref_s else None,
         "intruders": res.get("intruders"),
         "forgetting_ratio": (res.get("forgetting") or {}).get("ratio"),
+        "forgetting": res.get("forgetting"),
+        "diagnostics_version": res.get("diagnostics_version"),
+        **({"diagnostics_error": res["diagnostics_error"]} if res.get("diagnostics_error") else {}),
         "tokens_per_s": res.get("tokens_per_s"),
         "peak_rss_mb": res.get("peak_rss_mb"),
         "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
