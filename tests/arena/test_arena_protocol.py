@@ -40,7 +40,8 @@ class FakeWorker:
         return {"metric_name": "accuracy", "metric": m, "metric_before": 0.5 if spec.get("eval_before") else None,
                 "metrics": {"accuracy": m, "eval_split": cfg.data.eval_split}, "trainable_params": 1000,
                 "adapter_bytes": 4096, "steps": 3, "wall_s": 1.0, "time_per_step_s": 0.1, "reference_s": 0.001,
-                "time_per_step_norm": 100.0, "intruders": 0, "forgetting_ratio": None, "peak_rss_mb": 100.0,
+                "time_per_step_norm": 100.0, "intruders": 0, "forgetting_ratio": None,
+                "peak_rss_mb": 100.0 + 50 * bool(self.diagnostics_version),
                 "loss_curve": [1.0, 0.5], "config": cfg.to_dict(), "diagnostics_version": self.diagnostics_version,
                 **({f"metrics_{spec['also_eval']}": {"accuracy": m - 0.01, "eval_split": spec["also_eval"]}}
                    if spec.get("also_eval") else {})}
@@ -191,6 +192,11 @@ def test_rediagnose_reruns_only_the_named_methods_stale_test_runs_and_replaces_t
         assert (r["diagnostics_version"] == worker.DIAGNOSTICS_VERSION) == (k in {x["key"] for x in new})
         if not before[k].get("reused_from"):  # (the stand-in scores a sweep run's test split 0.01 lower)
             assert r["metric"] == pytest.approx(before[k]["metric"])
+        # the same run (same metric): its cost columns stay the ones measured with the rest of the arena
+        assert r["peak_rss_mb"] == (150.0 if k == f"{TASK}|vera|0" else 100.0)
+    rerun = after[f"{TASK}|vera|1"]["rediagnosed"]
+    assert rerun["same_metric"] and rerun["rerun"]["peak_rss_mb"] == 150.0
+    assert after[f"{TASK}|vera|0"]["rediagnosed"]["same_metric"] is False  # (0.89 -> 0.90): a new run, new costs
     assert before[f"{TASK}|vera|0"]["reused_from"] and not after[f"{TASK}|vera|0"].get("reused_from")
     assert run_arena(redo) == []  # current now: nothing to redo
     with pytest.raises(ConfigError, match="does not run"):
