@@ -810,6 +810,16 @@ class Adapted(nn.Module):
     def owns_base_change(self, owner: str) -> bool:
         return any(o == owner for o, _ in self._snapshots)
 
+    def base_changed_by_adapter(self) -> bool:
+        """Whether an adapter's init wrote a new base weight (a residual init), as opposed to a merge or nothing."""
+        return any(o != self.MERGE for o, _ in self._snapshots)
+
+    @torch.no_grad()
+    def original_weight(self) -> Tensor:
+        """The native weight as it was before any change to the base (residual init, merge), dense fp32: the oldest
+        snapshot, else the current weight."""
+        return self._dense(self._snapshots[0][1]) if self._snapshots else self._get_w().float()
+
     @torch.no_grad()
     def change_base(self, owner: str, native_weight: Tensor) -> None:
         """Write a new base weight on behalf of ``owner`` (an adapter name or :attr:`MERGE`)."""

@@ -66,10 +66,8 @@ def reference_matrix(host, adapter, path: str = "", base: nn.Module | None = Non
     if base is not None:
         m = base.get_submodule(_base_path(path))
         w = dict(m.named_parameters())[host.param] if host.param is not None else quant.get_weight(m)
-    elif host._snapshots:
-        w = host._dense(host._snapshots[0][1])
     else:
-        return adapter.base_matrix().detach().float()
+        w = host.original_weight()
     return adapter.view.matrix(w.detach().float())
 
 
@@ -248,7 +246,7 @@ def forgetting_perplexity(model: nn.Module, tok, *, seq: int = 256, chunks: int 
     if base is not None:
         ref, kind = ppl(base), "base model"
     else:
-        changed = any(h._snapshots and any(o != h.MERGE for o, _ in h._snapshots) for _, h in hosts(model))
+        changed = any(h.base_changed_by_adapter() for _, h in hosts(model))
         in_place = any(trains_base_in_place(a) for _, h in hosts(model) for a in h.adapters.values()) or \
             bool(registry(model).get("bias_stash"))  # base parameters trained in place (bias, full's rest)
         if changed or in_place:
