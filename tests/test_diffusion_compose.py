@@ -85,7 +85,7 @@ def test_clora_one_concept_all_ones_mask_is_single_lora_and_optimisation_moves_l
     zero_step = D.clora_sample(unet, _sched(), _emb(0), two, latents=z0, steps=2, opt_steps=1, step_size=0.0,
                                threshold=0.6)
     # step 0: plain masked fusion (to rounding: LoRA's fused inference GEMM starts after the first no-grad forward)
-    assert torch.allclose(plain, zero_step, atol=1e-5)
+    assert torch.allclose(plain, zero_step, atol=1e-4)  # (rounding differs by CPU kernel: ~1e-4 seen on one)
     moved = D.clora_sample(unet, _sched(), _emb(0), two, latents=z0, steps=2, opt_steps=1, step_size=50.0,
                            threshold=0.6)
     assert not torch.allclose(moved, plain)

@@ -75,7 +75,8 @@ def test_only_chosen_rows_train_with_any_method(method):
     # tied head: the same rows are replaced in the output projection
     h = torch.randn(2, 32)
     assert torch.allclose(m.get_output_embeddings()(h)[:, IDS], h @ tok[0].detach().t(), atol=1e-6)
-    assert torch.equal(m.get_output_embeddings()(h)[:, others], h @ table0[others].t())
+    # (allclose: a GEMM over a subset of the rows may round differently from the full one on some CPUs)
+    assert torch.allclose(m.get_output_embeddings()(h)[:, others], h @ table0[others].t(), atol=1e-6)
 
 
 def test_merge_is_exact_and_detach_restores_ties(tmp_path):

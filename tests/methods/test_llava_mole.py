@@ -73,7 +73,9 @@ def test_block_router_and_forward_match_the_released_code(dense):
         for b in ("b0", "b1"):
             h, _, _ = official_block(getattr(m, b), {k.split(".")[-1]: v for k, v in ads.items() if k.startswith(b)},
                                      h, dense, 2.0)
-    torch.testing.assert_close(got, h, rtol=1e-5, atol=1e-5)
+    # two summation orders of the same formula: fp32 rounding differs by CPU kernel (~1e-5 relative), a wrong
+    # router or scale by O(1)
+    torch.testing.assert_close(got, h, rtol=1e-4, atol=1e-5)
     # one router (with bias) per block, owned by the first projection; the others have none
     routers = {p: a.router for p, a in ads.items()}
     assert [p for p, r in routers.items() if r is not None] == ["b0.gate_proj", "b1.gate_proj"]
