@@ -39,8 +39,9 @@ from .errors import ConfigError, LorakitError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["find_intruders", "intruder_report", "reference_matrix", "tuned_matrix", "reduce_intruders", "IntruderCallback", "forgetting_perplexity",
-           "keyword_refusal", "SafetyDriftCallback", "SafetyDriftError", "REFUSAL_PATTERNS"]
+__all__ = ["find_intruders", "intruder_report", "reference_matrix", "tuned_matrix", "reduce_intruders",
+           "IntruderCallback", "forgetting_perplexity", "keyword_refusal", "SafetyDriftCallback", "SafetyDriftError",
+           "REFUSAL_PATTERNS"]
 
 
 def find_intruders(W0: Tensor, W: Tensor, top_k: int = 10, eps: float = 0.5) -> tuple[list[int], Tensor]:
@@ -234,10 +235,9 @@ def forgetting_perplexity(model: nn.Module, tok, *, seq: int = 256, chunks: int 
         m.eval()
         try:
             nll = 0.0
-            with torch.no_grad():
-                for b in blocks:
-                    x = b[None].to(device)
-                    nll += float(m(input_ids=x, labels=x).loss)
+            for b in blocks:  # (no_grad: the whole function)
+                x = b[None].to(device)
+                nll += float(m(input_ids=x, labels=x).loss)
         finally:
             m.train(was)
         return math.exp(nll / len(blocks))

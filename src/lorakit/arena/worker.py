@@ -137,8 +137,6 @@ class _Diagnostics:
     with adapters off is not that reference for a residual init, a quantised or compressed base, or weights trained
     in place (``lorakit.diagnostics``, "The reference is the model as loaded")."""
 
-    VERSION = DIAGNOSTICS_VERSION
-
     def __init__(self, cfg):
         self.cfg = cfg
         self.model = self.tok = None
@@ -147,13 +145,10 @@ class _Diagnostics:
         self.model, self.tok = model, tok
 
     def _as_loaded(self):
-        import inspect
-
         from ..tasks import get_task
+        from ..train.loop import load_fresh
 
-        task = get_task(self.cfg.data.task, self.cfg.data)
-        kw = {"cache": False} if "cache" in inspect.signature(task.load_model).parameters else {}
-        base, _ = task.load_model(self.cfg.model.name, self.cfg.model.dtype, **kw)
+        base, _ = load_fresh(get_task(self.cfg.data.task, self.cfg.data), self.cfg.model.name, self.cfg.model.dtype)
         return base.to(next(self.model.parameters()).device).eval()
 
     def on_train_end(self, result: dict) -> None:
@@ -177,7 +172,7 @@ class _Diagnostics:
                 result["forgetting"] = forgetting_perplexity(m, self.tok, seq=128, chunks=4, base=base)
             except Exception as e:  # noqa: BLE001 - the asset may be missing
                 result["forgetting"] = {"error": f"{type(e).__name__}: {e}"[:200]}
-        result["diagnostics_version"] = self.VERSION
+        result["diagnostics_version"] = DIAGNOSTICS_VERSION
 
 
 class _AlsoEvaluate:

@@ -239,6 +239,16 @@ def _validation_loss(task, model, examples, bs, seed, device, bf16, train_batch=
     return loss_fn
 
 
+def load_fresh(task, name: str, dtype) -> tuple:
+    """``(model, tokenizer)`` from the task's loader, never a cached instance (a task's own ``load_model`` may
+    predate the ``cache`` argument)."""
+    import inspect
+
+    if "cache" in inspect.signature(task.load_model).parameters:
+        return task.load_model(name, dtype, cache=False)
+    return task.load_model(name, dtype)
+
+
 def run_training(config: RunConfig | dict | None = None, *, resume: bool = False,
                  callbacks: list | tuple = ()) -> dict[str, Any]:
     """Train an adapter as ``config`` says; returns the result dict (metrics before/after, trainable params,
@@ -290,12 +300,8 @@ def _run(cfg: RunConfig, resume: bool, callbacks) -> dict[str, Any]:
     # QLoRA's 4-bit base: quantised as the weights are read where the task can (the float model never exists whole)
     loaded = task.load_quantized(model_name, cfg.model.dtype, dict(cfg.adapter).get("trainable") or None) \
         if cfg.model.quantize == "nf4" else None
-    if loaded is None:  # a task's own load_model may predate the `cache` argument
-        import inspect
-
-        own = "cache" in inspect.signature(task.load_model).parameters
-        loaded = task.load_model(model_name, cfg.model.dtype, cache=False) if own else \
-            task.load_model(model_name, cfg.model.dtype)
+    if loaded is None:
+        loaded = load_fresh(task, model_name, cfg.model.dtype)
     model, tok = loaded
     model.to(device)
     train_ex, eval_ex = task.encode(rows["train"], tok), task.encode(rows["eval"], tok)
