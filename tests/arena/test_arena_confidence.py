@@ -156,3 +156,22 @@ def test_a_wrecked_models_forgetting_ratio_prints_in_scientific_notation():
     from lorakit.arena.report import _fmt
 
     assert _fmt(313616818.22, "ratio") == "3.14e+08" and _fmt(1.2, "ratio") == "1.200" and _fmt(None, "ratio") == "—"
+
+
+def test_the_time_plot_uses_the_same_time_cost_as_what_to_use():
+    """The metric-vs-time plot sets methods against step / ref when every run has a trusted ratio, else seconds per
+    step at one thread count, and only when neither compares runs the wall time per run (which counts loading,
+    evaluation and the machine's load)."""
+    from lorakit.arena.report import plots
+
+    one = {"config": {"train": {"threads": 1}}}
+    recs = []
+    for s in range(3):
+        recs += [_rec("lora", s, 0.80 + s / 100, time_per_step_s=1.0, time_per_step_norm=5000.0, **one),
+                 _rec("dora", s, 0.85 + s / 100, time_per_step_s=1.5, time_per_step_norm=200.0, **one)]
+    titles = [t for t, _ in plots(aggregate(recs))["sentiment-minilm"]]
+    assert "accuracy vs time per step (s, every run on 1 torch thread(s))" in titles
+    trusted = [{**r, "reference_threads": 1} for r in recs]
+    assert "accuracy vs time per step (normalised)" in [t for t, _ in plots(aggregate(trusted))["sentiment-minilm"]]
+    mixed = [{**r, "config": {"train": {"threads": 2}}} if r["variant"] == "dora" else r for r in recs]
+    assert "accuracy vs wall time per run (s)" in [t for t, _ in plots(aggregate(mixed))["sentiment-minilm"]]

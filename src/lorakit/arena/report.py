@@ -437,7 +437,11 @@ def plots(tasks: dict[str, list[dict]]) -> dict[str, list[tuple[str, str]]]:
         trained = [r for r in rows if r["baseline"] != "untrained" and not math.isnan(r["mean"])]
         untrained = next((r for r in rows if r["baseline"] == "untrained"), None)
         items = []
-        for xkey, xlabel, logx in (("params", "trainable parameters", True), ("wall_s", "wall time per run (s)", False)):
+        sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+        # time: the same machine-independent cost as "what to use" (step / ref, or seconds at one thread count);
+        # wall time per run only when neither compares runs (it counts loading, evaluation and machine load)
+        timed = next(((k, lab) for k, lab, _ in costs(rows) if k.startswith("step")), ("wall_s", "wall time per run (s)"))
+        for xkey, xlabel, logx in (("params", "trainable parameters", True), (*timed, False)):
             fig, ax = plt.subplots(figsize=(7, 4.2))
             points = []
             for r in trained:
@@ -446,11 +450,12 @@ def plots(tasks: dict[str, list[dict]]) -> dict[str, list[tuple[str, str]]]:
                 ax.scatter([x], [r["mean"]], **style)
                 ax.errorbar([x], [r["mean"]], yerr=[r["std"]], fmt="none", ecolor="gray", alpha=0.6)
                 points.append((r, x))
-            if logx:  # the front: no method above-left of it
-                front = sorted((x, r["mean"]) for r, x in points if r.get("pareto"))
-                if len(front) > 1:
-                    ax.step([f[0] for f in front], [f[1] for f in front], where="post", color="darkorange",
-                            lw=1.2, alpha=0.8, zorder=1, label="front (◆ in the table)")
+            # the front: no method above-left of it (on parameters, the ◆ of the table)
+            on = {id(r) for r in front(trained, xkey, sign)} if not logx else None
+            line = sorted((x, r["mean"]) for r, x in points if (r.get("pareto") if logx else id(r) in on))
+            if len(line) > 1:
+                ax.step([f[0] for f in line], [f[1] for f in line], where="post", color="darkorange", lw=1.2,
+                        alpha=0.8, zorder=1, label="front (◆ in the table)" if logx else "front")
             if untrained:
                 ax.axhline(untrained["mean"], ls="--", color="black", lw=1, label="untrained model")
             if ax.get_legend_handles_labels()[0]:
