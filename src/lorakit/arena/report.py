@@ -493,14 +493,15 @@ def plots(tasks: dict[str, list[dict]]) -> dict[str, list[tuple[str, str]]]:
                 every += [y for y in ys if y is not None and math.isfinite(y)]
                 named = r["baseline"] or r["variant"] in top
                 ax.plot(range(1, len(ys) + 1), ys, lw=2.2 if r["baseline"] else 1.1 if named else 0.7,
-                        label=r["variant"] if named else None, **({} if named else dict(color="gray", alpha=0.35)),
+                        label=r["variant"] if named else None,
+                        **(dict(color="crimson") if r["baseline"] else {} if named else dict(color="gray", alpha=0.35)),
                         zorder=3 if named else 2)
         ax.set_xlabel("logged step")
         ax.set_ylabel("training loss")
         if every and min(every) > 0 and max(every) / min(every) > 10:  # a few diverging runs would flatten the rest
             ax.set_yscale("log")
             ax.set_ylabel("training loss (log scale)")
-        ax.set_title(f"{task}: loss curves (first seed; thick = {base}"
+        ax.set_title(f"{task}: loss curves (first seed; thick red = {base}"
                      + (f"; colour: the {len(top)} best others; grey: the rest)"
                         if len(trained) - len(top) > TOP_CURVES else ")"), fontsize=10)
         ax.grid(alpha=0.3)
