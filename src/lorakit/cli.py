@@ -493,7 +493,8 @@ def cmd_arena(a) -> int:
         _out(f"\n{len(runs)} runs planned, {sum(r['key'] in done for r in runs)} already recorded in {plan.out}")
         if plan.lr_tuning:
             cells = {(r["task"], r["method"], r["procedure"]) for r in runs}
-            _out(f"--tune-lr: plus 1-2 + 2 learning-rate sweep runs for each of the {len(cells)} cells "
+            _out(f"--tune-lr: plus 1-2 + 2 learning-rate sweep runs for each of the {len(cells)} cells, and up to "
+                 f"{plan.lr_extend} more where the best rate is at an open edge of those tried "
                  f"({sum(r.get('phase') == 'sweep' for r in read_records(plan.out))} recorded); the tune seed's run "
                  "of a cell reuses its sweep run at the chosen rate (LoRA's is trained: it also scores the untrained "
                  "model)")
@@ -632,7 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "predate the current measurement (the new record replaces the old; training is seeded)")
     ar.add_argument("--tune-lr", action="store_true",
                     help="per (task, method, procedure): choose the rate on the validation split (first seed; the "
-                    "paper and recipe rates, then x0.5/x2 of the better), then run the seeds at it on test")
+                    "paper and recipe rates, then x0.5/x2 of the better, then up to 3 more x2 steps while the best is at an "
+                    "open edge of the rates tried), then run the seeds at it on test")
     ar.add_argument("--baseline", help="the method every other is matched to (trainable parameters) and compared "
                     "against (default: lora)")
     ar.add_argument("--no-match", action="store_true", help="run paper settings without matching the budget")

@@ -32,12 +32,14 @@ class FakeWorker:
         self.calls: list[dict] = []
         self.diagnostics_version = None  # what a worker of that time recorded (None: before versioned diagnostics)
         self.drift = {}  # seed -> what a re-run adds to the metric (another machine's floating point, or worse)
+        self.best = {}  # method -> the rate its metric peaks at (default BEST_LR)
 
     def __call__(self, spec: dict) -> dict:
         cfg = worker.run_config(spec)
         self.calls.append({**spec, "resolved_lr": cfg.optim.lr, "split": cfg.data.eval_split,
                            "optim_name": cfg.optim.name})
-        m = 0.9 - 0.05 * abs(math.log(cfg.optim.lr / BEST_LR)) + 0.001 * spec["seed"] + self.drift.get(spec["seed"], 0)
+        peak = self.best.get(spec["method"], BEST_LR)
+        m = 0.9 - 0.05 * abs(math.log(cfg.optim.lr / peak)) + 0.001 * spec["seed"] + self.drift.get(spec["seed"], 0)
         return {"metric_name": "accuracy", "metric": m, "metric_before": 0.5 if spec.get("eval_before") else None,
                 "metrics": {"accuracy": m, "eval_split": cfg.data.eval_split}, "trainable_params": 1000,
                 "adapter_bytes": 4096, "steps": 3, "wall_s": 1.0, "time_per_step_s": 0.1, "reference_s": 0.001,
@@ -116,10 +118,13 @@ def test_tuned_rate_sweeps_on_validation_then_runs_the_seeds_on_test(fake, tmp_p
     paper_vera, recipe = 4e-3, 3e-3  # recipes/methods/vera.yaml; the task recipe's LoRA rate
     sweep = [r for r in recs if r.get("phase") == "sweep"]
     by = {m: {round(r["lr"], 12) for r in sweep if r["method"] == m} for m in ("lora", "vera")}
-    # vera: stage 1 {paper, recipe}; 4e-3 is nearer the peak, so stage 2 tries 2e-3 and 8e-3
-    assert by["vera"] == {paper_vera, recipe, 2e-3, 8e-3}
-    # lora: its paper rate is the recipe's, so stage 1 has one rate; stage 2 its neighbours (LoRA gets the sweep)
-    assert by["lora"] == {recipe, 1.5e-3, 6e-3}
+    # vera: stage 1 {paper, recipe}; 4e-3 is nearer the peak, so stage 2 tries 2e-3 and 8e-3; 8e-3 is best and the
+    # highest tried, so one extension stage tries 1.6e-2 (worse: 8e-3 is bracketed now)
+    assert by["vera"] == {paper_vera, recipe, 2e-3, 8e-3, 1.6e-2}
+    # lora: its paper rate is the recipe's, so stage 1 has one rate; stage 2 its neighbours (LoRA gets the sweep);
+    # 6e-3 wins at the top edge, so 1.2e-2 is tried too
+    assert by["lora"] == {recipe, 1.5e-3, 6e-3, 1.2e-2}
+    assert {r["sweep_stage"] for r in sweep if round(r["lr"], 12) in (1.6e-2, 1.2e-2)} == {3}
     assert all(r["seed"] == 0 for r in sweep)  # one seed
     calls = {(c["method"], round(c["resolved_lr"], 12), c["split"], c.get("phase")) for c in fake.calls}
     assert all(split == "validation" for m, lr, split, ph in calls if ph == "sweep")
@@ -208,6 +213,72 @@ def test_rediagnose_reruns_only_the_named_methods_stale_test_runs_and_replaces_t
         run_arena(ArenaPlan(**{**plan.__dict__, "rediagnose": ["vera"], "diagnostics": False}))
 
 
+def test_open_edge_and_the_next_rate_beyond_it():
+    assert arena_run.open_edge([1e-3, 2e-3, 4e-3], 2e-3) is None  # bracketed within x2.5 on both sides
+    assert arena_run.open_edge([1e-3, 2e-3, 4e-3], 4e-3) == "up"
+    assert arena_run.open_edge([1e-3, 2e-3, 4e-3], 1e-3) == "down"
+    # a gap: 4e-5 won, the next rate above is 3e-3 (75x): open, although a higher rate was tried
+    assert arena_run.open_edge([1e-5, 2e-5, 4e-5, 3e-3], 4e-5) == "up"
+    assert arena_run.open_edge([2e-4, 1.5e-3, 3e-3, 6e-3], 1.5e-3) == "down"  # 2e-4 is 7.5x below
+    # a failed run counts as tried: x2 beyond the best already failed, so that side is closed
+    assert arena_run.beyond_edge({1e-3: 0.7, 2e-3: 0.8, 4e-3: None}, lower_is_better=False) is None
+    assert arena_run.beyond_edge({1e-3: 0.7, 2e-3: 0.8}, lower_is_better=False) == pytest.approx(4e-3)
+    assert arena_run.beyond_edge({1e-3: 0.7, 2e-3: 0.8}, lower_is_better=True) == pytest.approx(5e-4)  # a loss
+    assert arena_run.beyond_edge({1e-3: None}, lower_is_better=False) is None
+
+
+def test_a_sweep_whose_best_rate_is_at_an_edge_is_extended_until_bracketed_or_capped(fake, tmp_path):
+    fake.best = {"vera": 3.2e-2}  # far above every rate of the first two stages (4e-3, 3e-3, 2e-3, 8e-3)
+    plan = _plan(tmp_path, methods=["lora", "vera"], tasks=[TASK], seeds=[0, 1], lr_tuning=True)
+    recs = {r["key"]: r for r in run_arena(plan)}
+    vera = sorted((round(r["lr"], 12), r["sweep_stage"]) for r in recs.values()
+                  if r.get("phase") == "sweep" and r["method"] == "vera")
+    # x2 per stage while the best is the highest tried: 1.6e-2, 3.2e-2 (the peak), 6.4e-2 (worse: bracketed)
+    assert vera == [(2e-3, 2), (3e-3, 1), (4e-3, 1), (8e-3, 2), (1.6e-2, 3), (3.2e-2, 4), (6.4e-2, 5)]
+    assert recs[f"{TASK}|vera|1"]["lr_chosen"] == pytest.approx(3.2e-2)
+    assert recs[f"{TASK}|vera|0"]["reused_from"] == f"{TASK}|vera|sweep lr=0.032|0"
+    md = write_report(tmp_path)[0].read_text()
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ") and ln[2].isdigit()]
+    assert rows and not any("↑" in ln or "↓" in ln for ln in rows) and "still at an edge" not in md
+    # capped: one extension stage leaves the best at the edge, and the report says so
+    capped = tmp_path / "capped"
+    run_arena(ArenaPlan(**{**plan.__dict__, "out": capped, "lr_extend": 1}))
+    chosen = {r["key"]: r.get("lr_chosen") for r in read_records(capped)}
+    assert chosen[f"{TASK}|vera|1"] == pytest.approx(1.6e-2)
+    md = write_report(capped)[0].read_text()
+    row = next(ln for ln in md.splitlines() if ln.startswith("| ") and ln.split("|")[2].strip(" ◆") == "vera")
+    assert "| 2e-02 ↑ |" in row
+    assert "Chosen rate still at an edge of its sweep" in md and "vera (2e-02 ↑)" in md
+
+
+def test_a_sweep_extended_later_reruns_the_seeds_whose_rate_it_changed(fake, tmp_path):
+    """An arena whose sweeps stopped at stage 2 (lr_extend=0) resumed with extension: the cells whose choice moves
+    run their seeds again at the new rate (the tune seed's from its new sweep run), the others keep their records;
+    a rediagnosed record at another rate is a new run, not the old one re-measured."""
+    fake.best = {"vera": 3.2e-2}
+    plan = _plan(tmp_path, methods=["lora", "vera"], tasks=[TASK], seeds=[0, 1], lr_tuning=True, diagnostics=True,
+                 lr_extend=0)
+    run_arena(plan)
+    before = {r["key"]: r for r in read_records(tmp_path)}
+    assert before[f"{TASK}|vera|1"]["lr_chosen"] == pytest.approx(8e-3)
+    n = len(fake.calls)
+    fake.diagnostics_version = worker.DIAGNOSTICS_VERSION
+    new = run_arena(ArenaPlan(**{**plan.__dict__, "lr_extend": 3, "rediagnose": ["vera"]}))
+    again = [(c["method"], c["phase"], round(c["resolved_lr"], 12)) for c in fake.calls[n:]]
+    assert sorted(again) == [("lora", "sweep", 1.2e-2), ("vera", "sweep", 1.6e-2), ("vera", "sweep", 3.2e-2),
+                             ("vera", "sweep", 6.4e-2), ("vera", "test", 3.2e-2)]
+    after = {r["key"]: r for r in read_records(tmp_path)}
+    for s in (0, 1):
+        v = after[f"{TASK}|vera|{s}"]
+        assert v["lr_chosen"] == pytest.approx(3.2e-2) and v["rate_changed_from"] == pytest.approx(8e-3)
+        assert "rediagnosed" not in v and v["metric"] > before[f"{TASK}|vera|{s}"]["metric"]
+    assert after[f"{TASK}|vera|0"]["reused_from"] == f"{TASK}|vera|sweep lr=0.032|0"
+    for s in (0, 1):  # lora's extension run did not beat 6e-3: its seed records stand as they were
+        assert after[f"{TASK}|lora|{s}"] == before[f"{TASK}|lora|{s}"]
+    assert {r["key"] for r in new if r.get("phase") == "test"} == {f"{TASK}|vera|0", f"{TASK}|vera|1"}
+    assert run_arena(ArenaPlan(**{**plan.__dict__, "lr_extend": 3, "rediagnose": ["vera"]})) == []
+
+
 def test_choose_rate():
     assert arena_run.choose_rate({1e-3: 0.7, 2e-3: 0.8, 4e-3: None}, lower_is_better=False) == 2e-3
     assert arena_run.choose_rate({1e-3: 0.7, 2e-3: 0.8}, lower_is_better=True) == 1e-3  # a loss
@@ -268,11 +339,12 @@ def test_machine_time_counts_what_was_spent_and_estimates_what_is_left(fake, tmp
     run_arena(plan)
     t1 = arena_run.machine_time(plan)
     trained = len(fake.calls)  # the stand-in reports wall_s = 1.0 per run; the reused record is not counted again
-    assert t1["trained"] == trained == 10 and t1["spent_s"] == pytest.approx(10.0) and t1["left"] == 0
+    # each sweep also ran one extension stage (its best rate was the highest tried): 10 + 2
+    assert t1["trained"] == trained == 12 and t1["spent_s"] == pytest.approx(12.0) and t1["left"] == 0
     keep = [ln for ln in (tmp_path / "runs.jsonl").read_text().splitlines() if '"phase": "sweep"' in ln]
     (tmp_path / "runs.jsonl").write_text("\n".join(keep) + "\n")  # the seed runs lost: 3 to train again
     t2 = arena_run.machine_time(plan)
-    assert t2["left"] == 3 and t2["left_s"] == pytest.approx(3.0) and t2["spent_s"] == pytest.approx(7.0)
+    assert t2["left"] == 3 and t2["left_s"] == pytest.approx(3.0) and t2["spent_s"] == pytest.approx(9.0)
 
 
 def test_a_cell_whose_sweep_failed_is_retried_on_resume(fake, tmp_path, monkeypatch):

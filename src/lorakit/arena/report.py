@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..procedures.base import DEFAULT_PROCEDURE
-from .run import BASELINE, read_records
+from .run import BASELINE, open_edge, read_records
 
 TOP_CURVES = 6  # loss-curve plot: how many methods besides the baselines get a colour and a legend entry
 LOWER_IS_BETTER = {"loss", "completion_loss", "eval_loss"}
@@ -99,6 +99,8 @@ def aggregate(records: list[dict]) -> dict[str, list[dict]]:
                "baseline": base if of_base else None, "reference": of_base and variant == base}
         if row["lr_chosen"] is not None:
             row["lr"] = row["lr_chosen"]
+            row["lr_edge"] = open_edge([lr for lr, _ in row["sweep"] if lr is not None], row["lr_chosen"]) \
+                if row["sweep"] else None
         tasks[task].append(row)
         if row["reference"] and ok and ok[0].get("metric_before") is not None:
             bm, bs = _ms([r.get("metric_before") for r in ok])
@@ -236,7 +238,8 @@ def markdown(tasks: dict[str, list[dict]]) -> str:
                 note.append(_sweep(r))
             out.append(f"| {i} | {name} | {_fmt(r['mean'])} ± {_fmt(r['std'])} | {_vs_base(r)} | "
                        f"{r.get('verdict') or '—'} | {r['n']} | "
-                       f"{_fmt(r['params'], ',.0f')} | {_fmt(r.get('lr'), '.0e')} | {_fmt(r['adapter_mb'], '.2f')} | "
+                       f"{_fmt(r['params'], ',.0f')} | {_fmt(r.get('lr'), '.0e')}{EDGE_MARK.get(r.get('lr_edge'), '')} | "
+                       f"{_fmt(r['adapter_mb'], '.2f')} | "
                        f"{_fmt(r['step_s'], '.2f')} | {_fmt(r.get('step_norm'), ',.0f')} | "
                        f"{_fmt(r['rss_mb'], ',.0f')} | {_fmt(r.get('intruders'), '.1f')} | "
                        f"{_fmt(r.get('forgetting'), 'ratio')} | {'; '.join(note)} |")
@@ -259,7 +262,10 @@ LEGEND = ("vs {base}: the mean of the per-seed differences from the baseline, {b
           "not with the adapters switched off, which is another model after a residual init (PiSSA, CorDA, ...), a "
           "quantised or compressed base, or weights trained in place (full fine-tuning). ◆ = on the front of metric "
           "vs trainable parameters: no other method scores as well with as few parameters. With --tune-lr, lr is "
-          "the chosen rate and the note lists the sweep (* = chosen).")
+          "the chosen rate and the note lists the sweep (* = chosen); ↑ / ↓: the chosen rate is still the highest / "
+          "lowest of the rates tried (none within x2.5 above / below it after the sweep's extension stages), so a "
+          "rate beyond it may score better and the method's row may understate it.")
+EDGE_MARK = {"up": " ↑", "down": " ↓"}
 
 
 def front(rows: list[dict], key: str, sign: float) -> list[dict]:
@@ -312,6 +318,11 @@ def what_to_use(tasks: dict[str, list[dict]], worst: int = 3) -> str:
                        f"compared, {len(worse)} worse).")
         else:
             out.append(f"* No verdict against {base}: fewer than {MIN_SEEDS} shared seeds.")
+        edge = [r for r in methods if r.get("lr_edge")]
+        if edge:
+            out.append("* Chosen rate still at an edge of its sweep (a rate beyond it may score better, so these rows "
+                       "may understate the method): " + ", ".join(
+                           f"{r['variant']} ({_fmt(r['lr'], '.0e')}{EDGE_MARK[r['lr_edge']]})" for r in edge) + ".")
         for key, label, spec in costs(rows):
             f = front(rows, key, sign)
             if f:

@@ -44,6 +44,9 @@ BASELINE_LR_SWEEP = (0.3, 1.0, 3.0)  # multiples of the recipe's learning rate, 
 NEEDS: dict[str, str] = {}
 NOTES = {"mhr": "single-task data: every example is task 0", "mtlora": "single-task data: every example is task 0"}
 
+TUNE_EXTEND = 3  # then at most this many stages more, each x2 (or x0.5) beyond a best rate at an open edge
+TUNE_EDGE = 2.5  # a side of the best rate is closed when a tried rate lies within this factor of it
+
 
 @dataclass
 class ArenaPlan:
@@ -65,6 +68,7 @@ class ArenaPlan:
     ray_address: str | None = None  # ray.init(address=...); None: "auto" (a running cluster) or a local instance
     diagnostics: bool = True  # per run: intruder dimensions and (causal LMs) forgetting perplexity
     lr_tuning: bool = False  # per cell: choose the rate on the validation split (one seed), then the seeds on test
+    lr_extend: int = TUNE_EXTEND  # sweep stages beyond a best rate at an open edge of the rates tried (0: none)
     tune_seed: int | None = None  # the sweep's seed (default: the first of ``seeds``)
     baseline: str = BASELINE  # the method the others are matched to and compared against
     # methods whose recorded test runs are run again when their diagnostics predate the current measurement
@@ -243,6 +247,29 @@ def candidate_rates(plan: "ArenaPlan", cell: tuple[str, str, str]) -> dict[str, 
     return {"paper": paper} if _lr_key(paper) == _lr_key(recipe) else {"paper": paper, "recipe": recipe}
 
 
+def open_edge(rates, best: float | None) -> str | None:
+    """Whether the chosen rate ``best`` sits at an open edge of the rates tried (failed runs count as tried):
+    ``"up"`` when no tried rate lies above it within :data:`TUNE_EDGE` (a higher rate may be better), ``"down"``
+    likewise below, else None (bracketed on both sides)."""
+    if best is None:
+        return None
+    above = [x for x in rates if x > best * (1 + 1e-6)]
+    below = [x for x in rates if x < best * (1 - 1e-6)]
+    if not above or min(above) > best * TUNE_EDGE:
+        return "up"
+    if not below or max(below) < best / TUNE_EDGE:
+        return "down"
+    return None
+
+
+def beyond_edge(results: dict[float, float | None], lower_is_better: bool) -> float | None:
+    """The next rate of a sweep whose best rate is at an open edge (x2 above it, or x0.5 below); None when the best
+    is bracketed or no run has a metric."""
+    best = choose_rate(results, lower_is_better)
+    side = open_edge(list(results), best)
+    return None if side is None else best * (2.0 if side == "up" else 0.5)
+
+
 def choose_rate(results: dict[float, float | None], lower_is_better: bool) -> float | None:
     """The rate with the best validation metric (ties: the smaller rate); None when no sweep run has a metric."""
     ok = {lr: m for lr, m in results.items() if m is not None and math.isfinite(m)}
@@ -398,13 +425,17 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
                           f"arena uses budget={plan.budget} lr={policy(plan)} baseline={plan.baseline}: choose "
                           "another --out so results stay comparable")
     done = {r["key"] for r in old if not _retry(r) and not _stale(plan, r)}
-    todo = [r for r in expand(plan) if r["key"] not in done]
-    if not todo:
+    planned = expand(plan)
+    todo = [r for r in planned if r["key"] not in done]
+    # a tuned arena looks at every cell again: a sweep extended since (lr_extend) may choose another rate, whose
+    # seed runs are then run again even though their keys are recorded
+    scope = planned if plan.lr_tuning else todo
+    if not scope:
         return []
     env = environment(plan.out)
     cache = "budgets.json" if plan.shard is None else f"budgets-shard-{plan.shard[0]}-of-{plan.shard[1]}.json"
-    table = budgets(plan, pairs={(r["task"], r["method"]) for r in todo}, cache=plan.out / cache)
-    refusals = _procedure_refusals(plan, table, todo)
+    table = budgets(plan, pairs={(r["task"], r["method"]) for r in scope}, cache=plan.out / cache)
+    refusals = _procedure_refusals(plan, table, scope)
     by_key = {r["key"]: r for r in old}
     bar = None
     if progress:
@@ -438,7 +469,8 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
         if res is not None:
             rec.update(status="ok", **res)
             prior = by_key.get(rec["key"])
-            if prior is not None and _stale(plan, prior):
+            if prior is not None and _stale(plan, prior) \
+                    and _lr_key(prior.get("lr") or 0) == _lr_key(rec.get("lr") or 0):  # the same run re-measured
                 keep_original(prior, rec)
         elif err is not None:
             rec.update(status="error", error=f"{type(err).__name__}: {err}"[:2000])
@@ -479,8 +511,9 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
         if plan.lr_tuning:  # task by task (sweep, then seeds), so an arena cut short has whole tasks
             # in the plan's task order (not todo's, which is seed-major: a resumed arena whose first task has its
             # seed-0 runs done would start on the next task and leave the first one's other seeds for last)
-            for task in [t for t in plan.tasks if any(r["task"] == t for r in todo)]:
-                _tuned(plan, [r for r in todo if r["task"] == task], table, refusals, by_key, run_batch, finish, bar)
+            for task in [t for t in plan.tasks if any(r["task"] == t for r in planned)]:
+                _tuned(plan, [r for r in planned if r["task"] == task], done, table, refusals, by_key, run_batch,
+                       finish, bar)
         else:
             run_batch(todo)
     finally:
@@ -489,17 +522,20 @@ def run_arena(plan: ArenaPlan, *, progress: bool = False, on_record=None) -> lis
     return new
 
 
-def _tuned(plan: ArenaPlan, todo: list[dict], table: dict, refusals: dict, by_key: dict, run_batch, finish,
-           bar) -> None:
+def _tuned(plan: ArenaPlan, planned: list[dict], done: set, table: dict, refusals: dict, by_key: dict, run_batch,
+           finish, bar) -> None:
     """``--tune-lr``: per (task, method, procedure) cell, a sweep on one seed evaluated on the validation split:
-    stage 1 the method's paper rate and the task's recipe rate, stage 2 the better one x0.5 and x2; the rate with the
-    best validation metric is chosen and the seeds run at it on the test split. Stages run over every cell of the
-    task at once (so ``--backend ray`` runs a stage in parallel); every sweep run is a record (``phase: sweep``) found again on
-    resume, so the choice is recomputed identically. A cell's sweep and seeds share its shard (the cell's hash)."""
+    stage 1 the method's paper rate and the task's recipe rate, stage 2 the better one x0.5 and x2, then while the
+    best rate is at an open edge of the rates tried (no tried rate within x2.5 on one side, :func:`open_edge`) one
+    more rate x2 (or x0.5) beyond it, for at most ``plan.lr_extend`` stages; the rate with the best validation metric
+    is chosen and the seeds run at it on the test split (again, when their records hold another rate: a sweep
+    extended after they ran). Stages run over every cell of the task at once (so ``--backend ray`` runs a stage in
+    parallel); every sweep run is a record (``phase: sweep``) found again on resume, so the choice is recomputed
+    identically. A cell's sweep and seeds share its shard (the cell's hash)."""
     from .report import LOWER_IS_BETTER
     from .worker import PRIMARY
 
-    cells = list(dict.fromkeys(cell_of(r) for r in todo))
+    cells = list(dict.fromkeys(cell_of(r) for r in planned))
     rates: dict[tuple, list[float]] = {}
     for cell in cells:
         info = table.get(cell[:2], ({}, {}))[1]
@@ -530,6 +566,16 @@ def _tuned(plan: ArenaPlan, todo: list[dict], table: dict, refusals: dict, by_ke
         if best is not None:
             lrs += [best * m for m in TUNE_NEIGHBOURS if _lr_key(best * m) not in {_lr_key(x) for x in lrs}]
     stage([sweep_run(plan, c, lr, 2) for c, lrs in rates.items() for lr in lrs if todo_(sweep_run(plan, c, lr, 2))])
+    for k in range(plan.lr_extend):
+        more = []
+        for c, lrs in rates.items():
+            nxt = beyond_edge({lr: metric(c, lr) for lr in lrs}, PRIMARY.get(c[0], "loss") in LOWER_IS_BETTER)
+            if nxt is not None:
+                lrs.append(nxt)
+                more.append(sweep_run(plan, c, nxt, 3 + k))
+        if not more:
+            break
+        stage([r for r in more if todo_(r)])
     chosen = {}
     for c, lrs in rates.items():
         low = PRIMARY.get(c[0], "loss") in LOWER_IS_BETTER
@@ -537,12 +583,23 @@ def _tuned(plan: ArenaPlan, todo: list[dict], table: dict, refusals: dict, by_ke
         chosen[c] = (choose_rate(sweep, low), [[lr, m] for lr, m in sorted(sweep.items())])
     runs = []
     tune_seed = plan.tune_seed if plan.tune_seed is not None else plan.seeds[0]
-    for run in todo:
+    for run in planned:
         cell = cell_of(run)
         if cell not in rates:
-            runs.append(run)  # skipped or failing: prepare records why
+            if run["key"] not in done:
+                runs.append(run)  # skipped or failing: prepare records why
             continue
         lr, sweep = chosen[cell]
+        prior = by_key.get(run["key"])
+        moved = lr is not None and prior is not None and prior.get("status") == "ok" \
+            and prior.get("lr_chosen") is not None and _lr_key(prior["lr_chosen"]) != _lr_key(lr)
+        if run["key"] in done and not moved:
+            continue
+        if moved:  # the sweep chose another rate since this seed ran: it runs again at that rate
+            run = {**run, "rate_changed_from": prior["lr_chosen"]}
+            if bar is not None:
+                bar.total += 1
+                bar.refresh()
         if lr is None:
             rec = {**run, "budget_info": table[cell[:2]][1], "lr_sweep": sweep, "status": "skipped",
                    "error": SWEEP_FAILED}
@@ -622,7 +679,8 @@ def machine_time(plan: ArenaPlan) -> dict:
     """What the arena in ``plan.out`` has cost and what is left: ``spent_s`` (the wall time of every run recorded,
     reused records not counted twice), ``trained`` (runs that trained), ``left`` (runs still to do: the seed runs not
     recorded, less the tune seed's runs a tuned arena reuses from its sweep, plus each tuned cell's sweep runs not
-    recorded: its 1-2 first-stage rates and the 2 neighbours) and ``left_s`` (those runs at the mean wall time of the
+    recorded: its 1-2 first-stage rates and the 2 neighbours; the extension stages depend on the results and are not
+    counted) and ``left_s`` (those runs at the mean wall time of the
     task's trained runs so far; the mean over every task where a task has none; None with no run yet), one process."""
     recs = read_records(plan.out)
     trained = [r for r in recs if not r.get("reused_from") and r.get("status") != "skipped"]
