@@ -177,14 +177,9 @@ def _paired_vs_baseline(rows: list[dict], sign: float) -> None:
 def _pareto(rows: list[dict], sign: float) -> None:
     """``pareto`` = no other trained row scores at least as well with at most as many trainable parameters (and
     strictly better on one of the two): the rows a user with a parameter budget should look at first."""
-    trained = [r for r in rows if r["baseline"] != "untrained" and math.isfinite(r["mean"])
-               and math.isfinite(r.get("params") or math.nan)]
+    on = {id(r) for r in front(rows, "params", sign)}
     for r in rows:
-        r["pareto"] = False
-    for r in trained:
-        r["pareto"] = not any(q is not r and q["params"] <= r["params"] and sign * q["mean"] >= sign * r["mean"]
-                              and (q["params"] < r["params"] or sign * q["mean"] > sign * r["mean"])
-                              for q in trained)
+        r["pareto"] = id(r) in on
 
 
 def _vs_base(r: dict) -> str:
@@ -238,8 +233,7 @@ def markdown(tasks: dict[str, list[dict]]) -> str:
                 note.append(_sweep(r))
             out.append(f"| {i} | {name} | {_fmt(r['mean'])} ± {_fmt(r['std'])} | {_vs_base(r)} | "
                        f"{r.get('verdict') or '—'} | {r['n']} | "
-                       f"{_fmt(r['params'], ',.0f')} | {_fmt(r.get('lr'), '.0e')}{EDGE_MARK.get(r.get('lr_edge'), '')} | "
-                       f"{_fmt(r['adapter_mb'], '.2f')} | "
+                       f"{_fmt(r['params'], ',.0f')} | {_lr(r)} | {_fmt(r['adapter_mb'], '.2f')} | "
                        f"{_fmt(r['step_s'], '.2f')} | {_fmt(r.get('step_norm'), ',.0f')} | "
                        f"{_fmt(r['rss_mb'], ',.0f')} | {_fmt(r.get('intruders'), '.1f')} | "
                        f"{_fmt(r.get('forgetting'), 'ratio')} | {'; '.join(note)} |")
@@ -266,6 +260,11 @@ LEGEND = ("vs {base}: the mean of the per-seed differences from the baseline, {b
           "lowest of the rates tried (none within x2.5 above / below it after the sweep's extension stages), so a "
           "rate beyond it may score better and the method's row may understate it.")
 EDGE_MARK = {"up": " ↑", "down": " ↓"}
+
+
+def _lr(r: dict) -> str:
+    """The row's rate, marked when the chosen one is still at an open edge of its sweep."""
+    return _fmt(r.get("lr"), ".0e") + EDGE_MARK.get(r.get("lr_edge"), "")
 
 
 def front(rows: list[dict], key: str, sign: float) -> list[dict]:
@@ -322,7 +321,7 @@ def what_to_use(tasks: dict[str, list[dict]], worst: int = 3) -> str:
         if edge:
             out.append("* Chosen rate still at an edge of its sweep (a rate beyond it may score better, so these rows "
                        "may understate the method): " + ", ".join(
-                           f"{r['variant']} ({_fmt(r['lr'], '.0e')}{EDGE_MARK[r['lr_edge']]})" for r in edge) + ".")
+                           f"{r['variant']} ({_lr(r)})" for r in edge) + ".")
         for key, label, spec in costs(rows):
             f = front(rows, key, sign)
             if f:
@@ -451,7 +450,8 @@ def plots(tasks: dict[str, list[dict]]) -> dict[str, list[tuple[str, str]]]:
         sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
         # time: the same machine-independent cost as "what to use" (step / ref, or seconds at one thread count);
         # wall time per run only when neither compares runs (it counts loading, evaluation and machine load)
-        timed = next(((k, lab) for k, lab, _ in costs(rows) if k.startswith("step")), ("wall_s", "wall time per run (s)"))
+        timed = next(((k, lab) for k, lab, _ in costs(rows) if k.startswith("step")),
+                     ("wall_s", "wall time per run (s)"))
         for xkey, xlabel, logx in (("params", "trainable parameters", True), (*timed, False)):
             fig, ax = plt.subplots(figsize=(7, 4.2))
             points = []
@@ -462,8 +462,8 @@ def plots(tasks: dict[str, list[dict]]) -> dict[str, list[tuple[str, str]]]:
                 ax.errorbar([x], [r["mean"]], yerr=[r["std"]], fmt="none", ecolor="gray", alpha=0.6)
                 points.append((r, x))
             # the front: no method above-left of it (on parameters, the ◆ of the table)
-            on = {id(r) for r in front(trained, xkey, sign)} if not logx else None
-            line = sorted((x, r["mean"]) for r, x in points if (r.get("pareto") if logx else id(r) in on))
+            on = {id(r) for r in front(trained, xkey, sign)}
+            line = sorted((x, r["mean"]) for r, x in points if id(r) in on)
             if len(line) > 1:
                 ax.step([f[0] for f in line], [f[1] for f in line], where="post", color="darkorange", lw=1.2,
                         alpha=0.8, zorder=1, label="front (◆ in the table)" if logx else "front")
@@ -505,7 +505,8 @@ def plots(tasks: dict[str, list[dict]]) -> dict[str, list[tuple[str, str]]]:
                 named = r["baseline"] or r["variant"] in top
                 ax.plot(range(1, len(ys) + 1), ys, lw=2.2 if r["baseline"] else 1.1 if named else 0.7,
                         label=r["variant"] if named else None,
-                        **(dict(color="crimson") if r["baseline"] else {} if named else dict(color="gray", alpha=0.35)),
+                        **(dict(color="crimson") if r["baseline"]
+                           else {} if named else dict(color="gray", alpha=0.35)),
                         zorder=3 if named else 2)
         ax.set_xlabel("logged step")
         ax.set_ylabel("training loss")

@@ -536,6 +536,7 @@ def _tuned(plan: ArenaPlan, planned: list[dict], done: set, table: dict, refusal
     from .worker import PRIMARY
 
     cells = list(dict.fromkeys(cell_of(r) for r in planned))
+    low = bool(planned) and PRIMARY.get(planned[0]["task"], "loss") in LOWER_IS_BETTER  # one task per call
     rates: dict[tuple, list[float]] = {}
     for cell in cells:
         info = table.get(cell[:2], ({}, {}))[1]
@@ -561,7 +562,6 @@ def _tuned(plan: ArenaPlan, planned: list[dict], done: set, table: dict, refusal
 
     stage([sweep_run(plan, c, lr, 1) for c, lrs in rates.items() for lr in lrs if todo_(sweep_run(plan, c, lr, 1))])
     for c, lrs in rates.items():
-        low = PRIMARY.get(c[0], "loss") in LOWER_IS_BETTER
         best = choose_rate({lr: metric(c, lr) for lr in lrs}, low)
         if best is not None:
             lrs += [best * m for m in TUNE_NEIGHBOURS if _lr_key(best * m) not in {_lr_key(x) for x in lrs}]
@@ -569,7 +569,7 @@ def _tuned(plan: ArenaPlan, planned: list[dict], done: set, table: dict, refusal
     for k in range(plan.lr_extend):
         more = []
         for c, lrs in rates.items():
-            nxt = beyond_edge({lr: metric(c, lr) for lr in lrs}, PRIMARY.get(c[0], "loss") in LOWER_IS_BETTER)
+            nxt = beyond_edge({lr: metric(c, lr) for lr in lrs}, low)
             if nxt is not None:
                 lrs.append(nxt)
                 more.append(sweep_run(plan, c, nxt, 3 + k))
@@ -578,7 +578,6 @@ def _tuned(plan: ArenaPlan, planned: list[dict], done: set, table: dict, refusal
         stage([r for r in more if todo_(r)])
     chosen = {}
     for c, lrs in rates.items():
-        low = PRIMARY.get(c[0], "loss") in LOWER_IS_BETTER
         sweep = {lr: metric(c, lr) for lr in lrs}
         chosen[c] = (choose_rate(sweep, low), [[lr, m] for lr, m in sorted(sweep.items())])
     runs = []
@@ -680,8 +679,8 @@ def machine_time(plan: ArenaPlan) -> dict:
     reused records not counted twice), ``trained`` (runs that trained), ``left`` (runs still to do: the seed runs not
     recorded, less the tune seed's runs a tuned arena reuses from its sweep, plus each tuned cell's sweep runs not
     recorded: its 1-2 first-stage rates and the 2 neighbours; the extension stages depend on the results and are not
-    counted) and ``left_s`` (those runs at the mean wall time of the
-    task's trained runs so far; the mean over every task where a task has none; None with no run yet), one process."""
+    counted) and ``left_s`` (those runs at the mean wall time of the task's trained runs so far; the mean over
+    every task where a task has none; None with no run yet), one process."""
     recs = read_records(plan.out)
     trained = [r for r in recs if not r.get("reused_from") and r.get("status") != "skipped"]
     spent = sum(float(r.get("wall_s") or 0.0) for r in trained)
