@@ -518,7 +518,7 @@ def plots(tasks: dict[str, list[dict]]) -> dict[str, list[tuple[str, str]]]:
                         if len(trained) - len(top) > TOP_CURVES else ")"), fontsize=10)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, ncol=2)
+            ax.legend(loc="upper right", fontsize=7, ncol=2)  # "best" searches every curve point: slow
         items.append(("loss curves", _png(fig)))
         figs[task] = items
     return figs
