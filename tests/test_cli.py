@@ -103,6 +103,13 @@ def test_methods_and_markdown(tmp_path, capsys):
     assert p.read_text() == methods_markdown() and "| `lora` |" in p.read_text()
 
 
+def test_the_committed_methods_page_is_the_generated_one():
+    """docs/methods.md is generated from the method docstrings: an edited docstring without a regenerated page
+    (`lorakit methods --markdown docs/methods.md`) fails here instead of shipping a stale page."""
+    page = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
+    assert page.read_text() == methods_markdown(), "docs/methods.md is stale: lorakit methods --markdown docs/methods.md"
+
+
 def test_inspect(tiny_lm_dir, capsys):
     assert main(["inspect", str(tiny_lm_dir), "--targets", "q_proj,v_proj"]) == 0
     out = capsys.readouterr().out
