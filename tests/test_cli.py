@@ -107,7 +107,7 @@ def test_the_committed_methods_page_is_the_generated_one():
     """docs/methods.md is generated from the method docstrings: an edited docstring without a regenerated page
     (`lorakit methods --markdown docs/methods.md`) fails here instead of shipping a stale page."""
     page = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
-    assert page.read_text() == methods_markdown(), "docs/methods.md is stale: lorakit methods --markdown docs/methods.md"
+    assert page.read_text() == methods_markdown(), "stale: run lorakit methods --markdown docs/methods.md"
 
 
 def test_inspect(tiny_lm_dir, capsys):

@@ -12,11 +12,11 @@ Decisions. The released code (TracyGuo2001/NLoRA, ``nlora_init`` in its PEFT for
 N (the pseudo-inverse line is commented out) and does **not** residualise W0, so its init adds
 ``s·W0[:, :r] W0[:r, :r] W0[:r, :]`` to the model: cubic in the weights, small for 7B-scale weights (entries
 ~1e-2) but not in general: on SmolLM2-135M (entries up to ~5) it is 0.5-2x ‖W0‖_F in layer 0's q/k and ~0.6x in
-layer 15's MLP (r=8, s=2); the arena's NLoRA and IntTune runs there end near chance (docs/arena.md). That is the default here
-(``middle="raw"``, ``residual=False``, hence ``init = "changes"``); on a small model prefer ``residual=True``.
-``middle="pinv"`` gives the classical Nyström
-approximation; with ``residual=True`` the base becomes ``W0' = W0 − s·B₀N₀A₀`` (PiSSA-style, output preserved;
-rebuilt from W0 on load, the landmarks are deterministic). The pseudo-inverse is taken in fp32.
+layer 15's MLP (r=8, s=2); the arena's NLoRA and IntTune runs there end near chance (docs/arena.md). That is the
+default here (``middle="raw"``, ``residual=False``, hence ``init = "changes"``); on a small model prefer
+``residual=True``. ``middle="pinv"`` gives the classical Nyström approximation; with ``residual=True`` the base
+becomes ``W0' = W0 − s·B₀N₀A₀`` (PiSSA-style, output preserved; rebuilt from W0 on load, the landmarks are
+deterministic). The pseudo-inverse is taken in fp32.
 """
 from __future__ import annotations
 
