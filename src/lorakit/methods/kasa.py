@@ -4,6 +4,10 @@ Forward: ``h = W_t x + s · B diag(ΔΣ) A x``, A (r, d_in), ΔΣ (r,), B (d_out
 Base: ``W_t = Σ_{i≤k−r} σ_i u_i v_iᵀ`` — W0 with its **r smallest** singular components dropped (k = min(d_out, d_in)),
 computed in fp32 and written over the frozen base. Init: A kaiming-uniform (LoRA), B = 0, ΔΣ ~ N(0, 1), so the
 adapter adds nothing at init but the base is truncated: ``init = "changes"`` (not output-preserving, by design).
+The truncation is small only where the base's spectrum decays: on a small model it is not. In SmolLM2-135M the
+GQA ``v_proj`` (192×576) has its 3 smallest singular values at ~1/4 of its largest (5% of ‖W‖_F), and dropping
+them in ``v_proj`` alone raised the language-model loss of two sentences from 4.49 to 8.95 (docs/arena.md,
+session 15); prefer a larger model or a small ``r`` there.
 
 Trainable: A, ΔΣ, B. Regulariser (``extra_loss`` per module, ``loss_reduction = "mean"``: AVERAGED over the
 modules of the attach, as the official ``main.py`` ``loss_fn``, which divides the summed terms by ``block_num``, the
