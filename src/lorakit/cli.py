@@ -506,6 +506,7 @@ def cmd_arena(a) -> int:
         _out(f"machine time: {t['spent_s'] / 3600:.1f} h spent on {t['trained']} runs; {t['left']} runs left: {eta}")
         return 0
     from .arena import run_arena
+    from .arena.run import records_file
 
     from transformers.utils import logging as hf_logging
 
@@ -513,7 +514,7 @@ def cmd_arena(a) -> int:
     logging.getLogger("lorakit").setLevel(logging.WARNING)
     new = run_arena(plan, progress=not a.quiet)
     ok = sum(r["status"] == "ok" for r in new)
-    _out(f"{len(new)} runs recorded in {plan.out / 'runs.jsonl'} ({ok} ok, {len(new) - ok} failed or skipped)")
+    _out(f"{len(new)} runs recorded in {plan.out / records_file(plan)} ({ok} ok, {len(new) - ok} failed or skipped)")
     if new and not a.no_report:
         md, page = write_report(plan.out)
         _out(f"report: {md} and {page}")

@@ -85,6 +85,14 @@ def test_two_shards_cover_every_run_exactly_once_and_the_report_joins_them(fake,
     assert run_arena(_plan(tmp_path, shard=(0, 2))) == []  # resumes: nothing left in that shard
 
 
+def test_cli_names_the_shard_file_it_recorded_into(fake, tmp_path, capsys):
+    assert cli.main(["arena", "run", "--methods", "lora", "--tasks", TASK, "--seeds", "0", "--budget", "smoke",
+                     "--out", str(tmp_path), "--shard", "0/1", "--isolate", "none", "--no-diagnostics",
+                     "--no-lr-sweep", "--no-report", "-q"]) == 0
+    assert [f.name for f in tmp_path.glob("runs*.jsonl")] == ["runs-shard-0-of-1.jsonl"]
+    assert f"recorded in {tmp_path / 'runs-shard-0-of-1.jsonl'} (" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("bad", ["2/2", "0/0", "-1/3", "x", "1/2/3"])
 def test_bad_shard_values_are_config_errors(tmp_path, bad):
     assert cli.main(["arena", "run", "--methods", "lora", "--tasks", TASK, "--seeds", "0", "--budget", "smoke",
