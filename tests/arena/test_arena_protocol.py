@@ -93,6 +93,14 @@ def test_cli_names_the_shard_file_it_recorded_into(fake, tmp_path, capsys):
     assert f"recorded in {tmp_path / 'runs-shard-0-of-1.jsonl'} (" in capsys.readouterr().out
 
 
+def test_a_method_reading_context_the_task_never_provides_is_noted_from_its_declared_keys(tmp_path):
+    _needs_minilm()
+    table = arena_run.budgets(_plan(tmp_path, methods=["lora", "mhr", "meteora", "reclora"], tasks=[TASK]))
+    for method, keys in (("mhr", "task_ids"), ("meteora", "task_ids"), ("reclora", "mixture_weights")):
+        assert any(f"context {keys}" in n for n in table[(TASK, method)][1].get("notes", [])), method
+    assert not any("context" in n for n in table[(TASK, "lora")][1].get("notes", []))
+
+
 @pytest.mark.parametrize("bad", ["2/2", "0/0", "-1/3", "x", "1/2/3"])
 def test_bad_shard_values_are_config_errors(tmp_path, bad):
     assert cli.main(["arena", "run", "--methods", "lora", "--tasks", TASK, "--seeds", "0", "--budget", "smoke",

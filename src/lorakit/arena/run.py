@@ -41,8 +41,6 @@ BASELINE = "lora"  # the default baseline: every method's trainable parameters a
 BASELINE_LR_SWEEP = (0.3, 1.0, 3.0)  # multiples of the recipe's learning rate, for the baseline (without --tune-lr)
 # Methods that need inputs the arena's tasks do not have (none today: on the single-task sets the multi-task methods
 # run as task 0; multitask-smollm2 tags rows with task_ids 0/1/2).
-NEEDS: dict[str, str] = {}
-NOTES = {"mhr": "single-task data: every example is task 0", "mtlora": "single-task data: every example is task 0"}
 
 TUNE_EXTEND = 3  # then at most this many stages more, each x2 (or x0.5) beyond a best rate at an open edge
 TUNE_EDGE = 2.5  # a side of the best rate is closed when a tried rate lies within this factor of it
@@ -324,6 +322,24 @@ def validate(plan: ArenaPlan) -> None:
         budget_overrides(t, plan.budget)
 
 
+def _context_note(adapter: dict, provided) -> str | None:
+    """The note for a method that reads per-batch context (its class's ``context_keys``: task ids, mixture weights)
+    which the task's data never provides: it runs without it, as ``lorakit train`` would on that data (the
+    multi-task set gives the task-routed methods real task ids; a single-task set does not)."""
+    from ..config import AttachConfig
+    from ..core import get_method
+
+    try:
+        acfg = AttachConfig.make(adapter)
+        method = get_method(acfg.method)
+        missing = sorted(set(method.context_keys(acfg.method_config(None, method))) - set(provided))
+    except Exception as e:  # noqa: BLE001 - a config that does not resolve is reported by its run, not here
+        log.debug("context keys of %s: %s", adapter.get("method"), e)
+        return None
+    return (f"reads the per-batch context {', '.join(missing)}, which this task never provides: that part of the "
+            "method is off (a task-routed method sees every example as one task)") if missing else None
+
+
 def budgets(plan: ArenaPlan, pairs: set[tuple[str, str]] | None = None,
             cache: Path | None = None) -> dict[tuple[str, str], tuple[dict, dict]]:
     """(task, method) -> (adapter config to run, budget info), matched to the baseline's trainable count on the
@@ -366,12 +382,7 @@ def budgets(plan: ArenaPlan, pairs: set[tuple[str, str]] | None = None,
                 table[(task, method)] = tuple(memo[key])
                 continue
             adapter, note = fit_targets(make_meta, dict(cfg.adapter), ref.get("targets"))
-            single = t.spec.kind != "multitask"  # the multi-task set gives the task-routed methods real task_ids
-            notes = [x for x in (note, NOTES.get(method) if single else None) if x]
-            if method in NEEDS:
-                table[(task, method)] = (adapter, {"matched": False, "skip": f"needs {NEEDS[method]}",
-                                                   "target": target})
-                continue
+            notes = [x for x in (note, _context_note(adapter, t.context_keys)) if x]
             if method == plan.baseline or not plan.match_params:
                 try:
                     n = trainable_count(make_meta, adapter)
