@@ -161,9 +161,7 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
                               "first or leave the module out")
     ptargets = match_parameters(model, cfg.target_parameters) if cfg.target_parameters else []
     if provides is not None:
-        provided = set(provides)
-        missing = sorted({k for p in [None, *paths] for k in method.context_keys(cfg.method_config(p, method))}
-                         - provided)
+        missing = missing_context(cfg, provides, [None, *paths])
         if missing:
             log.warning("method '%s' reads the per-batch context key(s) %s, which this data never provides: that "
                         "part of the method is off (pass them with lorakit.batch_context)", method.name, missing)
@@ -245,6 +243,15 @@ def attach(model: nn.Module, config: AttachConfig | dict | Any, name: str = "def
     log.info("attached '%s' (%s) to %d modules: %s trainable params (%.3f%%)", name, method.name, len(paths),
              f"{n_train:,}", 100.0 * n_train / max(n_all, 1))
     return model
+
+
+def missing_context(config: AttachConfig | dict | Any, provided: Iterable[str],
+                    paths: Iterable[str | None] = (None,)) -> list[str]:
+    """The per-batch context keys the method of ``config`` reads (its ``context_keys``, per module ``paths``; None:
+    the attach-wide options) that ``provided`` lacks: that part of the method would silently be off."""
+    cfg = AttachConfig.make(config)
+    method = get_method(cfg.method)
+    return sorted({k for p in paths for k in method.context_keys(cfg.method_config(p, method))} - set(provided))
 
 
 def calibration_kind(config: AttachConfig | dict | Any, paths: Iterable[str] | None = None) -> str | None:

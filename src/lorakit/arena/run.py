@@ -39,8 +39,6 @@ BASELINE = "lora"  # the default baseline: every method's trainable parameters a
 # and every method is compared against it (paired over seeds); its first run of a (task, seed) also scores the
 # untrained model. ``--baseline`` picks another registered method.
 BASELINE_LR_SWEEP = (0.3, 1.0, 3.0)  # multiples of the recipe's learning rate, for the baseline (without --tune-lr)
-# Methods that need inputs the arena's tasks do not have (none today: on the single-task sets the multi-task methods
-# run as task 0; multitask-smollm2 tags rows with task_ids 0/1/2).
 
 TUNE_EXTEND = 3  # then at most this many stages more, each x2 (or x0.5) beyond a best rate at an open edge
 TUNE_EDGE = 2.5  # a side of the best rate is closed when a tried rate lies within this factor of it
@@ -323,16 +321,12 @@ def validate(plan: ArenaPlan) -> None:
 
 
 def _context_note(adapter: dict, provided) -> str | None:
-    """The note for a method that reads per-batch context (its class's ``context_keys``: task ids, mixture weights)
-    which the task's data never provides: it runs without it, as ``lorakit train`` would on that data (the
-    multi-task set gives the task-routed methods real task ids; a single-task set does not)."""
-    from ..config import AttachConfig
-    from ..core import get_method
+    """The note for a method that reads per-batch context the task's data never provides (task ids on a single-task
+    set, mixture weights): it runs without it, as ``lorakit train`` would on that data."""
+    from ..inject import missing_context
 
     try:
-        acfg = AttachConfig.make(adapter)
-        method = get_method(acfg.method)
-        missing = sorted(set(method.context_keys(acfg.method_config(None, method))) - set(provided))
+        missing = missing_context(adapter, provided)
     except Exception as e:  # noqa: BLE001 - a config that does not resolve is reported by its run, not here
         log.debug("context keys of %s: %s", adapter.get("method"), e)
         return None
