@@ -293,6 +293,18 @@ def costs(rows: list[dict]) -> list[tuple[str, str, str]]:
     return out
 
 
+def _chance_note(judged: list[dict], base: str) -> str:
+    """How many "better" verdicts chance alone would give among ``judged``, when every comparison has exactly
+    MIN_SEEDS = 3 seeds: the bootstrap interval then excludes 0 exactly when all three paired differences share a
+    sign, which a method no different from the baseline (continuous, symmetric noise) does with probability 1/8
+    each way. With more seeds the interval is a real one and no note is needed."""
+    if not judged or any(r["vs_base"][2] != 3 for r in judged):
+        return ""
+    return (f" With 3 seeds the interval excludes 0 exactly when every seed agrees, which a method no different "
+            f"from {base} does 1 time in 8: of the {len(judged)} compared, ~{len(judged) / 8:.1f} are expected here by "
+            f"chance alone, so weigh the size of each difference (more seeds give a real interval).")
+
+
 def what_to_use(tasks: dict[str, list[dict]], worst: int = 3) -> str:
     """The "what to use" section, written from the numbers: per task, the methods better than the baseline with
     confidence (bootstrap verdict) at matched parameters, the front of the metric against each cost, and the methods that
@@ -311,7 +323,7 @@ def what_to_use(tasks: dict[str, list[dict]], worst: int = 3) -> str:
         if better:
             out.append(f"* Better than {base} with confidence at matched parameters: " + ", ".join(
                 f"{r['variant']} ({r['vs_base'][0]:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}])" for r in better)
-                + ".")
+                + "." + _chance_note(judged, base))
         elif judged:
             out.append(f"* No method is better than {base} with confidence at matched parameters ({len(judged)} "
                        f"compared, {len(worse)} worse).")
