@@ -83,7 +83,8 @@ def test_cost_columns_front_and_what_to_use(tmp_path):
     text = what_to_use(tasks)
     assert "Better than lora with confidence at matched parameters: dora (+0.050" in text
     # 3 seeds each: the verdict is sign agreement, so the text says how many such verdicts chance alone gives
-    assert "which a method no different from lora does 1 time in 8: of the 3 compared, ~0.4 are expected here by chance alone" in text
+    assert ("which a method no different from lora does 1 time in 8: of the 3 compared, ~0.4 are expected here by "
+            "chance alone") in text
     assert "Most forgetting (perplexity ratio on general text): dora (1.300), slow (1.100), vera (1.020)" in text
     assert "Most intruder dimensions: dora (7.0), slow (3.0), vera (1.0)" in text
     assert "Front of accuracy vs trainable parameters: vera (0.790 at 100), lora" in text
@@ -189,6 +190,7 @@ def test_the_chance_note_counts_the_comparisons_and_leaves_more_seeds_alone():
             out += [_rec(f"m{i}", s, 0.81 + s / 100 + i / 1000) for i in range(16)]
         return out
     text = what_to_use(aggregate(recs(3)))
-    assert "Better than lora with confidence" in text and "of the 16 compared, ~2.0 are expected here by chance alone" in text
+    assert "Better than lora with confidence" in text
+    assert "of the 16 compared, ~2.0 are expected here by chance alone" in text
     text4 = what_to_use(aggregate(recs(4)))
     assert "Better than lora with confidence" in text4 and "1 time in 8" not in text4
