@@ -5,6 +5,7 @@ preflight, records, resume and the report are the real code, and the stand-in re
 real ``run_config`` so the rate and the evaluation split it reports are the ones a real run would train with."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -361,6 +362,28 @@ def test_machine_time_counts_what_was_spent_and_estimates_what_is_left(fake, tmp
     (tmp_path / "runs.jsonl").write_text("\n".join(keep) + "\n")  # the seed runs lost: 3 to train again
     t2 = arena_run.machine_time(plan)
     assert t2["left"] == 3 and t2["left_s"] == pytest.approx(3.0) and t2["spent_s"] == pytest.approx(9.0)
+
+
+def test_a_cell_that_chose_its_rate_has_no_sweep_runs_left(fake, tmp_path):
+    """A neighbour equal to a first-stage rate (x0.5 of a paper rate twice the recipe's) is not run twice, so a
+    finished cell can hold fewer sweep records than first-stage rates + neighbours: once its seeds ran at the chosen
+    rate, nothing of its sweep is left to do."""
+    plan = _plan(tmp_path, methods=["lora", "vera"], tasks=[TASK], seeds=[0, 1], lr_tuning=True)
+    run_arena(plan)
+    lines = (tmp_path / "runs.jsonl").read_text().splitlines()
+    recs = [json.loads(ln) for ln in lines]
+    chosen = next(r["lr_chosen"] for r in recs if r["method"] == "vera" and r.get("phase") == "test")
+    drop = {i for i, r in enumerate(recs) if r["method"] == "vera" and r.get("phase") == "sweep"
+            and r["lr"] != chosen and r.get("sweep_stage") != 1}
+    n_sweep = sum(r["method"] == "vera" and r.get("phase") == "sweep" for r in recs) - len(drop)
+    assert drop and n_sweep < 2 + 2  # fewer than its 2 first-stage rates + 2 neighbours
+    (tmp_path / "runs.jsonl").write_text("\n".join(ln for i, ln in enumerate(lines) if i not in drop) + "\n")
+    assert arena_run.machine_time(plan)["left"] == 0
+    # the same records without vera's seed runs: its sweep counts as unfinished again, and 1 seed run to train
+    keep = [ln for i, (ln, r) in enumerate(zip(lines, recs))
+            if i not in drop and not (r["method"] == "vera" and r.get("phase") == "test")]
+    (tmp_path / "runs.jsonl").write_text("\n".join(keep) + "\n")
+    assert arena_run.machine_time(plan)["left"] == (2 + 2 - n_sweep) + 1
 
 
 def test_a_cell_whose_sweep_failed_is_retried_on_resume(fake, tmp_path, monkeypatch):

@@ -683,9 +683,10 @@ def machine_time(plan: ArenaPlan) -> dict:
     """What the arena in ``plan.out`` has cost and what is left: ``spent_s`` (the wall time of every run recorded,
     reused records not counted twice), ``trained`` (runs that trained), ``left`` (runs still to do: the seed runs not
     recorded, less the tune seed's runs a tuned arena reuses from its sweep, plus each tuned cell's sweep runs not
-    recorded: its 1-2 first-stage rates and the 2 neighbours; the extension stages depend on the results and are not
-    counted) and ``left_s`` (those runs at the mean wall time of the task's trained runs so far; the mean over
-    every task where a task has none; None with no run yet), one process."""
+    recorded: its 1-2 first-stage rates and the 2 neighbours, none once its seeds ran at a chosen rate; the
+    extension stages depend on the results and are not counted) and ``left_s`` (those runs at the mean wall time of
+    the task's trained runs so far; the mean over every task where a task has none; None with no run yet), one
+    process."""
     recs = read_records(plan.out)
     trained = [r for r in recs if not r.get("reused_from") and r.get("status") != "skipped"]
     spent = sum(float(r.get("wall_s") or 0.0) for r in trained)
@@ -705,7 +706,13 @@ def machine_time(plan: ArenaPlan) -> dict:
         left[run["task"]] = left.get(run["task"], 0) + (0 if reused else 1)
     if plan.lr_tuning:
         swept = Counter(cell_of(r) for r in recs if r.get("phase") == "sweep" and r.get("status") != "error")
+        # a cell whose seeds ran at a chosen rate has finished its sweep, even with fewer sweep records than rates
+        # counted here (a neighbour equal to a first-stage rate, e.g. x0.5 of a paper rate twice the recipe's, is
+        # not run twice)
+        chosen = {cell_of(r) for r in recs if r.get("lr_chosen") is not None and not _retry(r)}
         for cell in dict.fromkeys((r["task"], r["method"], r["procedure"]) for r in runs):
+            if cell in chosen:
+                continue
             try:
                 n = len(candidate_rates(plan, cell)) + len(TUNE_NEIGHBOURS)
             except Exception:  # noqa: BLE001 - a cell whose config does not resolve runs nothing
